@@ -1,0 +1,457 @@
+//! The agent's standalone configuration: a YAML file parsed and validated once per (re)load into
+//! plain data, then shared as `Arc<Config>`. Nothing here does IO beyond reading the file.
+//!
+//! Errors name the field and the problem (`pods[1].ips[0]: invalid IP address syntax`), so an
+//! operator can fix the file without reading code.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Default root of the agent's pinned eBPF state; the node name is appended.
+pub const DEFAULT_BPF_PIN_ROOT: &str = "/sys/fs/bpf/ambit";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {cause}")]
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("config file {path}: {field}: {message}")]
+    Parse {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("config file {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// Where a pod's network namespace is found.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NetnsRef {
+    /// A bind-mounted netns file, e.g. `/run/netns/<name>` or a CRI sandbox's netns path.
+    Path(PathBuf),
+    /// Any process in the pod; its `/proc/<pid>/ns/net` is used.
+    Pid(u32),
+}
+
+impl NetnsRef {
+    pub fn path(&self) -> PathBuf {
+        match self {
+            NetnsRef::Path(p) => p.clone(),
+            NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        }
+    }
+}
+
+impl fmt::Display for NetnsRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetnsRef::Path(p) => write!(f, "{}", p.display()),
+            NetnsRef::Pid(pid) => write!(f, "pid {pid}"),
+        }
+    }
+}
+
+/// A pod on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name, unique within the namespace.
+    pub name: String,
+    /// Pod UID, if known (Kubernetes mode); informational in standalone mode.
+    pub uid: Option<String>,
+    /// Service account the pod runs as; its identity in the mesh.
+    pub service_account: String,
+    /// The pod's IPs (one per family, usually).
+    pub ips: Vec<IpAddr>,
+    /// The pod's network namespace.
+    pub netns: NetnsRef,
+    /// Whether the pod's traffic is captured. Default `true`.
+    pub enrolled: bool,
+}
+
+impl Pod {
+    /// `namespace/name`, the key used in logs and by the agent.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// This node's name.
+    pub node: String,
+    /// The pods' parent cgroup (relative to the cgroup v2 mount, or an absolute path under it).
+    /// The capture programs attach here, so only this node's pods are seen.
+    pub cgroup: PathBuf,
+    /// bpffs directory for this agent's pinned maps and links.
+    pub bpf_pin_path: PathBuf,
+    /// Sources whose inbound connections are never captured (the node's own addresses, for
+    /// kubelet health probes).
+    pub node_addresses: Vec<IpAddr>,
+    /// Local ports of pods whose inbound connections are never captured.
+    pub inbound_excluded_ports: Vec<u16>,
+    /// Destination ports whose outbound connections are never captured.
+    pub outbound_excluded_ports: Vec<u16>,
+    /// How long a shutdown waits for open connections to finish.
+    #[serde(with = "secs")]
+    pub drain_timeout: Duration,
+    /// Pods on this node.
+    pub pods: Vec<Pod>,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|cause| Error::Read {
+            path: path.to_owned(),
+            cause,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|err| {
+            let field = match err.path().to_string() {
+                p if p == "." => "(top level)".to_owned(),
+                p => p,
+            };
+            Error::Parse {
+                path: path.to_owned(),
+                field,
+                message: err.into_inner().to_string(),
+            }
+        })?;
+        raw.validate(path)
+    }
+
+    pub fn enrolled_pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.iter().filter(|p| p.enrolled)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConfig {
+    node: String,
+    cgroup: PathBuf,
+    #[serde(default)]
+    bpf_pin_path: Option<PathBuf>,
+    #[serde(default)]
+    node_addresses: Vec<IpAddr>,
+    #[serde(default)]
+    inbound_excluded_ports: Vec<u16>,
+    #[serde(default)]
+    outbound_excluded_ports: Vec<u16>,
+    #[serde(default)]
+    drain_timeout_seconds: Option<f64>,
+    #[serde(default)]
+    pods: Vec<RawPod>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPod {
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default = "default_service_account")]
+    service_account: String,
+    ips: Vec<IpAddr>,
+    #[serde(default)]
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    pid: Option<u32>,
+    #[serde(default = "default_true")]
+    enrolled: bool,
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Kubernetes' DNS-1123 label rule, which namespace and service account names follow.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Pod names may be DNS-1123 subdomains (dots allowed, up to 253 characters).
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+impl RawConfig {
+    fn validate(self, path: &Path) -> Result<Config, Error> {
+        let invalid = |field: String, message: String| Error::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        if !is_dns_subdomain(&self.node) {
+            return Err(invalid(
+                "node".into(),
+                format!("{:?} is not a valid node name (lowercase DNS name)", self.node),
+            ));
+        }
+        if self.cgroup.as_os_str().is_empty() {
+            return Err(invalid(
+                "cgroup".into(),
+                "must name the pods' parent cgroup, e.g. /kubepods.slice".into(),
+            ));
+        }
+        if self.cgroup.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(invalid("cgroup".into(), "must not contain '..'".into()));
+        }
+        let bpf_pin_path = self
+            .bpf_pin_path
+            .unwrap_or_else(|| Path::new(DEFAULT_BPF_PIN_ROOT).join(&self.node));
+        if !bpf_pin_path.is_absolute() {
+            return Err(invalid(
+                "bpfPinPath".into(),
+                format!("{} must be an absolute path on a bpffs mount", bpf_pin_path.display()),
+            ));
+        }
+        for (field, ports) in [
+            ("inboundExcludedPorts", &self.inbound_excluded_ports),
+            ("outboundExcludedPorts", &self.outbound_excluded_ports),
+        ] {
+            if let Some(i) = ports.iter().position(|p| *p == 0) {
+                return Err(invalid(format!("{field}[{i}]"), "port 0 is not a port".into()));
+            }
+        }
+        if let Some(i) = self
+            .inbound_excluded_ports
+            .iter()
+            .position(|p| *p == ambit_common::INBOUND_PORT || *p == ambit_common::OUTBOUND_PORT)
+        {
+            return Err(invalid(
+                format!("inboundExcludedPorts[{i}]"),
+                "the agent's own ports 15001 and 15006 cannot be excluded".into(),
+            ));
+        }
+        let drain_timeout = match self.drain_timeout_seconds {
+            None => Duration::from_secs(5),
+            Some(s) if s.is_finite() && (0.0..=3600.0).contains(&s) => Duration::from_secs_f64(s),
+            Some(s) => {
+                return Err(invalid(
+                    "drainTimeoutSeconds".into(),
+                    format!("{s} is not between 0 and 3600"),
+                ));
+            }
+        };
+
+        let mut pods = Vec::with_capacity(self.pods.len());
+        let mut keys = HashSet::new();
+        let mut ips = HashSet::new();
+        for (i, p) in self.pods.into_iter().enumerate() {
+            let field = |name: &str| format!("pods[{i}].{name}");
+            if !is_dns_label(&p.namespace) {
+                return Err(invalid(
+                    field("namespace"),
+                    format!("{:?} is not a valid namespace name", p.namespace),
+                ));
+            }
+            if !is_dns_subdomain(&p.name) {
+                return Err(invalid(
+                    field("name"),
+                    format!("{:?} is not a valid pod name", p.name),
+                ));
+            }
+            if !is_dns_subdomain(&p.service_account) {
+                return Err(invalid(
+                    field("serviceAccount"),
+                    format!("{:?} is not a valid service account name", p.service_account),
+                ));
+            }
+            if p.ips.is_empty() {
+                return Err(invalid(field("ips"), "a pod needs at least one IP".into()));
+            }
+            for (j, ip) in p.ips.iter().enumerate() {
+                if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+                    return Err(invalid(
+                        format!("pods[{i}].ips[{j}]"),
+                        format!("{ip} cannot be a pod IP"),
+                    ));
+                }
+                if !ips.insert(*ip) {
+                    return Err(invalid(
+                        format!("pods[{i}].ips[{j}]"),
+                        format!("{ip} is already the IP of another pod"),
+                    ));
+                }
+            }
+            let netns = match (p.netns, p.pid) {
+                (Some(path), None) if path.is_absolute() => NetnsRef::Path(path),
+                (Some(path), None) => {
+                    return Err(invalid(
+                        field("netns"),
+                        format!("{} must be an absolute path", path.display()),
+                    ));
+                }
+                (None, Some(pid)) if pid > 0 => NetnsRef::Pid(pid),
+                (None, Some(_)) => return Err(invalid(field("pid"), "must be > 0".into())),
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        field("netns"),
+                        "give either netns or pid, not both".into(),
+                    ));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        field("netns"),
+                        "missing: give the pod's netns path (e.g. /run/netns/<name>) or a pid in the pod"
+                            .into(),
+                    ));
+                }
+            };
+            let pod = Pod {
+                namespace: p.namespace,
+                name: p.name,
+                uid: p.uid,
+                service_account: p.service_account,
+                ips: p.ips,
+                netns,
+                enrolled: p.enrolled,
+            };
+            if !keys.insert(pod.key()) {
+                return Err(invalid(
+                    field("name"),
+                    format!("pod {} is listed twice", pod.key()),
+                ));
+            }
+            pods.push(pod);
+        }
+
+        Ok(Config {
+            node: self.node,
+            cgroup: self.cgroup,
+            bpf_pin_path,
+            node_addresses: self.node_addresses,
+            inbound_excluded_ports: self.inbound_excluded_ports,
+            outbound_excluded_ports: self.outbound_excluded_ports,
+            drain_timeout,
+            pods,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Error> {
+        Config::parse(text, Path::new("test.yaml"))
+    }
+
+    const GOOD: &str = r#"
+node: node-a
+cgroup: /kubepods
+nodeAddresses: [10.0.0.1]
+inboundExcludedPorts: [22]
+pods:
+  - namespace: default
+    name: client
+    serviceAccount: sleep
+    ips: [10.1.0.2, "fd00:1::2"]
+    netns: /run/netns/client
+  - namespace: default
+    name: server
+    ips: [10.1.0.3]
+    pid: 42
+    enrolled: false
+"#;
+
+    #[test]
+    fn parses_a_good_config() {
+        let c = parse(GOOD).expect("good config");
+        assert_eq!(c.node, "node-a");
+        assert_eq!(c.bpf_pin_path, Path::new("/sys/fs/bpf/ambit/node-a"));
+        assert_eq!(c.pods.len(), 2);
+        assert_eq!(c.pods[0].service_account, "sleep");
+        assert_eq!(c.pods[1].service_account, "default");
+        assert_eq!(c.pods[1].netns, NetnsRef::Pid(42));
+        assert!(!c.pods[1].enrolled);
+        assert_eq!(c.enrolled_pods().count(), 1);
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).expect_err("config should be refused").to_string()
+    }
+
+    #[test]
+    fn names_the_field_of_a_bad_ip() {
+        let e = error_of(&GOOD.replace("10.1.0.3", "10.1.0.300"));
+        assert!(e.contains("pods[1].ips[0]"), "{e}");
+        assert!(e.contains("invalid IP address"), "{e}");
+    }
+
+    #[test]
+    fn refuses_unknown_fields() {
+        let e = error_of(&GOOD.replace("serviceAccount: sleep", "serviceAcount: sleep"));
+        assert!(e.contains("pods[0]"), "{e}");
+        assert!(e.contains("serviceAcount"), "{e}");
+    }
+
+    #[test]
+    fn refuses_missing_netns() {
+        let e = error_of(&GOOD.replace("    netns: /run/netns/client\n", ""));
+        assert!(e.contains("pods[0].netns"), "{e}");
+        assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn refuses_duplicate_ips_and_pods() {
+        let e = error_of(&GOOD.replace("10.1.0.3", "10.1.0.2"));
+        assert!(e.contains("pods[1].ips[0]") && e.contains("another pod"), "{e}");
+        let e = error_of(&GOOD.replace("name: server", "name: client"));
+        assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn refuses_bad_names_and_ports() {
+        let e = error_of(&GOOD.replace("namespace: default\n    name: client", "namespace: Default\n    name: client"));
+        assert!(e.contains("pods[0].namespace"), "{e}");
+        let e = error_of(&GOOD.replace("[22]", "[15006]"));
+        assert!(e.contains("inboundExcludedPorts[0]"), "{e}");
+        let e = error_of(&GOOD.replace("[22]", "[70000]"));
+        assert!(e.contains("inboundExcludedPorts[0]"), "{e}");
+        let e = error_of("cgroup: /x\n");
+        assert!(e.contains("node"), "{e}");
+    }
+}

@@ -1,0 +1,14 @@
+//! Ambit's node agent. `main.rs` parses arguments; [`app`] wires the parts together:
+//!
+//! ```text
+//! config ──> app ──> redirect (eBPF load/attach/pin, enrollment maps, pod netns)
+//!                └─> proxy (per-pod listeners: outbound 15001, inbound 15006) ──> telemetry (access log)
+//! ```
+//!
+//! See ARCHITECTURE.md for the data path and the runtime layout.
+
+pub mod app;
+pub mod config;
+pub mod proxy;
+pub mod redirect;
+pub mod telemetry;

@@ -1,0 +1,79 @@
+//! `ambit-agent`: argument parsing only; see `app` for what runs.
+
+use std::path::PathBuf;
+
+use ambit_agent::{app, redirect, telemetry};
+use clap::{Parser, Subcommand};
+
+/// Ambit's per-node agent: captures the TCP traffic of enrolled pods with eBPF and carries it.
+///
+/// Runs on every node (as root, or with CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF, CAP_NET_RAW).
+/// Standalone mode reads the node's pods from a YAML config file; the file is re-read when it
+/// changes or on SIGHUP. SIGTERM drains open connections and exits; enrolled pods then stay
+/// captured (fail closed: their new connections are refused) until an agent runs again.
+#[derive(Parser)]
+#[command(name = "ambit-agent", version, about, long_about)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `info,ambit_agent::proxy=debug`).
+    #[arg(long, env = "AMBIT_LOG", default_value = "info", global = true)]
+    log_level: String,
+    /// Log output format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: telemetry::LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        /// Standalone config file (YAML): node name, pods' cgroup, pods. See README.md.
+        #[arg(long, short, env = "AMBIT_CONFIG", default_value = "/etc/ambit/config.yaml")]
+        config: PathBuf,
+    },
+    /// Check a config file and print it as the agent understands it.
+    Check {
+        #[arg(long, short, env = "AMBIT_CONFIG", default_value = "/etc/ambit/config.yaml")]
+        config: PathBuf,
+    },
+    /// Remove this node's pinned eBPF programs and maps: every pod of the node is released and
+    /// its traffic flows directly. Use when uninstalling; a running agent must be stopped first.
+    Cleanup {
+        #[arg(long, short, env = "AMBIT_CONFIG", default_value = "/etc/ambit/config.yaml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ambit-agent: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // Before any other thread exists: the netns every thread returns to after entering a pod's.
+    redirect::netns::init_agent_netns()
+        .map_err(|e| anyhow::anyhow!("cannot open the agent's own network namespace: {e}"))?;
+    let max_level = telemetry::init(&cli.log_level, cli.log_format)?;
+    match cli.command {
+        Command::Run { config } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("ambit-worker")
+                .build()?;
+            runtime.block_on(app::run(config, telemetry::ebpf_log_level(max_level)))
+        }
+        Command::Check { config } => {
+            let config = ambit_agent::config::Config::load(&config)?;
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            Ok(())
+        }
+        Command::Cleanup { config } => app::cleanup(&config),
+    }
+}

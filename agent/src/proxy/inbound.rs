@@ -1,0 +1,65 @@
+//! Inbound plaintext: a connection for one of the pod's ports, steered to the pod's 15006 listener
+//! by `sk_lookup`. The accepted socket's local address is the original destination. Connect to the
+//! app from inside the pod's netns *as the client* (transparent socket, see
+//! `redirect::routing`), so the app sees the real client IP, and copy.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use tokio::net::TcpStream;
+
+use super::{
+    PodInfo,
+    copy::{self, ByteCounts, Side},
+};
+use crate::telemetry::{AccessLog, Path};
+
+pub async fn handle(pod: Arc<PodInfo>, downstream: TcpStream, peer: SocketAddr, start: Instant) {
+    let counts = Arc::new(ByteCounts::default());
+    let mut log = AccessLog {
+        direction: super::Direction::Inbound,
+        src: peer,
+        dst: None,
+        src_workload: None,
+        dst_workload: Some(&pod.key),
+        path: Path::Passthrough,
+        counts: &counts,
+        start,
+        error: None,
+    };
+    let dst = match downstream.local_addr() {
+        Ok(a) => super::canonical(a),
+        Err(e) => {
+            log.error = Some((Side::Downstream, format!("cannot read original destination: {e}")));
+            log.emit();
+            return;
+        }
+    };
+    log.dst = Some(dst);
+    if [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&dst.port()) {
+        // Someone dialed the agent's own port on the pod IP; forwarding it would loop.
+        log.error = Some((
+            Side::Downstream,
+            format!("port {} is the agent's own; refusing", dst.port()),
+        ));
+        log.emit();
+        return;
+    }
+
+    let upstream = match super::upstream_socket(&pod.netns, dst, Some(peer.ip())) {
+        Ok(s) => super::connect(s, dst).await,
+        Err(e) => Err(e),
+    };
+    let upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            log.error = Some((Side::Upstream, format!("connect to app at {dst} failed: {e}")));
+            log.emit();
+            return;
+        }
+    };
+    if let Err(e) = copy::copy_bidirectional(downstream, upstream, counts.clone()).await {
+        log.error = Some((e.side, e.to_string()));
+    }
+    log.emit();
+}

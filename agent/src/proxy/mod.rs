@@ -1,0 +1,224 @@
+//! The proxy: per-pod listeners inside each enrolled pod's netns, and the connection handlers.
+//!
+//! ```text
+//! app --connect(dst)--> [connect4: to 127.0.0.1:15001] --> outbound::handle --> dst (from the pod's netns)
+//! client --> pod:port --> [sk_lookup: to 15006] --> inbound::handle --> app (as the client's IP)
+//! ```
+//!
+//! Listeners are created inside the pod's netns ([`Netns::run`]), so they see exactly the pod's
+//! traffic and nothing else. Every socket the agent opens carries [`AGENT_MARK`], which the eBPF
+//! programs skip, so the agent never captures itself.
+
+pub mod copy;
+pub mod inbound;
+pub mod outbound;
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ambit_common::{AGENT_MARK, INBOUND_PORT, OUTBOUND_PORT, RETURN_MARK};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument as _, debug, info_span, warn};
+
+use crate::redirect::{Netns, OrigDst, netns};
+
+/// How long the agent waits for a destination to accept a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const LISTEN_BACKLOG: i32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create listener {addr} in the pod's netns: {cause}")]
+    Listen { addr: SocketAddr, cause: io::Error },
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+}
+
+/// What the proxy knows about a pod it serves.
+#[derive(Debug)]
+pub struct PodInfo {
+    /// `namespace/name`.
+    pub key: String,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    pub netns: Netns,
+}
+
+/// Shared by every connection handler.
+pub struct ProxyContext {
+    pub orig_dst: OrigDst,
+    /// Every connection task, so shutdown can drain them.
+    pub connections: TaskTracker,
+}
+
+/// A pod's listeners, bound inside its netns and not yet serving.
+pub struct PodListeners {
+    /// 127.0.0.1:15001 and, where the pod has IPv6, [::1]:15001.
+    pub outbound: Vec<std::net::TcpListener>,
+    /// [::]:15006 (dual stack) or 0.0.0.0:15006 if the pod has no IPv6.
+    pub inbound: std::net::TcpListener,
+}
+
+impl PodListeners {
+    /// Binds the listeners. Must run inside the pod's netns.
+    pub fn bind() -> Result<PodListeners, Error> {
+        let mut outbound = vec![listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?];
+        match listen(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
+            Ok(l) => outbound.push(l),
+            Err(e) => debug!(error = %e, "no IPv6 outbound listener (pod without IPv6?)"),
+        }
+        let inbound = match listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PORT))) {
+            Ok(l) => l,
+            Err(_) => listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PORT)))?,
+        };
+        Ok(PodListeners { outbound, inbound })
+    }
+}
+
+fn listen(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    let err = |cause| Error::Listen { addr, cause };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_mark(AGENT_MARK).map_err(err)?;
+    if addr.is_ipv6() {
+        // Dual stack on [::]; loopback [::1] is IPv6 only anyway.
+        socket.set_only_v6(false).map_err(err)?;
+    }
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)?;
+    Ok(socket.into())
+}
+
+/// Opens a marked TCP socket inside `netns` for `dst`; with `transparent_src`, bound to that
+/// (foreign) address so the destination sees the original client, and marked so the app's
+/// replies come back to it (see `redirect::routing`).
+pub(crate) fn upstream_socket(
+    netns: &Netns,
+    dst: SocketAddr,
+    transparent_src: Option<IpAddr>,
+) -> io::Result<tokio::net::TcpSocket> {
+    let socket = netns
+        .run(|| Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))
+        .map_err(io::Error::other)??;
+    socket.set_mark(if transparent_src.is_some() { RETURN_MARK } else { AGENT_MARK })?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    if let Some(src) = transparent_src {
+        // Bound to `lo`: the kernel then reports the connection to the pod's `sk_lookup` as
+        // arriving on loopback, which the program never steers (without it, the agent's own
+        // connection to the app would be sent back to its 15006 listener, in a loop). Packets
+        // from outside the pod can never claim to arrive on `lo`.
+        socket.bind_device(Some(b"lo"))?;
+        match src {
+            IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
+        socket.bind(&SocketAddr::new(src, 0).into())?;
+    }
+    Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+}
+
+/// Connects with [`CONNECT_TIMEOUT`].
+pub(crate) async fn connect(socket: tokio::net::TcpSocket, dst: SocketAddr) -> io::Result<TcpStream> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer from {dst} within {CONNECT_TIMEOUT:?}"),
+        )),
+    }
+}
+
+/// Canonical form of an accepted socket's address (IPv4-mapped IPv6 shown as IPv4).
+pub(crate) fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// Starts serving a pod's listeners until `cancel` fires. Accepted connections are tracked by
+/// `ctx.connections` and outlive the listeners (they drain on their own).
+pub fn serve_pod(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodInfo>,
+    listeners: PodListeners,
+    cancel: CancellationToken,
+    tasks: &TaskTracker,
+) -> io::Result<()> {
+    for l in listeners.outbound {
+        let l = TcpListener::from_std(l)?;
+        tasks.spawn(accept_loop(ctx.clone(), pod.clone(), l, Direction::Outbound, cancel.clone()));
+    }
+    let l = TcpListener::from_std(listeners.inbound)?;
+    tasks.spawn(accept_loop(ctx, pod, l, Direction::Inbound, cancel));
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+async fn accept_loop(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodInfo>,
+    listener: TcpListener,
+    direction: Direction,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(pod = %pod.key, direction = direction.as_str(), error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let id = next_connection_id();
+        let peer = canonical(peer);
+        let start = Instant::now();
+        match direction {
+            Direction::Outbound => {
+                let span = info_span!("outbound", id, pod = %pod.key, src = %peer);
+                ctx.connections.spawn(
+                    outbound::handle(ctx.clone(), pod.clone(), stream, peer, start).instrument(span),
+                );
+            }
+            Direction::Inbound => {
+                let span = info_span!("inbound", id, pod = %pod.key, src = %peer);
+                ctx.connections.spawn(
+                    inbound::handle(pod.clone(), stream, peer, start).instrument(span),
+                );
+            }
+        }
+    }
+    debug!(pod = %pod.key, direction = direction.as_str(), "listener closed");
+}
+
+fn next_connection_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

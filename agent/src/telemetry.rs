@@ -1,0 +1,118 @@
+//! Logging setup and the access log.
+//!
+//! Logs go to stdout, as text or one JSON object per line (`--log-format json`), filtered by
+//! `--log-level` / `AMBIT_LOG` (tracing's EnvFilter syntax, e.g. `info,ambit_agent::proxy=debug`).
+//! Records from the eBPF programs (aya-log) arrive through the `log` crate bridge and are filtered
+//! the same way.
+//!
+//! The access log is one event per finished connection on target `access`, with stable field
+//! names: `direction`, `src.addr`, `dst.addr`, `src.workload`, `dst.workload`, `path`,
+//! `bytes_sent` (source to destination), `bytes_received` (destination to source), `duration_ms`,
+//! and on failure `error` and `fault` (`downstream` or `upstream`).
+
+use std::{net::SocketAddr, time::Instant};
+
+use tracing::{info, level_filters::LevelFilter};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+
+use crate::proxy::{
+    Direction,
+    copy::{ByteCounts, Side},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber. Returns the most verbose level enabled, for the eBPF side.
+pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<LevelFilter> {
+    let filter = EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("invalid log filter {filter:?}: {e}"))?;
+    let max = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout))
+            .try_init()?,
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(std::io::stdout),
+            )
+            .try_init()?,
+    }
+    Ok(max)
+}
+
+/// aya-log's level number for a tracing level (1 error .. 5 trace, 0 off).
+pub fn ebpf_log_level(max: LevelFilter) -> u8 {
+    match max.into_level() {
+        None => 0,
+        Some(tracing::Level::ERROR) => 1,
+        Some(tracing::Level::WARN) => 2,
+        Some(tracing::Level::INFO) => 3,
+        Some(tracing::Level::DEBUG) => 4,
+        Some(tracing::Level::TRACE) => 5,
+    }
+}
+
+/// How a connection was carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Plaintext, agent to destination directly.
+    Passthrough,
+}
+
+impl Path {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// One access-log record, filled in as the connection progresses and emitted once at the end.
+pub struct AccessLog<'a> {
+    pub direction: Direction,
+    pub src: SocketAddr,
+    pub dst: Option<SocketAddr>,
+    pub src_workload: Option<&'a str>,
+    pub dst_workload: Option<&'a str>,
+    pub path: Path,
+    pub counts: &'a ByteCounts,
+    pub start: Instant,
+    pub error: Option<(Side, String)>,
+}
+
+impl AccessLog<'_> {
+    pub fn emit(&self) {
+        let dst = self.dst.map(|d| d.to_string());
+        let dst = dst.as_deref().unwrap_or("unknown");
+        let duration_ms = self.start.elapsed().as_millis() as u64;
+        let (fault, error) = match &self.error {
+            Some((side, e)) => (Some(side.as_str()), Some(e.as_str())),
+            None => (None, None),
+        };
+        info!(
+            target: "access",
+            direction = self.direction.as_str(),
+            src.addr = %self.src,
+            dst.addr = dst,
+            src.workload = self.src_workload,
+            dst.workload = self.dst_workload,
+            path = self.path.as_str(),
+            bytes_sent = self.counts.sent(),
+            bytes_received = self.counts.received(),
+            duration_ms,
+            fault,
+            error,
+            "connection complete"
+        );
+    }
+}

@@ -1,0 +1,447 @@
+//! Ambit's eBPF programs: the kernel half of traffic capture, replacing istio-cni's iptables.
+//!
+//! Outbound (attached to the node's pods' cgroup):
+//! - `connect4`/`connect6`: a TCP socket of an enrolled pod netns that connects to a non-loopback,
+//!   non-excluded destination is sent to the pod-local outbound listener (127.0.0.1:15001 or
+//!   [::1]:15001); the original destination is recorded by socket cookie.
+//! - `sock_ops` (TCP connect): once the kernel has chosen the client's local port, publish
+//!   "client local address -> original destination" for the agent, which looks it up with the peer
+//!   address of the connection it accepted. On close, forget the socket.
+//! - `getpeername4/6`: the application sees the destination it dialed, not the listener.
+//!
+//! Inbound (one link per enrolled pod netns):
+//! - `sk_lookup`: TCP connections arriving from outside the pod for its ports are handed to the
+//!   agent's 15006 listener in that netns. 15008 (HBONE), excluded ports, node addresses (kubelet
+//!   probes) and anything arriving on loopback (the agent's own connections to the app) pass.
+//!
+//! The agent's sockets carry `SO_MARK` [`AGENT_MARK`] and are never redirected. Everything fails
+//! closed: a redirect that cannot be recorded is refused, and an enrolled pod whose listener is gone
+//! (agent down) refuses inbound plaintext rather than delivering it around the mesh.
+#![no_std]
+#![no_main]
+
+use ambit_common::{
+    AGENT_MARK, AGENT_MARK_MASK, Addr, Counter, EnrolledPod, HBONE_PORT, INBOUND_PORT, IpKey,
+    MAX_CONFIG_ENTRIES, MAX_CONNECTIONS, MAX_POD_IPS, MAX_PODS, OUTBOUND_PORT, SocketKey,
+    V4_MAPPED_WORD,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock,
+        bpf_sock_addr, sk_action,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, warn};
+
+const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const TCP_CLOSE: u32 = 7;
+const ENOENT: i32 = 2;
+/// `cgroup/*` verdicts.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+/// The loopback device is ifindex 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+const LOCALHOST4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+const LOCALHOST6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+#[map(name = "AMBIT_ENROLLED")]
+static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(MAX_PODS, 0);
+
+#[map(name = "AMBIT_SOCK_DST")]
+static SOCK_DST: LruHashMap<u64, Addr> = LruHashMap::pinned(MAX_CONNECTIONS, 0);
+
+#[map(name = "AMBIT_ORIG_DST")]
+static ORIG_DST: LruHashMap<SocketKey, Addr> = LruHashMap::pinned(MAX_CONNECTIONS, 0);
+
+#[map(name = "AMBIT_INBOUND")]
+static INBOUND: SockHash<IpKey> = SockHash::pinned(MAX_POD_IPS, 0);
+
+#[map(name = "AMBIT_NODE_ADDRS")]
+static NODE_ADDRS: HashMap<IpKey, u8> = HashMap::pinned(MAX_CONFIG_ENTRIES, 0);
+
+#[map(name = "AMBIT_EXCL_OUT")]
+static EXCLUDED_OUT: HashMap<u16, u8> = HashMap::pinned(MAX_CONFIG_ENTRIES, 0);
+
+#[map(name = "AMBIT_EXCL_IN")]
+static EXCLUDED_IN: HashMap<u16, u8> = HashMap::pinned(MAX_CONFIG_ENTRIES, 0);
+
+#[map(name = "AMBIT_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+// Context fields are read and written one 32-bit word at a time: the verifier rejects wider
+// accesses to `user_ip6`, `local_ip6` and friends.
+macro_rules! read {
+    ($place:expr) => {
+        // SAFETY: `$place` is a field of the program's context, which the verifier bounds-checks.
+        unsafe { core::ptr::read_volatile(&raw const $place) }
+    };
+}
+macro_rules! write {
+    ($place:expr, $val:expr) => {
+        // SAFETY: as for `read!`; the fields written here are writable for this program type.
+        unsafe { core::ptr::write_volatile(&raw mut $place, $val) }
+    };
+}
+
+/// Reads a 16-byte address field one word at a time.
+#[inline(always)]
+fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
+    let w = words.cast::<u32>();
+    // SAFETY: `words` points at a 16-byte context field, so every word is in bounds.
+    unsafe {
+        [
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+            core::ptr::read_volatile(w.add(2)),
+            core::ptr::read_volatile(w.add(3)),
+        ]
+    }
+}
+
+/// Writes a 16-byte address field one word at a time.
+#[inline(always)]
+fn write_ip6(words: *mut [u32; 4], ip: [u32; 4]) {
+    let w = words.cast::<u32>();
+    // SAFETY: as for `read_ip6`.
+    unsafe {
+        core::ptr::write_volatile(w, ip[0]);
+        core::ptr::write_volatile(w.add(1), ip[1]);
+        core::ptr::write_volatile(w.add(2), ip[2]);
+        core::ptr::write_volatile(w.add(3), ip[3]);
+    }
+}
+
+#[inline(always)]
+fn is_v4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD
+}
+
+/// Loopback and unspecified destinations stay inside the pod and are never captured.
+#[inline(always)]
+fn is_local4(ip4: u32) -> bool {
+    let first = ip4.to_ne_bytes()[0];
+    first == 127 || ip4 == 0
+}
+
+#[inline(always)]
+fn is_local6(ip: &[u32; 4]) -> bool {
+    if is_v4_mapped(ip) {
+        return is_local4(ip[3]);
+    }
+    let unspecified = ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 0;
+    unspecified || *ip == LOCALHOST6
+}
+
+/// Common checks for `connect4/6` and `getpeername4/6`: a TCP socket of an enrolled netns that
+/// the agent did not open.
+#[inline(always)]
+fn is_captured_socket(ctx: &SockAddrContext) -> bool {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the program context.
+    if read!((*sa).protocol) != IPPROTO_TCP {
+        return false;
+    }
+    // SAFETY: the helper only reads the context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once and not kept.
+    if unsafe { ENROLLED.get(&netns) }.is_none() {
+        return false;
+    }
+    // SAFETY: `sk` of a sock_addr context is a valid full socket for the program's duration.
+    let sk: *mut bpf_sock = read!((*sa).__bindgen_anon_1.sk);
+    let mark = read!((*sk).mark);
+    mark & AGENT_MARK_MASK != AGENT_MARK
+}
+
+/// Records the original destination for this socket; on failure the connect is refused, so a
+/// capture never silently turns into a direct connection.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, orig: &Addr) -> bool {
+    // SAFETY: the helper only reads the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if SOCK_DST.insert(&cookie, orig, 0).is_err() {
+        count(Counter::RedirectRecordFailed);
+        warn!(ctx, "ambit: cannot record original destination; refusing connect");
+        return false;
+    }
+    true
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
+    match try_connect4(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    if !is_captured_socket(ctx) {
+        return Ok(ALLOW);
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: context fields of a connect4 program.
+    let ip4 = read!((*sa).user_ip4);
+    let port = u16::from_be(read!((*sa).user_port) as u16);
+    if is_local4(ip4) || excluded_out(port) {
+        return Ok(ALLOW);
+    }
+    if !record(ctx, &Addr::v4(ip4, port)) {
+        return Err(REJECT);
+    }
+    write!((*sa).user_ip4, LOCALHOST4);
+    write!((*sa).user_port,
+        u32::from(OUTBOUND_PORT.to_be())
+    );
+    count(Counter::Connect4Redirected);
+    debug!(ctx, "ambit: connect4 to {:i}:{} redirected", u32::from_be(ip4), port);
+    Ok(ALLOW)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
+    match try_connect6(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    if !is_captured_socket(ctx) {
+        return Ok(ALLOW);
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: context fields of a connect6 program.
+    let ip = read_ip6(unsafe { &raw const (*sa).user_ip6 });
+    let port = u16::from_be(read!((*sa).user_port) as u16);
+    if is_local6(&ip) || excluded_out(port) {
+        return Ok(ALLOW);
+    }
+    // A dual-stack socket dialing an IPv4-mapped address is an IPv4 connection: send it to the
+    // IPv4 listener, which exists even where the pod has IPv6 disabled.
+    let (orig, listener) = if is_v4_mapped(&ip) {
+        (Addr::v4(ip[3], port), [0, 0, V4_MAPPED_WORD, LOCALHOST4])
+    } else {
+        (Addr::v6(ip, port), LOCALHOST6)
+    };
+    if !record(ctx, &orig) {
+        return Err(REJECT);
+    }
+    write_ip6(unsafe { &raw mut (*sa).user_ip6 }, listener);
+    write!((*sa).user_port,
+        u32::from(OUTBOUND_PORT.to_be())
+    );
+    count(Counter::Connect6Redirected);
+    debug!(ctx, "ambit: connect6 to port {} redirected", port);
+    Ok(ALLOW)
+}
+
+#[inline(always)]
+fn excluded_out(port: u16) -> bool {
+    // SAFETY: the value is not kept.
+    unsafe { EXCLUDED_OUT.get(&port) }.is_some()
+}
+
+/// The original destination of a redirected socket, if `(ip, port)` is the outbound listener.
+#[inline(always)]
+fn original_peer(ctx: &SockAddrContext, is_listener: bool) -> Option<Addr> {
+    if !is_listener || !is_captured_socket(ctx) {
+        return None;
+    }
+    // SAFETY: the helper only reads the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    unsafe { SOCK_DST.get(&cookie) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ambit_getpeername4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip4 = read!((*sa).user_ip4);
+    let port = u16::from_be(read!((*sa).user_port) as u16);
+    if let Some(orig) = original_peer(&ctx, ip4 == LOCALHOST4 && port == OUTBOUND_PORT) {
+        write!((*sa).user_ip4, orig.ip[3]);
+        write!((*sa).user_port,
+            u32::from(orig.port.to_be())
+        );
+        count(Counter::PeerNameRewritten);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn ambit_getpeername6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip = read_ip6(unsafe { &raw const (*sa).user_ip6 });
+    let port = u16::from_be(read!((*sa).user_port) as u16);
+    let listener = ip == LOCALHOST6 || (is_v4_mapped(&ip) && ip[3] == LOCALHOST4);
+    if let Some(orig) = original_peer(&ctx, listener && port == OUTBOUND_PORT) {
+        write_ip6(unsafe { &raw mut (*sa).user_ip6 }, orig.ip);
+        write!((*sa).user_port,
+            u32::from(orig.port.to_be())
+        );
+        count(Counter::PeerNameRewritten);
+    }
+    ALLOW
+}
+
+#[sock_ops]
+pub fn ambit_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
+        _ => {}
+    }
+    0
+}
+
+/// The client's local address, as the agent will see the peer of the accepted connection.
+#[inline(always)]
+fn local_key(ctx: &SockOpsContext) -> SocketKey {
+    // SAFETY: the helper only reads the context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // Read both forms unconditionally and pick the value: branching on the family makes LLVM
+    // compute the field offset, and the verifier refuses a variable offset into the context.
+    let ops = ctx.ops;
+    let v4 = read!((*ops).local_ip4);
+    let v6 = read_ip6(unsafe { &raw const (*ops).local_ip6 });
+    let ip = if read!((*ops).family) == AF_INET {
+        [0, 0, V4_MAPPED_WORD, v4]
+    } else {
+        v6
+    };
+    SocketKey {
+        netns_cookie,
+        ip,
+        // `local_port` is in host byte order (unlike `remote_port`).
+        port: read!((*ops).local_port) as u16,
+        _pad: [0; 6],
+    }
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    let family = ctx.family();
+    if family != AF_INET && family != AF_INET6 {
+        return;
+    }
+    // SAFETY: the helper only reads the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { SOCK_DST.get(&cookie) }).copied() else {
+        return;
+    };
+    let key = local_key(ctx);
+    if ORIG_DST.insert(&key, &orig, 0).is_err() {
+        warn!(ctx, "ambit: cannot publish original destination");
+        return;
+    }
+    count(Counter::OrigDstPublished);
+    // Ask for state changes so both entries go when the socket closes.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    debug!(
+        ctx,
+        "ambit: original destination published for local port {}", key.port
+    );
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    // SAFETY: the helper only reads the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = SOCK_DST.remove(&cookie);
+    let _ = ORIG_DST.remove(&local_key(ctx));
+}
+
+#[sk_lookup]
+pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
+    match try_sk_lookup(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
+    let pass = sk_action::SK_PASS;
+    let lk = ctx.lookup;
+    // SAFETY: context fields of an sk_lookup program.
+    if read!((*lk).protocol) != IPPROTO_TCP {
+        return Ok(pass);
+    }
+    // Loopback: the agent connecting to the app for a connection it already accepted (its
+    // transparent sockets are bound to `lo`), or the pod talking to itself over 127.0.0.1. Never
+    // steer it (that would loop). Note a pod dialing its *own pod IP* arrives with the ifindex of
+    // the device owning that IP, not `lo`, and is steered like any other client.
+    let ifindex = read!((*lk).ingress_ifindex);
+    if ifindex == LOOPBACK_IFINDEX {
+        return Ok(pass);
+    }
+    let port = read!((*lk).local_port) as u16;
+    // SAFETY: the value is not kept.
+    if port == HBONE_PORT || unsafe { EXCLUDED_IN.get(&port) }.is_some() {
+        return Ok(pass);
+    }
+    // As in `local_key`: read every form, then choose values, never field offsets.
+    let family = read!((*lk).family);
+    let remote4 = read!((*lk).remote_ip4);
+    let local4 = read!((*lk).local_ip4);
+    let remote6 = read_ip6(unsafe { &raw const (*lk).remote_ip6 });
+    let local6 = read_ip6(unsafe { &raw const (*lk).local_ip6 });
+    let (remote, local) = if family == AF_INET {
+        (
+            [0, 0, V4_MAPPED_WORD, remote4],
+            [0, 0, V4_MAPPED_WORD, local4],
+        )
+    } else {
+        (remote6, local6)
+    };
+    // SAFETY: the value is not kept.
+    if unsafe { NODE_ADDRS.get(&IpKey { ip: remote }) }.is_some() {
+        return Ok(pass);
+    }
+    match INBOUND.redirect_sk_lookup(ctx, IpKey { ip: local }, 0) {
+        Ok(()) => {
+            count(Counter::InboundSteered);
+            debug!(
+                ctx,
+                "ambit: inbound connection to port {} (ifindex {}) steered to {}",
+                port,
+                ifindex,
+                INBOUND_PORT
+            );
+            Ok(pass)
+        }
+        Err(err) => {
+            // The pod is enrolled (this program is attached to its netns) but has no listener:
+            // the agent is down or restarting. Refuse rather than bypass the mesh.
+            count(Counter::InboundDroppedNoListener);
+            if err != -ENOENT {
+                warn!(ctx, "ambit: sk_assign failed: {}", err);
+            }
+            Err(sk_action::SK_DROP)
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
