@@ -38,8 +38,9 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     // SAFETY: the logger owns the ring buffer's fd, which stays open and unchanged for as long
     // as the AsyncFd owns the logger.
     #[allow(unsafe_code)]
-    let bpf_logs = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("cannot poll the eBPF log ring buffer: {e}"))?;
+    let bpf_logs =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("cannot poll the eBPF log ring buffer: {e}"))?;
     let control_tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
     control_tasks.spawn(forward_bpf_logs(bpf_logs, shutdown.clone()));
@@ -130,7 +131,9 @@ fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
         ("bpfPinPath", new.bpf_pin_path != old.bpf_pin_path),
     ] {
         if changed {
-            anyhow::bail!("{field} cannot change while the agent runs; restart the agent to change it");
+            anyhow::bail!(
+                "{field} cannot change while the agent runs; restart the agent to change it"
+            );
         }
     }
     Ok(new)
@@ -213,7 +216,11 @@ impl PodManager {
                 }
             }
         }
-        let keep: Vec<u64> = self.active.values().map(|a| a.info.netns.cookie()).collect();
+        let keep: Vec<u64> = self
+            .active
+            .values()
+            .map(|a| a.info.netns.cookie())
+            .collect();
         let pruned = self.redirect.prune(&keep)?;
         if !pruned.is_empty() {
             info!(?pruned, "released netns left enrolled by an earlier agent");
@@ -236,7 +243,8 @@ impl PodManager {
             );
         }
         let listeners = netns.run(|| -> anyhow::Result<PodListeners> {
-            routing::install().context("cannot set up the pod's return route for transparent connections")?;
+            routing::install()
+                .context("cannot set up the pod's return route for transparent connections")?;
             Ok(PodListeners::bind()?)
         })??;
         let pod_id = self.next_pod_id;

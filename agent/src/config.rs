@@ -119,7 +119,10 @@ pub struct Config {
 }
 
 mod secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 }
@@ -225,7 +228,10 @@ impl RawConfig {
         if !is_dns_subdomain(&self.node) {
             return Err(invalid(
                 "node".into(),
-                format!("{:?} is not a valid node name (lowercase DNS name)", self.node),
+                format!(
+                    "{:?} is not a valid node name (lowercase DNS name)",
+                    self.node
+                ),
             ));
         }
         if self.cgroup.as_os_str().is_empty() {
@@ -234,7 +240,11 @@ impl RawConfig {
                 "must name the pods' parent cgroup, e.g. /kubepods.slice".into(),
             ));
         }
-        if self.cgroup.components().any(|c| c == std::path::Component::ParentDir) {
+        if self
+            .cgroup
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
             return Err(invalid("cgroup".into(), "must not contain '..'".into()));
         }
         let bpf_pin_path = self
@@ -243,7 +253,10 @@ impl RawConfig {
         if !bpf_pin_path.is_absolute() {
             return Err(invalid(
                 "bpfPinPath".into(),
-                format!("{} must be an absolute path on a bpffs mount", bpf_pin_path.display()),
+                format!(
+                    "{} must be an absolute path on a bpffs mount",
+                    bpf_pin_path.display()
+                ),
             ));
         }
         for (field, ports) in [
@@ -251,7 +264,10 @@ impl RawConfig {
             ("outboundExcludedPorts", &self.outbound_excluded_ports),
         ] {
             if let Some(i) = ports.iter().position(|p| *p == 0) {
-                return Err(invalid(format!("{field}[{i}]"), "port 0 is not a port".into()));
+                return Err(invalid(
+                    format!("{field}[{i}]"),
+                    "port 0 is not a port".into(),
+                ));
             }
         }
         if let Some(i) = self
@@ -295,7 +311,10 @@ impl RawConfig {
             if !is_dns_subdomain(&p.service_account) {
                 return Err(invalid(
                     field("serviceAccount"),
-                    format!("{:?} is not a valid service account name", p.service_account),
+                    format!(
+                        "{:?} is not a valid service account name",
+                        p.service_account
+                    ),
                 ));
             }
             if p.ips.is_empty() {
@@ -411,7 +430,9 @@ pods:
     }
 
     fn error_of(text: &str) -> String {
-        parse(text).expect_err("config should be refused").to_string()
+        parse(text)
+            .expect_err("config should be refused")
+            .to_string()
     }
 
     #[test]
@@ -438,14 +459,20 @@ pods:
     #[test]
     fn refuses_duplicate_ips_and_pods() {
         let e = error_of(&GOOD.replace("10.1.0.3", "10.1.0.2"));
-        assert!(e.contains("pods[1].ips[0]") && e.contains("another pod"), "{e}");
+        assert!(
+            e.contains("pods[1].ips[0]") && e.contains("another pod"),
+            "{e}"
+        );
         let e = error_of(&GOOD.replace("name: server", "name: client"));
         assert!(e.contains("listed twice"), "{e}");
     }
 
     #[test]
     fn refuses_bad_names_and_ports() {
-        let e = error_of(&GOOD.replace("namespace: default\n    name: client", "namespace: Default\n    name: client"));
+        let e = error_of(&GOOD.replace(
+            "namespace: default\n    name: client",
+            "namespace: Default\n    name: client",
+        ));
         assert!(e.contains("pods[0].namespace"), "{e}");
         let e = error_of(&GOOD.replace("[22]", "[15006]"));
         assert!(e.contains("inboundExcludedPorts[0]"), "{e}");

@@ -29,18 +29,33 @@ enum Command {
     /// Run the agent.
     Run {
         /// Standalone config file (YAML): node name, pods' cgroup, pods. See README.md.
-        #[arg(long, short, env = "AMBIT_CONFIG", default_value = "/etc/ambit/config.yaml")]
+        #[arg(
+            long,
+            short,
+            env = "AMBIT_CONFIG",
+            default_value = "/etc/ambit/config.yaml"
+        )]
         config: PathBuf,
     },
     /// Check a config file and print it as the agent understands it.
     Check {
-        #[arg(long, short, env = "AMBIT_CONFIG", default_value = "/etc/ambit/config.yaml")]
+        #[arg(
+            long,
+            short,
+            env = "AMBIT_CONFIG",
+            default_value = "/etc/ambit/config.yaml"
+        )]
         config: PathBuf,
     },
     /// Remove this node's pinned eBPF programs and maps: every pod of the node is released and
     /// its traffic flows directly. Use when uninstalling; a running agent must be stopped first.
     Cleanup {
-        #[arg(long, short, env = "AMBIT_CONFIG", default_value = "/etc/ambit/config.yaml")]
+        #[arg(
+            long,
+            short,
+            env = "AMBIT_CONFIG",
+            default_value = "/etc/ambit/config.yaml"
+        )]
         config: PathBuf,
     },
 }

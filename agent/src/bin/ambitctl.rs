@@ -114,7 +114,14 @@ fn bpf(pin_path: &std::path::Path, output: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("pin path: {}", pin_path.display());
-    println!("attached links: {}", if links.is_empty() { "none".into() } else { links.join(", ") });
+    println!(
+        "attached links: {}",
+        if links.is_empty() {
+            "none".into()
+        } else {
+            links.join(", ")
+        }
+    );
     println!("\nENROLLED NETNS COOKIE  POD ID");
     for (cookie, id) in &pods {
         println!("{cookie:<21}  {id}");

@@ -30,7 +30,10 @@ pub async fn handle(pod: Arc<PodInfo>, downstream: TcpStream, peer: SocketAddr, 
     let dst = match downstream.local_addr() {
         Ok(a) => super::canonical(a),
         Err(e) => {
-            log.error = Some((Side::Downstream, format!("cannot read original destination: {e}")));
+            log.error = Some((
+                Side::Downstream,
+                format!("cannot read original destination: {e}"),
+            ));
             log.emit();
             return;
         }
@@ -53,7 +56,10 @@ pub async fn handle(pod: Arc<PodInfo>, downstream: TcpStream, peer: SocketAddr, 
     let upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
-            log.error = Some((Side::Upstream, format!("connect to app at {dst} failed: {e}")));
+            log.error = Some((
+                Side::Upstream,
+                format!("connect to app at {dst} failed: {e}"),
+            ));
             log.emit();
             return;
         }

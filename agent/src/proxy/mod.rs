@@ -68,7 +68,10 @@ pub struct PodListeners {
 impl PodListeners {
     /// Binds the listeners. Must run inside the pod's netns.
     pub fn bind() -> Result<PodListeners, Error> {
-        let mut outbound = vec![listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))?];
+        let mut outbound = vec![listen(SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            OUTBOUND_PORT,
+        )))?];
         match listen(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
             Ok(l) => outbound.push(l),
             Err(e) => debug!(error = %e, "no IPv6 outbound listener (pod without IPv6?)"),
@@ -83,7 +86,8 @@ impl PodListeners {
 
 fn listen(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
     let err = |cause| Error::Listen { addr, cause };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     socket.set_mark(AGENT_MARK).map_err(err)?;
     if addr.is_ipv6() {
@@ -107,7 +111,11 @@ pub(crate) fn upstream_socket(
     let socket = netns
         .run(|| Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))
         .map_err(io::Error::other)??;
-    socket.set_mark(if transparent_src.is_some() { RETURN_MARK } else { AGENT_MARK })?;
+    socket.set_mark(if transparent_src.is_some() {
+        RETURN_MARK
+    } else {
+        AGENT_MARK
+    })?;
     socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     if let Some(src) = transparent_src {
@@ -126,7 +134,10 @@ pub(crate) fn upstream_socket(
 }
 
 /// Connects with [`CONNECT_TIMEOUT`].
-pub(crate) async fn connect(socket: tokio::net::TcpSocket, dst: SocketAddr) -> io::Result<TcpStream> {
+pub(crate) async fn connect(
+    socket: tokio::net::TcpSocket,
+    dst: SocketAddr,
+) -> io::Result<TcpStream> {
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
@@ -152,7 +163,13 @@ pub fn serve_pod(
 ) -> io::Result<()> {
     for l in listeners.outbound {
         let l = TcpListener::from_std(l)?;
-        tasks.spawn(accept_loop(ctx.clone(), pod.clone(), l, Direction::Outbound, cancel.clone()));
+        tasks.spawn(accept_loop(
+            ctx.clone(),
+            pod.clone(),
+            l,
+            Direction::Outbound,
+            cancel.clone(),
+        ));
     }
     let l = TcpListener::from_std(listeners.inbound)?;
     tasks.spawn(accept_loop(ctx, pod, l, Direction::Inbound, cancel));
@@ -203,14 +220,14 @@ async fn accept_loop(
             Direction::Outbound => {
                 let span = info_span!("outbound", id, pod = %pod.key, src = %peer);
                 ctx.connections.spawn(
-                    outbound::handle(ctx.clone(), pod.clone(), stream, peer, start).instrument(span),
+                    outbound::handle(ctx.clone(), pod.clone(), stream, peer, start)
+                        .instrument(span),
                 );
             }
             Direction::Inbound => {
                 let span = info_span!("inbound", id, pod = %pod.key, src = %peer);
-                ctx.connections.spawn(
-                    inbound::handle(pod.clone(), stream, peer, start).instrument(span),
-                );
+                ctx.connections
+                    .spawn(inbound::handle(pod.clone(), stream, peer, start).instrument(span));
             }
         }
     }

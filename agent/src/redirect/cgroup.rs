@@ -13,11 +13,15 @@ use std::{
 pub enum Error {
     #[error("cannot read /proc/self/mountinfo: {0}")]
     Mountinfo(io::Error),
-    #[error("no cgroup v2 filesystem is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup) or boot with cgroup v2")]
+    #[error(
+        "no cgroup v2 filesystem is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup) or boot with cgroup v2"
+    )]
     NoCgroup2,
     #[error("cgroup {path} is not under the cgroup v2 mount {mount}")]
     NotUnderMount { path: PathBuf, mount: PathBuf },
-    #[error("cannot open cgroup {path}: {cause} (is `cgroup` in the config the pods' parent cgroup?)")]
+    #[error(
+        "cannot open cgroup {path}: {cause} (is `cgroup` in the config the pods' parent cgroup?)"
+    )]
     Open { path: PathBuf, cause: io::Error },
 }
 
@@ -41,7 +45,10 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -96,7 +103,10 @@ mod tests {
             parse_mountinfo(text),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        assert_eq!(parse_mountinfo("31 30 0:27 / /x rw - cgroup cgroup rw\n"), None);
+        assert_eq!(
+            parse_mountinfo("31 30 0:27 / /x rw - cgroup cgroup rw\n"),
+            None
+        );
     }
 
     #[test]

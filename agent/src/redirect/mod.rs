@@ -21,8 +21,7 @@ pub mod routing;
 
 use std::{
     collections::BTreeMap,
-    fs,
-    io,
+    fs, io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -45,7 +44,9 @@ pub use netns::Netns;
 pub enum Error {
     #[error("cannot prepare bpffs directory {path}: {cause} (is bpffs mounted at /sys/fs/bpf?)")]
     PinDir { path: PathBuf, cause: io::Error },
-    #[error("cannot mount bpffs at /sys/fs/bpf: {0} (the agent needs CAP_SYS_ADMIN, or mount it on the host)")]
+    #[error(
+        "cannot mount bpffs at /sys/fs/bpf: {0} (the agent needs CAP_SYS_ADMIN, or mount it on the host)"
+    )]
     MountBpffs(nix::Error),
     #[error(
         "loading the eBPF object failed: {0} (needs root or CAP_BPF+CAP_NET_ADMIN, a kernel with BTF; if maps under the pin path were made by an incompatible version, run `ambit-agent cleanup`)"
@@ -65,8 +66,13 @@ pub enum Error {
         name: &'static str,
         cause: aya::maps::MapError,
     },
-    #[error("eBPF program {name}: cannot take its link: {cause} (kernel without bpf_link support?)")]
-    Link { name: &'static str, cause: LinkError },
+    #[error(
+        "eBPF program {name}: cannot take its link: {cause} (kernel without bpf_link support?)"
+    )]
+    Link {
+        name: &'static str,
+        cause: LinkError,
+    },
     #[error("cannot pin eBPF link at {path}: {cause}")]
     Pin { path: PathBuf, cause: io::Error },
     #[error(transparent)]
@@ -78,11 +84,13 @@ pub enum Error {
 /// The eBPF object, embedded at build time by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
 
-const CGROUP_PROGRAMS: [&str; 4] = [
+const CGROUP_PROGRAMS: [&str; 6] = [
     common::program::CONNECT4,
     common::program::CONNECT6,
     common::program::GETPEERNAME4,
     common::program::GETPEERNAME6,
+    common::program::GETSOCKNAME4,
+    common::program::GETSOCKNAME6,
 ];
 
 /// Read-only access to the original destinations of captured connections, shared by the
@@ -148,9 +156,20 @@ impl Redirect {
         pin_path: &Path,
         cgroup: &Path,
         log_level: u8,
-    ) -> Result<(Redirect, OrigDst, aya_log::EbpfLogger<&'static dyn log::Log>), Error> {
+    ) -> Result<
+        (
+            Redirect,
+            OrigDst,
+            aya_log::EbpfLogger<&'static dyn log::Log>,
+        ),
+        Error,
+    > {
         ensure_bpffs()?;
-        for dir in [pin_path.to_owned(), pin_path.join("links"), pin_path.join("pods")] {
+        for dir in [
+            pin_path.to_owned(),
+            pin_path.join("links"),
+            pin_path.join("pods"),
+        ] {
             fs::create_dir_all(&dir).map_err(|cause| Error::PinDir { path: dir, cause })?;
         }
 
@@ -171,7 +190,8 @@ impl Redirect {
         let links = pin_path.join("links");
         for name in CGROUP_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(|cause| Error::Program { name, cause })?;
+            prog.load()
+                .map_err(|cause| Error::Program { name, cause })?;
             let id = prog
                 .attach(&cgroup_dir, CgroupAttachMode::Single)
                 .map_err(|cause| Error::Program { name, cause })?;
@@ -183,7 +203,8 @@ impl Redirect {
         {
             let name = common::program::SOCK_OPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
-            prog.load().map_err(|cause| Error::Program { name, cause })?;
+            prog.load()
+                .map_err(|cause| Error::Program { name, cause })?;
             let id = prog
                 .attach(&cgroup_dir, CgroupAttachMode::Single)
                 .map_err(|cause| Error::Program { name, cause })?;
@@ -195,7 +216,8 @@ impl Redirect {
         {
             let name = common::program::SK_LOOKUP;
             let prog: &mut SkLookup = program(&mut ebpf, name)?;
-            prog.load().map_err(|cause| Error::Program { name, cause })?;
+            prog.load()
+                .map_err(|cause| Error::Program { name, cause })?;
         }
         info!(cgroup = %cgroup_path.display(), pin_path = %pin_path.display(), "eBPF capture programs attached");
 
@@ -223,8 +245,16 @@ impl Redirect {
             .map(|ip| IpKey { ip: ip_words(*ip) })
             .collect();
         sync_set(&mut self.node_addrs, common::MAP_NODE_ADDRS, &want)?;
-        sync_set(&mut self.excluded_in, common::MAP_EXCLUDED_IN, opts.inbound_excluded_ports)?;
-        sync_set(&mut self.excluded_out, common::MAP_EXCLUDED_OUT, opts.outbound_excluded_ports)?;
+        sync_set(
+            &mut self.excluded_in,
+            common::MAP_EXCLUDED_IN,
+            opts.inbound_excluded_ports,
+        )?;
+        sync_set(
+            &mut self.excluded_out,
+            common::MAP_EXCLUDED_OUT,
+            opts.outbound_excluded_ports,
+        )?;
         Ok(())
     }
 
@@ -254,16 +284,13 @@ impl Redirect {
             name: prog_name,
             cause,
         })?;
-        pin_replacing(prog_name, Ok(link.into()), &self.pod_link_path(netns.cookie()))?;
+        pin_replacing(
+            prog_name,
+            Ok(link.into()),
+            &self.pod_link_path(netns.cookie()),
+        )?;
         self.enrolled
-            .insert(
-                netns.cookie(),
-                EnrolledPod {
-                    pod_id,
-                    flags: 0,
-                },
-                0,
-            )
+            .insert(netns.cookie(), enrolled_pod(pod_id, ips), 0)
             .map_err(|cause| Error::Map {
                 name: common::MAP_ENROLLED,
                 cause,
@@ -348,6 +375,22 @@ impl Redirect {
     }
 }
 
+/// The enrollment entry for a pod: its id and its first IPv4 and IPv6 address (what
+/// `getsockname` reports to the app for a redirected socket).
+fn enrolled_pod(pod_id: u32, ips: &[IpAddr]) -> EnrolledPod {
+    let ip4 = ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(_) => None,
+    });
+    let ip6 = ips.iter().find(|ip| ip.is_ipv6()).map(|ip| ip_words(*ip));
+    EnrolledPod {
+        pod_id,
+        flags: 0,
+        ip4: ip4.unwrap_or(0),
+        ip6: ip6.unwrap_or([0; 4]),
+    }
+}
+
 /// Removes every pinned map and link under `pin_path`: all programs detach and every pod of this
 /// node is released (its traffic flows directly). Missing state is not an error.
 pub fn cleanup(pin_path: &Path) -> Result<usize, Error> {
@@ -429,7 +472,8 @@ fn sync_set<K: aya::Pod + PartialEq>(
         map.remove(k).map_err(|cause| Error::Map { name, cause })?;
     }
     for k in want {
-        map.insert(*k, 1, 0).map_err(|cause| Error::Map { name, cause })?;
+        map.insert(*k, 1, 0)
+            .map_err(|cause| Error::Map { name, cause })?;
     }
     Ok(())
 }
@@ -493,6 +537,9 @@ mod tests {
         }
         // What connect4 stores for 10.1.0.2 (user_ip4 holds the bytes in network order).
         let a = Addr::v4(u32::from_ne_bytes([10, 1, 0, 2]), 80);
-        assert_eq!(addr_to_std(&a), "10.1.0.2:80".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(
+            addr_to_std(&a),
+            "10.1.0.2:80".parse::<SocketAddr>().expect("addr")
+        );
     }
 }

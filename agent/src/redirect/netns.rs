@@ -57,9 +57,8 @@ impl Netns {
             path: path.to_owned(),
             cookie: 0,
         };
-        let sock = ns.run(|| {
-            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)
-        })?;
+        let sock =
+            ns.run(|| socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None))?;
         // A unix socket has a netns too; its cookie is the namespace's.
         let sock = sock.map_err(|cause| Error::Cookie {
             path: path.to_owned(),

@@ -23,7 +23,10 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
     rule::{RuleAction, RuleAttribute, RuleHeader, RuleMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -38,26 +41,35 @@ pub enum Error {
     #[error("netlink: {op}: {cause}")]
     Netlink { op: &'static str, cause: io::Error },
     #[error("cannot set sysctl {name}: {cause}")]
-    Sysctl { name: &'static str, cause: io::Error },
+    Sysctl {
+        name: &'static str,
+        cause: io::Error,
+    },
 }
 
 /// Installs the return path for transparent connections in the current netns. Idempotent.
 pub fn install() -> Result<(), Error> {
-    std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1").map_err(|cause| {
-        Error::Sysctl {
-            name: "net.ipv4.tcp_fwmark_accept",
-            cause,
-        }
+    std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1").map_err(|cause| Error::Sysctl {
+        name: "net.ipv4.tcp_fwmark_accept",
+        cause,
     })?;
     let nl = Netlink::open()?;
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         // A pod without IPv6 (disable_ipv6) refuses the v6 half; that is fine.
         let v6 = family == AddressFamily::Inet6;
-        match nl.request(RouteNetlinkMessage::NewRule(rule(family)), true, "add fwmark rule") {
+        match nl.request(
+            RouteNetlinkMessage::NewRule(rule(family)),
+            true,
+            "add fwmark rule",
+        ) {
             Err(Error::Netlink { cause, .. }) if v6 && ipv6_unavailable(&cause) => continue,
             other => other?,
         }
-        match nl.request(RouteNetlinkMessage::NewRoute(route(family)), true, "add local route") {
+        match nl.request(
+            RouteNetlinkMessage::NewRoute(route(family)),
+            true,
+            "add local route",
+        ) {
             Err(Error::Netlink { cause, .. }) if v6 && ipv6_unavailable(&cause) => continue,
             other => other?,
         }
@@ -71,8 +83,14 @@ pub fn remove() -> Result<(), Error> {
     let nl = Netlink::open()?;
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         for (msg, op) in [
-            (RouteNetlinkMessage::DelRule(rule(family)), "delete fwmark rule"),
-            (RouteNetlinkMessage::DelRoute(route(family)), "delete local route"),
+            (
+                RouteNetlinkMessage::DelRule(rule(family)),
+                "delete fwmark rule",
+            ),
+            (
+                RouteNetlinkMessage::DelRoute(route(family)),
+                "delete local route",
+            ),
         ] {
             match nl.request(msg, false, op) {
                 Err(Error::Netlink { cause, .. })
@@ -86,7 +104,10 @@ pub fn remove() -> Result<(), Error> {
 }
 
 fn ipv6_unavailable(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EOPNOTSUPP))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EOPNOTSUPP)
+    )
 }
 
 fn rule(family: AddressFamily) -> RuleMessage {
@@ -150,7 +171,12 @@ impl Netlink {
 
     /// Sends one request and waits for its acknowledgement. With `create`, an existing entry
     /// (`EEXIST`) counts as success.
-    fn request(&self, msg: RouteNetlinkMessage, create: bool, op: &'static str) -> Result<(), Error> {
+    fn request(
+        &self,
+        msg: RouteNetlinkMessage,
+        create: bool,
+        op: &'static str,
+    ) -> Result<(), Error> {
         let err = |cause| Error::Netlink { op, cause };
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_ACK;
@@ -165,9 +191,8 @@ impl Netlink {
         self.socket.send(&buf, 0).map_err(err)?;
 
         let (reply, _) = self.socket.recv_from_full().map_err(err)?;
-        let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply).map_err(|e| {
-            err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
-        })?;
+        let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
+            .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())))?;
         match reply.payload {
             NetlinkPayload::Error(e) => match e.code {
                 None => Ok(()),

@@ -62,6 +62,8 @@ pub mod program {
     pub const CONNECT6: &str = "ambit_connect6";
     pub const GETPEERNAME4: &str = "ambit_getpeername4";
     pub const GETPEERNAME6: &str = "ambit_getpeername6";
+    pub const GETSOCKNAME4: &str = "ambit_getsockname4";
+    pub const GETSOCKNAME6: &str = "ambit_getsockname6";
     pub const SOCK_OPS: &str = "ambit_sock_ops";
     pub const SK_LOOKUP: &str = "ambit_sk_lookup";
 }
@@ -187,8 +189,13 @@ pub struct EnrolledPod {
     pub pod_id: u32,
     /// Reserved for per-pod options; zero today.
     pub flags: u32,
+    /// The pod's IPv4 address as the kernel stores it (network order), 0 if none. A redirected
+    /// socket is bound to 127.0.0.1; `getsockname4` reports this address instead.
+    pub ip4: u32,
+    /// The pod's IPv6 address (network-order words), all zero if none; for `getsockname6`.
+    pub ip6: [u32; 4],
 }
-const _: () = assert!(core::mem::size_of::<EnrolledPod>() == 8);
+const _: () = assert!(core::mem::size_of::<EnrolledPod>() == 28);
 
 #[cfg(feature = "user")]
 mod user {

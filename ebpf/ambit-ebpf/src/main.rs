@@ -7,7 +7,8 @@
 //! - `sock_ops` (TCP connect): once the kernel has chosen the client's local port, publish
 //!   "client local address -> original destination" for the agent, which looks it up with the peer
 //!   address of the connection it accepted. On close, forget the socket.
-//! - `getpeername4/6`: the application sees the destination it dialed, not the listener.
+//! - `getpeername4/6`: the application sees the destination it dialed, not the listener, and
+//!   `getsockname4/6` its pod's IP rather than the loopback address the redirect bound it to.
 //!
 //! Inbound (one link per enrolled pod netns):
 //! - `sk_lookup`: TCP connections arriving from outside the pod for its ports are handed to the
@@ -148,25 +149,22 @@ fn is_local6(ip: &[u32; 4]) -> bool {
     unspecified || *ip == LOCALHOST6
 }
 
-/// Common checks for `connect4/6` and `getpeername4/6`: a TCP socket of an enrolled netns that
-/// the agent did not open.
+/// Common checks for all the `cgroup/sock_addr` programs: a TCP socket of an enrolled netns that
+/// the agent did not open. Returns the pod's enrollment entry.
 #[inline(always)]
-fn is_captured_socket(ctx: &SockAddrContext) -> bool {
+fn captured_pod(ctx: &SockAddrContext) -> Option<EnrolledPod> {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: `sa` is the program context.
     if read!((*sa).protocol) != IPPROTO_TCP {
-        return false;
+        return None;
     }
     // SAFETY: the helper only reads the context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once and not kept.
-    if unsafe { ENROLLED.get(&netns) }.is_none() {
-        return false;
-    }
-    // SAFETY: `sk` of a sock_addr context is a valid full socket for the program's duration.
+    let pod = unsafe { ENROLLED.get(&netns) }.copied()?;
+    // `sk` of a sock_addr context is a valid full socket for the program's duration.
     let sk: *mut bpf_sock = read!((*sa).__bindgen_anon_1.sk);
     let mark = read!((*sk).mark);
-    mark & AGENT_MARK_MASK != AGENT_MARK
+    (mark & AGENT_MARK_MASK != AGENT_MARK).then_some(pod)
 }
 
 /// Records the original destination for this socket; on failure the connect is refused, so a
@@ -177,7 +175,10 @@ fn record(ctx: &SockAddrContext, orig: &Addr) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if SOCK_DST.insert(&cookie, orig, 0).is_err() {
         count(Counter::RedirectRecordFailed);
-        warn!(ctx, "ambit: cannot record original destination; refusing connect");
+        warn!(
+            ctx,
+            "ambit: cannot record original destination; refusing connect"
+        );
         return false;
     }
     true
@@ -191,7 +192,7 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
-    if !is_captured_socket(ctx) {
+    if captured_pod(ctx).is_none() {
         return Ok(ALLOW);
     }
     let sa = ctx.sock_addr;
@@ -205,11 +206,14 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Err(REJECT);
     }
     write!((*sa).user_ip4, LOCALHOST4);
-    write!((*sa).user_port,
-        u32::from(OUTBOUND_PORT.to_be())
-    );
+    write!((*sa).user_port, u32::from(OUTBOUND_PORT.to_be()));
     count(Counter::Connect4Redirected);
-    debug!(ctx, "ambit: connect4 to {:i}:{} redirected", u32::from_be(ip4), port);
+    debug!(
+        ctx,
+        "ambit: connect4 to {:i}:{} redirected",
+        u32::from_be(ip4),
+        port
+    );
     Ok(ALLOW)
 }
 
@@ -221,7 +225,7 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
-    if !is_captured_socket(ctx) {
+    if captured_pod(ctx).is_none() {
         return Ok(ALLOW);
     }
     let sa = ctx.sock_addr;
@@ -242,9 +246,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Err(REJECT);
     }
     write_ip6(unsafe { &raw mut (*sa).user_ip6 }, listener);
-    write!((*sa).user_port,
-        u32::from(OUTBOUND_PORT.to_be())
-    );
+    write!((*sa).user_port, u32::from(OUTBOUND_PORT.to_be()));
     count(Counter::Connect6Redirected);
     debug!(ctx, "ambit: connect6 to port {} redirected", port);
     Ok(ALLOW)
@@ -259,13 +261,32 @@ fn excluded_out(port: u16) -> bool {
 /// The original destination of a redirected socket, if `(ip, port)` is the outbound listener.
 #[inline(always)]
 fn original_peer(ctx: &SockAddrContext, is_listener: bool) -> Option<Addr> {
-    if !is_listener || !is_captured_socket(ctx) {
+    if !is_listener {
         return None;
     }
+    captured_pod(ctx)?;
+    redirected_to(ctx)
+}
+
+/// The recorded original destination of this socket, if `connect4/6` redirected it.
+#[inline(always)]
+fn redirected_to(ctx: &SockAddrContext) -> Option<Addr> {
     // SAFETY: the helper only reads the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once.
     unsafe { SOCK_DST.get(&cookie) }.copied()
+}
+
+/// The pod whose redirected socket this is, if its local address is the loopback one the redirect
+/// gave it.
+#[inline(always)]
+fn redirected_pod(ctx: &SockAddrContext, is_loopback: bool) -> Option<EnrolledPod> {
+    if !is_loopback {
+        return None;
+    }
+    let pod = captured_pod(ctx)?;
+    redirected_to(ctx)?;
+    Some(pod)
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -275,9 +296,7 @@ pub fn ambit_getpeername4(ctx: SockAddrContext) -> i32 {
     let port = u16::from_be(read!((*sa).user_port) as u16);
     if let Some(orig) = original_peer(&ctx, ip4 == LOCALHOST4 && port == OUTBOUND_PORT) {
         write!((*sa).user_ip4, orig.ip[3]);
-        write!((*sa).user_port,
-            u32::from(orig.port.to_be())
-        );
+        write!((*sa).user_port, u32::from(orig.port.to_be()));
         count(Counter::PeerNameRewritten);
     }
     ALLOW
@@ -291,10 +310,38 @@ pub fn ambit_getpeername6(ctx: SockAddrContext) -> i32 {
     let listener = ip == LOCALHOST6 || (is_v4_mapped(&ip) && ip[3] == LOCALHOST4);
     if let Some(orig) = original_peer(&ctx, listener && port == OUTBOUND_PORT) {
         write_ip6(unsafe { &raw mut (*sa).user_ip6 }, orig.ip);
-        write!((*sa).user_port,
-            u32::from(orig.port.to_be())
-        );
+        write!((*sa).user_port, u32::from(orig.port.to_be()));
         count(Counter::PeerNameRewritten);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getsockname4)]
+pub fn ambit_getsockname4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip4 = read!((*sa).user_ip4);
+    if let Some(pod) = redirected_pod(&ctx, ip4 == LOCALHOST4)
+        && pod.ip4 != 0
+    {
+        write!((*sa).user_ip4, pod.ip4);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getsockname6)]
+pub fn ambit_getsockname6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip = read_ip6(unsafe { &raw const (*sa).user_ip6 });
+    let mapped = is_v4_mapped(&ip) && ip[3] == LOCALHOST4;
+    if let Some(pod) = redirected_pod(&ctx, ip == LOCALHOST6 || mapped) {
+        let local = if mapped {
+            (pod.ip4 != 0).then_some([0, 0, V4_MAPPED_WORD, pod.ip4])
+        } else {
+            (pod.ip6 != [0; 4]).then_some(pod.ip6)
+        };
+        if let Some(local) = local {
+            write_ip6(unsafe { &raw mut (*sa).user_ip6 }, local);
+        }
     }
     ALLOW
 }

@@ -1,0 +1,343 @@
+//! `ambit-testpod`: the workload the test bed runs inside pods. Plain std and threads; every
+//! event is one JSON object per line on stdout, flushed at once, so the bed can follow along.
+//!
+//! ```text
+//! ambit-testpod serve --port P [--v6only]
+//! ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]
+//! ```
+//!
+//! `serve` is a dual-stack echo server on `[::]:P`; `connect` sends N bytes of a fixed pattern,
+//! reads the echo concurrently and checks it.
+
+use std::{
+    io::{self, Read, Write},
+    net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use socket2::{Domain, Protocol, Socket, Type};
+
+const USAGE: &str = "usage:\n  ambit-testpod serve --port P [--v6only]\n  \
+                     ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => parse_serve(&args[1..]).map(serve),
+        Some("connect") => parse_connect(&args[1..]).map(connect),
+        _ => Err(format!("missing or unknown subcommand\n{USAGE}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(usage_error) => {
+            eprintln!("ambit-testpod: {usage_error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Prints one event line and flushes it. Output errors are ignored: nobody is listening then.
+fn emit(event: Value) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{event}");
+    let _ = out.flush();
+}
+
+fn canonical(addr: SocketAddr) -> String {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port()).to_string()
+}
+
+/// The error kind as tests match on it. Read/write timeouts surface as `WouldBlock` on Unix.
+fn kind(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => "TimedOut".to_owned(),
+        k => format!("{k:?}"),
+    }
+}
+
+fn error_event(stage: &str, e: &io::Error, context: &str) -> Value {
+    json!({
+        "event": "error",
+        "stage": stage,
+        "kind": kind(e),
+        "message": format!("{context}: {e}"),
+    })
+}
+
+/// Takes the value of a `--flag VALUE` argument.
+fn flag_value<'a>(args: &'a [String], i: &mut usize, flag: &str) -> Result<&'a str, String> {
+    *i += 1;
+    args.get(*i)
+        .map(String::as_str)
+        .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+}
+
+fn parse_num<T: std::str::FromStr>(s: &str, flag: &str) -> Result<T, String> {
+    s.parse()
+        .map_err(|_| format!("{flag}: {s:?} is not a valid number\n{USAGE}"))
+}
+
+struct ServeArgs {
+    port: u16,
+    v6only: bool,
+}
+
+fn parse_serve(args: &[String]) -> Result<ServeArgs, String> {
+    let mut port = None;
+    let mut v6only = false;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--port" => port = Some(parse_num(flag_value(args, &mut i, "--port")?, "--port")?),
+            "--v6only" => v6only = true,
+            other => return Err(format!("serve: unexpected argument {other:?}\n{USAGE}")),
+        }
+        i += 1;
+    }
+    Ok(ServeArgs {
+        port: port.ok_or_else(|| format!("serve needs --port\n{USAGE}"))?,
+        v6only,
+    })
+}
+
+struct ConnectArgs {
+    addr: SocketAddr,
+    bytes: u64,
+    hold: Duration,
+    timeout: Duration,
+}
+
+fn parse_connect(args: &[String]) -> Result<ConnectArgs, String> {
+    let mut addr = None;
+    let mut bytes = None;
+    let mut hold_ms = 0u64;
+    let mut timeout_ms = 5000u64;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--bytes" => bytes = Some(parse_num(flag_value(args, &mut i, "--bytes")?, "--bytes")?),
+            "--hold-ms" => {
+                hold_ms = parse_num(flag_value(args, &mut i, "--hold-ms")?, "--hold-ms")?;
+            }
+            "--timeout-ms" => {
+                timeout_ms = parse_num(flag_value(args, &mut i, "--timeout-ms")?, "--timeout-ms")?;
+            }
+            a if !a.starts_with("--") && addr.is_none() => {
+                addr = Some(a.parse::<SocketAddr>().map_err(|_| {
+                    format!(
+                        "connect: {a:?} is not an address like 10.1.0.2:8080 or [fd00:1::2]:8080"
+                    )
+                })?);
+            }
+            other => return Err(format!("connect: unexpected argument {other:?}\n{USAGE}")),
+        }
+        i += 1;
+    }
+    if timeout_ms == 0 {
+        return Err("--timeout-ms must be > 0".to_owned());
+    }
+    Ok(ConnectArgs {
+        addr: addr.ok_or_else(|| format!("connect needs ADDR\n{USAGE}"))?,
+        bytes: bytes.ok_or_else(|| format!("connect needs --bytes\n{USAGE}"))?,
+        hold: Duration::from_millis(hold_ms),
+        timeout: Duration::from_millis(timeout_ms),
+    })
+}
+
+fn listen(args: &ServeArgs) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(args.v6only)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, args.port)).into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let listener = match listen(&args) {
+        Ok(l) => l,
+        Err(e) => {
+            emit(error_event(
+                "listen",
+                &e,
+                &format!("cannot listen on [::]:{}", args.port),
+            ));
+            return ExitCode::FAILURE;
+        }
+    };
+    emit(json!({"event": "listening", "port": args.port}));
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                std::thread::spawn(move || echo(stream, peer));
+            }
+            Err(e) => {
+                emit(error_event("accept", &e, "accept failed"));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn echo(mut stream: TcpStream, peer: SocketAddr) {
+    let peer = canonical(peer);
+    let local = stream
+        .local_addr()
+        .map(canonical)
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    emit(json!({"event": "accept", "peer": peer, "local": local}));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut bytes = 0u64;
+    let result = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                if let Err(e) = stream.write_all(&buf[..n]) {
+                    break Err(e);
+                }
+                bytes += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    match result {
+        Ok(()) => {
+            let _ = stream.shutdown(Shutdown::Write);
+            emit(json!({"event": "closed", "peer": peer, "bytes": bytes}));
+        }
+        Err(e) => emit(json!({
+            "event": "closed", "peer": peer, "bytes": bytes,
+            "error": kind(&e), "message": e.to_string(),
+        })),
+    }
+}
+
+/// Byte `i` of the stream a client sends.
+fn pattern(i: u64) -> u8 {
+    (((i % 251) * 31 + 7) % 251) as u8
+}
+
+/// What the reader thread saw.
+struct Echoed {
+    received: u64,
+    first_mismatch: Option<u64>,
+    error: Option<io::Error>,
+}
+
+fn read_echo(mut stream: TcpStream) -> Echoed {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut echoed = Echoed {
+        received: 0,
+        first_mismatch: None,
+        error: None,
+    };
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return echoed,
+            Ok(n) => {
+                if echoed.first_mismatch.is_none() {
+                    let start = echoed.received;
+                    echoed.first_mismatch = buf[..n]
+                        .iter()
+                        .zip(start..)
+                        .find(|(b, i)| **b != pattern(*i))
+                        .map(|(_, i)| i);
+                }
+                echoed.received += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                echoed.error = Some(e);
+                return echoed;
+            }
+        }
+    }
+}
+
+fn connect(args: ConnectArgs) -> ExitCode {
+    let stream = match TcpStream::connect_timeout(&args.addr, args.timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            emit(error_event(
+                "connect",
+                &e,
+                &format!("cannot connect to {}", args.addr),
+            ));
+            return ExitCode::FAILURE;
+        }
+    };
+    let io_error = |e: io::Error, what: &str| {
+        emit(error_event("io", &e, what));
+        ExitCode::FAILURE
+    };
+    let (peer, local) = match (stream.peer_addr(), stream.local_addr()) {
+        (Ok(p), Ok(l)) => (p, l),
+        (Err(e), _) | (_, Err(e)) => return io_error(e, "cannot read the connection's addresses"),
+    };
+    emit(json!({"event": "connected", "peer": canonical(peer), "local": canonical(local)}));
+
+    // The reader idles while the writer holds the connection open, so it may wait that long too.
+    let timeouts = stream
+        .set_read_timeout(Some(args.timeout + args.hold))
+        .and_then(|()| stream.set_write_timeout(Some(args.timeout)));
+    if let Err(e) = timeouts {
+        return io_error(e, "cannot set socket timeouts");
+    }
+    let reader = match stream.try_clone() {
+        Ok(r) => r,
+        Err(e) => return io_error(e, "cannot clone the socket for reading"),
+    };
+    let reader = std::thread::spawn(move || read_echo(reader));
+
+    let mut writer = stream;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < args.bytes {
+        let n = (args.bytes - sent).min(chunk.len() as u64) as usize;
+        for (b, i) in chunk[..n].iter_mut().zip(sent..) {
+            *b = pattern(i);
+        }
+        if let Err(e) = writer.write_all(&chunk[..n]) {
+            return io_error(
+                e,
+                &format!("send failed after {sent} of {} bytes", args.bytes),
+            );
+        }
+        sent += n as u64;
+    }
+    std::thread::sleep(args.hold);
+    if let Err(e) = writer.shutdown(Shutdown::Write) {
+        return io_error(e, "cannot shut down the sending side");
+    }
+    let echoed = match reader.join() {
+        Ok(e) => e,
+        Err(_) => {
+            emit(json!({"event": "error", "stage": "io", "kind": "Other",
+                        "message": "BUG: the reader thread panicked"}));
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(e) = echoed.error {
+        return io_error(
+            e,
+            &format!("receive failed after {} of {sent} bytes", echoed.received),
+        );
+    }
+    let ok = echoed.received == sent && echoed.first_mismatch.is_none();
+    emit(json!({"event": "done", "sent": sent, "received": echoed.received, "ok": ok}));
+    if ok {
+        return ExitCode::SUCCESS;
+    }
+    let message = match echoed.first_mismatch {
+        Some(at) => format!("echoed data differs from what was sent at byte {at}"),
+        None => format!(
+            "connection closed after {} of {sent} bytes came back",
+            echoed.received
+        ),
+    };
+    emit(json!({"event": "error", "stage": "verify", "kind": "InvalidData", "message": message}));
+    ExitCode::FAILURE
+}

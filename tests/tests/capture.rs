@@ -1,0 +1,494 @@
+//! Traffic capture on the namespace test bed, against the real kernel hooks and sockets: what a
+//! user of the mesh would check (bytes arrive, who the server sees, what the client sees, what the
+//! agent logged, what the eBPF programs counted).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
+
+use ambit_testbed::{Agent, AgentConfig, Node, Pod, TestBed, log_field, log_message};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Two nodes, a client pod on node-a, a server pod on node-b, an unenrolled `outsider` pod on
+/// node-a, an echo server in the server pod, and an agent on each node.
+struct Mesh {
+    bed: TestBed,
+    node_a: Node,
+    node_b: Node,
+    client: Pod,
+    outsider: Pod,
+    server: Pod,
+    config_a: AgentConfig,
+    config_b: AgentConfig,
+    agent_a: Agent,
+    agent_b: Agent,
+    echo: ambit_testbed::Server,
+}
+
+fn mesh() -> Mesh {
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("create bed");
+    let node_a = bed.add_node("node-a").expect("add node-a");
+    let node_b = bed.add_node("node-b").expect("add node-b");
+    let client = bed.add_pod(&node_a, "client").expect("add client");
+    let outsider = bed.add_pod(&node_a, "outsider").expect("add outsider");
+    let server = bed.add_pod(&node_b, "server").expect("add server");
+    let echo = server.serve(PORT).expect("start echo server");
+
+    let mut config_a = bed.agent_config(&node_a);
+    config_a.enroll(&client).add_pod(&outsider, false);
+    let mut config_b = bed.agent_config(&node_b);
+    config_b.enroll(&server);
+    let agent_a = bed.start_agent(&config_a).expect("start agent on node-a");
+    let agent_b = bed.start_agent(&config_b).expect("start agent on node-b");
+    Mesh {
+        bed,
+        node_a,
+        node_b,
+        client,
+        outsider,
+        server,
+        config_a,
+        config_b,
+        agent_a,
+        agent_b,
+        echo,
+    }
+}
+
+fn str_field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
+    log_field(line, name).and_then(Value::as_str)
+}
+
+fn u64_field(line: &Value, name: &str) -> Option<u64> {
+    log_field(line, name).and_then(Value::as_u64)
+}
+
+/// Waits for the agent's access-log line for a connection to `dst` in `direction`, logged after
+/// `mark`.
+fn access_log(
+    agent: &Agent,
+    mark: ambit_testbed::LogMark,
+    direction: &str,
+    dst: SocketAddr,
+) -> Value {
+    let dst = dst.to_string();
+    agent
+        .wait_for_log_after(
+            mark,
+            |v| {
+                str_field(v, "target") == Some("access")
+                    && str_field(v, "direction") == Some(direction)
+                    && str_field(v, "dst.addr") == Some(dst.as_str())
+            },
+            WAIT,
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "no {direction} access log for {dst} on {}: {e:#}",
+                agent.node()
+            )
+        })
+}
+
+/// The eBPF programs' counters for a node, read with `ambitctl bpf -o json`.
+fn bpf_counters(node: &Node) -> Value {
+    let bin = ambit_testbed::ambitctl_bin().expect("locate ambitctl");
+    let out = Command::new(&bin)
+        .args(["bpf", "-o", "json", "--pin-path"])
+        .arg(node.bpf_pin_path())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "ambitctl bpf failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("ambitctl bpf -o json prints JSON")
+}
+
+fn counter(counters: &Value, name: &str) -> u64 {
+    counters["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} missing in {counters}"))
+}
+
+fn assert_echoed(report: &ambit_testbed::ClientReport, dst: SocketAddr, bytes: usize) {
+    assert!(report.ok, "client -> {dst} failed: {report:#?}");
+    assert_eq!(report.sent, bytes as u64, "{report:#?}");
+    assert_eq!(report.received, bytes as u64, "{report:#?}");
+}
+
+fn ip_of(pod: &Pod, like: SocketAddr) -> IpAddr {
+    if like.is_ipv4() {
+        pod.ipv4().into()
+    } else {
+        pod.ipv6().into()
+    }
+}
+
+fn cross_node(dst_of: impl Fn(&Pod) -> SocketAddr) {
+    let m = mesh();
+    let dst = dst_of(&m.server);
+    let (mark_a, mark_b) = (m.agent_a.mark(), m.agent_b.mark());
+    let bytes = 256 * 1024;
+
+    let report = m.client.connect(dst, bytes).expect("run client");
+
+    // 1. bytes arrive intact both ways...
+    assert_echoed(&report, dst, bytes);
+    // 2. the client still sees the address it dialed (getpeername), not 127.0.0.1:15001...
+    assert_eq!(
+        report.peer,
+        Some(dst),
+        "getpeername must report the dialed address"
+    );
+    // ...and the server sees the client pod's own IP.
+    let peers = m.echo.wait_for_accepts(1, WAIT).expect("server accepted");
+    assert_eq!(
+        peers[0].ip(),
+        ip_of(&m.client, dst),
+        "server must see the client pod IP"
+    );
+
+    // The connection went through both agents, not a direct path.
+    let out = access_log(&m.agent_a, mark_a, "outbound", dst);
+    assert_eq!(u64_field(&out, "bytes_sent"), Some(bytes as u64), "{out}");
+    assert_eq!(
+        u64_field(&out, "bytes_received"),
+        Some(bytes as u64),
+        "{out}"
+    );
+    assert_eq!(
+        str_field(&out, "src.workload"),
+        Some("default/client"),
+        "{out}"
+    );
+    assert!(log_field(&out, "error").is_none(), "{out}");
+    let inb = access_log(&m.agent_b, mark_b, "inbound", dst);
+    assert_eq!(u64_field(&inb, "bytes_sent"), Some(bytes as u64), "{inb}");
+    assert_eq!(
+        str_field(&inb, "dst.workload"),
+        Some("default/server"),
+        "{inb}"
+    );
+    assert_eq!(
+        str_field(&inb, "src.addr").map(|a| a.parse::<SocketAddr>().expect("addr").ip()),
+        Some(ip_of(&m.client, dst)),
+        "{inb}"
+    );
+
+    // The programs counted one redirect; the agent's own upstream connection (its process is in
+    // a cgroup under the one the programs are attached to) was not captured again.
+    let counters = bpf_counters(&m.node_a);
+    let redirected =
+        counter(&counters, "connect4_redirected") + counter(&counters, "connect6_redirected");
+    assert_eq!(
+        redirected, 1,
+        "exactly the app's connection is redirected: {counters}"
+    );
+    assert_eq!(counter(&bpf_counters(&m.node_b), "inbound_steered"), 1);
+
+    // aya-log output from the programs reaches the agent's log.
+    m.agent_a
+        .wait_for_log_after(
+            mark_a,
+            |v| {
+                log_message(v).is_some_and(|msg| msg.contains("redirected"))
+                    && str_field(v, "target") == Some("ambit")
+            },
+            WAIT,
+        )
+        .expect("the connect hook's log line in the agent's log");
+}
+
+#[test]
+fn cross_node_ipv4_goes_through_both_agents() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    cross_node(|server| server.v4(PORT));
+}
+
+#[test]
+fn cross_node_ipv6_goes_through_both_agents() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    cross_node(|server| server.v6(PORT));
+}
+
+#[test]
+fn unenrolled_pod_is_not_captured_and_plaintext_inbound_goes_through_15006() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let m = mesh();
+    let dst = m.server.v4(PORT);
+    let (mark_a, mark_b) = (m.agent_a.mark(), m.agent_b.mark());
+
+    // The outsider is not enrolled: its connection leaves node-a directly...
+    let report = m.outsider.connect(dst, 10_000).expect("run client");
+    assert_echoed(&report, dst, 10_000);
+    // ...but the server is: node-b's agent takes it on 15006 and the app still sees the
+    // outsider's IP.
+    let inb = access_log(&m.agent_b, mark_b, "inbound", dst);
+    let src: SocketAddr = str_field(&inb, "src.addr")
+        .expect("src.addr")
+        .parse()
+        .expect("addr");
+    assert_eq!(src.ip(), IpAddr::from(m.outsider.ipv4()));
+    let peers = m.echo.wait_for_accepts(1, WAIT).expect("accept");
+    assert_eq!(peers[0].ip(), IpAddr::from(m.outsider.ipv4()));
+
+    // A later captured connection is logged by node-a; the outsider's never was.
+    let report = m.client.connect(dst, 10).expect("run client");
+    assert_echoed(&report, dst, 10);
+    let client_log = access_log(&m.agent_a, mark_a, "outbound", dst);
+    let outbound: Vec<Value> = m
+        .agent_a
+        .access_logs()
+        .into_iter()
+        .filter(|v| str_field(v, "direction") == Some("outbound"))
+        .collect();
+    assert_eq!(
+        outbound.len(),
+        1,
+        "only the enrolled client is captured: {outbound:#?}"
+    );
+    assert_eq!(outbound[0], client_log);
+}
+
+#[test]
+fn agent_does_not_capture_itself_even_towards_its_own_ports() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let m = mesh();
+    let mark_b = m.agent_b.mark();
+    // The client dials the agent's inbound port on the server pod. Node-a's agent carries it
+    // (marked socket, not captured again); node-b steers it to 15006, and the agent refuses to
+    // forward a connection for its own port instead of looping.
+    let own = m.server.v4(ambit_common_ports::INBOUND);
+    let report = m
+        .client
+        .connect_with(own, 100, 0, 3000)
+        .expect("run client");
+    assert!(
+        !report.ok,
+        "a connection to the agent's own port must not be served: {report:#?}"
+    );
+    let inb = access_log(&m.agent_b, mark_b, "inbound", own);
+    assert!(
+        str_field(&inb, "error").is_some_and(|e| e.contains("agent's own")),
+        "{inb}"
+    );
+    // One redirect on node-a (the app's), one steer on node-b: no loop.
+    let a = bpf_counters(&m.node_a);
+    assert_eq!(counter(&a, "connect4_redirected"), 1, "{a}");
+    let b = bpf_counters(&m.node_b);
+    assert_eq!(counter(&b, "inbound_steered"), 1, "{b}");
+    // And ordinary traffic still flows.
+    assert_echoed(
+        &m.client
+            .connect(m.server.v4(PORT), 1000)
+            .expect("run client"),
+        m.server.v4(PORT),
+        1000,
+    );
+}
+
+/// The agent's ports, as the tests see them (kept here so the test crate does not depend on the
+/// agent's crates).
+mod ambit_common_ports {
+    pub const INBOUND: u16 = 15006;
+}
+
+#[test]
+fn unenrolling_restores_direct_traffic_and_reenrolling_captures_again() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let mut m = mesh();
+    let dst = m.server.v4(PORT);
+
+    // Release the client: its traffic leaves directly (node-a's redirect counter stays put).
+    m.config_a.add_pod(&m.client, false);
+    m.agent_a
+        .reload(&m.config_a)
+        .expect("reload with client unenrolled");
+    m.agent_a
+        .wait_for_log(
+            |v| log_message(v).is_some_and(|m| m.starts_with("pod unenrolled")),
+            WAIT,
+        )
+        .expect("unenroll logged");
+    let before = counter(&bpf_counters(&m.node_a), "connect4_redirected");
+    let report = m.client.connect(dst, 5000).expect("run client");
+    assert_echoed(&report, dst, 5000);
+    assert_eq!(report.peer, Some(dst));
+    assert_eq!(
+        counter(&bpf_counters(&m.node_a), "connect4_redirected"),
+        before,
+        "an unenrolled pod's connect must not be redirected"
+    );
+    assert!(
+        m.agent_a.access_logs().is_empty(),
+        "node-a's agent must not see the unenrolled client's traffic"
+    );
+
+    // Enroll it again: captured again.
+    let mark = m.agent_a.mark();
+    m.config_a.add_pod(&m.client, true);
+    m.agent_a
+        .reload(&m.config_a)
+        .expect("reload with client enrolled");
+    let report = m.client.connect(dst, 5000).expect("run client");
+    assert_echoed(&report, dst, 5000);
+    access_log(&m.agent_a, mark, "outbound", dst);
+    assert_eq!(
+        counter(&bpf_counters(&m.node_a), "connect4_redirected"),
+        before + 1
+    );
+
+    // Removing the pod from the config also releases it.
+    m.config_a.remove_pod(&m.client);
+    m.agent_a
+        .reload(&m.config_a)
+        .expect("reload without client");
+    let report = m.client.connect(dst, 10).expect("run client");
+    assert_echoed(&report, dst, 10);
+    assert_eq!(
+        counter(&bpf_counters(&m.node_a), "connect4_redirected"),
+        before + 1
+    );
+    let _ = (&m.node_b, &m.config_b, &m.bed);
+}
+
+#[test]
+fn a_bad_config_is_refused_and_the_old_one_keeps_serving() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let m = mesh();
+    let mark = m.agent_a.mark();
+    let mut text = m.config_a.to_json();
+    text = text.replacen(&m.client.ipv4().to_string(), "10.1.0.999", 1);
+    std::fs::write(m.agent_a.config_path(), text).expect("write bad config");
+    m.agent_a
+        .process()
+        .signal(nix_signal_hup())
+        .expect("SIGHUP");
+    let refused = m
+        .agent_a
+        .wait_for_log_after(
+            mark,
+            |v| log_message(v) == Some("config reload refused; keeping the previous config"),
+            WAIT,
+        )
+        .expect("refusal logged");
+    let err = str_field(&refused, "error").expect("error field");
+    assert!(
+        err.contains("pods[0].ips[0]"),
+        "the error names the field: {err}"
+    );
+    // Still serving with the previous config.
+    let dst = m.server.v4(PORT);
+    let mark = m.agent_a.mark();
+    assert_echoed(&m.client.connect(dst, 100).expect("run client"), dst, 100);
+    access_log(&m.agent_a, mark, "outbound", dst);
+}
+
+fn nix_signal_hup() -> nix::sys::signal::Signal {
+    nix::sys::signal::Signal::SIGHUP
+}
+
+#[test]
+fn stopped_agent_fails_closed_drains_and_a_restart_takes_over() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let m = mesh();
+    let dst = m.server.v4(PORT);
+
+    // A long connection open when node-a's agent is told to stop is drained, not cut.
+    let long = m
+        .client
+        .spawn_connect(dst, 50_000, 1500, 10_000)
+        .expect("start long client");
+    long.wait_connected(WAIT).expect("long client connected");
+    let status = m.agent_a.stop().expect("agent-a stops on SIGTERM");
+    assert!(status.success(), "clean exit: {status:?}");
+    let report = long.wait().expect("long client finished");
+    assert_echoed(&report, dst, 50_000);
+
+    // While it is down, the enrolled client's new connections are refused, never sent directly.
+    let report = m
+        .client
+        .connect_with(dst, 100, 0, 3000)
+        .expect("run client");
+    assert!(!report.ok, "must fail closed: {report:#?}");
+    assert_eq!(
+        report.error_kind.as_deref(),
+        Some("ConnectionRefused"),
+        "{report:#?}"
+    );
+
+    // Node-b down too: plaintext inbound to the enrolled server is dropped, and the app sees
+    // nothing of it.
+    m.agent_b.stop().expect("agent-b stops");
+    let accepted_before = m.echo.accepted_peers().len();
+    let report = m
+        .outsider
+        .connect_with(dst, 100, 0, 2000)
+        .expect("run client");
+    assert!(!report.ok, "inbound must fail closed: {report:#?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        m.echo.accepted_peers().len(),
+        accepted_before,
+        "nothing reached the app"
+    );
+    assert!(
+        counter(&bpf_counters(&m.node_b), "inbound_dropped_no_listener") >= 1,
+        "sk_lookup dropped it"
+    );
+
+    // Restarted agents take over the pinned state: traffic flows through them again.
+    let agent_a = m.bed.start_agent(&m.config_a).expect("restart agent-a");
+    let agent_b = m.bed.start_agent(&m.config_b).expect("restart agent-b");
+    let (mark_a, mark_b) = (agent_a.mark(), agent_b.mark());
+    let report = m.client.connect(dst, 1000).expect("run client");
+    assert_echoed(&report, dst, 1000);
+    access_log(&agent_a, mark_a, "outbound", dst);
+    access_log(&agent_b, mark_b, "inbound", dst);
+    let links = bpf_counters(&m.node_a)["links"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        links.len(),
+        7,
+        "one pinned link per cgroup program, no leftovers: {links:?}"
+    );
+
+    // Uninstall: `ambit-agent cleanup` releases the pods; traffic flows directly.
+    agent_a.stop().expect("stop agent-a");
+    let cleanup = Command::new(ambit_testbed::agent_bin().expect("locate ambit-agent"))
+        .args(["cleanup", "--config"])
+        .arg(agent_a.config_path())
+        .output()
+        .expect("run ambit-agent cleanup");
+    assert!(
+        cleanup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    assert!(!m.node_a.bpf_pin_path().exists(), "pinned state removed");
+    let report = m.client.connect(dst, 1000).expect("run client");
+    assert_echoed(&report, dst, 1000);
+}

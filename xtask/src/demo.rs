@@ -1,0 +1,383 @@
+//! `cargo xtask demo`: a two-node cluster on the test bed with agents on both nodes, real echo
+//! traffic (same node and across nodes, IPv4 and IPv6, and from a pod outside the mesh), and a
+//! report of which connections went through which agent, from the agents' access logs.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use ambit_testbed::{Agent, ClientReport, Pod, TestBed, log_field};
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{
+    sigint,
+    util::{build_bins, debug_bin, header, is_root, step},
+};
+
+const PORT: u16 = 8080;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Bytes each client sends (and expects echoed).
+    #[arg(long, default_value_t = 64 * 1024)]
+    bytes: usize,
+    /// After the report, keep the cluster up until Ctrl-C (to look around with `ip netns exec`).
+    #[arg(long)]
+    hold: bool,
+    /// Keep the agents' configs and logs after teardown.
+    #[arg(long)]
+    keep_logs: bool,
+    /// Skip setup and build; use the binaries already in the target dir.
+    #[arg(long)]
+    no_build: bool,
+}
+
+pub fn run(options: &Options) -> Result<()> {
+    if !is_root() {
+        bail!("the demo needs root for network namespaces, cgroups and eBPF; run it as root");
+    }
+    if !options.no_build {
+        crate::setup::run()?;
+        build_bins()?;
+    }
+    // The environment can point at other binaries, as for the tests.
+    let bin = |env: &str, name: &str| {
+        std::env::var_os(env).map_or_else(|| debug_bin(name), std::path::PathBuf::from)
+    };
+    let agent_bin = bin(ambit_testbed::AGENT_BIN_ENV, "ambit-agent");
+    let testpod_bin = bin(ambit_testbed::TESTPOD_BIN_ENV, "ambit-testpod");
+    for (bin, how) in [
+        (&agent_bin, "cargo build -p ambit-agent"),
+        (&testpod_bin, "cargo build -p ambit-testbed --bins"),
+    ] {
+        if !bin.is_file() {
+            bail!(
+                "{} was not built (expected at {}); run `{how}` to see why, or `cargo xtask demo` \
+                 without --no-build",
+                bin.file_name().unwrap_or_default().to_string_lossy(),
+                bin.display()
+            );
+        }
+    }
+    sigint::install()?;
+    let cleaned = ambit_testbed::cleanup_stale();
+    if !cleaned.is_empty() {
+        step(&format!(
+            "removed leftovers of crashed test beds: {cleaned:?}"
+        ));
+    }
+    // The bed lives inside `demo`, so it is torn down before we report how the demo ended.
+    let result = demo(options, &agent_bin, &testpod_bin);
+    if sigint::interrupted() {
+        bail!("demo interrupted; the cluster was torn down");
+    }
+    result?;
+    eprintln!("\ndemo finished; the cluster was torn down");
+    Ok(())
+}
+
+fn check_interrupt() -> Result<()> {
+    if sigint::interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+struct Connection<'a> {
+    from: &'a Pod,
+    to: &'a Pod,
+    dst: SocketAddr,
+    report: ClientReport,
+}
+
+fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
+    header("demo: building a two-node cluster in network namespaces");
+    let bed = TestBed::new()?;
+    bed.set_agent_bin(agent_bin);
+    bed.set_testpod_bin(testpod_bin);
+    bed.set_keep_tmp(options.keep_logs);
+    let node_a = bed.add_node("node-a")?;
+    let node_b = bed.add_node("node-b")?;
+    let client_a = bed.add_pod(&node_a, "client-a")?;
+    let server_a = bed.add_pod(&node_a, "server-a")?;
+    let outsider = bed.add_pod(&node_a, "outsider")?;
+    let client_b = bed.add_pod(&node_b, "client-b")?;
+    let server_b = bed.add_pod(&node_b, "server-b")?;
+    check_interrupt()?;
+
+    let mut config_a = bed.agent_config(&node_a);
+    config_a
+        .enroll(&client_a)
+        .enroll(&server_a)
+        .add_pod(&outsider, false);
+    let mut config_b = bed.agent_config(&node_b);
+    config_b.enroll(&client_b).enroll(&server_b);
+
+    eprintln!(
+        "    {:<10} {:<8} {:<12} {:<14} in the mesh",
+        "pod", "node", "IPv4", "IPv6"
+    );
+    for pod in [&client_a, &server_a, &outsider, &client_b, &server_b] {
+        let enrolled = pod.name() != outsider.name();
+        eprintln!(
+            "    {:<10} {:<8} {:<12} {:<14} {}",
+            pod.name(),
+            pod.node_name(),
+            pod.ipv4(),
+            pod.ipv6(),
+            if enrolled { "yes" } else { "no" }
+        );
+    }
+
+    header("demo: starting the agents");
+    let agent_a = bed
+        .start_agent(&config_a)
+        .context("the agent on node-a did not start")?;
+    step(&format!(
+        "node-a: agent ready (pid {}, log {})",
+        agent_a.pid(),
+        agent_a.log_path().display()
+    ));
+    check_interrupt()?;
+    let agent_b = bed
+        .start_agent(&config_b)
+        .context("the agent on node-b did not start")?;
+    step(&format!(
+        "node-b: agent ready (pid {}, log {})",
+        agent_b.pid(),
+        agent_b.log_path().display()
+    ));
+    check_interrupt()?;
+
+    header(&format!("demo: echo servers on port {PORT}, then traffic"));
+    let _echo_a = server_a.serve(PORT)?;
+    let _echo_b = server_b.serve(PORT)?;
+    let cases: [(&Pod, &Pod, SocketAddr); 8] = [
+        (&client_a, &server_a, server_a.v4(PORT)),
+        (&client_a, &server_a, server_a.v6(PORT)),
+        (&client_a, &server_b, server_b.v4(PORT)),
+        (&client_a, &server_b, server_b.v6(PORT)),
+        (&client_b, &server_a, server_a.v4(PORT)),
+        (&client_b, &server_a, server_a.v6(PORT)),
+        (&outsider, &server_a, server_a.v4(PORT)),
+        (&outsider, &server_b, server_b.v6(PORT)),
+    ];
+    let mut connections = Vec::new();
+    for (from, to, dst) in cases {
+        check_interrupt()?;
+        let report = from
+            .connect(dst, options.bytes)
+            .with_context(|| format!("cannot run the client in {}", from.name()))?;
+        step(&format!(
+            "{} -> {dst}: {}",
+            from.name(),
+            if report.ok { "ok" } else { "failed" }
+        ));
+        connections.push(Connection {
+            from,
+            to,
+            dst,
+            report,
+        });
+    }
+
+    // Access-log lines are written when a connection closes: give the agents a moment.
+    let agents = [&agent_a, &agent_b];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut seen = via_agents(&agents, &connections);
+    while seen.iter().any(Vec::is_empty) && Instant::now() < deadline && !sigint::interrupted() {
+        std::thread::sleep(Duration::from_millis(100));
+        seen = via_agents(&agents, &connections);
+    }
+
+    header("demo: report");
+    let mut through = 0;
+    for (i, (c, via)) in connections.iter().zip(&seen).enumerate() {
+        let family = if c.dst.is_ipv4() { "IPv4" } else { "IPv6" };
+        let path = if c.from.node_name() == c.to.node_name() {
+            "same node"
+        } else {
+            "cross-node"
+        };
+        let source = if c.from.name() == outsider.name() {
+            format!("{} (not in the mesh)", c.from.name())
+        } else {
+            c.from.name().to_owned()
+        };
+        let outcome = if c.report.ok {
+            format!("{} bytes echoed", c.report.received)
+        } else {
+            format!(
+                "FAILED ({}: {}), {} of {} bytes echoed",
+                c.report
+                    .error_kind
+                    .as_deref()
+                    .unwrap_or("no error reported"),
+                c.report.error_message.as_deref().unwrap_or("").trim(),
+                c.report.received,
+                options.bytes
+            )
+        };
+        let via_text = if via.is_empty() {
+            "direct (no agent logged it)".to_owned()
+        } else {
+            through += 1;
+            format!("via {}", via.join(" -> "))
+        };
+        let src = c
+            .report
+            .local
+            .map_or_else(|| "?".to_owned(), |a| a.to_string());
+        eprintln!(
+            "  {:>2}. {source} {src} -> {} {} ({family}, {path}): {outcome}; {via_text}",
+            i + 1,
+            c.to.name(),
+            c.dst,
+        );
+    }
+    let failed = connections.iter().filter(|c| !c.report.ok).count();
+    eprintln!(
+        "\n  {} connections: {} ok, {failed} failed; {through} went through an agent",
+        connections.len(),
+        connections.len() - failed
+    );
+    for agent in agents {
+        // What the eBPF programs counted on this node, as an operator would read it.
+        let ctl = agent_bin.with_file_name("ambitctl");
+        let pin_path = bed
+            .node(agent.node())
+            .map(|n| n.bpf_pin_path().to_owned())
+            .unwrap_or_default();
+        match std::process::Command::new(&ctl)
+            .args(["bpf", "-o", "json", "--pin-path"])
+            .arg(&pin_path)
+            .output()
+        {
+            Ok(out) if out.status.success() => {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                eprintln!("  {} eBPF counters: {}", agent.node(), v["counters"]);
+            }
+            Ok(out) => eprintln!(
+                "  {}: ambitctl bpf failed: {}",
+                agent.node(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("  {}: cannot run {}: {e}", agent.node(), ctl.display()),
+        }
+    }
+
+    if options.hold {
+        header("demo: holding the cluster (Ctrl-C to tear down)");
+        for name in bed.netns_names() {
+            step(&format!("ip netns exec {name} <command>"));
+        }
+        while !sigint::interrupted() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    if options.keep_logs {
+        step(&format!(
+            "logs and configs kept in {}",
+            bed.tmp_dir().display()
+        ));
+    }
+    header("demo: tearing down");
+    Ok(())
+}
+
+/// A socket address from a log field, with IPv4-mapped IPv6 shown as IPv4.
+fn log_addr(line: &Value, field: &str) -> Option<SocketAddr> {
+    let addr: SocketAddr = log_field(line, field)?.as_str()?.parse().ok()?;
+    Some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+}
+
+/// For each connection, the agents (and directions) whose access log has it.
+fn via_agents(agents: &[&Agent], connections: &[Connection<'_>]) -> Vec<Vec<String>> {
+    let logs: Vec<(String, Vec<Value>)> = agents
+        .iter()
+        .map(|a| (a.node().to_owned(), a.access_logs()))
+        .collect();
+    connections
+        .iter()
+        .map(|c| match c.report.local {
+            Some(src) => matching_entries(&logs, src, c.dst),
+            None => Vec::new(),
+        })
+        .collect()
+}
+
+/// The access-log entries (per node) of the connection from `src` (the client's address and
+/// port) to `dst` (the address it dialed), described as `node direction (path)`.
+fn matching_entries(
+    logs: &[(String, Vec<Value>)],
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Vec<String> {
+    let mut via = Vec::new();
+    for (node, lines) in logs {
+        for line in lines {
+            let text = |f: &str| log_field(line, f).and_then(Value::as_str);
+            // The outbound hop logs the client's own address and port; the inbound hop on the
+            // destination node sees the connection the source node's agent opened (same client
+            // IP, the agent's own source port).
+            let logged_src = log_addr(line, "src.addr");
+            let same_src = match text("direction") {
+                Some("inbound") => logged_src.map(|a| a.ip()) == Some(src.ip()),
+                _ => logged_src == Some(src),
+            };
+            if !same_src || log_addr(line, "dst.addr") != Some(dst) {
+                continue;
+            }
+            let mut entry = format!("{node} {}", text("direction").unwrap_or("?"));
+            if let Some(path) = text("path") {
+                entry.push_str(&format!(" ({path})"));
+            }
+            if let Some(error) = text("error") {
+                entry.push_str(&format!(" error: {error}"));
+            }
+            via.push(entry);
+        }
+    }
+    // Hop order: the source node's outbound leg, then the destination node's inbound leg.
+    via.sort_by_key(|e| e.contains(" inbound"));
+    via
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn matches_access_log_by_client_and_original_destination() {
+        let logs = vec![
+            (
+                "node-a".to_owned(),
+                vec![
+                    json!({"target": "access", "direction": "outbound", "path": "hbone",
+                           "src.addr": "10.1.0.2:40000", "dst.addr": "10.2.0.3:8080"}),
+                    json!({"target": "access", "direction": "outbound",
+                           "src.addr": "10.1.0.2:40001", "dst.addr": "10.2.0.3:8080"}),
+                ],
+            ),
+            (
+                "node-b".to_owned(),
+                vec![json!({"target": "access", "direction": "inbound",
+                            "src.addr": "[::ffff:10.1.0.2]:40000", "dst.addr": "10.2.0.3:8080",
+                            "error": "denied"})],
+            ),
+        ];
+        let src: SocketAddr = "10.1.0.2:40000".parse().expect("addr");
+        let dst: SocketAddr = "10.2.0.3:8080".parse().expect("addr");
+        assert_eq!(
+            matching_entries(&logs, src, dst),
+            ["node-a outbound (hbone)", "node-b inbound error: denied"]
+        );
+        let other: SocketAddr = "10.1.0.2:9".parse().expect("addr");
+        assert!(matching_entries(&logs, other, dst).is_empty());
+    }
+}

@@ -1,0 +1,136 @@
+//! Shared helpers (running commands, workspace paths) and `cargo xtask test`.
+
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_owned()
+}
+
+/// The cargo target directory: `$CARGO_TARGET_DIR` or `<root>/target`.
+pub fn target_dir() -> PathBuf {
+    let root = workspace_root();
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir), // `join` keeps an absolute path as it is
+        None => root.join("target"),
+    }
+}
+
+/// Where the debug build puts binary `name`.
+pub fn debug_bin(name: &str) -> PathBuf {
+    target_dir().join("debug").join(name)
+}
+
+/// The cargo that runs us (`$CARGO`), or `cargo` from PATH.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+pub fn header(title: &str) {
+    eprintln!("\n==> {title}");
+}
+
+pub fn step(message: &str) {
+    eprintln!("    {message}");
+}
+
+pub fn command_line(cmd: &Command) -> String {
+    let mut line = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&arg.to_string_lossy());
+    }
+    line
+}
+
+/// Runs `cmd` with inherited stdio; fails with the command line if it does not succeed.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let line = command_line(cmd);
+    step(&format!("$ {line}"));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run `{line}`; is it installed and on PATH?"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `program args` quietly; `Some(stdout)` if it ran and succeeded.
+pub fn output_of<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Builds the agent and `ambit-testpod` (and the other host binaries) in the debug profile.
+pub fn build_bins() -> Result<()> {
+    header("build: cargo build --bins");
+    // The eBPF crate builds only for the bpf target (the agent's build.rs builds it).
+    run(cargo().args(["build", "--workspace", "--exclude", "ambit-ebpf", "--bins"]))
+        .context("the build failed; see the compiler output above")
+}
+
+/// `cargo xtask test [-- args]`.
+pub fn test(extra: &[String]) -> Result<ExitCode> {
+    crate::setup::run()?;
+    build_bins()?;
+    let agent = debug_bin("ambit-agent");
+    let testpod = debug_bin("ambit-testpod");
+    if is_root() {
+        let cleaned = ambit_testbed::cleanup_stale();
+        if !cleaned.is_empty() {
+            step(&format!(
+                "removed leftovers of crashed test beds: {cleaned:?}"
+            ));
+        }
+    }
+    let mut cmd = cargo();
+    cmd.arg("test");
+    // `-p` in the extra arguments picks packages itself; otherwise test the whole workspace
+    // except the eBPF crate, which builds only for the bpf target.
+    let picks_packages = extra
+        .iter()
+        .any(|a| a == "-p" || a == "--package" || a.starts_with("--package="));
+    if picks_packages {
+        header("test: cargo test");
+    } else {
+        header("test: cargo test --workspace");
+        cmd.args(["--workspace", "--exclude", "ambit-ebpf"]);
+    }
+    cmd.args(extra)
+        .env(ambit_testbed::AGENT_BIN_ENV, &agent)
+        .env(ambit_testbed::TESTPOD_BIN_ENV, &testpod);
+    step(&format!(
+        "$ {}={} {}={} {}",
+        ambit_testbed::AGENT_BIN_ENV,
+        agent.display(),
+        ambit_testbed::TESTPOD_BIN_ENV,
+        testpod.display(),
+        command_line(&cmd)
+    ));
+    let status = cmd
+        .status()
+        .context("cannot run cargo test; is cargo on PATH?")?;
+    if status.success() {
+        eprintln!("\nxtask test: all tests passed");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("\nxtask test: cargo test failed ({status}); see the failures above");
+        Ok(ExitCode::FAILURE)
+    }
+}
