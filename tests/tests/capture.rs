@@ -492,3 +492,90 @@ fn stopped_agent_fails_closed_drains_and_a_restart_takes_over() {
     let report = m.client.connect(dst, 1000).expect("run client");
     assert_echoed(&report, dst, 1000);
 }
+
+#[test]
+fn same_node_traffic_goes_through_outbound_and_inbound() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("create bed");
+    let node = bed.add_node("node-a").expect("add node");
+    let client = bed.add_pod(&node, "client").expect("add client");
+    let server = bed.add_pod(&node, "server").expect("add server");
+    let echo = server.serve(PORT).expect("echo server");
+    let mut config = bed.agent_config(&node);
+    config.enroll(&client).enroll(&server);
+    let agent = bed.start_agent(&config).expect("start agent");
+    for dst in [server.v4(PORT), server.v6(PORT)] {
+        let mark = agent.mark();
+        let report = client.connect(dst, 100_000).expect("run client");
+        assert_echoed(&report, dst, 100_000);
+        access_log(&agent, mark, "outbound", dst);
+        let inb = access_log(&agent, mark, "inbound", dst);
+        let src: SocketAddr = str_field(&inb, "src.addr")
+            .expect("src.addr")
+            .parse()
+            .expect("addr");
+        assert_eq!(src.ip(), ip_of(&client, dst), "{inb}");
+    }
+    let peers = echo.wait_for_accepts(2, WAIT).expect("two accepts");
+    assert_eq!(peers[0].ip(), IpAddr::from(client.ipv4()));
+    assert_eq!(peers[1].ip(), IpAddr::from(client.ipv6()));
+}
+
+#[test]
+fn node_addresses_and_excluded_ports_pass_uncaptured_and_follow_reloads() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let mut m = mesh();
+    let dst = m.server.v4(PORT);
+    let steered = |m: &Mesh| counter(&bpf_counters(&m.node_b), "inbound_steered");
+    let redirected = |m: &Mesh| counter(&bpf_counters(&m.node_a), "connect4_redirected");
+
+    // The outsider plays the kubelet: connections from a node address reach the app directly.
+    m.config_b.node_addresses = vec![m.outsider.ipv4().into()];
+    m.agent_b.reload(&m.config_b).expect("reload node-b");
+    let before = steered(&m);
+    assert_echoed(&m.outsider.connect(dst, 100).expect("run client"), dst, 100);
+    assert_eq!(steered(&m), before, "a node address is not steered");
+
+    // An excluded inbound port is not steered either; other ports still are.
+    m.config_b.node_addresses.clear();
+    m.config_b.inbound_excluded_ports = vec![PORT];
+    m.agent_b.reload(&m.config_b).expect("reload node-b");
+    assert_echoed(&m.outsider.connect(dst, 100).expect("run client"), dst, 100);
+    assert_eq!(
+        steered(&m),
+        before,
+        "an excluded inbound port is not steered"
+    );
+    m.config_b.inbound_excluded_ports.clear();
+    m.agent_b.reload(&m.config_b).expect("reload node-b");
+    assert_echoed(&m.outsider.connect(dst, 100).expect("run client"), dst, 100);
+    assert_eq!(
+        steered(&m),
+        before + 1,
+        "steered again once the exclusion is gone"
+    );
+
+    // An excluded outbound port is not redirected. This reload is a plain file change (no
+    // SIGHUP): the agent notices it by itself.
+    let mark = m.agent_a.mark();
+    m.config_a.outbound_excluded_ports = vec![PORT];
+    m.config_a
+        .write_to(m.agent_a.config_path())
+        .expect("write config");
+    m.agent_a
+        .wait_for_log_after(mark, |v| log_message(v) == Some("config applied"), WAIT)
+        .expect("file change picked up without a signal");
+    let before = redirected(&m);
+    let report = m.client.connect(dst, 100).expect("run client");
+    assert_echoed(&report, dst, 100);
+    assert_eq!(report.peer, Some(dst));
+    assert_eq!(
+        redirected(&m),
+        before,
+        "an excluded outbound port is not redirected"
+    );
+}

@@ -26,9 +26,10 @@ enum Command {
     /// Reads the pinned maps under the agent's bpffs directory (needs root). Works while the
     /// agent is stopped, which is when enrolled pods fail closed.
     Bpf {
-        /// The agent's bpffs pin directory (`bpfPinPath` in its config).
-        #[arg(long, default_value = "/sys/fs/bpf/ambit", conflicts_with = "node")]
-        pin_path: PathBuf,
+        /// The agent's bpffs pin directory (`bpfPinPath` in its config). Default: the only node
+        /// under /sys/fs/bpf/ambit.
+        #[arg(long, conflicts_with = "node")]
+        pin_path: Option<PathBuf>,
         /// Node name: shorthand for `--pin-path /sys/fs/bpf/ambit/<node>`.
         #[arg(long)]
         node: Option<String>,
@@ -55,12 +56,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node,
             output,
         } => {
-            let pin_path = match node {
-                Some(n) => PathBuf::from(ambit_agent::config::DEFAULT_BPF_PIN_ROOT).join(n),
-                None => pin_path,
+            let root = PathBuf::from(ambit_agent::config::DEFAULT_BPF_PIN_ROOT);
+            let pin_path = match (node, pin_path) {
+                (Some(n), _) => root.join(n),
+                (None, Some(p)) => p,
+                (None, None) => only_node_under(&root)?,
             };
             bpf(&pin_path, &output)
         }
+    }
+}
+
+/// The single node directory under the default pin root, or an error that lists the choices.
+fn only_node_under(root: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let nodes: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read {}: {e} (is the agent installed on this node? pass --pin-path)",
+                root.display()
+            )
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    match nodes.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => anyhow::bail!(
+            "no agent state under {} (is the agent running on this node?)",
+            root.display()
+        ),
+        many => anyhow::bail!(
+            "several agents' state under {}: {}; pick one with --node or --pin-path",
+            root.display(),
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
