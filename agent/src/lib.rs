@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod config;
+pub mod identity;
 pub mod proxy;
 pub mod redirect;
 pub mod telemetry;
