@@ -19,10 +19,21 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
+use arc_swap::ArcSwapOption;
+
 use crate::{
-    config::{Config, Pod},
+    config::{CaConfig, Config, Pod},
+    identity::{
+        CaClient,
+        builtin::BuiltinCa,
+        istio::{IstioCa, IstioCaConfig},
+        manager::CertManager,
+    },
     proxy::{self, PodInfo, PodListeners, ProxyContext},
     redirect::{self, CaptureOptions, Netns, Redirect, routing},
+    state::{Snapshot, Workloads},
+    tls::{self, CertResolver, TrustRoots},
+    tunnel::client::Pool,
 };
 
 /// How often the config file is checked for changes (SIGHUP applies at once).
@@ -45,9 +56,22 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     let shutdown = CancellationToken::new();
     control_tasks.spawn(forward_bpf_logs(bpf_logs, shutdown.clone()));
 
+    let (ca, roots) = build_ca(&config)?;
+    info!(ca = %ca.describe(), trust_domain = %config.trust_domain, "certificate authority configured");
+    let certs = CertManager::new(ca, config.cert_lifetime);
+    let pool = Pool::new(
+        config.hbone.max_streams_per_connection,
+        config.hbone.idle_timeout,
+    );
+    control_tasks.spawn(pool.clone().run_reaper(shutdown.clone()));
     let ctx = Arc::new(ProxyContext {
         orig_dst,
         connections: TaskTracker::new(),
+        workloads: Workloads::default(),
+        certs: certs.clone(),
+        roots,
+        pool,
+        trust_domain: config.trust_domain.clone(),
     });
     let mut pods = PodManager {
         redirect,
@@ -112,6 +136,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         );
     }
     shutdown.cancel();
+    certs.shutdown().await;
     control_tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), control_tasks.wait()).await;
     info!(
@@ -129,6 +154,15 @@ fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
         ("node", new.node != old.node),
         ("cgroup", new.cgroup != old.cgroup),
         ("bpfPinPath", new.bpf_pin_path != old.bpf_pin_path),
+        ("trustDomain", new.trust_domain != old.trust_domain),
+        ("stateDir", new.state_dir != old.state_dir),
+        ("ca", new.ca != old.ca),
+        ("trustRoots", new.trust_roots != old.trust_roots),
+        (
+            "certLifetimeSeconds",
+            new.cert_lifetime != old.cert_lifetime,
+        ),
+        ("hbone", new.hbone != old.hbone),
     ] {
         if changed {
             anyhow::bail!(
@@ -179,6 +213,11 @@ struct PodManager {
 
 impl PodManager {
     fn apply(&mut self, config: &Config) -> anyhow::Result<()> {
+        // Workloads and identities first: a pod enrolled below can tunnel at once.
+        self.ctx.workloads.replace(Snapshot::from_config(config));
+        self.ctx
+            .certs
+            .set_identities(config.enrolled_pods().map(|p| p.identity.clone()));
         self.redirect
             .set_options(&CaptureOptions {
                 node_addresses: &config.node_addresses,
@@ -255,11 +294,17 @@ impl PodManager {
         let cookie = netns.cookie();
         let info = Arc::new(PodInfo {
             key: key.clone(),
-            service_account: pod.service_account.clone(),
+            identity: pod.identity.clone(),
             ips: pod.ips.clone(),
             netns,
+            hbone_tls: ArcSwapOption::empty(),
         });
         let cancel = CancellationToken::new();
+        self.listeners.spawn(follow_pod_cert(
+            self.ctx.clone(),
+            info.clone(),
+            cancel.clone(),
+        ));
         if let Err(e) = proxy::serve_pod(
             self.ctx.clone(),
             info.clone(),
@@ -306,6 +351,84 @@ impl PodManager {
     }
 }
 
+/// Keeps a pod's HBONE server certificate current: built when the identity's first certificate
+/// arrives, updated in place on every rotation (new handshakes get the new one at once).
+async fn follow_pod_cert(ctx: Arc<ProxyContext>, pod: Arc<PodInfo>, cancel: CancellationToken) {
+    let Some(mut updates) = ctx.certs.subscribe(&pod.identity) else {
+        error!(pod = %pod.key, identity = %pod.identity, "BUG: identity not registered with the certificate manager");
+        return;
+    };
+    let mut resolver: Option<Arc<CertResolver>> = None;
+    loop {
+        let cert = updates.borrow_and_update().clone();
+        if let Some(cert) = cert {
+            let result = match &resolver {
+                Some(r) => r.update(&cert),
+                None => CertResolver::new(&cert).and_then(|r| {
+                    let r = Arc::new(r);
+                    let config = tls::server_config(r.clone(), &ctx.roots, &ctx.trust_domain)?;
+                    pod.hbone_tls.store(Some(config));
+                    resolver = Some(r);
+                    Ok(())
+                }),
+            };
+            if let Err(e) = result {
+                error!(pod = %pod.key, identity = %pod.identity, error = %e, "cannot use the pod's new certificate");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = updates.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// The configured certificate authority and the mesh's trust anchors.
+fn build_ca(config: &Config) -> anyhow::Result<(Arc<dyn CaClient>, TrustRoots)> {
+    let configured_roots =
+        |default: &dyn Fn() -> anyhow::Result<TrustRoots>| match &config.trust_roots {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("cannot read trustRoots {}", path.display()))?;
+                Ok(TrustRoots::from_pem(&pem)?)
+            }
+            None => default(),
+        };
+    match &config.ca {
+        CaConfig::Builtin {
+            dir,
+            cert_file,
+            key_file,
+        } => {
+            let ca = match (cert_file, key_file) {
+                (Some(cert), Some(key)) => BuiltinCa::from_files(cert, key)?,
+                _ => BuiltinCa::load_or_create(dir, &config.trust_domain)?,
+            };
+            let roots = configured_roots(&|| Ok(TrustRoots::new(vec![ca.root_cert()])?))?;
+            Ok((Arc::new(ca), roots))
+        }
+        CaConfig::Istio {
+            address,
+            root_cert,
+            token_path,
+            cluster_id,
+        } => {
+            let pem = std::fs::read(root_cert).with_context(|| {
+                format!("cannot read ca.istio.rootCert {}", root_cert.display())
+            })?;
+            let roots = configured_roots(&|| Ok(TrustRoots::from_pem(&pem)?))?;
+            let ca = IstioCa::new(IstioCaConfig {
+                address: address.clone(),
+                root_cert_pem: pem.clone(),
+                token_path: token_path.clone(),
+                cluster_id: cluster_id.clone(),
+                server_name: None,
+            })?;
+            Ok((Arc::new(ca), roots))
+        }
+    }
+}
+
 /// `ambit-agent cleanup`: removes this node's pinned eBPF state and the pods' return routes.
 pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
@@ -324,4 +447,86 @@ pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
         "eBPF capture state removed; pods of this node are no longer captured"
     );
     Ok(())
+}
+
+/// `ambit-agent ca-server`: Istio's CA API (`IstioCertificateService/CreateCertificate`) backed
+/// by the built-in CA, for standalone meshes of several nodes and for tests. The CA's root goes
+/// to `<dir>/ca-cert.pem` (the mesh trust anchor); the server's own TLS certificate, self-signed
+/// for the listen address, to `<dir>/server-cert.pem` (the `ca.istio.rootCert` of agents).
+pub async fn run_ca_server(
+    dir: PathBuf,
+    trust_domain: String,
+    listen: std::net::SocketAddr,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    let ca = BuiltinCa::load_or_create(&dir, &trust_domain)?;
+    let mut names = vec!["localhost".to_owned(), "ambit-ca".to_owned()];
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    // The serving certificate is kept across restarts: agents pin it as the CA's TLS root.
+    let cert_path = dir.join("server-cert.pem");
+    let key_path = dir.join("server-key.pem");
+    let (cert_pem, key_pem) = match (
+        std::fs::read_to_string(&cert_path),
+        std::fs::read_to_string(&key_path),
+    ) {
+        (Ok(c), Ok(k)) => (c, k),
+        _ => {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .context("cannot generate the CA server's key")?;
+            let cert = rcgen::CertificateParams::new(names)
+                .and_then(|p| p.self_signed(&key))
+                .context("cannot make the CA server's certificate")?;
+            write_private(&key_path, key.serialize_pem().as_bytes())?;
+            std::fs::write(&cert_path, cert.pem())
+                .with_context(|| format!("cannot write {}", cert_path.display()))?;
+            (cert.pem(), key.serialize_pem())
+        }
+    };
+    let cert = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .next()
+        .and_then(Result::ok)
+        .with_context(|| format!("no certificate in {}", cert_path.display()))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .ok()
+        .flatten()
+        .with_context(|| format!("no private key in {}", key_path.display()))?;
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .context("BUG: TLS 1.3 unsupported by the provider")?
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .context("cannot use the CA server's certificate")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    info!(%listen, root = %dir.join("ca-cert.pem").display(), server_cert = %cert_path.display(), "CA server ready");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    };
+    crate::identity::ca_server::serve(listener, Arc::new(tls), Arc::new(ca), token, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents)
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -14,6 +14,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::Identity;
+
 /// Default root of the agent's pinned eBPF state; the node name is appended.
 pub const DEFAULT_BPF_PIN_ROOT: &str = "/sys/fs/bpf/ambit";
 
@@ -66,6 +68,57 @@ impl fmt::Display for NetnsRef {
     }
 }
 
+/// Where workload certificates come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CaConfig {
+    /// The agent's own CA (standalone mode). The root is read from `certFile`/`keyFile` if given,
+    /// else from (or generated into) `dir`.
+    Builtin {
+        dir: PathBuf,
+        cert_file: Option<PathBuf>,
+        key_file: Option<PathBuf>,
+    },
+    /// Istio's CA API (`istio.v1.auth.IstioCertificateService`), e.g. istiod on port 15012.
+    Istio {
+        /// `https://host:port`.
+        address: String,
+        /// PEM root that signs the CA server's TLS certificate.
+        root_cert: PathBuf,
+        /// Bearer token file, re-read for every request.
+        token_path: Option<PathBuf>,
+        /// Sent as `clusterid` metadata.
+        cluster_id: Option<String>,
+    },
+}
+
+/// HBONE tunnel tuning.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HboneConfig {
+    /// Streams one pooled HTTP/2 connection carries before another is opened. Default 100.
+    pub max_streams_per_connection: usize,
+    /// A pooled connection without streams for this long is closed. Default 60 s.
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
+}
+
+/// A workload on another node (standalone mode): where HBONE applies and which identity it must
+/// present. The xDS source fills the same state from a control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Peer {
+    pub namespace: String,
+    pub name: Option<String>,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    /// Whether it is reached through HBONE (its node runs a mesh agent). Default `true`.
+    pub hbone: bool,
+    /// Its SPIFFE identity: `identity` from the config if given, else built from the trust
+    /// domain, namespace and service account.
+    pub identity: Identity,
+}
+
 /// A pod on this node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -82,8 +135,10 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     /// The pod's network namespace.
     pub netns: NetnsRef,
-    /// Whether the pod's traffic is captured. Default `true`.
+    /// Whether the pod's traffic is captured (and it speaks HBONE). Default `true`.
     pub enrolled: bool,
+    /// Its SPIFFE identity (from trust domain, namespace and service account).
+    pub identity: Identity,
 }
 
 impl Pod {
@@ -114,8 +169,23 @@ pub struct Config {
     /// How long a shutdown waits for open connections to finish.
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
+    /// The mesh's trust domain. Default `cluster.local`.
+    pub trust_domain: String,
+    /// Where the agent keeps state (the built-in CA's root). Default `/var/lib/ambit`.
+    pub state_dir: PathBuf,
+    /// Certificate authority for workload certificates.
+    pub ca: CaConfig,
+    /// PEM bundle of the mesh's trust anchors. Default: the built-in CA's root, or the Istio CA's
+    /// `rootCert`.
+    pub trust_roots: Option<PathBuf>,
+    /// Requested lifetime of workload certificates. Default 24 h.
+    #[serde(with = "secs")]
+    pub cert_lifetime: Duration,
+    pub hbone: HboneConfig,
     /// Pods on this node.
     pub pods: Vec<Pod>,
+    /// Workloads on other nodes.
+    pub peers: Vec<Peer>,
 }
 
 mod secs {
@@ -174,7 +244,76 @@ struct RawConfig {
     #[serde(default)]
     drain_timeout_seconds: Option<f64>,
     #[serde(default)]
+    trust_domain: Option<String>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    ca: Option<RawCa>,
+    #[serde(default)]
+    trust_roots: Option<PathBuf>,
+    #[serde(default)]
+    cert_lifetime_seconds: Option<u64>,
+    #[serde(default)]
+    hbone: RawHbone,
+    #[serde(default)]
     pods: Vec<RawPod>,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCa {
+    #[serde(default)]
+    builtin: Option<RawBuiltinCa>,
+    #[serde(default)]
+    istio: Option<RawIstioCa>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawBuiltinCa {
+    #[serde(default)]
+    dir: Option<PathBuf>,
+    #[serde(default)]
+    cert_file: Option<PathBuf>,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawIstioCa {
+    address: String,
+    root_cert: PathBuf,
+    #[serde(default)]
+    token_path: Option<PathBuf>,
+    #[serde(default)]
+    cluster_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawHbone {
+    #[serde(default)]
+    max_streams_per_connection: Option<usize>,
+    #[serde(default)]
+    idle_timeout_seconds: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPeer {
+    namespace: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default = "default_service_account")]
+    service_account: String,
+    ips: Vec<IpAddr>,
+    #[serde(default = "default_true")]
+    hbone: bool,
+    #[serde(default)]
+    identity: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +430,98 @@ impl RawConfig {
             }
         };
 
+        let trust_domain = self
+            .trust_domain
+            .unwrap_or_else(|| "cluster.local".to_owned());
+        // Validates the trust domain with the identity rules.
+        Identity::new(trust_domain.clone(), "default", "default")
+            .map_err(|e| invalid("trustDomain".into(), e.to_string()))?;
+        let state_dir = self
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/ambit"));
+        let ca = match self.ca {
+            None => CaConfig::Builtin {
+                dir: state_dir.join("ca"),
+                cert_file: None,
+                key_file: None,
+            },
+            Some(RawCa {
+                builtin: Some(_),
+                istio: Some(_),
+            }) => {
+                return Err(invalid(
+                    "ca".into(),
+                    "give either builtin or istio, not both".into(),
+                ));
+            }
+            Some(RawCa { istio: Some(i), .. }) => {
+                if !(i.address.starts_with("https://")) {
+                    return Err(invalid(
+                        "ca.istio.address".into(),
+                        format!(
+                            "{:?} must be an https:// URL (the CA is only spoken to over TLS)",
+                            i.address
+                        ),
+                    ));
+                }
+                CaConfig::Istio {
+                    address: i.address,
+                    root_cert: i.root_cert,
+                    token_path: i.token_path,
+                    cluster_id: i.cluster_id,
+                }
+            }
+            Some(RawCa { builtin, .. }) => {
+                let b = builtin.unwrap_or_default();
+                if b.cert_file.is_some() != b.key_file.is_some() {
+                    return Err(invalid(
+                        "ca.builtin".into(),
+                        "certFile and keyFile go together".into(),
+                    ));
+                }
+                CaConfig::Builtin {
+                    dir: b.dir.unwrap_or_else(|| state_dir.join("ca")),
+                    cert_file: b.cert_file,
+                    key_file: b.key_file,
+                }
+            }
+        };
+        let cert_lifetime = match self.cert_lifetime_seconds {
+            None => Duration::from_secs(24 * 3600),
+            Some(s) if (2..=365 * 24 * 3600).contains(&s) => Duration::from_secs(s),
+            Some(s) => {
+                return Err(invalid(
+                    "certLifetimeSeconds".into(),
+                    format!("{s} is not between 2 and one year"),
+                ));
+            }
+        };
+        let hbone = HboneConfig {
+            max_streams_per_connection: match self.hbone.max_streams_per_connection {
+                None => 100,
+                Some(0) => {
+                    return Err(invalid(
+                        "hbone.maxStreamsPerConnection".into(),
+                        "must be at least 1".into(),
+                    ));
+                }
+                Some(n) => n,
+            },
+            idle_timeout: match self.hbone.idle_timeout_seconds {
+                None => Duration::from_secs(60),
+                Some(s) if s.is_finite() && s > 0.0 && s <= 86400.0 => Duration::from_secs_f64(s),
+                Some(s) => {
+                    return Err(invalid(
+                        "hbone.idleTimeoutSeconds".into(),
+                        format!("{s} is not between 0 and 86400"),
+                    ));
+                }
+            },
+        };
+        let identity_of = |field: String, ns: &str, sa: &str| {
+            Identity::new(trust_domain.clone(), ns, sa).map_err(|e| invalid(field, e.to_string()))
+        };
+
         let mut pods = Vec::with_capacity(self.pods.len());
         let mut keys = HashSet::new();
         let mut ips = HashSet::new();
@@ -358,7 +589,9 @@ impl RawConfig {
                     ));
                 }
             };
+            let identity = identity_of(field("serviceAccount"), &p.namespace, &p.service_account)?;
             let pod = Pod {
+                identity,
                 namespace: p.namespace,
                 name: p.name,
                 uid: p.uid,
@@ -376,7 +609,51 @@ impl RawConfig {
             pods.push(pod);
         }
 
+        let mut peers = Vec::with_capacity(self.peers.len());
+        for (i, p) in self.peers.into_iter().enumerate() {
+            let field = |name: &str| format!("peers[{i}].{name}");
+            if !is_dns_label(&p.namespace) {
+                return Err(invalid(
+                    field("namespace"),
+                    format!("{:?} is not a valid namespace name", p.namespace),
+                ));
+            }
+            if p.ips.is_empty() {
+                return Err(invalid(field("ips"), "a peer needs at least one IP".into()));
+            }
+            for (j, ip) in p.ips.iter().enumerate() {
+                if !ips.insert(*ip) {
+                    return Err(invalid(
+                        format!("peers[{i}].ips[{j}]"),
+                        format!("{ip} is already the IP of another pod or peer"),
+                    ));
+                }
+            }
+            let identity = match &p.identity {
+                // Pinned, e.g. a workload of another trust domain.
+                Some(id) => id
+                    .parse::<Identity>()
+                    .map_err(|e| invalid(field("identity"), e.to_string()))?,
+                None => identity_of(field("serviceAccount"), &p.namespace, &p.service_account)?,
+            };
+            peers.push(Peer {
+                namespace: p.namespace,
+                name: p.name,
+                service_account: p.service_account,
+                ips: p.ips,
+                hbone: p.hbone,
+                identity,
+            });
+        }
+
         Ok(Config {
+            trust_domain,
+            state_dir,
+            ca,
+            trust_roots: self.trust_roots,
+            cert_lifetime,
+            hbone,
+            peers,
             node: self.node,
             cgroup: self.cgroup,
             bpf_pin_path,

@@ -12,4 +12,7 @@ pub mod config;
 pub mod identity;
 pub mod proxy;
 pub mod redirect;
+pub mod state;
 pub mod telemetry;
+pub mod tls;
+pub mod tunnel;

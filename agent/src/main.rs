@@ -47,6 +47,26 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Serve Istio's CA API from a built-in CA (for standalone meshes of several nodes).
+    ///
+    /// Agents point `ca.istio.address` at it, with `ca.istio.rootCert: <dir>/server-cert.pem`
+    /// and `trustRoots: <dir>/ca-cert.pem`.
+    CaServer {
+        /// Where the CA's root certificate and key live (created on first start).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:15012")]
+        listen: std::net::SocketAddr,
+        /// Bearer token clients must present.
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        /// File holding the bearer token clients must present.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// Remove this node's pinned eBPF programs and maps: every pod of the node is released and
     /// its traffic flows directly. Use when uninstalling; a running agent must be stopped first.
     Cleanup {
@@ -90,5 +110,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup { config } => app::cleanup(&config),
+        Command::CaServer {
+            dir,
+            trust_domain,
+            listen,
+            token,
+            token_file,
+        } => {
+            let token = match token_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => token,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(app::run_ca_server(dir, trust_domain, listen, token))
+        }
     }
 }

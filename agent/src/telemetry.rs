@@ -6,7 +6,8 @@
 //! the same way.
 //!
 //! The access log is one event per finished connection on target `access`, with stable field
-//! names: `direction`, `src.addr`, `dst.addr`, `src.workload`, `dst.workload`, `path`,
+//! names: `direction`, `src.addr`, `dst.addr`, `src.workload`, `dst.workload`, `src.identity`,
+//! `dst.identity` (SPIFFE ids, when known), `path` (`hbone` or `passthrough`),
 //! `bytes_sent` (source to destination), `bytes_received` (destination to source), `duration_ms`,
 //! and on failure `error` and `fault` (`downstream` or `upstream`).
 
@@ -15,9 +16,12 @@ use std::{net::SocketAddr, time::Instant};
 use tracing::{info, level_filters::LevelFilter};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
-use crate::proxy::{
-    Direction,
-    copy::{ByteCounts, Side},
+use crate::{
+    identity::Identity,
+    proxy::{
+        Direction,
+        copy::{ByteCounts, Side},
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -67,12 +71,15 @@ pub fn ebpf_log_level(max: LevelFilter) -> u8 {
 pub enum Path {
     /// Plaintext, agent to destination directly.
     Passthrough,
+    /// Inside an HBONE tunnel (mutual TLS).
+    Hbone,
 }
 
 impl Path {
     pub fn as_str(self) -> &'static str {
         match self {
             Path::Passthrough => "passthrough",
+            Path::Hbone => "hbone",
         }
     }
 }
@@ -84,6 +91,8 @@ pub struct AccessLog<'a> {
     pub dst: Option<SocketAddr>,
     pub src_workload: Option<&'a str>,
     pub dst_workload: Option<&'a str>,
+    pub src_identity: Option<&'a Identity>,
+    pub dst_identity: Option<&'a Identity>,
     pub path: Path,
     pub counts: &'a ByteCounts,
     pub start: Instant,
@@ -106,6 +115,8 @@ impl AccessLog<'_> {
             dst.addr = dst,
             src.workload = self.src_workload,
             dst.workload = self.dst_workload,
+            src.identity = self.src_identity.map(tracing::field::display),
+            dst.identity = self.dst_identity.map(tracing::field::display),
             path = self.path.as_str(),
             bytes_sent = self.counts.sent(),
             bytes_received = self.counts.received(),

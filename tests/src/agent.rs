@@ -52,9 +52,25 @@ pub struct AgentConfig {
     /// How long a shutdown waits for open connections (agent default when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout_seconds: Option<f64>,
+    /// Where the agent keeps state: a directory of the bed's, never the host's /var/lib/ambit.
+    pub state_dir: PathBuf,
+    /// The CA: by default the built-in one, with its root in a directory shared by all agents of
+    /// the bed (so every node of the bed trusts the others).
+    pub ca: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_roots: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_lifetime_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hbone: Option<Value>,
     /// The node's pods.
     #[serde(default)]
     pub pods: Vec<PodConfig>,
+    /// Workloads on other nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
     /// Further top-level keys, written as they are (for config the bed does not model yet).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, Value>,
@@ -88,9 +104,31 @@ impl PodConfig {
     }
 }
 
+/// A `peers` entry of [`AgentConfig`]: a workload on another node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerConfig {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    /// Reached through HBONE.
+    pub hbone: bool,
+    /// A SPIFFE id to expect instead of the one derived from the agent's trust domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
 impl AgentConfig {
-    pub(crate) fn for_node(node: &NodeInfo) -> AgentConfig {
+    pub(crate) fn for_node(node: &NodeInfo, bed_tmp: &Path) -> AgentConfig {
         AgentConfig {
+            state_dir: bed_tmp.join(format!("state-{}", node.name)),
+            ca: serde_json::json!({ "builtin": { "dir": bed_tmp.join("ca") } }),
+            trust_domain: None,
+            trust_roots: None,
+            cert_lifetime_seconds: None,
+            hbone: None,
+            peers: Vec::new(),
             node: node.name.clone(),
             cgroup: node.cgroup_rel.clone(),
             bpf_pin_path: node.pin_path.clone(),
@@ -119,6 +157,27 @@ impl AgentConfig {
             Some(existing) => *existing = entry,
             None => self.pods.push(entry),
         }
+        self
+    }
+
+    /// Adds `pod` (on another node) as a peer reached through HBONE, with its own identity.
+    pub fn add_peer(&mut self, pod: &Pod) -> &mut Self {
+        self.add_peer_as(pod, pod.service_account(), true)
+    }
+
+    /// Adds `pod` as a peer expected to have `service_account`'s identity (to test identity
+    /// mismatches) and reached through HBONE or not.
+    pub fn add_peer_as(&mut self, pod: &Pod, service_account: &str, hbone: bool) -> &mut Self {
+        self.peers
+            .retain(|p| !(p.namespace == pod.namespace() && p.name == pod.name()));
+        self.peers.push(PeerConfig {
+            namespace: pod.namespace().to_owned(),
+            name: pod.name().to_owned(),
+            service_account: service_account.to_owned(),
+            ips: pod.ips(),
+            hbone,
+            identity: None,
+        });
         self
     }
 
@@ -196,7 +255,10 @@ pub(crate) fn start(shared: &Shared, node: &NodeInfo, config: &AgentConfig) -> R
         .arg("--config")
         .arg(&config_path)
         .args(["--log-format", "json"])
-        .env("AMBIT_LOG", "debug,aya=info,aya_obj=info")
+        .env(
+            "AMBIT_LOG",
+            "debug,aya=info,aya_obj=info,rustls=info,tonic=info,h2=info,hyper=info,hyper_util=info,tower=info",
+        )
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
@@ -486,8 +548,17 @@ mod tests {
                 enrolled: true,
             }],
             extra: serde_json::Map::new(),
+            state_dir: "/tmp/x/state-node-a".into(),
+            ca: serde_json::json!({"builtin": {"dir": "/tmp/x/ca"}}),
+            trust_domain: None,
+            trust_roots: None,
+            cert_lifetime_seconds: None,
+            hbone: None,
+            peers: Vec::new(),
         };
         let v: Value = serde_json::from_str(&cfg.to_json()).expect("json");
+        assert_eq!(v["ca"]["builtin"]["dir"], "/tmp/x/ca");
+        assert!(v.get("peers").is_none());
         assert_eq!(v["bpfPinPath"], "/sys/fs/bpf/ambit-test-1/node-a");
         assert_eq!(v["outboundExcludedPorts"][0], 22);
         assert!(v.get("nodeAddresses").is_none());

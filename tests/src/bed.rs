@@ -662,7 +662,7 @@ impl TestBed {
         let info = self.shared.node(name).unwrap_or_else(|| {
             panic!("agent_config: this bed has no node named {name:?}; add it with add_node first")
         });
-        AgentConfig::for_node(&info)
+        AgentConfig::for_node(&info, self.tmp_dir())
     }
 
     /// Starts `ambit-agent run` for `config.node`, inside the node's netns and its `agent` cgroup

@@ -41,7 +41,7 @@ mod workload;
 
 use std::time::Duration;
 
-pub use agent::{Agent, AgentConfig, LogMark, PodConfig};
+pub use agent::{Agent, AgentConfig, LogMark, PeerConfig, PodConfig};
 pub use bed::{KEEP_TMP_ENV, Node, NodeName, Pod, TestBed, cleanup_stale};
 pub use binaries::{
     AGENT_BIN_ENV, CTL_BIN_ENV, TESTPOD_BIN_ENV, agent as agent_bin, ambitctl as ambitctl_bin,

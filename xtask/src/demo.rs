@@ -113,8 +113,11 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         .enroll(&client_a)
         .enroll(&server_a)
         .add_pod(&outsider, false);
+    // Each node knows the other's mesh pods: where HBONE applies and which identity to expect.
+    config_a.add_peer(&client_b).add_peer(&server_b);
     let mut config_b = bed.agent_config(&node_b);
     config_b.enroll(&client_b).enroll(&server_b);
+    config_b.add_peer(&client_a).add_peer(&server_a);
 
     eprintln!(
         "    {:<10} {:<8} {:<12} {:<14} in the mesh",
@@ -165,8 +168,15 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         (&outsider, &server_a, server_a.v4(PORT)),
         (&outsider, &server_b, server_b.v6(PORT)),
     ];
+    // Watch the link between the nodes while the traffic runs.
+    // Only while the mesh pods talk (cases 1-6); the outsider is plaintext by design.
+    let mut capture = Capture::start(&bed, &node_a);
+    let mut wire = None;
     let mut connections = Vec::new();
-    for (from, to, dst) in cases {
+    for (i, (from, to, dst)) in cases.into_iter().enumerate() {
+        if i == 6 {
+            wire = capture.take().and_then(Capture::stop);
+        }
         check_interrupt()?;
         let report = from
             .connect(dst, options.bytes)
@@ -269,6 +279,17 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         }
     }
 
+    match wire {
+        Some(w) => eprintln!(
+            "\n  mesh traffic (1-6) on the wire between the nodes (node-a eth0): {} packets to/from \
+             port 15008 (TLS), {} to/from port 8080; payload bytes seen in clear: {}",
+            w.hbone_packets,
+            w.plaintext_packets,
+            if w.payload_visible { "YES" } else { "none" }
+        ),
+        None => eprintln!("\n  (no packet capture: tcpdump unavailable)"),
+    }
+
     if options.hold {
         header("demo: holding the cluster (Ctrl-C to tear down)");
         for name in bed.netns_names() {
@@ -332,8 +353,18 @@ fn matching_entries(
                 continue;
             }
             let mut entry = format!("{node} {}", text("direction").unwrap_or("?"));
-            if let Some(path) = text("path") {
-                entry.push_str(&format!(" ({path})"));
+            match (text("path"), text("direction")) {
+                (Some("hbone"), Some("outbound")) => entry.push_str(&format!(
+                    " (HBONE mTLS as {}, verified {})",
+                    text("src.identity").unwrap_or("?"),
+                    text("dst.identity").unwrap_or("?")
+                )),
+                (Some("hbone"), _) => entry.push_str(&format!(
+                    " (HBONE mTLS from {})",
+                    text("src.identity").unwrap_or("?")
+                )),
+                (Some(path), _) => entry.push_str(&format!(" ({path})")),
+                (None, _) => {}
             }
             if let Some(error) = text("error") {
                 entry.push_str(&format!(" error: {error}"));
@@ -344,6 +375,58 @@ fn matching_entries(
     // Hop order: the source node's outbound leg, then the destination node's inbound leg.
     via.sort_by_key(|e| e.contains(" inbound"));
     via
+}
+
+/// A tcpdump capture on a node's underlay link, to show what crosses between nodes.
+struct Capture {
+    process: ambit_testbed::Process,
+    file: std::path::PathBuf,
+}
+
+/// What the capture saw.
+struct Wire {
+    hbone_packets: usize,
+    plaintext_packets: usize,
+    payload_visible: bool,
+}
+
+impl Capture {
+    fn start(bed: &TestBed, node: &ambit_testbed::Node) -> Option<Capture> {
+        let file = bed.tmp_dir().join(format!("{}.pcap", node.name()));
+        let mut cmd = node.command("tcpdump");
+        cmd.args(["-i", "eth0", "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let process = bed.spawn(&mut cmd).ok()?;
+        let mut stderr = process.take_stderr()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut stderr), &mut line).ok()?;
+        line.contains("listening")
+            .then_some(Capture { process, file })
+    }
+
+    fn stop(self) -> Option<Wire> {
+        self.process.signal(nix::sys::signal::Signal::SIGINT).ok()?;
+        let _ = self.process.wait_timeout(Duration::from_secs(5));
+        let raw = std::fs::read(&self.file).ok()?;
+        let out = std::process::Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&self.file)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // The test workload's bytes: byte i is (i * 31 + 7) % 251.
+        let payload: Vec<u8> = (1000u64..1064)
+            .map(|i| ((i * 31 + 7) % 251) as u8)
+            .collect();
+        Some(Wire {
+            hbone_packets: text.lines().filter(|l| l.contains(".15008")).count(),
+            plaintext_packets: text.lines().filter(|l| l.contains(".8080")).count(),
+            payload_visible: raw.windows(payload.len()).any(|w| w == payload.as_slice()),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -359,7 +442,9 @@ mod tests {
                 "node-a".to_owned(),
                 vec![
                     json!({"target": "access", "direction": "outbound", "path": "hbone",
-                           "src.addr": "10.1.0.2:40000", "dst.addr": "10.2.0.3:8080"}),
+                           "src.addr": "10.1.0.2:40000", "dst.addr": "10.2.0.3:8080",
+                           "src.identity": "spiffe://td/ns/a/sa/c",
+                           "dst.identity": "spiffe://td/ns/b/sa/s"}),
                     json!({"target": "access", "direction": "outbound",
                            "src.addr": "10.1.0.2:40001", "dst.addr": "10.2.0.3:8080"}),
                 ],
@@ -375,9 +460,18 @@ mod tests {
         let dst: SocketAddr = "10.2.0.3:8080".parse().expect("addr");
         assert_eq!(
             matching_entries(&logs, src, dst),
-            ["node-a outbound (hbone)", "node-b inbound error: denied"]
+            [
+                "node-a outbound (HBONE mTLS as spiffe://td/ns/a/sa/c, verified spiffe://td/ns/b/sa/s)",
+                "node-b inbound error: denied"
+            ]
         );
+        // The inbound hop is matched by the client's IP (its port is the agent's own).
         let other: SocketAddr = "10.1.0.2:9".parse().expect("addr");
-        assert!(matching_entries(&logs, other, dst).is_empty());
+        assert_eq!(
+            matching_entries(&logs, other, dst),
+            ["node-b inbound error: denied"]
+        );
+        let stranger: SocketAddr = "10.1.0.9:40000".parse().expect("addr");
+        assert!(matching_entries(&logs, stranger, dst).is_empty());
     }
 }

@@ -16,6 +16,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "iproute2",
     "tcpdump",
+    // protoc and the well-known .proto files (google/protobuf/struct.proto), for ambit-proto.
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPFFS: &str = "/sys/fs/bpf";

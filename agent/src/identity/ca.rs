@@ -1,7 +1,11 @@
 //! The contract between the certificate manager and a certificate authority, and the certificate
 //! the agent holds for one workload identity.
 
-use std::{future::Future, pin::Pin, time::{Duration, SystemTime}};
+use std::{
+    future::Future,
+    pin::Pin,
+    time::{Duration, SystemTime},
+};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -62,4 +66,16 @@ impl WorkloadCert {
             .unwrap_or_default();
         self.not_before + life / 2
     }
+}
+
+/// The serial number of a certificate as lowercase hex (as `ambitctl` and the logs show it).
+pub fn serial_hex(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(
+        cert.tbs_certificate
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }

@@ -6,7 +6,11 @@
 //!      └── one WorkloadCert per local identity, renewed at half its lifetime; read by tls/
 //! ```
 
+pub mod builtin;
 pub mod ca;
+pub mod ca_server;
+pub mod istio;
+pub mod manager;
 
 use std::{fmt, str::FromStr};
 
@@ -24,7 +28,9 @@ pub struct Identity {
 pub enum ParseError {
     #[error("{0:?} is not a SPIFFE id: it must start with spiffe://")]
     Scheme(String),
-    #[error("{0:?} is not an Istio SPIFFE id: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "{0:?} is not an Istio SPIFFE id: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     Shape(String),
     #[error("{id:?}: invalid {part} {value:?}: {why}")]
     Part {
@@ -129,7 +135,9 @@ fn check_trust_domain(id: &str, td: &str) -> Result<(), ParseError> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_'))
     {
-        return Err(bad("only lowercase letters, digits, '-', '.' and '_' are allowed"));
+        return Err(bad(
+            "only lowercase letters, digits, '-', '.' and '_' are allowed",
+        ));
     }
     Ok(())
 }
@@ -149,7 +157,9 @@ fn check_label(id: &str, part: &'static str, v: &str) -> Result<(), ParseError> 
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'))
     {
-        return Err(bad("only lowercase letters, digits, '-' and '.' are allowed"));
+        return Err(bad(
+            "only lowercase letters, digits, '-' and '.' are allowed",
+        ));
     }
     if v.starts_with(['-', '.']) || v.ends_with(['-', '.']) {
         return Err(bad("must start and end with a letter or digit"));

@@ -20,13 +20,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_common::{AGENT_MARK, INBOUND_PORT, OUTBOUND_PORT, RETURN_MARK};
+use ambit_common::{AGENT_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, RETURN_MARK};
+use arc_swap::ArcSwapOption;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, debug, info_span, warn};
 
-use crate::redirect::{Netns, OrigDst, netns};
+use crate::{
+    identity::{Identity, manager::CertManager},
+    redirect::{Netns, OrigDst, netns},
+    state::Workloads,
+    tls::TrustRoots,
+    tunnel::{self, client::Pool},
+};
 
 /// How long the agent waits for a destination to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,13 +48,28 @@ pub enum Error {
 }
 
 /// What the proxy knows about a pod it serves.
-#[derive(Debug)]
 pub struct PodInfo {
     /// `namespace/name`.
     pub key: String,
-    pub service_account: String,
+    pub identity: Identity,
     pub ips: Vec<IpAddr>,
     pub netns: Netns,
+    /// TLS config of the pod's HBONE listener; empty until its first certificate arrives.
+    pub hbone_tls: ArcSwapOption<rustls::ServerConfig>,
+}
+
+impl PodInfo {
+    pub fn hbone_server_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.hbone_tls.load_full()
+    }
+
+    /// The pod's IP of the same family as `like`.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+    }
 }
 
 /// Shared by every connection handler.
@@ -55,6 +77,11 @@ pub struct ProxyContext {
     pub orig_dst: OrigDst,
     /// Every connection task, so shutdown can drain them.
     pub connections: TaskTracker,
+    pub workloads: Workloads,
+    pub certs: Arc<CertManager>,
+    pub roots: TrustRoots,
+    pub pool: Arc<Pool>,
+    pub trust_domain: String,
 }
 
 /// A pod's listeners, bound inside its netns and not yet serving.
@@ -63,6 +90,8 @@ pub struct PodListeners {
     pub outbound: Vec<std::net::TcpListener>,
     /// [::]:15006 (dual stack) or 0.0.0.0:15006 if the pod has no IPv6.
     pub inbound: std::net::TcpListener,
+    /// [::]:15008 (dual stack) or 0.0.0.0:15008: HBONE.
+    pub hbone: std::net::TcpListener,
 }
 
 impl PodListeners {
@@ -76,11 +105,15 @@ impl PodListeners {
             Ok(l) => outbound.push(l),
             Err(e) => debug!(error = %e, "no IPv6 outbound listener (pod without IPv6?)"),
         }
-        let inbound = match listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PORT))) {
-            Ok(l) => l,
-            Err(_) => listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PORT)))?,
+        let any = |port| match listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+            Ok(l) => Ok(l),
+            Err(_) => listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
         };
-        Ok(PodListeners { outbound, inbound })
+        Ok(PodListeners {
+            outbound,
+            inbound: any(INBOUND_PORT)?,
+            hbone: any(HBONE_PORT)?,
+        })
     }
 }
 
@@ -167,13 +200,39 @@ pub fn serve_pod(
             ctx.clone(),
             pod.clone(),
             l,
-            Direction::Outbound,
+            Listener::Outbound,
             cancel.clone(),
         ));
     }
     let l = TcpListener::from_std(listeners.inbound)?;
-    tasks.spawn(accept_loop(ctx, pod, l, Direction::Inbound, cancel));
+    tasks.spawn(accept_loop(
+        ctx.clone(),
+        pod.clone(),
+        l,
+        Listener::Inbound,
+        cancel.clone(),
+    ));
+    let l = TcpListener::from_std(listeners.hbone)?;
+    tasks.spawn(accept_loop(ctx, pod, l, Listener::Hbone, cancel));
     Ok(())
+}
+
+/// The three listeners of a pod.
+#[derive(Clone, Copy, Debug)]
+enum Listener {
+    Outbound,
+    Inbound,
+    Hbone,
+}
+
+impl Listener {
+    fn as_str(self) -> &'static str {
+        match self {
+            Listener::Outbound => "outbound",
+            Listener::Inbound => "inbound",
+            Listener::Hbone => "hbone",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,7 +254,7 @@ async fn accept_loop(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodInfo>,
     listener: TcpListener,
-    direction: Direction,
+    kind: Listener,
     cancel: CancellationToken,
 ) {
     loop {
@@ -207,7 +266,7 @@ async fn accept_loop(
             Ok(a) => a,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                warn!(pod = %pod.key, direction = direction.as_str(), error = %e, "accept failed");
+                warn!(pod = %pod.key, listener = kind.as_str(), error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -216,22 +275,29 @@ async fn accept_loop(
         let id = next_connection_id();
         let peer = canonical(peer);
         let start = Instant::now();
-        match direction {
-            Direction::Outbound => {
+        match kind {
+            Listener::Outbound => {
                 let span = info_span!("outbound", id, pod = %pod.key, src = %peer);
                 ctx.connections.spawn(
                     outbound::handle(ctx.clone(), pod.clone(), stream, peer, start)
                         .instrument(span),
                 );
             }
-            Direction::Inbound => {
+            Listener::Inbound => {
                 let span = info_span!("inbound", id, pod = %pod.key, src = %peer);
                 ctx.connections
                     .spawn(inbound::handle(pod.clone(), stream, peer, start).instrument(span));
             }
+            Listener::Hbone => {
+                let span = info_span!("hbone", id, pod = %pod.key, src = %peer);
+                ctx.connections.spawn(
+                    tunnel::server::serve_connection(ctx.clone(), pod.clone(), stream, peer)
+                        .instrument(span),
+                );
+            }
         }
     }
-    debug!(pod = %pod.key, direction = direction.as_str(), "listener closed");
+    debug!(pod = %pod.key, listener = kind.as_str(), "listener closed");
 }
 
 fn next_connection_id() -> u64 {

@@ -1,8 +1,14 @@
 //! Outbound: a connection an enrolled pod's app opened, redirected to the pod's 15001 listener.
-//! Look up where it was going, connect there from inside the pod's netns (so it leaves with the
-//! pod's own IP), and copy. HBONE replaces the plaintext connect for mesh destinations.
+//! Look up where it was going; if the destination is a mesh workload, carry it through HBONE
+//! (mutual TLS as the pod's identity, verifying the destination's); otherwise connect to it in
+//! plaintext (passthrough), and say so in the access log. Either way the connection leaves from
+//! inside the pod's netns, with the pod's own IP.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::net::TcpStream;
 use tracing::warn;
@@ -11,7 +17,17 @@ use super::{
     PodInfo, ProxyContext,
     copy::{self, ByteCounts, Side},
 };
-use crate::telemetry::{AccessLog, Path};
+use crate::{
+    telemetry::{AccessLog, Path},
+    tls,
+    tunnel::{
+        self, TcpSide,
+        client::{PoolKey, TunnelHeaders},
+    },
+};
+
+/// How long a new connection waits for the pod's first certificate (CA slow or down).
+const CERT_WAIT: Duration = Duration::from_secs(5);
 
 pub async fn handle(
     ctx: Arc<ProxyContext>,
@@ -27,6 +43,8 @@ pub async fn handle(
         dst: None,
         src_workload: Some(&pod.key),
         dst_workload: None,
+        src_identity: Some(&pod.identity),
+        dst_identity: None,
         path: Path::Passthrough,
         counts: &counts,
         start,
@@ -46,23 +64,87 @@ pub async fn handle(
     log.dst = Some(dst);
     // The app's socket is bound to loopback (it was redirected to 127.0.0.1:15001); report the
     // pod's own address, which is what the destination sees.
-    if let Some(ip) = pod.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()) {
-        log.src = SocketAddr::new(*ip, peer.port());
-    }
+    let src_ip = pod.ip_like(dst.ip()).unwrap_or(peer.ip());
+    log.src = SocketAddr::new(src_ip, peer.port());
 
-    let upstream = match super::upstream_socket(&pod.netns, dst, None) {
-        Ok(s) => super::connect(s, dst).await,
-        Err(e) => Err(e),
+    let snapshot = ctx.workloads.snapshot();
+    let target = snapshot.by_ip(dst.ip()).filter(|w| w.hbone).cloned();
+    let dst_name = snapshot.by_ip(dst.ip()).map(|w| w.display_name());
+    log.dst_workload = dst_name.as_deref();
+
+    let Some(target) = target else {
+        // Not a mesh workload: plaintext, as before capture.
+        let upstream = match super::upstream_socket(&pod.netns, dst, None) {
+            Ok(s) => super::connect(s, dst).await,
+            Err(e) => Err(e),
+        };
+        let upstream = match upstream {
+            Ok(u) => u,
+            Err(e) => {
+                log.error = Some((Side::Upstream, format!("connect to {dst} failed: {e}")));
+                log.emit();
+                return;
+            }
+        };
+        if let Err(e) = copy::copy_bidirectional(downstream, upstream, counts.clone()).await {
+            log.error = Some((e.side, e.to_string()));
+        }
+        log.emit();
+        return;
     };
-    let upstream = match upstream {
-        Ok(u) => u,
+
+    log.path = Path::Hbone;
+    log.dst_identity = Some(&target.identity);
+    let cert = match ctx.certs.get(&pod.identity, CERT_WAIT).await {
+        Ok(c) => c,
         Err(e) => {
-            log.error = Some((Side::Upstream, format!("connect to {dst} failed: {e}")));
+            // Fail closed: no certificate, no connection (never plaintext instead).
+            log.error = Some((
+                Side::Downstream,
+                format!("no certificate to tunnel with: {e}"),
+            ));
             log.emit();
             return;
         }
     };
-    if let Err(e) = copy::copy_bidirectional(downstream, upstream, counts.clone()).await {
+    let key = PoolKey {
+        src_identity: pod.identity.clone(),
+        src_ip,
+        src_serial: cert.serial.clone(),
+        dst_identity: target.identity.clone(),
+        dst: tunnel::client::tunnel_addr(dst.ip()),
+    };
+    let expected = vec![target.identity.clone()];
+    let tunnel = ctx
+        .pool
+        .connect(
+            key,
+            &pod.netns,
+            || tls::client_config(&cert, &ctx.roots, expected),
+            dst,
+            TunnelHeaders {
+                client_ip: src_ip,
+                traceparent: None,
+            },
+        )
+        .await;
+    let tunnel = match tunnel {
+        Ok(t) => t,
+        Err(e) => {
+            log.error = Some((Side::Upstream, e.to_string()));
+            log.emit();
+            return;
+        }
+    };
+    if let Err(e) = tunnel::pump(
+        downstream,
+        tunnel.send,
+        tunnel.recv,
+        TcpSide::Source,
+        counts.clone(),
+    )
+    .await
+    {
         log.error = Some((e.side, e.to_string()));
     }
     log.emit();

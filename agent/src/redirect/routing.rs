@@ -4,7 +4,8 @@
 //! IP, so the app sees the real client. The app's replies go to an address that is not local to
 //! the pod; they reach the agent because:
 //! - `net.ipv4.tcp_fwmark_accept=1`: the app's accepted socket inherits the SYN's mark
-//!   ([`RETURN_MARK`]), so its replies carry the mark too;
+//!   ([`RETURN_MARK`]), so its replies carry the mark too; `net.ipv{4,6}.fwmark_reflect=1` does
+//!   the same for replies the kernel makes itself (the RST of a closed port);
 //! - `ip rule fwmark 0x1539/0xffff lookup 100` and `local 0.0.0.0/0 dev lo table 100` (and the
 //!   IPv6 twins): packets with that mark are delivered locally, to the agent's transparent socket.
 //!
@@ -49,10 +50,33 @@ pub enum Error {
 
 /// Installs the return path for transparent connections in the current netns. Idempotent.
 pub fn install() -> Result<(), Error> {
-    std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1").map_err(|cause| Error::Sysctl {
-        name: "net.ipv4.tcp_fwmark_accept",
-        cause,
-    })?;
+    for (name, path, required) in [
+        (
+            "net.ipv4.tcp_fwmark_accept",
+            "/proc/sys/net/ipv4/tcp_fwmark_accept",
+            true,
+        ),
+        // Replies the kernel sends itself (the RST of a closed port, ICMP) carry the mark of the
+        // packet they answer; without this the app's "connection refused" would leave the pod
+        // instead of reaching the agent, which would then wait for a timeout.
+        (
+            "net.ipv4.fwmark_reflect",
+            "/proc/sys/net/ipv4/fwmark_reflect",
+            true,
+        ),
+        (
+            "net.ipv6.fwmark_reflect",
+            "/proc/sys/net/ipv6/fwmark_reflect",
+            false,
+        ),
+    ] {
+        match std::fs::write(path, "1") {
+            Ok(()) => {}
+            // A pod without IPv6 has no net.ipv6 tree.
+            Err(e) if !required && e.kind() == io::ErrorKind::NotFound => {}
+            Err(cause) => return Err(Error::Sysctl { name, cause }),
+        }
+    }
     let nl = Netlink::open()?;
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         // A pod without IPv6 (disable_ipv6) refuses the v6 half; that is fine.

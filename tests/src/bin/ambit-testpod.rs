@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 use socket2::{Domain, Protocol, Socket, Type};
 
 const USAGE: &str = "usage:\n  ambit-testpod serve --port P [--v6only]\n  \
-                     ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]";
+                     ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]\n\
+                     (--hold-ms: send half the bytes, pause, send the rest)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -295,20 +296,29 @@ fn connect(args: ConnectArgs) -> ExitCode {
     let mut writer = stream;
     let mut chunk = vec![0u8; 64 * 1024];
     let mut sent = 0u64;
-    while sent < args.bytes {
-        let n = (args.bytes - sent).min(chunk.len() as u64) as usize;
-        for (b, i) in chunk[..n].iter_mut().zip(sent..) {
-            *b = pattern(i);
+    // With --hold-ms, half the bytes go before the pause and half after it, so the connection
+    // carries data across whatever happens meanwhile (a certificate rotation, an agent drain).
+    let half = if args.hold.is_zero() {
+        args.bytes
+    } else {
+        args.bytes / 2
+    };
+    for (until, pause) in [(half, args.hold), (args.bytes, Duration::ZERO)] {
+        while sent < until {
+            let n = (until - sent).min(chunk.len() as u64) as usize;
+            for (b, i) in chunk[..n].iter_mut().zip(sent..) {
+                *b = pattern(i);
+            }
+            if let Err(e) = writer.write_all(&chunk[..n]) {
+                return io_error(
+                    e,
+                    &format!("send failed after {sent} of {} bytes", args.bytes),
+                );
+            }
+            sent += n as u64;
         }
-        if let Err(e) = writer.write_all(&chunk[..n]) {
-            return io_error(
-                e,
-                &format!("send failed after {sent} of {} bytes", args.bytes),
-            );
-        }
-        sent += n as u64;
+        std::thread::sleep(pause);
     }
-    std::thread::sleep(args.hold);
     if let Err(e) = writer.shutdown(Shutdown::Write) {
         return io_error(e, "cannot shut down the sending side");
     }

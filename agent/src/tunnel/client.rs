@@ -1,0 +1,367 @@
+//! HBONE client: opens `CONNECT` streams to a destination's port 15008, pooling the TLS + HTTP/2
+//! connections.
+//!
+//! A pooled connection is keyed by everything that makes it valid for a stream: the source
+//! workload's identity, its IP (the TCP connection is made from inside that pod's netns, so it
+//! carries that IP), the serial of the certificate it presented (after a rotation new streams
+//! open a connection with the new certificate; old ones drain), the identity the destination must
+//! present, and the destination address. Up to `max_streams` streams share one connection; past
+//! that a new one is opened. Connections without streams for `idle_timeout` are closed.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream, client::SendRequest};
+use http::{Method, Request, StatusCode, Version};
+use rustls::pki_types::ServerName;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, info, warn};
+
+use super::{CONNECTION_WINDOW, HBONE_PORT, MAX_FRAME, STREAM_WINDOW};
+use crate::{identity::Identity, proxy, redirect::Netns, tls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot connect to {addr}: {cause} (is the destination's node running an HBONE agent, and can port 15008 be reached?)"
+    )]
+    Connect { addr: SocketAddr, cause: io::Error },
+    #[error("TLS handshake with {addr} failed: {cause}")]
+    Tls { addr: SocketAddr, cause: io::Error },
+    #[error("HTTP/2 with {addr} failed: {cause}")]
+    H2 { addr: SocketAddr, cause: h2::Error },
+    #[error("destination {addr} refused the tunnel to {authority}: {status} ({meaning})")]
+    Status {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+        meaning: &'static str,
+    },
+    #[error("destination {addr} reset the tunnel to {authority}: {reason}")]
+    Reset {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        reason: String,
+    },
+    #[error(transparent)]
+    Tls2(#[from] tls::Error),
+}
+
+/// What a `CONNECT` status means, for operators.
+fn status_meaning(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad request: the destination does not host that address or port",
+        401 => "unauthorized: the destination did not accept our identity",
+        403 => "forbidden: denied by the destination's authorization policy",
+        503 => {
+            "service unavailable: the destination app refused the connection or is not listening"
+        }
+        _ => "unexpected status",
+    }
+}
+
+/// Who is connecting to whom.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_identity: Identity,
+    pub src_ip: IpAddr,
+    pub src_serial: String,
+    pub dst_identity: Identity,
+    /// The tunnel endpoint (destination IP, port 15008).
+    pub dst: SocketAddr,
+}
+
+struct PooledConn {
+    id: u64,
+    sender: SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+    last_used: Instant,
+    closed: CancellationToken,
+}
+
+/// Counters for logs, metrics and tests.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PoolStats {
+    pub connections_opened: u64,
+    pub streams_opened: u64,
+    pub open_connections: usize,
+}
+
+/// The pool of HBONE connections of one agent.
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Vec<PooledConn>>>,
+    max_streams: usize,
+    idle_timeout: Duration,
+    next_id: AtomicU64,
+    connections_opened: AtomicU64,
+    streams_opened: AtomicU64,
+}
+
+/// An open tunnel stream.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    /// Which pooled connection carries it (for logs).
+    pub connection_id: u64,
+    /// Released when the stream ends, so the pool knows the connection has room again.
+    _guard: StreamGuard,
+}
+
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Extra HBONE headers Istio peers send and understand.
+pub struct TunnelHeaders<'a> {
+    /// The original client's IP, sent as `Forwarded: for=...`.
+    pub client_ip: IpAddr,
+    /// W3C trace context to propagate, if the connection has one.
+    pub traceparent: Option<&'a str>,
+}
+
+impl Pool {
+    pub fn new(max_streams: usize, idle_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool {
+            conns: Mutex::new(HashMap::new()),
+            max_streams: max_streams.max(1),
+            idle_timeout,
+            next_id: AtomicU64::new(1),
+            connections_opened: AtomicU64::new(0),
+            streams_opened: AtomicU64::new(0),
+        })
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let open = self.lock().values().map(Vec::len).sum();
+        PoolStats {
+            connections_opened: self.connections_opened.load(Ordering::Relaxed),
+            streams_opened: self.streams_opened.load(Ordering::Relaxed),
+            open_connections: open,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<PooledConn>>> {
+        // A panic while holding the lock cannot leave the map inconsistent (every update is a
+        // single push/retain), so a poisoned lock is still usable.
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A stream slot on an existing connection for `key`, if one has room.
+    fn reuse(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, u64, StreamGuard)> {
+        let mut conns = self.lock();
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed.is_cancelled());
+        let conn = list
+            .iter_mut()
+            .find(|c| c.active.load(Ordering::Acquire) < self.max_streams)?;
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        conn.last_used = Instant::now();
+        Some((
+            conn.sender.clone(),
+            conn.id,
+            StreamGuard(conn.active.clone()),
+        ))
+    }
+
+    /// Opens a `CONNECT` stream for `authority` (the original destination) to `key.dst`,
+    /// reusing a pooled connection when one has room.
+    pub async fn connect(
+        &self,
+        key: PoolKey,
+        netns: &Netns,
+        tls_config: impl FnOnce() -> Result<Arc<rustls::ClientConfig>, tls::Error>,
+        authority: SocketAddr,
+        headers: TunnelHeaders<'_>,
+    ) -> Result<Tunnel, Error> {
+        let (sender, id, guard) = match self.reuse(&key) {
+            Some(s) => s,
+            None => self.open(&key, netns, tls_config()?).await?,
+        };
+        self.streams_opened.fetch_add(1, Ordering::Relaxed);
+        let (send, recv) = request(sender, key.dst, authority, &headers).await?;
+        Ok(Tunnel {
+            send,
+            recv,
+            connection_id: id,
+            _guard: guard,
+        })
+    }
+
+    async fn open(
+        &self,
+        key: &PoolKey,
+        netns: &Netns,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<(SendRequest<Bytes>, u64, StreamGuard), Error> {
+        let addr = key.dst;
+        let socket = proxy::upstream_socket(netns, addr, None)
+            .map_err(|cause| Error::Connect { addr, cause })?;
+        let tcp = proxy::connect(socket, addr)
+            .await
+            .map_err(|cause| Error::Connect { addr, cause })?;
+        let (sender, connection) = handshake(tcp, config, addr).await?;
+
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let closed = CancellationToken::new();
+        let done = closed.clone();
+        let span = tracing::info_span!("hbone_conn", id, dst = %addr);
+        tokio::spawn(
+            async move {
+                if let Err(e) = connection.await {
+                    debug!(error = %e, "HBONE connection ended with an error");
+                }
+                done.cancel();
+            }
+            .instrument(span),
+        );
+        self.connections_opened.fetch_add(1, Ordering::Relaxed);
+        info!(
+            connection = id,
+            src.identity = %key.src_identity,
+            src.serial = %key.src_serial,
+            dst.identity = %key.dst_identity,
+            dst.addr = %addr,
+            "hbone connection opened"
+        );
+
+        let active = Arc::new(AtomicUsize::new(1));
+        self.lock()
+            .entry(key.clone())
+            .or_default()
+            .push(PooledConn {
+                id,
+                sender: sender.clone(),
+                active: active.clone(),
+                last_used: Instant::now(),
+                closed,
+            });
+        Ok((sender, id, StreamGuard(active)))
+    }
+
+    /// Closes connections that have had no streams for the idle timeout. Run periodically.
+    pub fn reap_idle(&self) {
+        let now = Instant::now();
+        let mut conns = self.lock();
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                let idle = c.active.load(Ordering::Acquire) == 0
+                    && now.duration_since(c.last_used) >= self.idle_timeout;
+                if idle {
+                    debug!(connection = c.id, "closing idle HBONE connection");
+                }
+                // Dropping the last sender lets h2 close the connection gracefully.
+                !idle && !c.closed.is_cancelled()
+            });
+        }
+        conns.retain(|_, l| !l.is_empty());
+    }
+
+    /// Runs [`Pool::reap_idle`] until `shutdown`.
+    pub async fn run_reaper(self: Arc<Self>, shutdown: CancellationToken) {
+        let period =
+            (self.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.reap_idle(),
+            }
+        }
+    }
+}
+
+/// TLS and HTTP/2 handshakes on a connected socket. The returned future drives the connection
+/// and must be spawned.
+pub async fn handshake(
+    tcp: tokio::net::TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+) -> Result<
+    (
+        SendRequest<Bytes>,
+        h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
+    ),
+    Error,
+> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    // Identities are checked by our verifier; the name only has to be syntactically valid.
+    let name = ServerName::IpAddress(addr.ip().into());
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|cause| Error::Tls { addr, cause })?;
+    h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(MAX_FRAME as usize)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|cause| Error::H2 { addr, cause })
+}
+
+/// Sends a `CONNECT` for `authority` on `sender`'s connection to `addr` and waits for a 200.
+pub async fn request(
+    mut sender: SendRequest<Bytes>,
+    addr: SocketAddr,
+    authority: SocketAddr,
+    headers: &TunnelHeaders<'_>,
+) -> Result<(SendStream<Bytes>, RecvStream), Error> {
+    let h2err = |cause| Error::H2 { addr, cause };
+    let forwarded = match headers.client_ip {
+        IpAddr::V4(ip) => format!("for={ip}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .version(Version::HTTP_2)
+        .header("forwarded", forwarded);
+    if let Some(tp) = headers.traceparent {
+        req = req.header("traceparent", tp);
+    }
+    let req = req.body(()).map_err(|e| Error::Connect {
+        addr,
+        cause: io::Error::other(format!("BUG: cannot build CONNECT request: {e}")),
+    })?;
+    sender = sender.ready().await.map_err(h2err)?;
+    let (response, send) = sender.send_request(req, false).map_err(h2err)?;
+    let response = response.await.map_err(|e| match e.reason() {
+        Some(reason) => Error::Reset {
+            addr,
+            authority,
+            reason: reason.to_string(),
+        },
+        None => h2err(e),
+    })?;
+    let status = response.status();
+    if status != StatusCode::OK {
+        warn!(%status, %authority, "HBONE CONNECT refused");
+        return Err(Error::Status {
+            addr,
+            authority,
+            status,
+            meaning: status_meaning(status),
+        });
+    }
+    Ok((send, response.into_body()))
+}
+
+/// The tunnel endpoint for a destination workload IP.
+pub fn tunnel_addr(ip: IpAddr) -> SocketAddr {
+    SocketAddr::new(ip, HBONE_PORT)
+}

@@ -1,0 +1,236 @@
+//! HBONE server: the pod's 15008 listener. Terminates mutual TLS (the client's SPIFFE identity
+//! comes from its certificate), then serves HTTP/2 `CONNECT` streams: each one is a TCP
+//! connection to the pod's app, opened from inside the pod's netns as the client's IP.
+//!
+//! Refusals follow HTTP semantics as Istio peers expect them: 400 for anything that is not a
+//! `CONNECT` to this pod's own address, 503 when the app refuses the connection.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::TcpStream;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, TcpSide};
+use crate::{
+    identity::Identity,
+    proxy::{
+        self, Direction, PodInfo, ProxyContext,
+        copy::{ByteCounts, Side},
+    },
+    telemetry::{AccessLog, Path},
+    tls,
+};
+
+/// How long a client gets to finish the TLS and HTTP/2 handshakes.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection waits for the pod's first certificate.
+const CERT_WAIT: Duration = Duration::from_secs(5);
+
+/// Serves one accepted HBONE connection until it closes.
+pub async fn serve_connection(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodInfo>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let Some(config) = server_config(&ctx, &pod).await else {
+        warn!(
+            identity = %pod.identity,
+            "refusing HBONE connection: no certificate for this pod's identity yet (is the CA reachable?)"
+        );
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            // The common case of a refused peer: wrong CA, no certificate, wrong trust domain.
+            warn!(src.addr = %peer, error = %e, "HBONE TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            warn!(src.addr = %peer, "HBONE TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let Some(client_id) = tls::peer_identity(session) else {
+        // The verifier already insists on a SPIFFE id; this is a belt-and-braces check.
+        warn!(src.addr = %peer, "HBONE client presented no SPIFFE identity; closing");
+        return;
+    };
+    let serial = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::identity::ca::serial_hex)
+        .unwrap_or_default();
+    info!(
+        src.addr = %peer,
+        src.identity = %client_id,
+        src.serial = %serial,
+        dst.identity = %pod.identity,
+        "hbone connection accepted"
+    );
+
+    let mut conn = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_send_buffer_size(MAX_FRAME as usize)
+            .handshake::<_, Bytes>(tls),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            warn!(src.addr = %peer, error = %e, "HBONE HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            warn!(src.addr = %peer, "HBONE HTTP/2 handshake timed out");
+            return;
+        }
+    };
+    let client_id = Arc::new(client_id);
+    while let Some(next) = conn.accept().await {
+        let (request, respond) = match next {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "HBONE connection ended");
+                break;
+            }
+        };
+        let span = info_span!("hbone_inbound", pod = %pod.key, src = %peer);
+        ctx.connections.spawn(
+            serve_stream(pod.clone(), client_id.clone(), peer, request, respond).instrument(span),
+        );
+    }
+}
+
+/// The pod's TLS config; right after enrollment its first certificate may still be on its way, so
+/// wait for it (bounded) rather than turn the first clients away.
+async fn server_config(ctx: &ProxyContext, pod: &PodInfo) -> Option<Arc<rustls::ServerConfig>> {
+    if let Some(c) = pod.hbone_server_config() {
+        return Some(c);
+    }
+    ctx.certs.get(&pod.identity, CERT_WAIT).await.ok()?;
+    // The config is built from the certificate by the pod's certificate follower, moments later.
+    for _ in 0..50 {
+        if let Some(c) = pod.hbone_server_config() {
+            return Some(c);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pod.hbone_server_config()
+}
+
+async fn serve_stream(
+    pod: Arc<PodInfo>,
+    client_id: Arc<Identity>,
+    peer: SocketAddr,
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let start = Instant::now();
+    let counts = Arc::new(ByteCounts::default());
+    let mut log = AccessLog {
+        direction: Direction::Inbound,
+        src: peer,
+        dst: None,
+        src_workload: None,
+        dst_workload: Some(&pod.key),
+        src_identity: Some(&client_id),
+        dst_identity: Some(&pod.identity),
+        path: Path::Hbone,
+        counts: &counts,
+        start,
+        error: None,
+    };
+    let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
+        let resp = Response::builder().status(status).body(());
+        if let Ok(resp) = resp {
+            let _ = respond.send_response(resp, true);
+        }
+    };
+
+    if request.method() != Method::CONNECT {
+        refuse(&mut respond, StatusCode::BAD_REQUEST);
+        log.error = Some((
+            Side::Downstream,
+            format!("{} is not CONNECT", request.method()),
+        ));
+        log.emit();
+        return;
+    }
+    let authority = request.uri().authority().map(|a| a.as_str().to_owned());
+    let dst = match authority.as_deref().map(str::parse::<SocketAddr>) {
+        Some(Ok(a)) => proxy::canonical(a),
+        _ => {
+            refuse(&mut respond, StatusCode::BAD_REQUEST);
+            log.error = Some((
+                Side::Downstream,
+                format!("CONNECT authority {authority:?} is not an ip:port"),
+            ));
+            log.emit();
+            return;
+        }
+    };
+    log.dst = Some(dst);
+    if !pod.ips.contains(&dst.ip())
+        || [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&dst.port())
+    {
+        refuse(&mut respond, StatusCode::BAD_REQUEST);
+        log.error = Some((
+            Side::Downstream,
+            format!("CONNECT to {dst}: not an address of pod {}", pod.key),
+        ));
+        log.emit();
+        return;
+    }
+
+    let upstream = match proxy::upstream_socket(&pod.netns, dst, Some(peer.ip())) {
+        Ok(s) => proxy::connect(s, dst).await,
+        Err(e) => Err(e),
+    };
+    let upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            log.error = Some((
+                Side::Upstream,
+                format!("connect to app at {dst} failed: {e}"),
+            ));
+            log.emit();
+            return;
+        }
+    };
+    let ok = Response::builder().status(StatusCode::OK).body(());
+    let send = match ok.map(|r| respond.send_response(r, false)) {
+        Ok(Ok(send)) => send,
+        Ok(Err(e)) => {
+            log.error = Some((Side::Downstream, format!("cannot answer CONNECT: {e}")));
+            log.emit();
+            return;
+        }
+        Err(e) => {
+            log.error = Some((Side::Downstream, format!("BUG: cannot build response: {e}")));
+            log.emit();
+            return;
+        }
+    };
+    let recv = request.into_body();
+    if let Err(e) = super::pump(upstream, send, recv, TcpSide::Destination, counts.clone()).await {
+        log.error = Some((e.side, e.to_string()));
+    }
+    log.emit();
+}
