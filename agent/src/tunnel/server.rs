@@ -82,12 +82,7 @@ pub async fn serve_connection(
 
     let mut conn = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_send_buffer_size(MAX_FRAME as usize)
-            .handshake::<_, Bytes>(tls),
+        h2_builder().handshake::<_, Bytes>(tls),
     )
     .await
     {
@@ -115,6 +110,16 @@ pub async fn serve_connection(
             serve_stream(pod.clone(), client_id.clone(), peer, request, respond).instrument(span),
         );
     }
+}
+
+/// HTTP/2 server settings for HBONE (large windows and frames, see the module docs of `tunnel`).
+pub fn h2_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(MAX_FRAME as usize);
+    b
 }
 
 /// The pod's TLS config; right after enrollment its first certificate may still be on its way, so
