@@ -16,6 +16,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "iproute2",
     "tcpdump",
+    // The HBONE tests use `openssl s_client` as a client without a certificate.
+    "openssl",
     // protoc and the well-known .proto files (google/protobuf/struct.proto), for ambit-proto.
     "protobuf-compiler",
     "libprotobuf-dev",

@@ -57,17 +57,6 @@ pub struct WorkloadCert {
     pub not_after: SystemTime,
 }
 
-impl WorkloadCert {
-    /// When the certificate should be renewed: half way through its lifetime.
-    pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life / 2
-    }
-}
-
 /// The serial number of a certificate as lowercase hex (as `ambitctl` and the logs show it).
 pub fn serial_hex(der: &CertificateDer<'_>) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;

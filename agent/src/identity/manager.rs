@@ -508,7 +508,7 @@ pub fn workload_cert(
 /// together do not renew together), never past 75%.
 ///
 /// The lifetime counts from when we asked, not from notBefore: CAs backdate notBefore for clock
-/// skew (ours by 60 s), which would put [`WorkloadCert::renew_at`] in the past for short-lived
+/// skew (ours by 60 s), which would put a renewal computed from notBefore in the past for short-lived
 /// certificates.
 fn renewal_time(cert: &WorkloadCert, asked_at: SystemTime) -> SystemTime {
     let start = cert.not_before.max(asked_at);
