@@ -58,11 +58,20 @@ async fn hbone_server(config: Arc<rustls::ServerConfig>, app: SocketAddr) -> Soc
                     tokio::spawn(async move {
                         let upstream = TcpStream::connect(app).await.expect("connect app");
                         let _ = upstream.set_nodelay(true);
-                        let ok = http::Response::builder().status(200).body(()).expect("resp");
+                        let ok = http::Response::builder()
+                            .status(200)
+                            .body(())
+                            .expect("resp");
                         let send = respond.send_response(ok, false).expect("send response");
                         let counts = Arc::new(ByteCounts::default());
-                        let _ = tunnel::pump(upstream, send, req.into_body(), TcpSide::Destination, counts)
-                            .await;
+                        let _ = tunnel::pump(
+                            upstream,
+                            send,
+                            req.into_body(),
+                            TcpSide::Destination,
+                            counts,
+                        )
+                        .await;
                     });
                 }
             });
@@ -74,27 +83,36 @@ async fn hbone_server(config: Arc<rustls::ServerConfig>, app: SocketAddr) -> Soc
 /// Sets up the path and returns the app-side end of the client's tunnel.
 async fn open_stream() -> DuplexStream {
     let ca = BuiltinCa::generate("cluster.local").expect("CA");
-    let client_id: Identity = "spiffe://cluster.local/ns/default/sa/client".parse().expect("id");
-    let server_id: Identity = "spiffe://cluster.local/ns/default/sa/server".parse().expect("id");
+    let client_id: Identity = "spiffe://cluster.local/ns/default/sa/client"
+        .parse()
+        .expect("id");
+    let server_id: Identity = "spiffe://cluster.local/ns/default/sa/server"
+        .parse()
+        .expect("id");
     let day = Duration::from_secs(86400);
     let client_cert = ca.issue_for_test(&client_id, day).expect("client cert");
     let server_cert = ca.issue_for_test(&server_id, day).expect("server cert");
     let roots = TrustRoots::new(vec![ca.root_cert()]).expect("roots");
     let resolver = Arc::new(CertResolver::new(&server_cert).expect("resolver"));
     let server_config = tls::server_config(resolver, &roots, "cluster.local").expect("server tls");
-    let client_config = tls::client_config(&client_cert, &roots, vec![server_id]).expect("client tls");
+    let client_config =
+        tls::client_config(&client_cert, &roots, vec![server_id]).expect("client tls");
 
     let app = echo_app().await;
     let addr = hbone_server(server_config, app).await;
     let tcp = TcpStream::connect(addr).await.expect("connect hbone");
     tcp.set_nodelay(true).expect("nodelay");
-    let (sender, conn) = client::handshake(tcp, client_config, addr).await.expect("handshake");
+    let (sender, conn) = client::handshake(tcp, client_config, addr)
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
     let headers = client::TunnelHeaders {
         client_ip: addr.ip(),
         traceparent: None,
     };
-    let (send, recv) = client::request(sender, addr, app, &headers).await.expect("CONNECT");
+    let (send, recv) = client::request(sender, addr, app, &headers)
+        .await
+        .expect("CONNECT");
     let (app_side, pump_side) = tokio::io::duplex(256 * 1024);
     tokio::spawn(async move {
         let counts = Arc::new(ByteCounts::default());

@@ -415,6 +415,10 @@ impl CaClient for BuiltinCa {
     fn describe(&self) -> String {
         self.describe.clone()
     }
+
+    fn roots(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.root_cert()]
+    }
 }
 
 /// A random 128-bit serial number from the crypto provider's CSPRNG.

@@ -40,6 +40,12 @@ pub trait CaClient: Send + Sync + 'static {
 
     /// A short description for status output, e.g. `builtin CA (/var/lib/ambit/ca)`.
     fn describe(&self) -> String;
+
+    /// The CA's root certificates, when it knows them (the built-in CA does). A CA server
+    /// returns them after the chain, as istiod does and as ztunnel expects.
+    fn roots(&self) -> Vec<CertificateDer<'static>> {
+        Vec::new()
+    }
 }
 
 /// A certificate and key for one workload identity. The key was generated in the agent and never

@@ -20,7 +20,7 @@ use std::{
 
 use ambit_proto::{
     istio::v1::auth::{
-        IstioCertificateRequest, IstioCertificateResponse,
+        IstioCertificateRequest, IstioCertificateResponse, Roots,
         istio_certificate_service_server::{
             IstioCertificateService, IstioCertificateServiceServer,
         },
@@ -134,10 +134,19 @@ impl Signer {
                 "refused a certificate request"
             ),
         }
-        let (_, chain) = result?;
+        let (_, mut chain) = result?;
+        // Like istiod: the chain ends with the root, and the roots are also sent on their own.
+        let roots = self.ca.roots();
+        for root in &roots {
+            if chain.last() != Some(root) {
+                chain.push(root.clone());
+            }
+        }
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain.iter().map(|c| der_to_pem(c)).collect(),
-            root_cert: None,
+            root_cert: (!roots.is_empty()).then(|| Roots {
+                ca_cert: roots.iter().map(|c| der_to_pem(c)).collect(),
+            }),
         }))
     }
 
