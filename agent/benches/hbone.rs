@@ -109,6 +109,7 @@ async fn open_stream() -> DuplexStream {
     let headers = client::TunnelHeaders {
         client_ip: addr.ip(),
         traceparent: None,
+        baggage: None,
     };
     let (send, recv) = client::request(sender, addr, app, &headers)
         .await

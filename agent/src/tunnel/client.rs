@@ -130,6 +130,8 @@ pub struct TunnelHeaders<'a> {
     pub client_ip: IpAddr,
     /// W3C trace context to propagate, if the connection has one.
     pub traceparent: Option<&'a str>,
+    /// W3C baggage describing the source workload (Istio peers read `k8s.*` keys from it).
+    pub baggage: Option<&'a str>,
 }
 
 impl Pool {
@@ -333,6 +335,9 @@ pub async fn request(
         .header("forwarded", forwarded);
     if let Some(tp) = headers.traceparent {
         req = req.header("traceparent", tp);
+    }
+    if let Some(b) = headers.baggage {
+        req = req.header("baggage", b);
     }
     let req = req.body(()).map_err(|e| Error::Connect {
         addr,
