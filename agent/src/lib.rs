@@ -10,6 +10,7 @@
 pub mod app;
 pub mod config;
 pub mod identity;
+pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
