@@ -29,6 +29,7 @@ use crate::{
         istio::{IstioCa, IstioCaConfig},
         manager::CertManager,
     },
+    policy::PolicyStore,
     proxy::{self, PodInfo, PodListeners, ProxyContext},
     redirect::{self, CaptureOptions, Netns, Redirect, routing},
     state::{Snapshot, Workloads},
@@ -72,6 +73,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         roots,
         pool,
         trust_domain: config.trust_domain.clone(),
+        policies: arc_swap::ArcSwap::from_pointee(PolicyStore::new()),
     });
     let mut pods = PodManager {
         redirect,
@@ -215,6 +217,10 @@ impl PodManager {
     fn apply(&mut self, config: &Config) -> anyhow::Result<()> {
         // Workloads and identities first: a pod enrolled below can tunnel at once.
         self.ctx.workloads.replace(Snapshot::from_config(config));
+        // New connections are judged by the new policies at once.
+        self.ctx
+            .policies
+            .store(Arc::new(config.policies.iter().cloned().collect()));
         self.ctx
             .certs
             .set_identities(config.enrolled_pods().map(|p| p.identity.clone()));

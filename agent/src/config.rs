@@ -186,6 +186,8 @@ pub struct Config {
     pub pods: Vec<Pod>,
     /// Workloads on other nodes.
     pub peers: Vec<Peer>,
+    /// L4 authorization policies, in Istio's terms (the xDS source fills the same store).
+    pub policies: Vec<crate::policy::Policy>,
 }
 
 mod secs {
@@ -259,6 +261,8 @@ struct RawConfig {
     pods: Vec<RawPod>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+    #[serde(default)]
+    policies: Vec<crate::policy::Policy>,
 }
 
 #[derive(Deserialize)]
@@ -646,7 +650,30 @@ impl RawConfig {
             });
         }
 
+        let mut policy_keys = HashSet::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            if !is_dns_label(&p.namespace) {
+                return Err(invalid(
+                    format!("policies[{i}].namespace"),
+                    format!("{:?} is not a valid namespace name", p.namespace),
+                ));
+            }
+            if p.name.is_empty() {
+                return Err(invalid(
+                    format!("policies[{i}].name"),
+                    "must not be empty".into(),
+                ));
+            }
+            if !policy_keys.insert(p.key()) {
+                return Err(invalid(
+                    format!("policies[{i}].name"),
+                    format!("policy {} is listed twice", p.key()),
+                ));
+            }
+        }
+
         Ok(Config {
+            policies: self.policies,
             trust_domain,
             state_dir,
             ca,

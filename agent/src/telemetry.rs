@@ -9,7 +9,8 @@
 //! names: `direction`, `src.addr`, `dst.addr`, `src.workload`, `dst.workload`, `src.identity`,
 //! `dst.identity` (SPIFFE ids, when known), `path` (`hbone` or `passthrough`),
 //! `bytes_sent` (source to destination), `bytes_received` (destination to source), `duration_ms`,
-//! and on failure `error` and `fault` (`downstream` or `upstream`).
+//! and on failure `error` and `fault` (`downstream` or `upstream`); inbound, `authz.decision`
+//! (e.g. `denied by policy default/deny-sleep (rule 0)`) and `authz.policy`.
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -97,6 +98,8 @@ pub struct AccessLog<'a> {
     pub counts: &'a ByteCounts,
     pub start: Instant,
     pub error: Option<(Side, String)>,
+    /// The authorization decision, for inbound connections.
+    pub authz: Option<crate::policy::Decision>,
 }
 
 impl AccessLog<'_> {
@@ -123,6 +126,8 @@ impl AccessLog<'_> {
             duration_ms,
             fault,
             error,
+            authz.policy = self.authz.as_ref().and_then(|d| d.policy.as_deref()),
+            authz.decision = self.authz.as_ref().map(|d| tracing::field::display(d.describe())),
             "connection complete"
         );
     }

@@ -9,12 +9,18 @@ use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 
 use super::{
-    PodInfo,
+    PodInfo, ProxyContext,
     copy::{self, ByteCounts, Side},
 };
 use crate::telemetry::{AccessLog, Path};
 
-pub async fn handle(pod: Arc<PodInfo>, downstream: TcpStream, peer: SocketAddr, start: Instant) {
+pub async fn handle(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodInfo>,
+    downstream: TcpStream,
+    peer: SocketAddr,
+    start: Instant,
+) {
     let counts = Arc::new(ByteCounts::default());
     let mut log = AccessLog {
         direction: super::Direction::Inbound,
@@ -28,6 +34,7 @@ pub async fn handle(pod: Arc<PodInfo>, downstream: TcpStream, peer: SocketAddr, 
         counts: &counts,
         start,
         error: None,
+        authz: None,
     };
     let dst = match downstream.local_addr() {
         Ok(a) => super::canonical(a),
@@ -46,6 +53,20 @@ pub async fn handle(pod: Arc<PodInfo>, downstream: TcpStream, peer: SocketAddr, 
         log.error = Some((
             Side::Downstream,
             format!("port {} is the agent's own; refusing", dst.port()),
+        ));
+        log.emit();
+        return;
+    }
+
+    // A plaintext client has no verified identity: only policies that allow that admit it.
+    let decision = ctx.authorize(&pod, None, peer, dst);
+    let allowed = decision.allowed;
+    log.authz = Some(decision);
+    if !allowed {
+        // Closed before a byte reaches the app.
+        log.error = Some((
+            Side::Downstream,
+            "denied by authorization policy".to_owned(),
         ));
         log.emit();
         return;

@@ -29,6 +29,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::{
     identity::{Identity, manager::CertManager},
+    policy::{self, Decision, PolicyStore},
     redirect::{Netns, OrigDst, netns},
     state::Workloads,
     tls::TrustRoots,
@@ -82,6 +83,43 @@ pub struct ProxyContext {
     pub roots: TrustRoots,
     pub pool: Arc<Pool>,
     pub trust_domain: String,
+    /// Authorization policies; replaced whole on every config change.
+    pub policies: arc_swap::ArcSwap<PolicyStore>,
+}
+
+impl ProxyContext {
+    /// The authorization decision for a new inbound connection to `pod`, logged if a dry-run
+    /// policy had an opinion.
+    pub fn authorize(
+        &self,
+        pod: &PodInfo,
+        src_identity: Option<&Identity>,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Decision {
+        let store = self.policies.load();
+        let decision = policy::evaluate(
+            &store,
+            &policy::Connection {
+                src_identity,
+                src_ip: src.ip(),
+                dst_ip: dst.ip(),
+                dst_port: dst.port(),
+                dst_namespace: pod.identity.namespace(),
+                dst_policies: &[],
+            },
+        );
+        for hit in &decision.dry_run {
+            tracing::info!(
+                policy = hit.policy.as_deref().unwrap_or("(allow set)"),
+                result = ?hit.result,
+                src = %src,
+                dst = %dst,
+                "dry-run authorization policy"
+            );
+        }
+        decision
+    }
 }
 
 /// A pod's listeners, bound inside its netns and not yet serving.
@@ -285,8 +323,9 @@ async fn accept_loop(
             }
             Listener::Inbound => {
                 let span = info_span!("inbound", id, pod = %pod.key, src = %peer);
-                ctx.connections
-                    .spawn(inbound::handle(pod.clone(), stream, peer, start).instrument(span));
+                ctx.connections.spawn(
+                    inbound::handle(ctx.clone(), pod.clone(), stream, peer, start).instrument(span),
+                );
             }
             Listener::Hbone => {
                 let span = info_span!("hbone", id, pod = %pod.key, src = %peer);

@@ -49,6 +49,7 @@ pub async fn handle(
         counts: &counts,
         start,
         error: None,
+        authz: None,
     };
     let Some(dst) = ctx.orig_dst.lookup(pod.netns.cookie(), peer) else {
         // Not redirected by connect4 (someone dialed 15001 directly), or the client is gone.

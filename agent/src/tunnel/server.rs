@@ -107,7 +107,15 @@ pub async fn serve_connection(
         };
         let span = info_span!("hbone_inbound", pod = %pod.key, src = %peer);
         ctx.connections.spawn(
-            serve_stream(pod.clone(), client_id.clone(), peer, request, respond).instrument(span),
+            serve_stream(
+                ctx.clone(),
+                pod.clone(),
+                client_id.clone(),
+                peer,
+                request,
+                respond,
+            )
+            .instrument(span),
         );
     }
 }
@@ -140,6 +148,7 @@ async fn server_config(ctx: &ProxyContext, pod: &PodInfo) -> Option<Arc<rustls::
 }
 
 async fn serve_stream(
+    ctx: Arc<ProxyContext>,
     pod: Arc<PodInfo>,
     client_id: Arc<Identity>,
     peer: SocketAddr,
@@ -160,6 +169,7 @@ async fn serve_stream(
         counts: &counts,
         start,
         error: None,
+        authz: None,
     };
     let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
         let resp = Response::builder().status(status).body(());
@@ -198,6 +208,20 @@ async fn serve_stream(
         log.error = Some((
             Side::Downstream,
             format!("CONNECT to {dst}: not an address of pod {}", pod.key),
+        ));
+        log.emit();
+        return;
+    }
+
+    let decision = ctx.authorize(&pod, Some(&client_id), peer, dst);
+    let allowed = decision.allowed;
+    log.authz = Some(decision);
+    if !allowed {
+        // 403, as Istio peers expect for a policy denial; nothing reaches the app.
+        refuse(&mut respond, StatusCode::FORBIDDEN);
+        log.error = Some((
+            Side::Downstream,
+            "denied by authorization policy".to_owned(),
         ));
         log.emit();
         return;
