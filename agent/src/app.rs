@@ -74,6 +74,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         pool,
         trust_domain: config.trust_domain.clone(),
         policies: arc_swap::ArcSwap::from_pointee(PolicyStore::new()),
+        live: Default::default(),
     });
     let mut pods = PodManager {
         redirect,
@@ -218,9 +219,15 @@ impl PodManager {
         // Workloads and identities first: a pod enrolled below can tunnel at once.
         self.ctx.workloads.replace(Snapshot::from_config(config));
         // New connections are judged by the new policies at once.
-        self.ctx
-            .policies
-            .store(Arc::new(config.policies.iter().cloned().collect()));
+        let closed = self
+            .ctx
+            .set_policies(config.policies.iter().cloned().collect());
+        if closed > 0 {
+            info!(
+                closed,
+                "closed open connections the new policies no longer allow"
+            );
+        }
         self.ctx
             .certs
             .set_identities(config.enrolled_pods().map(|p| p.identity.clone()));

@@ -174,3 +174,68 @@ fn an_allow_policy_requiring_an_identity_refuses_plaintext_and_dry_run_only_logs
         "{inb}"
     );
 }
+
+#[test]
+fn a_new_deny_closes_open_connections_it_no_longer_allows() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
+    let node_a = bed.add_node("node-a").expect("node-a");
+    let node_b = bed.add_node("node-b").expect("node-b");
+    let sleep = bed
+        .add_pod_in(&node_a, "sleep", "default", "sleep")
+        .expect("sleep");
+    let curl = bed
+        .add_pod_in(&node_a, "curl", "default", "curl")
+        .expect("curl");
+    let server = bed.add_pod(&node_b, "server").expect("server");
+    let _echo = server.serve(PORT).expect("echo");
+    let mut config_a = bed.agent_config(&node_a);
+    config_a.enroll(&sleep).enroll(&curl).add_peer(&server);
+    let mut config_b = bed.agent_config(&node_b);
+    config_b.enroll(&server).add_peer(&sleep).add_peer(&curl);
+    let _agent_a = bed.start_agent(&config_a).expect("agent-a");
+    let agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let dst = server.v4(PORT);
+
+    // Two long connections (half their bytes, a pause, the rest).
+    let from_sleep = sleep
+        .spawn_connect(dst, 20_000, 3000, 10_000)
+        .expect("sleep client");
+    let from_curl = curl
+        .spawn_connect(dst, 20_000, 3000, 10_000)
+        .expect("curl client");
+    from_sleep.wait_connected(WAIT).expect("sleep connected");
+    from_curl.wait_connected(WAIT).expect("curl connected");
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Deny sleep while both are open: its connection is closed, curl's goes on.
+    let mark = agent_b.mark();
+    config_b.extra.insert(
+        "policies".into(),
+        json!([{
+            "name": "deny-sleep", "namespace": "default", "scope": "NAMESPACE", "action": "DENY",
+            "rules": [{"clauses": [{"matches": [{
+                "principals": [{"exact": "cluster.local/ns/default/sa/sleep"}]
+            }]}]}]
+        }]),
+    );
+    agent_b.reload(&config_b).expect("reload");
+    let closed = inbound_log(&agent_b, mark, sleep.ipv4().into());
+    assert!(
+        str_field(&closed, "error")
+            .is_some_and(|e| e.contains("no longer allowed") && e.contains("default/deny-sleep")),
+        "{closed}"
+    );
+    let sleep_report = from_sleep.wait().expect("sleep client ends");
+    assert!(
+        !sleep_report.ok,
+        "sleep's open connection is closed: {sleep_report:#?}"
+    );
+    let curl_report = from_curl.wait().expect("curl client ends");
+    assert!(
+        curl_report.ok,
+        "curl's connection is untouched: {curl_report:#?}"
+    );
+}

@@ -58,6 +58,8 @@ pub async fn handle(
         return;
     }
 
+    // Registered before the decision, so a policy change from here on re-judges it.
+    let live = ctx.live.register(peer, dst, None, pod.identity.namespace());
     // A plaintext client has no verified identity: only policies that allow that admit it.
     let decision = ctx.authorize(&pod, None, peer, dst);
     let allowed = decision.allowed;
@@ -87,8 +89,15 @@ pub async fn handle(
             return;
         }
     };
-    if let Err(e) = copy::copy_bidirectional(downstream, upstream, counts.clone()).await {
-        log.error = Some((e.side, e.to_string()));
+    tokio::select! {
+        r = copy::copy_bidirectional(downstream, upstream, counts.clone()) => {
+            if let Err(e) = r {
+                log.error = Some((e.side, e.to_string()));
+            }
+        }
+        _ = live.conn.closed() => {
+            log.error = Some((Side::Downstream, live.conn.close_reason().unwrap_or_default()));
+        }
     }
     log.emit();
 }

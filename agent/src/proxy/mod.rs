@@ -11,6 +11,7 @@
 
 pub mod copy;
 pub mod inbound;
+pub mod live;
 pub mod outbound;
 
 use std::{
@@ -85,9 +86,32 @@ pub struct ProxyContext {
     pub trust_domain: String,
     /// Authorization policies; replaced whole on every config change.
     pub policies: arc_swap::ArcSwap<PolicyStore>,
+    /// Admitted inbound connections (re-judged when policy changes).
+    pub live: live::LiveConns,
 }
 
 impl ProxyContext {
+    /// Installs new policies: new connections are judged by them at once, and open inbound
+    /// connections they no longer allow are closed. Returns how many were closed.
+    pub fn set_policies(&self, store: PolicyStore) -> usize {
+        self.policies.store(Arc::new(store));
+        let store = self.policies.load();
+        self.live.close_where(|c| {
+            let d = policy::evaluate(
+                &store,
+                &policy::Connection {
+                    src_identity: c.src_identity.as_ref(),
+                    src_ip: c.src.ip(),
+                    dst_ip: c.dst.ip(),
+                    dst_port: c.dst.port(),
+                    dst_namespace: &c.dst_namespace,
+                    dst_policies: &[],
+                },
+            );
+            (!d.allowed).then(|| format!("closed: no longer allowed ({})", d.describe()))
+        })
+    }
+
     /// The authorization decision for a new inbound connection to `pod`, logged if a dry-run
     /// policy had an opinion.
     pub fn authorize(

@@ -213,6 +213,13 @@ async fn serve_stream(
         return;
     }
 
+    // Registered before the decision, so a policy change from here on re-judges it.
+    let live = ctx.live.register(
+        peer,
+        dst,
+        Some((*client_id).clone()),
+        pod.identity.namespace(),
+    );
     let decision = ctx.authorize(&pod, Some(&client_id), peer, dst);
     let allowed = decision.allowed;
     log.authz = Some(decision);
@@ -258,8 +265,16 @@ async fn serve_stream(
         }
     };
     let recv = request.into_body();
-    if let Err(e) = super::pump(upstream, send, recv, TcpSide::Destination, counts.clone()).await {
-        log.error = Some((e.side, e.to_string()));
+    tokio::select! {
+        r = super::pump(upstream, send, recv, TcpSide::Destination, counts.clone()) => {
+            if let Err(e) = r {
+                log.error = Some((e.side, e.to_string()));
+            }
+        }
+        _ = live.conn.closed() => {
+            // Dropping the stream resets it; the client side sees the tunnel end.
+            log.error = Some((Side::Downstream, live.conn.close_reason().unwrap_or_default()));
+        }
     }
     log.emit();
 }
