@@ -117,6 +117,43 @@ pub struct Peer {
     /// Its SPIFFE identity: `identity` from the config if given, else built from the trust
     /// domain, namespace and service account.
     pub identity: Identity,
+    /// Services it backs (`namespace/hostname`).
+    pub services: Vec<String>,
+}
+
+/// A service: virtual IPs whose connections the agent spreads over the workloads that back it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// Default `<name>.<namespace>.svc.cluster.local`.
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+impl Service {
+    /// `namespace/hostname`, how workloads name the services they back (as in xDS).
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// A service port and the workload port it maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    /// Default: the same as `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+impl ServicePort {
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
 }
 
 /// A pod on this node.
@@ -139,6 +176,8 @@ pub struct Pod {
     pub enrolled: bool,
     /// Its SPIFFE identity (from trust domain, namespace and service account).
     pub identity: Identity,
+    /// Services it backs (`namespace/hostname`).
+    pub services: Vec<String>,
 }
 
 impl Pod {
@@ -188,6 +227,8 @@ pub struct Config {
     pub peers: Vec<Peer>,
     /// L4 authorization policies, in Istio's terms (the xDS source fills the same store).
     pub policies: Vec<crate::policy::Policy>,
+    /// Services (virtual IPs load-balanced by the agent).
+    pub services: Vec<Service>,
 }
 
 mod secs {
@@ -263,6 +304,19 @@ struct RawConfig {
     peers: Vec<RawPeer>,
     #[serde(default)]
     policies: Vec<crate::policy::Policy>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawService {
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    hostname: Option<String>,
+    vips: Vec<IpAddr>,
+    ports: Vec<ServicePort>,
 }
 
 #[derive(Deserialize)]
@@ -318,6 +372,8 @@ struct RawPeer {
     hbone: bool,
     #[serde(default)]
     identity: Option<String>,
+    #[serde(default)]
+    services: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -336,6 +392,8 @@ struct RawPod {
     pid: Option<u32>,
     #[serde(default = "default_true")]
     enrolled: bool,
+    #[serde(default)]
+    services: Vec<String>,
 }
 
 fn default_service_account() -> String {
@@ -526,6 +584,83 @@ impl RawConfig {
             Identity::new(trust_domain.clone(), ns, sa).map_err(|e| invalid(field, e.to_string()))
         };
 
+        let mut services = Vec::with_capacity(self.services.len());
+        let mut vips = HashSet::new();
+        for (i, sv) in self.services.into_iter().enumerate() {
+            let field = |name: &str| format!("services[{i}].{name}");
+            if !is_dns_label(&sv.namespace) {
+                return Err(invalid(
+                    field("namespace"),
+                    format!("{:?} is not a valid namespace name", sv.namespace),
+                ));
+            }
+            if !is_dns_label(&sv.name) {
+                return Err(invalid(
+                    field("name"),
+                    format!("{:?} is not a valid service name", sv.name),
+                ));
+            }
+            if sv.vips.is_empty() {
+                return Err(invalid(
+                    field("vips"),
+                    "a service needs at least one virtual IP".into(),
+                ));
+            }
+            for (j, vip) in sv.vips.iter().enumerate() {
+                if !vips.insert(*vip) {
+                    return Err(invalid(
+                        format!("services[{i}].vips[{j}]"),
+                        format!("{vip} is the VIP of another service"),
+                    ));
+                }
+            }
+            if sv.ports.is_empty() {
+                return Err(invalid(
+                    field("ports"),
+                    "a service needs at least one port".into(),
+                ));
+            }
+            if let Some(j) = sv
+                .ports
+                .iter()
+                .position(|p| p.port == 0 || p.target_port == Some(0))
+            {
+                return Err(invalid(
+                    format!("services[{i}].ports[{j}]"),
+                    "port 0 is not a port".into(),
+                ));
+            }
+            let hostname = sv
+                .hostname
+                .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", sv.name, sv.namespace));
+            services.push(Service {
+                namespace: sv.namespace,
+                name: sv.name,
+                hostname,
+                vips: sv.vips,
+                ports: sv.ports,
+            });
+        }
+        // A workload names a service as `namespace/hostname` (as xDS does) or `namespace/name`.
+        let resolve_services = |field: String, names: &[String]| -> Result<Vec<String>, Error> {
+            names
+                .iter()
+                .enumerate()
+                .map(|(j, n)| {
+                    services
+                        .iter()
+                        .find(|sv| *n == sv.key() || *n == format!("{}/{}", sv.namespace, sv.name))
+                        .map(Service::key)
+                        .ok_or_else(|| {
+                            invalid(
+                                format!("{field}[{j}]"),
+                                format!("{n:?} is not a service in `services` (namespace/name or namespace/hostname)"),
+                            )
+                        })
+                })
+                .collect()
+        };
+
         let mut pods = Vec::with_capacity(self.pods.len());
         let mut keys = HashSet::new();
         let mut ips = HashSet::new();
@@ -594,7 +729,9 @@ impl RawConfig {
                 }
             };
             let identity = identity_of(field("serviceAccount"), &p.namespace, &p.service_account)?;
+            let pod_services = resolve_services(field("services"), &p.services)?;
             let pod = Pod {
+                services: pod_services,
                 identity,
                 namespace: p.namespace,
                 name: p.name,
@@ -640,7 +777,9 @@ impl RawConfig {
                     .map_err(|e| invalid(field("identity"), e.to_string()))?,
                 None => identity_of(field("serviceAccount"), &p.namespace, &p.service_account)?,
             };
+            let peer_services = resolve_services(field("services"), &p.services)?;
             peers.push(Peer {
+                services: peer_services,
                 namespace: p.namespace,
                 name: p.name,
                 service_account: p.service_account,
@@ -673,6 +812,7 @@ impl RawConfig {
         }
 
         Ok(Config {
+            services,
             policies: self.policies,
             trust_domain,
             state_dir,
@@ -769,6 +909,35 @@ pods:
         );
         let e = error_of(&GOOD.replace("name: server", "name: client"));
         assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn resolves_services_and_refuses_unknown_ones() {
+        let with_service = GOOD.replace(
+            "pods:\n",
+            "services:\n  - {namespace: default, name: echo, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}]}\npods:\n",
+        );
+        let c = parse(&with_service.replace(
+            "    enrolled: false\n",
+            "    enrolled: false\n    services: [default/echo]\n",
+        ))
+        .expect("valid");
+        assert_eq!(c.services[0].hostname, "echo.default.svc.cluster.local");
+        assert_eq!(
+            c.pods[1].services,
+            ["default/echo.default.svc.cluster.local"]
+        );
+        assert_eq!(c.services[0].ports[0].target(), 8080);
+        let e = error_of(&with_service.replace(
+            "    enrolled: false\n",
+            "    enrolled: false\n    services: [default/nope]\n",
+        ));
+        assert!(
+            e.contains("pods[1].services[0]") && e.contains("not a service"),
+            "{e}"
+        );
+        let e = error_of(&with_service.replace("vips: [10.96.0.10]", "vips: []"));
+        assert!(e.contains("services[0].vips"), "{e}");
     }
 
     #[test]

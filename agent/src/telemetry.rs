@@ -6,7 +6,8 @@
 //! the same way.
 //!
 //! The access log is one event per finished connection on target `access`, with stable field
-//! names: `direction`, `src.addr`, `dst.addr`, `src.workload`, `dst.workload`, `src.identity`,
+//! names: `direction`, `src.addr`, `dst.addr` (what the client dialed), `dst.service` and
+//! `dst.endpoint` (for a service VIP), `src.workload`, `dst.workload`, `src.identity`,
 //! `dst.identity` (SPIFFE ids, when known), `path` (`hbone` or `passthrough`),
 //! `bytes_sent` (source to destination), `bytes_received` (destination to source), `duration_ms`,
 //! and on failure `error` and `fault` (`downstream` or `upstream`); inbound, `authz.decision`
@@ -92,6 +93,10 @@ pub struct AccessLog<'a> {
     pub dst: Option<SocketAddr>,
     pub src_workload: Option<&'a str>,
     pub dst_workload: Option<&'a str>,
+    /// The service, when the destination was a service VIP.
+    pub dst_service: Option<&'a str>,
+    /// The endpoint chosen for a service VIP.
+    pub dst_endpoint: Option<SocketAddr>,
     pub src_identity: Option<&'a Identity>,
     pub dst_identity: Option<&'a Identity>,
     pub path: Path,
@@ -118,6 +123,8 @@ impl AccessLog<'_> {
             dst.addr = dst,
             src.workload = self.src_workload,
             dst.workload = self.dst_workload,
+            dst.service = self.dst_service,
+            dst.endpoint = self.dst_endpoint.map(tracing::field::display),
             src.identity = self.src_identity.map(tracing::field::display),
             dst.identity = self.dst_identity.map(tracing::field::display),
             path = self.path.as_str(),

@@ -88,6 +88,9 @@ pub struct PodConfig {
     pub netns: PathBuf,
     /// Whether its traffic is captured.
     pub enrolled: bool,
+    /// Services it backs (`namespace/name`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 impl PodConfig {
@@ -100,6 +103,7 @@ impl PodConfig {
             ips: pod.ips(),
             netns: pod.netns_path(),
             enrolled,
+            services: Vec::new(),
         }
     }
 }
@@ -117,6 +121,9 @@ pub struct PeerConfig {
     /// A SPIFFE id to expect instead of the one derived from the agent's trust domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// Services it backs (`namespace/name`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 impl AgentConfig {
@@ -177,6 +184,7 @@ impl AgentConfig {
             ips: pod.ips(),
             hbone,
             identity: None,
+            services: Vec::new(),
         });
         self
     }
@@ -546,6 +554,7 @@ mod tests {
                 ips: vec!["10.1.0.2".parse().expect("ip")],
                 netns: "/run/netns/x".into(),
                 enrolled: true,
+                services: Vec::new(),
             }],
             extra: serde_json::Map::new(),
             state_dir: "/tmp/x/state-node-a".into(),

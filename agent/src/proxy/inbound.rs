@@ -28,6 +28,8 @@ pub async fn handle(
         dst: None,
         src_workload: None,
         dst_workload: Some(&pod.key),
+        dst_service: None,
+        dst_endpoint: None,
         src_identity: None,
         dst_identity: Some(&pod.identity),
         path: Path::Passthrough,

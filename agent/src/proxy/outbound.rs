@@ -43,6 +43,8 @@ pub async fn handle(
         dst: None,
         src_workload: Some(&pod.key),
         dst_workload: None,
+        dst_service: None,
+        dst_endpoint: None,
         src_identity: Some(&pod.identity),
         dst_identity: None,
         path: Path::Passthrough,
@@ -69,6 +71,33 @@ pub async fn handle(
     log.src = SocketAddr::new(src_ip, peer.port());
 
     let snapshot = ctx.workloads.snapshot();
+    // A service VIP: pick an endpoint; from here on the endpoint is the destination.
+    let mut dst = dst;
+    let service = snapshot.service_by_vip(dst.ip()).cloned();
+    if let Some(svc) = &service {
+        log.dst_service = Some(&svc.key);
+        let Some(port) = svc.target_port(dst.port()) else {
+            log.error = Some((
+                Side::Downstream,
+                format!("service {} has no port {}", svc.key, dst.port()),
+            ));
+            log.emit();
+            return;
+        };
+        let Some((_, ip)) = svc.pick(dst.ip()) else {
+            log.error = Some((
+                Side::Upstream,
+                format!(
+                    "service {} has no healthy endpoint (no workload backs it with an address of this family)",
+                    svc.key
+                ),
+            ));
+            log.emit();
+            return;
+        };
+        dst = SocketAddr::new(ip, port);
+        log.dst_endpoint = Some(dst);
+    }
     let target = snapshot.by_ip(dst.ip()).filter(|w| w.hbone).cloned();
     let dst_name = snapshot.by_ip(dst.ip()).map(|w| w.display_name());
     log.dst_workload = dst_name.as_deref();

@@ -5,7 +5,14 @@
 //! Today the standalone config is the only source (local pods and `peers`); the xDS client fills
 //! the same store from a control plane.
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use arc_swap::ArcSwap;
 
@@ -22,6 +29,8 @@ pub struct Workload {
     pub hbone: bool,
     /// On this node.
     pub local: bool,
+    /// Services it backs (`namespace/hostname`).
+    pub services: Vec<String>,
 }
 
 impl Workload {
@@ -34,10 +43,43 @@ impl Workload {
     }
 }
 
-/// An immutable view of all known workloads.
+/// A service: its VIPs and ports, and the workloads that back it.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// `namespace/hostname`.
+    pub key: String,
+    pub ports: Vec<crate::config::ServicePort>,
+    pub endpoints: Vec<Arc<Workload>>,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+}
+
+impl ServiceEntry {
+    /// The workload port for a service port.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.target())
+    }
+
+    /// The next endpoint, round robin, that has an address of `family`'s kind.
+    pub fn pick(&self, like: IpAddr) -> Option<(Arc<Workload>, IpAddr)> {
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).find_map(|i| {
+            let w = &self.endpoints[(start + i) % n];
+            let ip = w.ips.iter().find(|ip| ip.is_ipv4() == like.is_ipv4())?;
+            Some((w.clone(), *ip))
+        })
+    }
+}
+
+/// An immutable view of all known workloads and services.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_vip: HashMap<IpAddr, Arc<ServiceEntry>>,
 }
 
 impl Snapshot {
@@ -51,6 +93,7 @@ impl Snapshot {
                 ips: p.ips.clone(),
                 hbone: p.enrolled,
                 local: true,
+                services: p.services.clone(),
             });
             for ip in &p.ips {
                 by_ip.insert(*ip, w.clone());
@@ -64,12 +107,39 @@ impl Snapshot {
                 ips: p.ips.clone(),
                 hbone: p.hbone,
                 local: false,
+                services: p.services.clone(),
             });
             for ip in &p.ips {
                 by_ip.insert(*ip, w.clone());
             }
         }
-        Snapshot { by_ip }
+        let mut by_vip = HashMap::new();
+        for sv in &config.services {
+            let key = sv.key();
+            let mut endpoints: Vec<Arc<Workload>> = by_ip
+                .values()
+                .filter(|w: &&Arc<Workload>| w.services.contains(&key))
+                .cloned()
+                .collect();
+            // One entry per workload (it is indexed once per IP), in a stable order.
+            endpoints.sort_by(|a, b| a.ips.cmp(&b.ips));
+            endpoints.dedup_by(|a, b| Arc::ptr_eq(a, b));
+            let entry = Arc::new(ServiceEntry {
+                key,
+                ports: sv.ports.clone(),
+                endpoints,
+                next: AtomicUsize::new(0),
+            });
+            for vip in &sv.vips {
+                by_vip.insert(*vip, entry.clone());
+            }
+        }
+        Snapshot { by_ip, by_vip }
+    }
+
+    /// The service whose virtual IP this is.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
+        self.by_vip.get(&ip.to_canonical())
     }
 
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {

@@ -163,6 +163,8 @@ async fn serve_stream(
         dst: None,
         src_workload: None,
         dst_workload: Some(&pod.key),
+        dst_service: None,
+        dst_endpoint: None,
         src_identity: Some(&client_id),
         dst_identity: Some(&pod.identity),
         path: Path::Hbone,
