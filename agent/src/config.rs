@@ -5,7 +5,7 @@
 //! operator can fix the file without reading code.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -172,7 +172,9 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     /// The pod's network namespace.
     pub netns: NetnsRef,
-    /// Whether the pod's traffic is captured (and it speaks HBONE). Default `true`.
+    /// Whether the pod's traffic is captured (and it speaks HBONE): `enrolled` if given, else
+    /// its namespace is labelled `istio.io/dataplane-mode=ambient` and the pod is not labelled
+    /// `istio.io/dataplane-mode=none`.
     pub enrolled: bool,
     /// Its SPIFFE identity (from trust domain, namespace and service account).
     pub identity: Identity,
@@ -306,7 +308,19 @@ struct RawConfig {
     policies: Vec<crate::policy::Policy>,
     #[serde(default)]
     services: Vec<RawService>,
+    #[serde(default)]
+    namespaces: BTreeMap<String, RawNamespace>,
 }
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawNamespace {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// The label that opts a namespace into the mesh (`ambient`) and a pod out of it (`none`).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -390,8 +404,11 @@ struct RawPod {
     netns: Option<PathBuf>,
     #[serde(default)]
     pid: Option<u32>,
-    #[serde(default = "default_true")]
-    enrolled: bool,
+    /// Explicit enrollment; when absent, the namespace and pod labels decide.
+    #[serde(default)]
+    enrolled: Option<bool>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
     #[serde(default)]
     services: Vec<String>,
 }
@@ -730,6 +747,18 @@ impl RawConfig {
             };
             let identity = identity_of(field("serviceAccount"), &p.namespace, &p.service_account)?;
             let pod_services = resolve_services(field("services"), &p.services)?;
+            // As Istio: a namespace labelled ambient enrolls its pods, a pod labelled none opts
+            // out; an explicit `enrolled` overrides both.
+            let ns_ambient = self
+                .namespaces
+                .get(&p.namespace)
+                .and_then(|n| n.labels.get(DATAPLANE_MODE_LABEL))
+                .is_some_and(|v| v == "ambient");
+            let pod_opted_out = p
+                .labels
+                .get(DATAPLANE_MODE_LABEL)
+                .is_some_and(|v| v == "none");
+            let enrolled = p.enrolled.unwrap_or(ns_ambient && !pod_opted_out);
             let pod = Pod {
                 services: pod_services,
                 identity,
@@ -739,7 +768,7 @@ impl RawConfig {
                 service_account: p.service_account,
                 ips: p.ips,
                 netns,
-                enrolled: p.enrolled,
+                enrolled,
             };
             if !keys.insert(pod.key()) {
                 return Err(invalid(
@@ -846,6 +875,8 @@ node: node-a
 cgroup: /kubepods
 nodeAddresses: [10.0.0.1]
 inboundExcludedPorts: [22]
+namespaces:
+  default: {labels: {istio.io/dataplane-mode: ambient}}
 pods:
   - namespace: default
     name: client
@@ -909,6 +940,35 @@ pods:
         );
         let e = error_of(&GOOD.replace("name: server", "name: client"));
         assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn namespace_and_pod_labels_decide_enrollment_unless_explicit() {
+        let c = parse(&GOOD.replace("    pid: 42\n    enrolled: false\n", "    pid: 42\n"))
+            .expect("valid");
+        assert!(
+            c.pods[0].enrolled && c.pods[1].enrolled,
+            "ambient namespace enrolls its pods"
+        );
+        let opted_out = GOOD.replace(
+            "    pid: 42\n    enrolled: false\n",
+            "    pid: 42\n    labels: {istio.io/dataplane-mode: none}\n",
+        );
+        assert!(
+            !parse(&opted_out).expect("valid").pods[1].enrolled,
+            "a pod can opt out"
+        );
+        let not_ambient = GOOD.replace("istio.io/dataplane-mode: ambient", "team: a");
+        let c = parse(&not_ambient).expect("valid");
+        assert!(!c.pods[0].enrolled, "no label, no mesh");
+        let explicit = not_ambient.replace(
+            "    netns: /run/netns/client\n",
+            "    netns: /run/netns/client\n    enrolled: true\n",
+        );
+        assert!(
+            parse(&explicit).expect("valid").pods[0].enrolled,
+            "explicit wins"
+        );
     }
 
     #[test]

@@ -86,8 +86,12 @@ pub struct PodConfig {
     pub ips: Vec<IpAddr>,
     /// The pod's netns file, `/run/netns/<name>`.
     pub netns: PathBuf,
-    /// Whether its traffic is captured.
-    pub enrolled: bool,
+    /// Whether its traffic is captured; `None` lets the namespace and pod labels decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled: Option<bool>,
+    /// Pod labels (`istio.io/dataplane-mode: none` opts it out).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Services it backs (`namespace/name`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<String>,
@@ -102,7 +106,8 @@ impl PodConfig {
             service_account: pod.service_account().to_owned(),
             ips: pod.ips(),
             netns: pod.netns_path(),
-            enrolled,
+            enrolled: Some(enrolled),
+            labels: Default::default(),
             services: Vec::new(),
         }
     }
@@ -553,7 +558,8 @@ mod tests {
                 service_account: "default".into(),
                 ips: vec!["10.1.0.2".parse().expect("ip")],
                 netns: "/run/netns/x".into(),
-                enrolled: true,
+                enrolled: Some(true),
+                labels: Default::default(),
                 services: Vec::new(),
             }],
             extra: serde_json::Map::new(),

@@ -579,3 +579,46 @@ fn node_addresses_and_excluded_ports_pass_uncaptured_and_follow_reloads() {
         "an excluded outbound port is not redirected"
     );
 }
+
+#[test]
+fn labelling_the_namespace_enrolls_pods_live_and_a_pod_label_opts_one_out() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let mut m = mesh();
+    let dst = m.server.v4(PORT);
+    let redirected = |m: &Mesh| counter(&bpf_counters(&m.node_a), "connect4_redirected");
+    // Let labels decide for both node-a pods; the namespace is not labelled yet.
+    for name in ["client", "outsider"] {
+        m.config_a.pod_mut(name).expect("pod").enrolled = None;
+    }
+    m.agent_a.reload(&m.config_a).expect("reload");
+    let before = redirected(&m);
+    assert_echoed(&m.client.connect(dst, 100).expect("run client"), dst, 100);
+    assert_eq!(redirected(&m), before, "not labelled: not captured");
+
+    // Label the namespace ambient: both pods are captured.
+    m.config_a.extra.insert(
+        "namespaces".into(),
+        serde_json::json!({"default": {"labels": {"istio.io/dataplane-mode": "ambient"}}}),
+    );
+    m.agent_a.reload(&m.config_a).expect("reload");
+    for pod in [&m.client, &m.outsider] {
+        let before = redirected(&m);
+        assert_echoed(&pod.connect(dst, 100).expect("run client"), dst, 100);
+        assert_eq!(redirected(&m), before + 1, "{} is captured", pod.name());
+    }
+
+    // The outsider opts out with its own label.
+    m.config_a
+        .pod_mut("outsider")
+        .expect("pod")
+        .labels
+        .insert("istio.io/dataplane-mode".into(), "none".into());
+    m.agent_a.reload(&m.config_a).expect("reload");
+    let before = redirected(&m);
+    assert_echoed(&m.outsider.connect(dst, 100).expect("run client"), dst, 100);
+    assert_eq!(redirected(&m), before, "an opted-out pod is released");
+    assert_echoed(&m.client.connect(dst, 100).expect("run client"), dst, 100);
+    assert_eq!(redirected(&m), before + 1, "the others stay captured");
+}
