@@ -1,0 +1,626 @@
+//! The delta ADS client: one gRPC stream to the control plane carrying both subscriptions.
+//!
+//! ```text
+//! connect (TLS to the configured root, bearer token re-read per connection)
+//!   -> DeltaAggregatedResources: one initial request per type (node, initial_resource_versions)
+//!   <- response: decode + validate all ──ok──> sink.apply_*, remember versions, ACK (nonce)
+//!                                       └bad─> NACK (nonce, google.rpc.Status code 3), apply nothing
+//! stream ends or fails -> backoff 100 ms..15 s, jittered (reset once a connection delivered
+//! something) -> reconnect, telling the server which resources (name -> version) it holds
+//! ```
+//!
+//! Ready once a response of each type has been applied (istiod sends an empty one when there is
+//! nothing); it stays ready across reconnects, because the state it built is still served.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ambit_proto::{
+    envoy::{
+        config::core::v3::{Node, node::UserAgentVersionType},
+        service::discovery::v3::{
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    },
+    google::rpc::Status,
+    istio::{security::Authorization, workload::Address},
+    prost::Message,
+    prost_types::{Struct, Value, value::Kind},
+};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    metadata::{AsciiMetadataValue, MetadataValue},
+    transport::{Certificate, ClientTlsConfig, Endpoint},
+};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, AddressResource, Error, XdsSink, address_from_proto,
+    policy_from_proto,
+};
+use crate::policy::Policy;
+
+/// First reconnect delay; doubled after each failed connection up to [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// How long the TCP connect may take (a black-holed address, not a refused one).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings notice a server that vanished without closing the connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A full push of a large mesh is one message; ztunnel allows 200 MiB.
+const MAX_MESSAGE_BYTES: usize = 200 * 1024 * 1024;
+/// A NACK names at most this many bad resources (then "and N more").
+const MAX_NACK_ERRORS: usize = 20;
+/// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK's `error_detail`.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// Node metadata keys, as Istio's node agent (ztunnel) sends them.
+const META_NAME: &str = "NAME";
+const META_NAMESPACE: &str = "NAMESPACE";
+const META_INSTANCE_IPS: &str = "INSTANCE_IPS";
+const META_NODE_NAME: &str = "NODE_NAME";
+const META_CLUSTER_ID: &str = "CLUSTER_ID";
+/// gRPC metadata (HTTP/2 headers), as for the Istio CA.
+const AUTHORIZATION_HEADER: &str = "authorization";
+const CLUSTER_ID_HEADER: &str = "clusterid";
+
+/// Who the agent is, told to the control plane in the `Node` of its first requests. istiod
+/// identifies node agents by the id `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`
+/// and sends them only the workload and authorization types.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    /// The Kubernetes node the agent runs on (metadata `NODE_NAME`).
+    pub node_name: String,
+    /// The agent's own pod name (metadata `NAME`, and in the node id).
+    pub pod_name: String,
+    /// The agent's own namespace (metadata `NAMESPACE`, and in the node id).
+    pub pod_namespace: String,
+    /// The agent's pod IPs; the first is in the node id, all are in `INSTANCE_IPS`
+    /// (comma-separated). At least one.
+    pub instance_ips: Vec<IpAddr>,
+    /// The cluster id (metadata `CLUSTER_ID` and the `clusterid` header; istiod uses it to pick the
+    /// cluster whose API server checks the token). Empty: not sent.
+    pub cluster_id: String,
+}
+
+/// How to reach and authenticate to the control plane.
+#[derive(Clone, Debug)]
+pub struct XdsConfig {
+    /// `https://<host>:<port>`, e.g. `https://istiod.istio-system.svc:15012`.
+    pub address: String,
+    /// PEM root certificate(s) the server's TLS certificate must chain to (for istiod, the mesh
+    /// root from the `istio-ca-root-cert` ConfigMap). Only these are trusted.
+    pub root_cert_pem: Vec<u8>,
+    /// File holding the bearer token sent as `authorization: Bearer <token>` (for istiod, a
+    /// projected service-account token with audience `istio-ca`), read again on every
+    /// connection because the kubelet rotates it. `None`: no token is sent.
+    pub token_path: Option<PathBuf>,
+    /// The name the server's certificate must carry; default: the host of `address`. Set it
+    /// when connecting by IP or through an alias (istiod's certificate is for
+    /// `istiod.istio-system.svc`).
+    pub server_name: Option<String>,
+    pub node: NodeInfo,
+}
+
+/// The client's state for the admin API and `ambitctl`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XdsStatus {
+    pub address: String,
+    /// A stream is open.
+    pub connected: bool,
+    /// A response of each type has been applied.
+    pub ready: bool,
+    /// Streams opened so far.
+    pub connections: u64,
+    /// Responses applied (ACKed).
+    pub pushes: u64,
+    /// Responses refused (NACKed).
+    pub nacks: u64,
+    /// When the last response was applied, milliseconds since the Unix epoch.
+    pub last_push_unix_ms: Option<u64>,
+    /// The last connection failure or NACK reason; never cleared (read it with the counters).
+    pub last_error: Option<String>,
+    /// Resources held, by type: workloads and services, policies.
+    pub addresses: usize,
+    pub policies: usize,
+}
+
+/// The delta ADS client. Build with [`XdsClient::new`], then spawn [`XdsClient::run`].
+pub struct XdsClient {
+    address: String,
+    endpoint: Endpoint,
+    node: Node,
+    token_path: Option<PathBuf>,
+    cluster_id: Option<AsciiMetadataValue>,
+    sink: Arc<dyn XdsSink>,
+    inner: Mutex<Inner>,
+    ready: watch::Sender<bool>,
+}
+
+/// What the run loop keeps between responses and connections.
+#[derive(Default)]
+struct Inner {
+    /// name -> version of what the sink holds, per type; sent as `initial_resource_versions`.
+    addresses: HashMap<String, String>,
+    policies: HashMap<String, String>,
+    got_addresses: bool,
+    got_policies: bool,
+    status: XdsStatus,
+}
+
+impl XdsClient {
+    /// Validates the configuration. Does not connect: the server may be down now and up later.
+    pub fn new(config: XdsConfig, sink: Arc<dyn XdsSink>) -> Result<XdsClient, Error> {
+        let address = config.address;
+        let bad_address = |why: &str| Error::Address {
+            address: address.clone(),
+            why: why.to_owned(),
+        };
+        let uri: http::Uri = address
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad_address(&e.to_string()))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(bad_address(
+                "it must start with https:// (the control plane is always reached over TLS)",
+            ));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| bad_address("it has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name = config.server_name.unwrap_or(host);
+        rustls::pki_types::ServerName::try_from(server_name.as_str())
+            .map_err(|_| Error::ServerName(server_name.clone()))?;
+        check_roots(&config.root_cert_pem)?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&config.root_cert_pem))
+            .domain_name(server_name);
+        let endpoint = Endpoint::from_shared(address.clone())
+            .map_err(|e| bad_address(&e.to_string()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .tls_config(tls)
+            .map_err(|source| Error::Tls {
+                address: address.clone(),
+                source,
+            })?;
+
+        let node = build_node(&config.node)?;
+        let cluster_id = Some(config.node.cluster_id)
+            .filter(|id| !id.is_empty())
+            .map(|id| AsciiMetadataValue::try_from(id.as_str()).map_err(|_| Error::ClusterId(id)))
+            .transpose()?;
+        let (ready, _) = watch::channel(false);
+        Ok(XdsClient {
+            inner: Mutex::new(Inner {
+                status: XdsStatus {
+                    address: address.clone(),
+                    ..XdsStatus::default()
+                },
+                ..Inner::default()
+            }),
+            address,
+            endpoint,
+            node,
+            token_path: config.token_path,
+            cluster_id,
+            sink,
+            ready,
+        })
+    }
+
+    /// The node id sent to the control plane.
+    pub fn node_id(&self) -> &str {
+        &self.node.id
+    }
+
+    /// Whether a response of each type has been applied.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Resolves once [`XdsClient::is_ready`] is true.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        // Errors only if the sender is dropped, which `self` prevents.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+
+    pub fn status(&self) -> XdsStatus {
+        let inner = self.lock();
+        let mut status = inner.status.clone();
+        status.ready = self.is_ready();
+        status.addresses = inner.addresses.len();
+        status.policies = inner.policies.len();
+        status
+    }
+
+    /// Keeps a stream open until `shutdown`, reconnecting with backoff.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = INITIAL_BACKOFF;
+        let mut id: u64 = 0;
+        loop {
+            id += 1;
+            let mut delivered = false;
+            let span = info_span!("xds", id, server = %self.address);
+            let result = tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = self.connection(&mut delivered).instrument(span.clone()) => r,
+            };
+            self.lock().status.connected = false;
+            if delivered {
+                backoff = INITIAL_BACKOFF;
+            }
+            // Equal jitter: somewhere in [backoff/2, backoff], so agents restarted together
+            // do not reconnect together.
+            let half = backoff / 2;
+            let delay = half + half.mul_f64(fastrand::f64());
+            span.in_scope(|| match &result {
+                Ok(()) => info!(retry_in = ?delay, "xDS stream closed by the server"),
+                Err(e) => warn!(error = %e, retry_in = ?delay, "xDS connection failed"),
+            });
+            if let Err(e) = result {
+                self.lock().status.last_error = Some(e.to_string());
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        self.lock().status.connected = false;
+        info!(server = %self.address, "xDS client stopped");
+    }
+
+    /// One stream: connect, subscribe, handle responses until the stream ends. Sets `delivered`
+    /// once a response arrived.
+    async fn connection(&self, delivered: &mut bool) -> Result<(), Error> {
+        let connect_error = |detail: String| Error::Connect {
+            address: self.address.clone(),
+            detail,
+        };
+        let channel = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| connect_error(error_chain(&e)))?;
+
+        let (tx, rx) = mpsc::channel(4);
+        for req in self.initial_requests() {
+            debug!(
+                type_url = req.type_url,
+                known = req.initial_resource_versions.len(),
+                "subscribing"
+            );
+            tx.send(req)
+                .await
+                .map_err(|_| connect_error("BUG: request channel closed".to_owned()))?;
+        }
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(auth) = self.authorization().await? {
+            request.metadata_mut().insert(AUTHORIZATION_HEADER, auth);
+        }
+        if let Some(id) = &self.cluster_id {
+            request.metadata_mut().insert(CLUSTER_ID_HEADER, id.clone());
+        }
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut responses = client
+            .delta_aggregated_resources(request)
+            .await
+            .map_err(|s| connect_error(status_message(&s)))?
+            .into_inner();
+        {
+            let mut inner = self.lock();
+            inner.status.connected = true;
+            inner.status.connections += 1;
+        }
+        info!("xDS stream open");
+
+        loop {
+            let response = responses.message().await.map_err(|s| Error::Stream {
+                address: self.address.clone(),
+                detail: status_message(&s),
+            })?;
+            let Some(response) = response else {
+                return Ok(());
+            };
+            *delivered = true;
+            let reply = self.handle(response);
+            tx.send(reply).await.map_err(|_| Error::Stream {
+                address: self.address.clone(),
+                detail: "the request stream closed".to_owned(),
+            })?;
+        }
+    }
+
+    fn initial_requests(&self) -> [DeltaDiscoveryRequest; 2] {
+        let inner = self.lock();
+        let request = |type_url: &str, known: &HashMap<String, String>| DeltaDiscoveryRequest {
+            node: Some(self.node.clone()),
+            type_url: type_url.to_owned(),
+            initial_resource_versions: known.clone(),
+            ..Default::default()
+        };
+        [
+            request(ADDRESS_TYPE_URL, &inner.addresses),
+            request(AUTHORIZATION_TYPE_URL, &inner.policies),
+        ]
+    }
+
+    /// Applies or refuses one response; returns the ACK or NACK to send.
+    fn handle(&self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let DeltaDiscoveryResponse {
+            type_url,
+            resources,
+            removed_resources,
+            nonce,
+            ..
+        } = response;
+        let (upserts, removes) = (resources.len(), removed_resources.len());
+        let result = match type_url.as_str() {
+            ADDRESS_TYPE_URL => decode_all(ADDRESS_TYPE_URL, resources, |name, a: Address| {
+                address_from_proto(name, a)
+            })
+            .map(|decoded| self.apply_addresses(decoded, removed_resources)),
+            AUTHORIZATION_TYPE_URL => decode_all(
+                AUTHORIZATION_TYPE_URL,
+                resources,
+                |name, a: Authorization| policy_from_proto(name, a),
+            )
+            .map(|decoded| self.apply_policies(decoded, removed_resources)),
+            other => Err(vec![format!(
+                "type {other:?} was not subscribed to (only {ADDRESS_TYPE_URL} and {AUTHORIZATION_TYPE_URL})"
+            )]),
+        };
+        let error_detail = match result {
+            Ok(()) => {
+                info!(type_url, nonce, upserts, removes, "xDS push applied (ACK)");
+                None
+            }
+            Err(errors) => {
+                let message = nack_message(&errors);
+                warn!(type_url, nonce, error = %message, "xDS push refused (NACK); keeping the previous state");
+                let mut inner = self.lock();
+                inner.status.nacks += 1;
+                inner.status.last_error = Some(format!("NACK {type_url}: {message}"));
+                Some(Status {
+                    code: INVALID_ARGUMENT,
+                    message,
+                    details: Vec::new(),
+                })
+            }
+        };
+        DeltaDiscoveryRequest {
+            type_url,
+            response_nonce: nonce,
+            error_detail,
+            ..Default::default()
+        }
+    }
+
+    fn apply_addresses(
+        &self,
+        decoded: Vec<(String, String, AddressResource)>,
+        removes: Vec<String>,
+    ) {
+        let mut versions = Vec::with_capacity(decoded.len());
+        let upserts = decoded
+            .into_iter()
+            .map(|(name, version, r)| {
+                versions.push((name.clone(), version));
+                (name, r)
+            })
+            .collect();
+        // The sink is called from this task only, so the order of pushes is kept.
+        self.sink.apply_addresses(upserts, removes.clone());
+        let mut inner = self.lock();
+        for name in &removes {
+            inner.addresses.remove(name);
+        }
+        inner.addresses.extend(versions);
+        inner.got_addresses = true;
+        self.applied(inner);
+    }
+
+    fn apply_policies(&self, decoded: Vec<(String, String, Policy)>, removes: Vec<String>) {
+        let mut versions = Vec::with_capacity(decoded.len());
+        let upserts = decoded
+            .into_iter()
+            .map(|(name, version, p)| {
+                versions.push((name.clone(), version));
+                (name, p)
+            })
+            .collect();
+        self.sink.apply_policies(upserts, removes.clone());
+        let mut inner = self.lock();
+        for name in &removes {
+            inner.policies.remove(name);
+        }
+        inner.policies.extend(versions);
+        inner.got_policies = true;
+        self.applied(inner);
+    }
+
+    fn applied(&self, mut inner: MutexGuard<'_, Inner>) {
+        inner.status.pushes += 1;
+        inner.status.last_push_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if inner.got_addresses && inner.got_policies && !self.is_ready() {
+            info!("xDS ready: workloads, services and policies received");
+            self.ready.send_replace(true);
+        }
+    }
+
+    /// The `authorization` value, read from the token file now (tokens rotate).
+    async fn authorization(&self) -> Result<Option<AsciiMetadataValue>, Error> {
+        let Some(path) = &self.token_path else {
+            return Ok(None);
+        };
+        let token = tokio::fs::read_to_string(path).await.map_err(|e| {
+            Error::Token(format!(
+                "{}: {e}; is the service-account token mounted?",
+                path.display()
+            ))
+        })?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Error::Token(format!("{} is empty", path.display())));
+        }
+        let mut value = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+            Error::Token(format!(
+                "{} has characters a header cannot carry",
+                path.display()
+            ))
+        })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The state is consistent after each statement that changes it, so a panic elsewhere
+        // while it was held does not make it unusable.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Decodes and converts every resource; `Err` lists every bad one (a NACK names them all).
+#[allow(clippy::type_complexity)]
+fn decode_all<T: Message + Default, U>(
+    type_url: &str,
+    resources: Vec<ambit_proto::envoy::service::discovery::v3::Resource>,
+    convert: impl Fn(&str, T) -> Result<U, Error>,
+) -> Result<Vec<(String, String, U)>, Vec<String>> {
+    let mut ok = Vec::with_capacity(resources.len());
+    let mut errors = Vec::new();
+    for r in resources {
+        let decoded = match &r.resource {
+            None => Err(format!("resource {}: it has no body", r.name)),
+            Some(any) if !any.type_url.is_empty() && any.type_url != type_url => Err(format!(
+                "resource {}: its body is a {}, not a {type_url}",
+                r.name, any.type_url
+            )),
+            Some(any) => T::decode(any.value.as_slice())
+                .map_err(|e| format!("resource {}: does not decode: {e}", r.name)),
+        };
+        match decoded.and_then(|t| convert(&r.name, t).map_err(|e| e.to_string())) {
+            Ok(u) => ok.push((r.name, r.version, u)),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(ok)
+    } else {
+        Err(errors)
+    }
+}
+
+fn nack_message(errors: &[String]) -> String {
+    let mut msg = errors
+        .iter()
+        .take(MAX_NACK_ERRORS)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if errors.len() > MAX_NACK_ERRORS {
+        let _ = write!(msg, "; and {} more", errors.len() - MAX_NACK_ERRORS);
+    }
+    msg
+}
+
+fn build_node(info: &NodeInfo) -> Result<Node, Error> {
+    let Some(ip) = info.instance_ips.first() else {
+        return Err(Error::Node(
+            "instance_ips is empty: the node id carries the agent's pod IP".to_owned(),
+        ));
+    };
+    if info.pod_name.is_empty() || info.pod_namespace.is_empty() {
+        return Err(Error::Node(
+            "pod_name and pod_namespace must be set: the node id carries them".to_owned(),
+        ));
+    }
+    let (pod, ns) = (&info.pod_name, &info.pod_namespace);
+    let ips = info
+        .instance_ips
+        .iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut fields = BTreeMap::new();
+    let mut put = |k: &str, v: &str| {
+        fields.insert(
+            k.to_owned(),
+            Value {
+                kind: Some(Kind::StringValue(v.to_owned())),
+            },
+        );
+    };
+    put(META_NAME, pod);
+    put(META_NAMESPACE, ns);
+    put(META_INSTANCE_IPS, &ips);
+    put(META_NODE_NAME, &info.node_name);
+    if !info.cluster_id.is_empty() {
+        put(META_CLUSTER_ID, &info.cluster_id);
+    }
+    Ok(Node {
+        id: format!("ztunnel~{ip}~{pod}.{ns}~{ns}.svc.cluster.local"),
+        metadata: Some(Struct { fields }),
+        user_agent_name: "ambit".to_owned(),
+        user_agent_version_type: Some(UserAgentVersionType::UserAgentVersion(
+            env!("CARGO_PKG_VERSION").to_owned(),
+        )),
+        ..Default::default()
+    })
+}
+
+fn check_roots(pem: &[u8]) -> Result<(), Error> {
+    let mut store = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| Error::RootCert(format!("bad PEM: {e}")))?;
+        store
+            .add(cert)
+            .map_err(|e| Error::RootCert(e.to_string()))?;
+    }
+    if store.is_empty() {
+        return Err(Error::RootCert("no PEM CERTIFICATE block found".to_owned()));
+    }
+    Ok(())
+}
+
+/// The error and its causes, which is where a connection failure says what went wrong
+/// ("tcp connect error: Connection refused", "invalid peer certificate: ...").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !msg.contains(&s_text) {
+            let _ = write!(msg, ": {s_text}");
+        }
+        source = s.source();
+    }
+    msg
+}
+
+fn status_message(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), error_chain(status))
+}

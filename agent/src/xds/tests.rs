@@ -1,0 +1,795 @@
+//! The client against a test ADS server (tonic, TLS with an rcgen certificate, loopback). The
+//! server hands each stream to the test, which reads the client's requests and pushes responses
+//! by hand, so every test states exactly what the control plane does.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ambit_proto::{
+    envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+        Resource,
+        aggregated_discovery_service_server::{
+            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+        },
+    },
+    istio::{
+        security::{self as sec, Authorization},
+        workload::{Address, NetworkAddress, Port, Service, TunnelProtocol, Workload, address},
+    },
+    prost_types::{Any, value::Kind},
+};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tokio_stream::{
+    Stream,
+    wrappers::{ReceiverStream, TcpListenerStream},
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Request, Response, Status, Streaming,
+    metadata::MetadataMap,
+    transport::{Server, ServerTlsConfig},
+};
+
+use super::*;
+use crate::policy::Policy;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// One client stream as the server sees it.
+struct Conn {
+    metadata: MetadataMap,
+    requests: Streaming<DeltaDiscoveryRequest>,
+    responses: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+}
+
+impl Conn {
+    async fn recv(&mut self) -> DeltaDiscoveryRequest {
+        tokio::time::timeout(WAIT, self.requests.message())
+            .await
+            .expect("a request within the timeout")
+            .expect("request stream ok")
+            .expect("request stream open")
+    }
+
+    /// The two subscriptions of a new stream, address type first.
+    async fn subscriptions(&mut self) -> [DeltaDiscoveryRequest; 2] {
+        let a = self.recv().await;
+        let b = self.recv().await;
+        assert_eq!(a.type_url, ADDRESS_TYPE_URL);
+        assert_eq!(b.type_url, AUTHORIZATION_TYPE_URL);
+        for r in [&a, &b] {
+            assert!(r.response_nonce.is_empty() && r.error_detail.is_none());
+            assert!(
+                r.resource_names_subscribe.is_empty(),
+                "wildcard subscription"
+            );
+        }
+        [a, b]
+    }
+
+    async fn push(&self, resp: DeltaDiscoveryResponse) {
+        self.responses.send(Ok(resp)).await.expect("stream open");
+    }
+
+    /// Pushes and returns the client's answer, checking it carries the nonce.
+    async fn push_and_reply(&mut self, resp: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let (nonce, type_url) = (resp.nonce.clone(), resp.type_url.clone());
+        self.push(resp).await;
+        let reply = self.recv().await;
+        assert_eq!(reply.response_nonce, nonce);
+        assert_eq!(reply.type_url, type_url);
+        assert!(reply.node.is_none() && reply.initial_resource_versions.is_empty());
+        reply
+    }
+}
+
+struct Ads {
+    conns: mpsc::Sender<Conn>,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = SotwStream;
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        Err(Status::unimplemented("delta only"))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let metadata = req.metadata().clone();
+        let _ = self
+            .conns
+            .send(Conn {
+                metadata,
+                requests: req.into_inner(),
+                responses: tx,
+            })
+            .await;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The server's certificate and key, kept across restarts.
+struct Tls {
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Tls {
+    fn new() -> Tls {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+        Tls {
+            cert_pem: cert.cert.pem(),
+            key_pem: cert.signing_key.serialize_pem(),
+        }
+    }
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    conns: mpsc::Receiver<Conn>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl TestServer {
+    async fn start(tls: &Tls, addr: SocketAddr) -> TestServer {
+        let listener = TcpListener::bind(addr).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, conns) = mpsc::channel(4);
+        let stop = CancellationToken::new();
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        let server = Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .expect("server tls")
+            .serve_with_incoming_shutdown(
+                AggregatedDiscoveryServiceServer::new(Ads { conns: tx }),
+                TcpListenerStream::new(listener),
+                stop.clone().cancelled_owned(),
+            );
+        let task = tokio::spawn(async move {
+            server.await.expect("server runs");
+        });
+        TestServer {
+            addr,
+            conns,
+            stop,
+            task,
+        }
+    }
+
+    async fn next_conn(&mut self) -> Conn {
+        tokio::time::timeout(WAIT, self.conns.recv())
+            .await
+            .expect("a connection within the timeout")
+            .expect("server running")
+    }
+
+    /// Stops accepting; streams the test holds must be dropped first.
+    async fn stop(self) {
+        // Streams accepted but not yet taken by the test end with the receiver, so the graceful
+        // shutdown does not wait for them.
+        let TestServer {
+            conns, stop, task, ..
+        } = self;
+        drop(conns);
+        stop.cancel();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("server stops")
+            .expect("server task");
+    }
+}
+
+#[derive(Default)]
+struct MemSink {
+    addresses: Mutex<BTreeMap<String, AddressResource>>,
+    policies: Mutex<BTreeMap<String, Policy>>,
+    calls: Mutex<usize>,
+}
+
+impl XdsSink for MemSink {
+    fn apply_addresses(&self, upserts: Vec<(String, AddressResource)>, removes: Vec<String>) {
+        let mut m = self.addresses.lock().expect("lock");
+        for r in removes {
+            m.remove(&r);
+        }
+        m.extend(upserts);
+        *self.calls.lock().expect("lock") += 1;
+    }
+
+    fn apply_policies(&self, upserts: Vec<(String, Policy)>, removes: Vec<String>) {
+        let mut m = self.policies.lock().expect("lock");
+        for r in removes {
+            m.remove(&r);
+        }
+        m.extend(upserts);
+        *self.calls.lock().expect("lock") += 1;
+    }
+}
+
+impl MemSink {
+    fn address_names(&self) -> Vec<String> {
+        self.addresses
+            .lock()
+            .expect("lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn policy_names(&self) -> Vec<String> {
+        self.policies
+            .lock()
+            .expect("lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn calls(&self) -> usize {
+        *self.calls.lock().expect("lock")
+    }
+}
+
+fn node() -> NodeInfo {
+    NodeInfo {
+        node_name: "node-a".into(),
+        pod_name: "ambit-x1".into(),
+        pod_namespace: "istio-system".into(),
+        instance_ips: vec![
+            "10.0.0.5".parse().expect("ip"),
+            "fd00::5".parse().expect("ip"),
+        ],
+        cluster_id: "Kubernetes".into(),
+    }
+}
+
+struct TokenFile(PathBuf);
+
+impl TokenFile {
+    fn new(token: &str) -> TokenFile {
+        let path = std::env::temp_dir().join(format!(
+            "ambit-xds-token-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::write(&path, format!("{token}\n")).expect("write token");
+        TokenFile(path)
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+struct Running {
+    client: Arc<XdsClient>,
+    sink: Arc<MemSink>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+    _token: TokenFile,
+}
+
+impl Running {
+    fn start(tls: &Tls, addr: SocketAddr) -> Running {
+        let token = TokenFile::new("secret-token");
+        let sink = Arc::new(MemSink::default());
+        let client = Arc::new(
+            XdsClient::new(
+                XdsConfig {
+                    address: format!("https://{addr}"),
+                    root_cert_pem: tls.cert_pem.clone().into_bytes(),
+                    token_path: Some(token.0.clone()),
+                    server_name: None,
+                    node: node(),
+                },
+                sink.clone(),
+            )
+            .expect("client config"),
+        );
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(client.clone().run(shutdown.clone()));
+        Running {
+            client,
+            sink,
+            shutdown,
+            task,
+            _token: token,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("client stops on shutdown")
+            .expect("client task");
+    }
+}
+
+fn workload(name: &str, ip: [u8; 4]) -> Resource {
+    let w = Workload {
+        uid: format!("Kubernetes//Pod/default/{name}"),
+        name: name.into(),
+        namespace: "default".into(),
+        addresses: vec![ip.to_vec()],
+        tunnel_protocol: TunnelProtocol::Hbone.into(),
+        service_account: name.into(),
+        node: "node-a".into(),
+        ..Default::default()
+    };
+    resource(
+        &w.uid.clone(),
+        "v1",
+        &Address {
+            r#type: Some(address::Type::Workload(w)),
+        },
+    )
+}
+
+fn service(name: &str) -> Resource {
+    let s = Service {
+        name: name.into(),
+        namespace: "default".into(),
+        hostname: format!("{name}.default.svc.cluster.local"),
+        addresses: vec![NetworkAddress {
+            network: String::new(),
+            address: vec![10, 96, 0, 1],
+        }],
+        ports: vec![Port {
+            service_port: 80,
+            target_port: 8080,
+        }],
+        ..Default::default()
+    };
+    resource(
+        &format!("default/{name}.default.svc.cluster.local"),
+        "v1",
+        &Address {
+            r#type: Some(address::Type::Service(s)),
+        },
+    )
+}
+
+fn policy(name: &str, cidr_len: u32) -> Resource {
+    let a = Authorization {
+        name: name.into(),
+        namespace: "default".into(),
+        scope: sec::Scope::Namespace.into(),
+        action: sec::Action::Deny.into(),
+        rules: vec![sec::Rule {
+            clauses: vec![sec::Clause {
+                matches: vec![sec::Match {
+                    source_ips: vec![sec::Address {
+                        address: vec![10, 0, 0, 0],
+                        length: cidr_len,
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    };
+    resource(&format!("default/{name}"), "v1", &a)
+}
+
+fn resource<M: ambit_proto::prost::Name>(name: &str, version: &str, m: &M) -> Resource {
+    Resource {
+        name: name.into(),
+        version: version.into(),
+        resource: Some(Any::from_msg(m).expect("encode")),
+        ..Default::default()
+    }
+}
+
+fn response(
+    type_url: &str,
+    nonce: &str,
+    resources: Vec<Resource>,
+    removed: &[&str],
+) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
+        type_url: type_url.into(),
+        nonce: nonce.into(),
+        resources,
+        removed_resources: removed.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+#[tokio::test]
+async fn sends_node_and_auth_then_applies_and_acks_pushes() {
+    let tls = Tls::new();
+    let mut server = TestServer::start(&tls, localhost()).await;
+    let c = Running::start(&tls, server.addr);
+    let mut conn = server.next_conn().await;
+
+    // Who we are, as ztunnel says it.
+    assert_eq!(
+        conn.metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer secret-token")
+    );
+    assert_eq!(
+        conn.metadata.get("clusterid").and_then(|v| v.to_str().ok()),
+        Some("Kubernetes")
+    );
+    let subs = conn.subscriptions().await;
+    for s in &subs {
+        assert!(s.initial_resource_versions.is_empty());
+        let node = s.node.as_ref().expect("node on the initial requests");
+        assert_eq!(
+            node.id,
+            "ztunnel~10.0.0.5~ambit-x1.istio-system~istio-system.svc.cluster.local"
+        );
+        let meta: HashMap<&str, &str> = node
+            .metadata
+            .as_ref()
+            .expect("metadata")
+            .fields
+            .iter()
+            .filter_map(|(k, v)| match &v.kind {
+                Some(Kind::StringValue(s)) => Some((k.as_str(), s.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            meta,
+            HashMap::from([
+                ("NAME", "ambit-x1"),
+                ("NAMESPACE", "istio-system"),
+                ("INSTANCE_IPS", "10.0.0.5,fd00::5"),
+                ("NODE_NAME", "node-a"),
+                ("CLUSTER_ID", "Kubernetes"),
+            ])
+        );
+    }
+    assert_eq!(c.client.node_id(), subs[0].node.as_ref().expect("node").id);
+
+    // Workloads and a service; readiness waits for the policy type too.
+    let reply = conn
+        .push_and_reply(response(
+            ADDRESS_TYPE_URL,
+            "a1",
+            vec![
+                workload("sleep", [10, 0, 0, 7]),
+                workload("echo", [10, 0, 0, 8]),
+                service("echo"),
+            ],
+            &[],
+        ))
+        .await;
+    assert!(reply.error_detail.is_none(), "ACK: {reply:?}");
+    assert_eq!(
+        c.sink.address_names(),
+        vec![
+            "Kubernetes//Pod/default/echo",
+            "Kubernetes//Pod/default/sleep",
+            "default/echo.default.svc.cluster.local"
+        ]
+    );
+    {
+        let addresses = c.sink.addresses.lock().expect("lock");
+        let Some(AddressResource::Workload(w)) = addresses.get("Kubernetes//Pod/default/sleep")
+        else {
+            panic!("sleep is a workload: {addresses:?}");
+        };
+        assert_eq!(
+            w.identity.to_string(),
+            "spiffe://cluster.local/ns/default/sa/sleep"
+        );
+        assert!(w.hbone);
+        let Some(AddressResource::Service(s)) =
+            addresses.get("default/echo.default.svc.cluster.local")
+        else {
+            panic!("echo is a service: {addresses:?}");
+        };
+        assert_eq!(s.ports, vec![(80, 8080)]);
+    }
+    assert!(!c.client.is_ready(), "no policies yet");
+
+    // Istio's "nothing of this type" is an empty response; it makes the client ready.
+    let reply = conn
+        .push_and_reply(response(AUTHORIZATION_TYPE_URL, "p1", vec![], &[]))
+        .await;
+    assert!(reply.error_detail.is_none());
+    tokio::time::timeout(WAIT, c.client.wait_ready())
+        .await
+        .expect("ready after both types");
+
+    // A policy, then a removal of a workload.
+    conn.push_and_reply(response(
+        AUTHORIZATION_TYPE_URL,
+        "p2",
+        vec![policy("deny", 8)],
+        &[],
+    ))
+    .await;
+    assert_eq!(c.sink.policy_names(), vec!["default/deny"]);
+    conn.push_and_reply(response(
+        ADDRESS_TYPE_URL,
+        "a2",
+        vec![],
+        &["Kubernetes//Pod/default/echo"],
+    ))
+    .await;
+    assert_eq!(c.sink.address_names().len(), 2);
+
+    let status = c.client.status();
+    assert!(status.connected && status.ready);
+    assert_eq!((status.pushes, status.nacks, status.connections), (4, 0, 1));
+    assert_eq!((status.addresses, status.policies), (2, 1));
+    assert!(status.last_push_unix_ms.is_some());
+
+    drop(conn);
+    c.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_push_is_nacked_and_applies_nothing() {
+    let tls = Tls::new();
+    let mut server = TestServer::start(&tls, localhost()).await;
+    let c = Running::start(&tls, server.addr);
+    let mut conn = server.next_conn().await;
+    conn.subscriptions().await;
+    conn.push_and_reply(response(
+        ADDRESS_TYPE_URL,
+        "a1",
+        vec![workload("sleep", [10, 0, 0, 7])],
+        &[],
+    ))
+    .await;
+    let calls = c.sink.calls();
+
+    // A good workload, a 5-byte address and a removal in one response: none of it applies.
+    let mut bad = workload("bad", [10, 0, 0, 9]);
+    let mut a: Address = bad
+        .resource
+        .as_ref()
+        .expect("body")
+        .to_msg()
+        .expect("decode");
+    if let Some(address::Type::Workload(w)) = &mut a.r#type {
+        w.addresses.push(vec![1, 2, 3, 4, 5]);
+    }
+    bad.resource = Some(Any::from_msg(&a).expect("encode"));
+    let reply = conn
+        .push_and_reply(response(
+            ADDRESS_TYPE_URL,
+            "a2",
+            vec![workload("good", [10, 0, 0, 10]), bad],
+            &["Kubernetes//Pod/default/sleep"],
+        ))
+        .await;
+    let detail = reply.error_detail.expect("NACK");
+    assert_eq!(detail.code, 3);
+    assert!(
+        detail
+            .message
+            .contains("workload default/bad (uid \"Kubernetes//Pod/default/bad\"): addresses[1] is 5 bytes, not 4 or 16"),
+        "{}",
+        detail.message
+    );
+    assert!(!detail.message.contains("good"), "{}", detail.message);
+
+    // A policy with a bad CIDR, and a resource whose body does not decode.
+    let garbage = Resource {
+        name: "default/garbage".into(),
+        version: "v1".into(),
+        resource: Some(Any {
+            type_url: AUTHORIZATION_TYPE_URL.into(),
+            value: vec![0xff, 0xff, 0xff],
+        }),
+        ..Default::default()
+    };
+    let reply = conn
+        .push_and_reply(response(
+            AUTHORIZATION_TYPE_URL,
+            "p1",
+            vec![policy("ok", 8), policy("wide", 40), garbage],
+            &[],
+        ))
+        .await;
+    let detail = reply.error_detail.expect("NACK");
+    assert!(
+        detail.message.contains("policy default/wide: rules[0].clauses[0].matches[0].source_ips[0]: 10.0.0.0/40 has a prefix length above 32"),
+        "{}",
+        detail.message
+    );
+    assert!(
+        detail
+            .message
+            .contains("resource default/garbage: does not decode"),
+        "{}",
+        detail.message
+    );
+
+    // Nothing reached the sink; the last good state stands and the client is not ready.
+    assert_eq!(c.sink.calls(), calls);
+    assert_eq!(
+        c.sink.address_names(),
+        vec!["Kubernetes//Pod/default/sleep"]
+    );
+    assert!(c.sink.policy_names().is_empty());
+    assert!(!c.client.is_ready(), "a NACKed response does not count");
+    let status = c.client.status();
+    assert_eq!((status.pushes, status.nacks), (1, 2));
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("NACK"))
+    );
+
+    // The stream goes on: a corrected push is applied.
+    let reply = conn
+        .push_and_reply(response(
+            AUTHORIZATION_TYPE_URL,
+            "p2",
+            vec![policy("ok", 8)],
+            &[],
+        ))
+        .await;
+    assert!(reply.error_detail.is_none());
+    assert_eq!(c.sink.policy_names(), vec!["default/ok"]);
+    assert!(c.client.is_ready());
+
+    drop(conn);
+    c.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reconnects_after_a_restart_and_resends_versions() {
+    let tls = Tls::new();
+    let mut server = TestServer::start(&tls, localhost()).await;
+    let addr = server.addr;
+    let c = Running::start(&tls, addr);
+    let mut conn = server.next_conn().await;
+    conn.subscriptions().await;
+    let mut v2 = workload("echo", [10, 0, 0, 8]);
+    v2.version = "v2".into();
+    conn.push_and_reply(response(
+        ADDRESS_TYPE_URL,
+        "a1",
+        vec![workload("sleep", [10, 0, 0, 7]), v2, service("echo")],
+        &[],
+    ))
+    .await;
+    conn.push_and_reply(response(
+        AUTHORIZATION_TYPE_URL,
+        "p1",
+        vec![policy("deny", 8)],
+        &[],
+    ))
+    .await;
+    assert!(c.client.is_ready());
+
+    // The server goes away (its streams end, then it stops listening) and comes back on the
+    // same address after a while: the client retries with backoff meanwhile.
+    drop(conn);
+    server.stop().await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let status = c.client.status();
+    assert!(!status.connected);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot connect")),
+        "{status:?}"
+    );
+    assert!(c.client.is_ready(), "the state held still serves");
+
+    let mut server = TestServer::start(&tls, addr).await;
+    let mut conn = server.next_conn().await;
+    let [addresses, policies] = conn.subscriptions().await;
+    assert_eq!(
+        addresses.initial_resource_versions,
+        HashMap::from([
+            ("Kubernetes//Pod/default/sleep".to_owned(), "v1".to_owned()),
+            ("Kubernetes//Pod/default/echo".to_owned(), "v2".to_owned()),
+            (
+                "default/echo.default.svc.cluster.local".to_owned(),
+                "v1".to_owned()
+            ),
+        ])
+    );
+    assert_eq!(
+        policies.initial_resource_versions,
+        HashMap::from([("default/deny".to_owned(), "v1".to_owned())])
+    );
+    assert!(addresses.node.is_some());
+
+    // The new server's view converges: it removes what is gone.
+    conn.push_and_reply(response(
+        ADDRESS_TYPE_URL,
+        "b1",
+        vec![],
+        &["Kubernetes//Pod/default/echo"],
+    ))
+    .await;
+    assert_eq!(c.sink.address_names().len(), 2);
+    let status = c.client.status();
+    assert!(status.connected);
+    assert_eq!(status.connections, 2);
+
+    drop(conn);
+    c.stop().await;
+    server.stop().await;
+}
+
+#[test]
+fn validates_the_config() {
+    let tls = Tls::new();
+    let cfg = |address: &str, node: NodeInfo| XdsConfig {
+        address: address.to_owned(),
+        root_cert_pem: tls.cert_pem.clone().into_bytes(),
+        token_path: None,
+        server_name: None,
+        node,
+    };
+    let sink: Arc<dyn XdsSink> = Arc::new(MemSink::default());
+    for (address, node, want) in [
+        ("http://istiod:15012", node(), "https://"),
+        ("istiod:15012", node(), "https://"),
+        (
+            "https://istiod:15012",
+            NodeInfo {
+                instance_ips: vec![],
+                ..node()
+            },
+            "instance_ips is empty",
+        ),
+        (
+            "https://istiod:15012",
+            NodeInfo {
+                cluster_id: "a\nb".into(),
+                ..node()
+            },
+            "cluster id",
+        ),
+    ] {
+        let e = XdsClient::new(cfg(address, node), sink.clone())
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains(want)),
+            "{address}: {e:?}"
+        );
+    }
+    let mut bad_root = cfg("https://istiod:15012", node());
+    bad_root.root_cert_pem = b"nothing".to_vec();
+    assert!(matches!(
+        XdsClient::new(bad_root, sink.clone()),
+        Err(Error::RootCert(_))
+    ));
+    XdsClient::new(cfg("https://istiod.istio-system.svc:15012", node()), sink).expect("valid");
+}

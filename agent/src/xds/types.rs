@@ -1,0 +1,465 @@
+//! `istio.workload.Address` (a workload or a service) as plain, validated data. Conversion
+//! refuses anything the agent could misread (an address that is neither 4 nor 16 bytes, a port
+//! above 65535, an identity that is not a valid SPIFFE id, an enum value it does not know), with
+//! an error naming the resource and the field, which the client sends back in its NACK.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ambit_proto::istio::workload::{
+    self as pb, GatewayAddress, NetworkMode, Port, TunnelProtocol, WorkloadStatus, address,
+    gateway_address,
+};
+
+use super::Error;
+use crate::identity::Identity;
+
+/// The trust domain of a workload whose `trust_domain` is empty (the mesh default).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// The service account of a workload whose `service_account` is empty.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// One `istio.workload.Address` resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddressResource {
+    Workload(XdsWorkload),
+    Service(XdsService),
+}
+
+/// A workload (pod, VM...) as istiod describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdsWorkload {
+    /// Globally unique id (istiod: `<cluster>//Pod/<namespace>/<name>`); the resource name.
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    /// Its addresses on its network (the network is ignored for now). Empty when the workload is
+    /// reached by `hostname`.
+    pub ips: Vec<IpAddr>,
+    /// A DNS name, set instead of `ips` for workloads reached by name (not supported yet by the
+    /// data path; kept so it can be reported).
+    pub hostname: String,
+    /// `spiffe://<trust_domain or cluster.local>/ns/<namespace>/sa/<service_account or default>`.
+    pub identity: Identity,
+    /// Tunnel protocol HBONE: the workload is in the mesh and is reached through 15008.
+    pub hbone: bool,
+    /// Host-network workload: its IP is shared, so it must not be looked up by IP.
+    pub host_network: bool,
+    /// The Kubernetes node it runs on.
+    pub node: String,
+    /// The services it backs, with its own port mappings.
+    pub services: Vec<WorkloadService>,
+    /// `namespace/name` of the workload-selector policies that apply to it.
+    pub authorization_policies: Vec<String>,
+    /// The waypoint traffic to it must go through (not enforced yet; kept for later).
+    pub waypoint: Option<XdsGateway>,
+    /// istiod's readiness of the workload (`status == HEALTHY`).
+    pub healthy: bool,
+}
+
+/// A service a workload backs: one entry of the workload's `services` map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadService {
+    /// The map key, `namespace/hostname`: also the service's xDS resource name.
+    pub key: String,
+    pub namespace: String,
+    pub hostname: String,
+    /// `(service_port, target_port)` for this workload. A `target_port` of 0 means "not
+    /// overridden": use the service's target port (and if that is 0 too, the service port).
+    pub ports: Vec<(u16, u16)>,
+}
+
+/// A service: a hostname and virtual IPs in front of the workloads that list it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdsService {
+    pub name: String,
+    pub namespace: String,
+    /// Fully qualified, e.g. `echo.default.svc.cluster.local`.
+    pub hostname: String,
+    /// Virtual IPs (networks ignored for now). Empty for a headless service.
+    pub vips: Vec<IpAddr>,
+    /// `(service_port, target_port)`. A `target_port` of 0 means "the same as the service port"
+    /// unless the endpoint's own mapping ([`WorkloadService::ports`]) says otherwise.
+    pub ports: Vec<(u16, u16)>,
+    /// The waypoint traffic to it must go through (not enforced yet; kept for later).
+    pub waypoint: Option<XdsGateway>,
+}
+
+impl XdsService {
+    /// `namespace/hostname`, the key workloads use for it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// A waypoint or gateway address, kept raw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdsGateway {
+    pub destination: GatewayDestination,
+    /// HBONE port, normally 15008.
+    pub hbone_mtls_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewayDestination {
+    Address(IpAddr),
+    /// A service, by namespace and hostname.
+    Hostname {
+        namespace: String,
+        hostname: String,
+    },
+}
+
+/// Converts and validates one decoded `Address` whose xDS resource name is `name` (used in
+/// errors).
+pub fn address_from_proto(name: &str, a: pb::Address) -> Result<AddressResource, Error> {
+    match a.r#type {
+        Some(address::Type::Workload(w)) => workload_from_proto(w).map(AddressResource::Workload),
+        Some(address::Type::Service(s)) => service_from_proto(s).map(AddressResource::Service),
+        None => Err(Error::Resource {
+            resource: format!("address {name}"),
+            why: "it is neither a workload nor a service (field `type` is not set)".to_owned(),
+        }),
+    }
+}
+
+fn workload_from_proto(w: pb::Workload) -> Result<XdsWorkload, Error> {
+    let resource = format!("workload {}/{} (uid {:?})", w.namespace, w.name, w.uid);
+    let bad = |why: String| Error::Resource {
+        resource: resource.clone(),
+        why,
+    };
+    if w.uid.is_empty() {
+        return Err(bad("uid is empty".to_owned()));
+    }
+    let ips = w
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, b)| ip_from_bytes(b).map_err(|why| bad(format!("addresses[{i}] {why}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if ips.is_empty() && w.hostname.is_empty() {
+        return Err(bad("it has neither addresses nor a hostname".to_owned()));
+    }
+    let trust_domain = if w.trust_domain.is_empty() {
+        DEFAULT_TRUST_DOMAIN
+    } else {
+        &w.trust_domain
+    };
+    let service_account = if w.service_account.is_empty() {
+        DEFAULT_SERVICE_ACCOUNT
+    } else {
+        &w.service_account
+    };
+    let identity = Identity::new(trust_domain, &w.namespace, service_account).map_err(|e| {
+        bad(format!(
+            "trust_domain, namespace and service_account do not make a valid identity: {e}"
+        ))
+    })?;
+    let hbone = match TunnelProtocol::try_from(w.tunnel_protocol) {
+        Ok(TunnelProtocol::Hbone) => true,
+        Ok(TunnelProtocol::None) => false,
+        Err(_) => {
+            return Err(bad(format!(
+                "tunnel_protocol {} is not NONE or HBONE",
+                w.tunnel_protocol
+            )));
+        }
+    };
+    let host_network = match NetworkMode::try_from(w.network_mode) {
+        Ok(NetworkMode::HostNetwork) => true,
+        Ok(NetworkMode::Standard) => false,
+        Err(_) => {
+            return Err(bad(format!(
+                "network_mode {} is not STANDARD or HOST_NETWORK",
+                w.network_mode
+            )));
+        }
+    };
+    let healthy = match WorkloadStatus::try_from(w.status) {
+        Ok(WorkloadStatus::Healthy) => true,
+        Ok(WorkloadStatus::Unhealthy) => false,
+        Err(_) => {
+            return Err(bad(format!(
+                "status {} is not HEALTHY or UNHEALTHY",
+                w.status
+            )));
+        }
+    };
+    // Sorted by key: the proto map has no order, and equal input should give equal state.
+    let mut services = w
+        .services
+        .into_iter()
+        .map(|(key, list)| {
+            let Some((namespace, hostname)) = key
+                .split_once('/')
+                .filter(|(ns, host)| !ns.is_empty() && !host.is_empty())
+            else {
+                return Err(bad(format!(
+                    "services key {key:?} is not namespace/hostname"
+                )));
+            };
+            let ports =
+                ports(&list.ports).map_err(|why| bad(format!("services[{key:?}].ports: {why}")))?;
+            Ok(WorkloadService {
+                namespace: namespace.to_owned(),
+                hostname: hostname.to_owned(),
+                key,
+                ports,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    services.sort_by(|a, b| a.key.cmp(&b.key));
+    let waypoint = w
+        .waypoint
+        .map(|g| gateway(g).map_err(|why| bad(format!("waypoint: {why}"))))
+        .transpose()?;
+    Ok(XdsWorkload {
+        uid: w.uid,
+        name: w.name,
+        namespace: w.namespace,
+        ips,
+        hostname: w.hostname,
+        identity,
+        hbone,
+        host_network,
+        node: w.node,
+        services,
+        authorization_policies: w.authorization_policies,
+        waypoint,
+        healthy,
+    })
+}
+
+fn service_from_proto(s: pb::Service) -> Result<XdsService, Error> {
+    let resource = format!("service {}/{}", s.namespace, s.hostname);
+    let bad = |why: String| Error::Resource {
+        resource: resource.clone(),
+        why,
+    };
+    if s.namespace.is_empty() {
+        return Err(bad("namespace is empty".to_owned()));
+    }
+    if s.hostname.is_empty() {
+        return Err(bad("hostname is empty".to_owned()));
+    }
+    let vips = s
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ip_from_bytes(&a.address).map_err(|why| bad(format!("addresses[{i}] {why}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = ports(&s.ports).map_err(|why| bad(format!("ports: {why}")))?;
+    let waypoint = s
+        .waypoint
+        .map(|g| gateway(g).map_err(|why| bad(format!("waypoint: {why}"))))
+        .transpose()?;
+    Ok(XdsService {
+        name: s.name,
+        namespace: s.namespace,
+        hostname: s.hostname,
+        vips,
+        ports,
+        waypoint,
+    })
+}
+
+/// 4 or 16 raw bytes. The error completes "addresses[i] ...".
+pub(super) fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, String> {
+    if let Ok(v4) = <[u8; 4]>::try_from(b) {
+        Ok(IpAddr::V4(Ipv4Addr::from(v4)))
+    } else if let Ok(v6) = <[u8; 16]>::try_from(b) {
+        Ok(IpAddr::V6(Ipv6Addr::from(v6)))
+    } else {
+        Err(format!("is {} bytes, not 4 or 16", b.len()))
+    }
+}
+
+pub(super) fn port(p: u32) -> Result<u16, String> {
+    u16::try_from(p).map_err(|_| format!("{p} is not a port (at most 65535)"))
+}
+
+fn ports(list: &[Port]) -> Result<Vec<(u16, u16)>, String> {
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let service_port =
+                port(p.service_port).map_err(|why| format!("[{i}].service_port {why}"))?;
+            if service_port == 0 {
+                return Err(format!("[{i}].service_port is 0"));
+            }
+            let target_port =
+                port(p.target_port).map_err(|why| format!("[{i}].target_port {why}"))?;
+            Ok((service_port, target_port))
+        })
+        .collect()
+}
+
+fn gateway(g: GatewayAddress) -> Result<XdsGateway, String> {
+    let destination = match g.destination {
+        Some(gateway_address::Destination::Address(a)) => GatewayDestination::Address(
+            ip_from_bytes(&a.address).map_err(|why| format!("address {why}"))?,
+        ),
+        Some(gateway_address::Destination::Hostname(h)) => GatewayDestination::Hostname {
+            namespace: h.namespace,
+            hostname: h.hostname,
+        },
+        None => return Err("destination is not set".to_owned()),
+    };
+    let hbone_mtls_port =
+        port(g.hbone_mtls_port).map_err(|why| format!("hbone_mtls_port {why}"))?;
+    Ok(XdsGateway {
+        destination,
+        hbone_mtls_port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use ambit_proto::istio::workload::{NetworkAddress, PortList, Service, Workload};
+
+    use super::*;
+
+    fn workload() -> Workload {
+        Workload {
+            uid: "Kubernetes//Pod/default/sleep-1".into(),
+            name: "sleep-1".into(),
+            namespace: "default".into(),
+            addresses: vec![vec![10, 0, 0, 7]],
+            tunnel_protocol: TunnelProtocol::Hbone.into(),
+            service_account: "sleep".into(),
+            node: "node-a".into(),
+            services: HashMap::from([(
+                "default/echo.default.svc.cluster.local".into(),
+                PortList {
+                    ports: vec![Port {
+                        service_port: 80,
+                        target_port: 8080,
+                    }],
+                },
+            )]),
+            authorization_policies: vec!["default/allow".into()],
+            ..Default::default()
+        }
+    }
+
+    fn wrap(w: Workload) -> pb::Address {
+        pb::Address {
+            r#type: Some(address::Type::Workload(w)),
+        }
+    }
+
+    #[test]
+    fn converts_a_workload_with_defaults() {
+        let AddressResource::Workload(w) =
+            address_from_proto("x", wrap(workload())).expect("valid")
+        else {
+            panic!("not a workload");
+        };
+        assert_eq!(w.uid, "Kubernetes//Pod/default/sleep-1");
+        assert_eq!(w.ips, vec![IpAddr::from([10, 0, 0, 7])]);
+        assert_eq!(
+            w.identity.to_string(),
+            "spiffe://cluster.local/ns/default/sa/sleep"
+        );
+        assert!(w.hbone && w.healthy && !w.host_network);
+        assert_eq!(w.services.len(), 1);
+        assert_eq!(w.services[0].namespace, "default");
+        assert_eq!(w.services[0].hostname, "echo.default.svc.cluster.local");
+        assert_eq!(w.services[0].ports, vec![(80, 8080)]);
+        assert_eq!(w.authorization_policies, vec!["default/allow"]);
+
+        let mut pw = workload();
+        pw.service_account.clear();
+        pw.trust_domain = "example.org".into();
+        pw.tunnel_protocol = TunnelProtocol::None.into();
+        pw.status = WorkloadStatus::Unhealthy.into();
+        pw.addresses.push(vec![0xfd; 16]);
+        let AddressResource::Workload(w) = address_from_proto("x", wrap(pw)).expect("valid") else {
+            panic!("not a workload");
+        };
+        assert_eq!(
+            w.identity.to_string(),
+            "spiffe://example.org/ns/default/sa/default"
+        );
+        assert!(!w.hbone && !w.healthy);
+        assert_eq!(w.ips.len(), 2);
+    }
+
+    #[test]
+    fn converts_a_service() {
+        let s = Service {
+            name: "echo".into(),
+            namespace: "default".into(),
+            hostname: "echo.default.svc.cluster.local".into(),
+            addresses: vec![NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 1],
+            }],
+            ports: vec![Port {
+                service_port: 80,
+                target_port: 0,
+            }],
+            ..Default::default()
+        };
+        let a = pb::Address {
+            r#type: Some(address::Type::Service(s)),
+        };
+        let AddressResource::Service(s) = address_from_proto("x", a).expect("valid") else {
+            panic!("not a service");
+        };
+        assert_eq!(s.vips, vec![IpAddr::from([10, 96, 0, 1])]);
+        assert_eq!(s.ports, vec![(80, 0)]);
+        assert_eq!(s.key(), "default/echo.default.svc.cluster.local");
+    }
+
+    #[test]
+    fn errors_name_the_resource_and_field() {
+        let mut cases: Vec<(Workload, &str)> = Vec::new();
+        let mut w = workload();
+        w.addresses.push(vec![1, 2, 3, 4, 5]);
+        cases.push((w, "addresses[1] is 5 bytes, not 4 or 16"));
+        let mut w = workload();
+        w.uid.clear();
+        cases.push((w, "uid is empty"));
+        let mut w = workload();
+        w.namespace = "Default".into();
+        cases.push((w, "namespace"));
+        let mut w = workload();
+        w.tunnel_protocol = 7;
+        cases.push((w, "tunnel_protocol 7"));
+        let mut w = workload();
+        w.services.insert(
+            "default/bad".into(),
+            PortList {
+                ports: vec![Port {
+                    service_port: 70000,
+                    target_port: 1,
+                }],
+            },
+        );
+        cases.push((w, "services[\"default/bad\"].ports: [0].service_port 70000"));
+        let mut w = workload();
+        w.services.insert("nohost".into(), PortList::default());
+        cases.push((w, "\"nohost\" is not namespace/hostname"));
+        let mut w = workload();
+        w.addresses.clear();
+        cases.push((w, "neither addresses nor a hostname"));
+        for (w, want) in cases {
+            let e = address_from_proto("x", wrap(w))
+                .expect_err(want)
+                .to_string();
+            assert!(
+                e.starts_with("workload default/sleep-1 (uid ")
+                    || e.starts_with("workload Default/sleep-1 (uid "),
+                "{e}"
+            );
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+        let e = address_from_proto("n", pb::Address { r#type: None })
+            .expect_err("empty")
+            .to_string();
+        assert!(e.contains("address n") && e.contains("neither"), "{e}");
+    }
+}
