@@ -32,9 +32,10 @@ use crate::{
     policy::PolicyStore,
     proxy::{self, PodInfo, PodListeners, ProxyContext},
     redirect::{self, CaptureOptions, Netns, Redirect, routing},
-    state::{Snapshot, Workloads},
+    state::{Sources, Workloads},
     tls::{self, CertResolver, TrustRoots},
     tunnel::client::Pool,
+    xds::{NodeInfo, XdsClient, XdsConfig},
 };
 
 /// How often the config file is checked for changes (SIGHUP applies at once).
@@ -76,7 +77,31 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         policies: arc_swap::ArcSwap::from_pointee(PolicyStore::new()),
         live: Default::default(),
     });
+    let sources = {
+        let ctx = ctx.clone();
+        Arc::new(Sources::new(move |snapshot, policies| {
+            ctx.workloads.replace(snapshot);
+            // New connections are judged by the new policies at once, open ones re-judged.
+            let closed = ctx.set_policies(policies);
+            if closed > 0 {
+                info!(
+                    closed,
+                    "closed open connections the new policies no longer allow"
+                );
+            }
+        }))
+    };
+    if let Some(x) = &config.xds {
+        let client = Arc::new(build_xds(x, &config, sources.clone())?);
+        control_tasks.spawn(client.clone().run(shutdown.clone()));
+        let ready = client.clone();
+        control_tasks.spawn(async move {
+            ready.wait_ready().await;
+            info!(address = %ready.status().address, "xDS ready: first full state applied");
+        });
+    }
     let mut pods = PodManager {
+        sources,
         redirect,
         ctx: ctx.clone(),
         active: BTreeMap::new(),
@@ -166,6 +191,7 @@ fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
             new.cert_lifetime != old.cert_lifetime,
         ),
         ("hbone", new.hbone != old.hbone),
+        ("xds", new.xds != old.xds),
     ] {
         if changed {
             anyhow::bail!(
@@ -206,6 +232,8 @@ struct ActivePod {
 /// Keeps the served pods equal to the enrolled pods of the config.
 struct PodManager {
     redirect: Redirect,
+    /// Merges the config and xDS into the data path's state.
+    sources: Arc<Sources>,
     ctx: Arc<ProxyContext>,
     active: BTreeMap<String, ActivePod>,
     /// Pods that could not be enrolled, with the last error (retried on every tick).
@@ -216,18 +244,8 @@ struct PodManager {
 
 impl PodManager {
     fn apply(&mut self, config: &Config) -> anyhow::Result<()> {
-        // Workloads and identities first: a pod enrolled below can tunnel at once.
-        self.ctx.workloads.replace(Snapshot::from_config(config));
-        // New connections are judged by the new policies at once.
-        let closed = self
-            .ctx
-            .set_policies(config.policies.iter().cloned().collect());
-        if closed > 0 {
-            info!(
-                closed,
-                "closed open connections the new policies no longer allow"
-            );
-        }
+        // Workloads, policies and identities first: a pod enrolled below can tunnel at once.
+        self.sources.set_config(Arc::new(config.clone()));
         self.ctx
             .certs
             .set_identities(config.enrolled_pods().map(|p| p.identity.clone()));
@@ -394,6 +412,32 @@ async fn follow_pod_cert(ctx: Arc<ProxyContext>, pod: Arc<PodInfo>, cancel: Canc
             changed = updates.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// The xDS client for the configured control plane.
+fn build_xds(
+    x: &crate::config::XdsSettings,
+    config: &Config,
+    sink: Arc<Sources>,
+) -> anyhow::Result<XdsClient> {
+    let root = std::fs::read(&x.root_cert)
+        .with_context(|| format!("cannot read xds.rootCert {}", x.root_cert.display()))?;
+    Ok(XdsClient::new(
+        XdsConfig {
+            address: x.address.clone(),
+            root_cert_pem: root,
+            token_path: x.token_path.clone(),
+            server_name: x.server_name.clone(),
+            node: NodeInfo {
+                node_name: config.node.clone(),
+                pod_name: x.pod_name.clone(),
+                pod_namespace: x.pod_namespace.clone(),
+                instance_ips: config.node_addresses.clone(),
+                cluster_id: x.cluster_id.clone(),
+            },
+        },
+        sink,
+    )?)
 }
 
 /// The configured certificate authority and the mesh's trust anchors.

@@ -121,6 +121,23 @@ pub struct Peer {
     pub services: Vec<String>,
 }
 
+/// The control plane (istiod) the agent takes workloads, services and policies from by xDS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XdsSettings {
+    /// `https://host:port`, e.g. `https://istiod.istio-system.svc:15012`.
+    pub address: String,
+    /// PEM root the server's certificate must chain to.
+    pub root_cert: PathBuf,
+    pub token_path: Option<PathBuf>,
+    /// Name to verify in the server's certificate, when connecting by IP.
+    pub server_name: Option<String>,
+    pub cluster_id: String,
+    /// How the agent introduces itself (Istio node-agent metadata).
+    pub pod_name: String,
+    pub pod_namespace: String,
+}
+
 /// A service: virtual IPs whose connections the agent spreads over the workloads that back it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -231,6 +248,8 @@ pub struct Config {
     pub policies: Vec<crate::policy::Policy>,
     /// Services (virtual IPs load-balanced by the agent).
     pub services: Vec<Service>,
+    /// A control plane to take the same state from, in addition to this file.
+    pub xds: Option<XdsSettings>,
 }
 
 mod secs {
@@ -310,6 +329,25 @@ struct RawConfig {
     services: Vec<RawService>,
     #[serde(default)]
     namespaces: BTreeMap<String, RawNamespace>,
+    #[serde(default)]
+    xds: Option<RawXds>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawXds {
+    address: String,
+    root_cert: PathBuf,
+    #[serde(default)]
+    token_path: Option<PathBuf>,
+    #[serde(default)]
+    server_name: Option<String>,
+    #[serde(default)]
+    cluster_id: Option<String>,
+    #[serde(default)]
+    pod_name: Option<String>,
+    #[serde(default)]
+    pod_namespace: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -840,7 +878,38 @@ impl RawConfig {
             }
         }
 
+        let xds = match self.xds {
+            None => None,
+            Some(x) => {
+                if !x.address.starts_with("https://") {
+                    return Err(invalid(
+                        "xds.address".into(),
+                        format!(
+                            "{:?} must be an https:// URL (xDS is only spoken over TLS)",
+                            x.address
+                        ),
+                    ));
+                }
+                if self.node_addresses.is_empty() {
+                    return Err(invalid(
+                        "nodeAddresses".into(),
+                        "xDS needs the node's addresses (sent to the control plane as INSTANCE_IPS)".into(),
+                    ));
+                }
+                Some(XdsSettings {
+                    address: x.address,
+                    root_cert: x.root_cert,
+                    token_path: x.token_path,
+                    server_name: x.server_name,
+                    cluster_id: x.cluster_id.unwrap_or_else(|| "Kubernetes".to_owned()),
+                    pod_name: x.pod_name.unwrap_or_else(|| format!("ambit-{}", self.node)),
+                    pod_namespace: x.pod_namespace.unwrap_or_else(|| "istio-system".to_owned()),
+                })
+            }
+        };
+
         Ok(Config {
+            xds,
             services,
             policies: self.policies,
             trust_domain,

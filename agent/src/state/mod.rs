@@ -2,21 +2,119 @@
 //! reached through HBONE. Written by the config sources through [`Workloads::replace`]; read by
 //! the data path as a consistent snapshot, without locks.
 //!
-//! Today the standalone config is the only source (local pods and `peers`); the xDS client fills
-//! the same store from a control plane.
+//! Two sources feed it through [`Sources`], the one writer: the local config (pods, `peers`,
+//! `services`, `policies`) and the xDS client (`istio.workload.Address`,
+//! `istio.security.Authorization`). Every change of either republishes a whole snapshot and
+//! policy store; the local config wins where both describe the same IP or VIP.
 
 use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
 };
 
 use arc_swap::ArcSwap;
 
-use crate::{config::Config, identity::Identity};
+use crate::{
+    config::Config,
+    identity::Identity,
+    policy::{Policy, PolicyStore},
+    xds::{AddressResource, XdsService, XdsSink, XdsWorkload},
+};
+
+/// What the xDS source currently holds, by resource name.
+#[derive(Default)]
+pub struct XdsState {
+    pub workloads: HashMap<String, XdsWorkload>,
+    pub services: HashMap<String, XdsService>,
+    pub policies: HashMap<String, Policy>,
+}
+
+/// The one writer of the data path's state: merges the local config and xDS and publishes a new
+/// snapshot and policy store whenever either changes.
+pub struct Sources {
+    config: Mutex<Option<Arc<Config>>>,
+    xds: Mutex<XdsState>,
+    publish: Box<dyn Fn(Snapshot, PolicyStore) + Send + Sync>,
+}
+
+impl Sources {
+    pub fn new(publish: impl Fn(Snapshot, PolicyStore) + Send + Sync + 'static) -> Sources {
+        Sources {
+            config: Mutex::new(None),
+            xds: Mutex::new(XdsState::default()),
+            publish: Box::new(publish),
+        }
+    }
+
+    pub fn set_config(&self, config: Arc<Config>) {
+        *lock(&self.config) = Some(config);
+        self.republish();
+    }
+
+    fn republish(&self) {
+        let Some(config) = lock(&self.config).clone() else {
+            // xDS arrived before the first config: published with it.
+            return;
+        };
+        let xds = lock(&self.xds);
+        let snapshot = Snapshot::build(&config, &xds);
+        let policies: PolicyStore = config
+            .policies
+            .iter()
+            .cloned()
+            .chain(xds.policies.values().cloned())
+            .collect();
+        drop(xds);
+        (self.publish)(snapshot, policies);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each update replaces whole entries; a poisoned lock still holds consistent data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl XdsSink for Sources {
+    fn apply_addresses(&self, upserts: Vec<(String, AddressResource)>, removes: Vec<String>) {
+        {
+            let mut xds = lock(&self.xds);
+            for name in removes {
+                xds.workloads.remove(&name);
+                xds.services.remove(&name);
+            }
+            for (name, r) in upserts {
+                match r {
+                    AddressResource::Workload(w) => {
+                        xds.services.remove(&name);
+                        xds.workloads.insert(name, w);
+                    }
+                    AddressResource::Service(s) => {
+                        xds.workloads.remove(&name);
+                        xds.services.insert(name, s);
+                    }
+                }
+            }
+        }
+        self.republish();
+    }
+
+    fn apply_policies(&self, upserts: Vec<(String, Policy)>, removes: Vec<String>) {
+        {
+            let mut xds = lock(&self.xds);
+            for name in removes {
+                xds.policies.remove(&name);
+            }
+            for (name, p) in upserts {
+                xds.policies.insert(name, p);
+            }
+        }
+        self.republish();
+    }
+}
 
 /// One workload.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,6 +129,8 @@ pub struct Workload {
     pub local: bool,
     /// Services it backs (`namespace/hostname`).
     pub services: Vec<String>,
+    /// Receives traffic (xDS status); unhealthy workloads are skipped as service endpoints.
+    pub healthy: bool,
 }
 
 impl Workload {
@@ -69,6 +169,9 @@ impl ServiceEntry {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n).find_map(|i| {
             let w = &self.endpoints[(start + i) % n];
+            if !w.healthy {
+                return None;
+            }
             let ip = w.ips.iter().find(|ip| ip.is_ipv4() == like.is_ipv4())?;
             Some((w.clone(), *ip))
         })
@@ -84,7 +187,28 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn from_config(config: &Config) -> Snapshot {
+        Snapshot::build(config, &XdsState::default())
+    }
+
+    /// The state from both sources: the local config and what xDS pushed. Where both name the
+    /// same IP, the local config wins (it knows the pod's netns; xDS only describes it).
+    pub fn build(config: &Config, xds: &XdsState) -> Snapshot {
         let mut by_ip = HashMap::new();
+        for w in xds.workloads.values() {
+            let w = Arc::new(Workload {
+                namespace: w.namespace.clone(),
+                name: Some(w.name.clone()),
+                identity: w.identity.clone(),
+                ips: w.ips.clone(),
+                hbone: w.hbone,
+                local: w.node == config.node,
+                services: w.services.iter().map(|s| s.key.clone()).collect(),
+                healthy: w.healthy,
+            });
+            for ip in &w.ips {
+                by_ip.insert(*ip, w.clone());
+            }
+        }
         for p in &config.pods {
             let w = Arc::new(Workload {
                 namespace: p.namespace.clone(),
@@ -94,6 +218,7 @@ impl Snapshot {
                 hbone: p.enrolled,
                 local: true,
                 services: p.services.clone(),
+                healthy: true,
             });
             for ip in &p.ips {
                 by_ip.insert(*ip, w.clone());
@@ -108,14 +233,29 @@ impl Snapshot {
                 hbone: p.hbone,
                 local: false,
                 services: p.services.clone(),
+                healthy: true,
             });
             for ip in &p.ips {
                 by_ip.insert(*ip, w.clone());
             }
         }
         let mut by_vip = HashMap::new();
-        for sv in &config.services {
-            let key = sv.key();
+        let xds_services = xds.services.values().map(|sv| {
+            let ports = sv
+                .ports
+                .iter()
+                .map(|(port, target)| crate::config::ServicePort {
+                    port: *port,
+                    target_port: (*target != 0).then_some(*target),
+                })
+                .collect();
+            (sv.key(), sv.vips.clone(), ports)
+        });
+        let config_services = config
+            .services
+            .iter()
+            .map(|sv| (sv.key(), sv.vips.clone(), sv.ports.clone()));
+        for (key, vips, ports) in xds_services.chain(config_services) {
             let mut endpoints: Vec<Arc<Workload>> = by_ip
                 .values()
                 .filter(|w: &&Arc<Workload>| w.services.contains(&key))
@@ -126,11 +266,11 @@ impl Snapshot {
             endpoints.dedup_by(|a, b| Arc::ptr_eq(a, b));
             let entry = Arc::new(ServiceEntry {
                 key,
-                ports: sv.ports.clone(),
+                ports,
                 endpoints,
                 next: AtomicUsize::new(0),
             });
-            for vip in &sv.vips {
+            for vip in &vips {
                 by_vip.insert(*vip, entry.clone());
             }
         }

@@ -793,3 +793,116 @@ fn validates_the_config() {
     ));
     XdsClient::new(cfg("https://istiod.istio-system.svc:15012", node()), sink).expect("valid");
 }
+
+/// Decodes a test resource as the client would.
+fn decoded_address(r: &Resource) -> AddressResource {
+    let any = r.resource.clone().expect("resource body");
+    let a: Address = any.to_msg().expect("decode");
+    address_from_proto(&r.name, a).expect("valid")
+}
+
+fn decoded_policy(r: &Resource) -> crate::policy::Policy {
+    let any = r.resource.clone().expect("resource body");
+    let a: Authorization = any.to_msg().expect("decode");
+    policy_from_proto(&r.name, a).expect("valid")
+}
+
+#[test]
+fn the_local_file_and_xds_produce_the_same_state_for_the_same_content() {
+    use crate::{
+        config::Config,
+        policy::{self, PolicyStore},
+        state::{Snapshot, Sources},
+    };
+    let base = "node: node-b\ncgroup: /x\n";
+    let file = format!(
+        "{base}\
+peers:
+  - {{namespace: default, name: w1, serviceAccount: w1, ips: [10.2.0.5], services: [default/echo]}}
+services:
+  - {{namespace: default, name: echo, vips: [10.96.0.1], ports: [{{port: 80, targetPort: 8080}}]}}
+policies:
+  - name: deny-10
+    namespace: default
+    scope: NAMESPACE
+    action: DENY
+    rules: [{{clauses: [{{matches: [{{sourceIps: [10.0.0.0/8]}}]}}]}}]
+"
+    );
+    let from_file = Config::parse(&file, std::path::Path::new("t.yaml")).expect("file config");
+    let empty = Config::parse(base, std::path::Path::new("t.yaml")).expect("empty config");
+
+    // The same content through the xDS sink.
+    let published: Arc<Mutex<Option<(Snapshot, PolicyStore)>>> = Arc::default();
+    let out = published.clone();
+    let sources = Sources::new(move |s, p| {
+        *out.lock().expect("lock") = Some((s, p));
+    });
+    sources.set_config(Arc::new(empty));
+    let mut w = match decoded_address(&workload("w1", [10, 2, 0, 5])) {
+        AddressResource::Workload(w) => w,
+        AddressResource::Service(_) => unreachable!("a workload"),
+    };
+    w.services = vec![WorkloadService {
+        key: "default/echo.default.svc.cluster.local".into(),
+        namespace: "default".into(),
+        hostname: "echo.default.svc.cluster.local".into(),
+        ports: Vec::new(),
+    }];
+    let mut svc = decoded_address(&service("echo"));
+    if let AddressResource::Service(s) = &mut svc {
+        s.vips = vec!["10.96.0.1".parse().expect("ip")];
+    }
+    sources.apply_addresses(
+        vec![
+            ("w1".into(), AddressResource::Workload(w)),
+            ("default/echo.default.svc.cluster.local".into(), svc),
+        ],
+        Vec::new(),
+    );
+    sources.apply_policies(
+        vec![(
+            "default/deny-10".into(),
+            decoded_policy(&policy("deny-10", 8)),
+        )],
+        Vec::new(),
+    );
+    let (xds_snap, xds_policies) = published.lock().expect("lock").take().expect("published");
+    let file_snap = Snapshot::from_config(&from_file);
+    let file_policies: PolicyStore = from_file.policies.iter().cloned().collect();
+
+    let ip: std::net::IpAddr = "10.2.0.5".parse().expect("ip");
+    let (a, b) = (
+        file_snap.by_ip(ip).expect("from file"),
+        xds_snap.by_ip(ip).expect("from xDS"),
+    );
+    assert_eq!(a.identity, b.identity);
+    assert_eq!(a.hbone, b.hbone);
+    assert_eq!(a.services, b.services);
+    let vip: std::net::IpAddr = "10.96.0.1".parse().expect("ip");
+    let (sa, sb) = (
+        file_snap.service_by_vip(vip).expect("file VIP"),
+        xds_snap.service_by_vip(vip).expect("xDS VIP"),
+    );
+    assert_eq!(sa.key, sb.key);
+    assert_eq!(sa.target_port(80), sb.target_port(80));
+    assert_eq!(
+        sa.pick(vip).map(|(_, ip)| ip),
+        sb.pick(vip).map(|(_, ip)| ip)
+    );
+
+    let conn = policy::Connection {
+        src_identity: None,
+        src_ip: "10.1.2.3".parse().expect("ip"),
+        dst_ip: ip,
+        dst_port: 8080,
+        dst_namespace: "default",
+        dst_policies: &[],
+    };
+    let (da, db) = (
+        policy::evaluate(&file_policies, &conn),
+        policy::evaluate(&xds_policies, &conn),
+    );
+    assert!(!da.allowed);
+    assert_eq!(da, db, "the same decision from either source");
+}
