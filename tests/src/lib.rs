@@ -41,6 +41,8 @@ mod workload;
 
 use std::time::Duration;
 
+pub mod xds_server;
+
 pub use agent::{Agent, AgentConfig, LogMark, PeerConfig, PodConfig};
 pub use bed::{KEEP_TMP_ENV, Node, NodeName, Pod, TestBed, cleanup_stale};
 pub use binaries::{

@@ -1,0 +1,241 @@
+//! A small Delta ADS server for the tests, speaking the same wire protocol as istiod: it listens
+//! inside a node's network namespace, sends every new stream the full current state of both
+//! resource types, forwards later pushes to every open stream, and records what clients send
+//! (subscriptions, ACKs, NACKs) so tests can check them.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::Path,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use ambit_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+    aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    },
+};
+use anyhow::{Context, Result, anyhow};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
+pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+
+#[derive(Default)]
+struct State {
+    /// type url -> name -> resource
+    resources: BTreeMap<String, BTreeMap<String, Resource>>,
+    /// Every request a client sent, in order.
+    requests: Vec<DeltaDiscoveryRequest>,
+    nonce: u64,
+}
+
+#[derive(Clone)]
+struct Ads {
+    state: Arc<Mutex<State>>,
+    pushes: broadcast::Sender<DeltaDiscoveryResponse>,
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = SotwStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        Err(Status::unimplemented("delta only"))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        let mut incoming = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        let mut pushes = self.pushes.subscribe();
+        tokio::spawn(async move {
+            let mut subscribed = 0;
+            loop {
+                tokio::select! {
+                    msg = incoming.next() => {
+                        let Some(Ok(msg)) = msg else { return };
+                        let is_subscription = msg.response_nonce.is_empty();
+                        let type_url = msg.type_url.clone();
+                        lock(&state).requests.push(msg);
+                        if is_subscription {
+                            // Answer a subscription with everything of that type (full state).
+                            let resp = {
+                                let mut s = lock(&state);
+                                s.nonce += 1;
+                                DeltaDiscoveryResponse {
+                                    type_url: type_url.clone(),
+                                    nonce: format!("n{}", s.nonce),
+                                    resources: s.resources.get(&type_url).map(|m| m.values().cloned().collect()).unwrap_or_default(),
+                                    ..Default::default()
+                                }
+                            };
+                            subscribed += 1;
+                            if tx.send(Ok(resp)).await.is_err() { return; }
+                        }
+                    }
+                    push = pushes.recv(), if subscribed >= 2 => {
+                        let Ok(push) = push else { return };
+                        if tx.send(Ok(push)).await.is_err() { return; }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The running server. Dropping it stops it.
+pub struct XdsServer {
+    addr: SocketAddr,
+    cert_pem: String,
+    ads: Ads,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl XdsServer {
+    /// Starts a server on `addr` inside the network namespace at `netns` (e.g. a node's), with a
+    /// self-signed certificate for `addr`'s IP.
+    pub fn start_in_netns(netns: &Path, addr: SocketAddr) -> Result<XdsServer> {
+        let netns = netns.to_owned();
+        // Sockets belong to the netns of the thread that creates them.
+        let std_listener = std::thread::spawn(move || -> Result<std::net::TcpListener> {
+            let f =
+                std::fs::File::open(&netns).with_context(|| format!("open {}", netns.display()))?;
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .join()
+        .map_err(|_| anyhow!("listener thread panicked"))??;
+        let cert = rcgen::generate_simple_self_signed(vec![addr.ip().to_string()])
+            .context("self-signed certificate")?;
+        let cert_pem = cert.cert.pem();
+        let identity =
+            tonic::transport::Identity::from_pem(cert.cert.pem(), cert.signing_key.serialize_pem());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let (pushes, _) = broadcast::channel(64);
+        let ads = Ads {
+            state: Arc::default(),
+            pushes,
+        };
+        let service = AggregatedDiscoveryServiceServer::new(ads.clone());
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::from_std(std_listener)?;
+            let server = tonic::transport::Server::builder()
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+                .serve_with_incoming_shutdown(
+                    service,
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    std::future::pending::<()>(),
+                );
+            tokio::spawn(server);
+            anyhow::Ok(())
+        })?;
+        Ok(XdsServer {
+            addr,
+            cert_pem,
+            ads,
+            _runtime: runtime,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The server's certificate (the client's root).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Pushes resources of `type_url` (and removals) to every open stream, remembering them
+    /// for later streams. Returns the push's nonce.
+    pub fn push(&self, type_url: &str, resources: Vec<Resource>, removed: Vec<String>) -> String {
+        let resp = {
+            let mut s = lock(&self.ads.state);
+            let held = s.resources.entry(type_url.to_owned()).or_default();
+            for name in &removed {
+                held.remove(name);
+            }
+            for r in &resources {
+                held.insert(r.name.clone(), r.clone());
+            }
+            s.nonce += 1;
+            DeltaDiscoveryResponse {
+                type_url: type_url.to_owned(),
+                nonce: format!("n{}", s.nonce),
+                resources,
+                removed_resources: removed,
+                ..Default::default()
+            }
+        };
+        let nonce = resp.nonce.clone();
+        let _ = self.ads.pushes.send(resp);
+        nonce
+    }
+
+    /// Pushes a response whose resources are NOT remembered (for invalid pushes).
+    pub fn push_once(&self, type_url: &str, resources: Vec<Resource>) -> String {
+        let resp = {
+            let mut s = lock(&self.ads.state);
+            s.nonce += 1;
+            DeltaDiscoveryResponse {
+                type_url: type_url.to_owned(),
+                nonce: format!("n{}", s.nonce),
+                resources,
+                ..Default::default()
+            }
+        };
+        let nonce = resp.nonce.clone();
+        let _ = self.ads.pushes.send(resp);
+        nonce
+    }
+
+    /// Waits for the client's answer to `nonce` (an ACK, or a NACK with `error_detail`).
+    pub fn wait_reply(&self, nonce: &str, timeout: Duration) -> Result<DeltaDiscoveryRequest> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = lock(&self.ads.state)
+                .requests
+                .iter()
+                .find(|r| r.response_nonce == nonce)
+                .cloned()
+            {
+                return Ok(r);
+            }
+            if Instant::now() >= deadline {
+                return Err(anyhow!("no reply to xDS push {nonce} within {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<DeltaDiscoveryRequest> {
+        lock(&self.ads.state).requests.clone()
+    }
+}

@@ -1,0 +1,211 @@
+//! The agents driven by a control plane: a test xDS server (the same Delta ADS wire protocol as
+//! istiod) pushes workloads and policy; the data path obeys at once. The agents' config files
+//! name no peers and no policies: everything here comes from xDS.
+
+use std::time::Duration;
+
+use ambit_proto::{
+    envoy::service::discovery::v3::Resource,
+    istio::{
+        security::{self as sec, Authorization},
+        workload::{Address, TunnelProtocol, Workload, address},
+    },
+    prost_types::Any,
+};
+use ambit_testbed::{
+    Pod, TestBed, log_field, log_message,
+    xds_server::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, XdsServer},
+};
+use serde_json::{Value, json};
+
+const PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(15);
+
+fn str_field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
+    log_field(line, name).and_then(Value::as_str)
+}
+
+fn workload(pod: &Pod, node: &str, address_bytes: Option<Vec<u8>>) -> Resource {
+    let addresses = match address_bytes {
+        Some(b) => vec![b],
+        None => vec![pod.ipv4().octets().to_vec(), pod.ipv6().octets().to_vec()],
+    };
+    let w = Workload {
+        uid: format!("Kubernetes//Pod/{}/{}", pod.namespace(), pod.name()),
+        name: pod.name().into(),
+        namespace: pod.namespace().into(),
+        addresses,
+        tunnel_protocol: TunnelProtocol::Hbone.into(),
+        service_account: pod.service_account().into(),
+        node: node.into(),
+        ..Default::default()
+    };
+    Resource {
+        name: w.uid.clone(),
+        version: "1".into(),
+        resource: Some(
+            Any::from_msg(&Address {
+                r#type: Some(address::Type::Workload(w)),
+            })
+            .expect("encode"),
+        ),
+        ..Default::default()
+    }
+}
+
+fn deny_principal(name: &str, principal: &str) -> Resource {
+    let a = Authorization {
+        name: name.into(),
+        namespace: "default".into(),
+        scope: sec::Scope::Namespace.into(),
+        action: sec::Action::Deny.into(),
+        rules: vec![sec::Rule {
+            clauses: vec![sec::Clause {
+                matches: vec![sec::Match {
+                    principals: vec![sec::StringMatch {
+                        match_type: Some(sec::string_match::MatchType::Exact(principal.into())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    };
+    Resource {
+        name: format!("default/{name}"),
+        version: "1".into(),
+        resource: Some(Any::from_msg(&a).expect("encode")),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_control_plane_drives_tunnels_and_policy_and_a_bad_push_is_nacked() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
+    let node_a = bed.add_node("node-a").expect("node-a");
+    let node_b = bed.add_node("node-b").expect("node-b");
+    let sleep = bed
+        .add_pod_in(&node_a, "sleep", "default", "sleep")
+        .expect("sleep");
+    let curl = bed
+        .add_pod_in(&node_a, "curl", "default", "curl")
+        .expect("curl");
+    let server = bed
+        .add_pod_in(&node_b, "server", "default", "server")
+        .expect("server");
+    let echo = server.serve(PORT).expect("echo");
+
+    let xds_addr = std::net::SocketAddr::new(node_a.underlay_v4().into(), 15010);
+    let xds = XdsServer::start_in_netns(&node_a.netns_path(), xds_addr).expect("xDS server");
+    let root = bed.tmp_dir().join("xds-root.pem");
+    std::fs::write(&root, xds.cert_pem()).expect("write root");
+    xds.push(
+        ADDRESS_TYPE_URL,
+        vec![
+            workload(&sleep, "node-a", None),
+            workload(&curl, "node-a", None),
+            workload(&server, "node-b", None),
+        ],
+        Vec::new(),
+    );
+
+    let xds_section = json!({"address": format!("https://{xds_addr}"), "rootCert": root});
+    let mut config_a = bed.agent_config(&node_a);
+    config_a.enroll(&sleep).enroll(&curl);
+    config_a.node_addresses = vec![node_a.underlay_v4().into()];
+    config_a.extra.insert("xds".into(), xds_section.clone());
+    let mut config_b = bed.agent_config(&node_b);
+    config_b.enroll(&server);
+    config_b.node_addresses = vec![node_b.underlay_v4().into()];
+    config_b.extra.insert("xds".into(), xds_section);
+    let agent_a = bed.start_agent(&config_a).expect("agent-a");
+    let agent_b = bed.start_agent(&config_b).expect("agent-b");
+    for agent in [&agent_a, &agent_b] {
+        agent
+            .wait_for_log(
+                |v| log_message(v).is_some_and(|m| m.starts_with("xDS ready")),
+                WAIT,
+            )
+            .expect("xDS ready");
+    }
+    let subscribed: Vec<String> = xds.requests().iter().map(|r| r.type_url.clone()).collect();
+    assert!(
+        subscribed.iter().any(|t| t == ADDRESS_TYPE_URL),
+        "{subscribed:?}"
+    );
+    assert!(
+        subscribed.iter().any(|t| t == AUTHORIZATION_TYPE_URL),
+        "{subscribed:?}"
+    );
+
+    // Traffic flows through HBONE, with identities that only xDS told the agents.
+    let dst = server.v4(PORT);
+    let mark = agent_a.mark();
+    let report = sleep.connect(dst, 10_000).expect("run client");
+    assert!(report.ok, "{report:#?}");
+    let out = agent_a
+        .wait_for_log_after(
+            mark,
+            |v| {
+                str_field(v, "target") == Some("access")
+                    && str_field(v, "direction") == Some("outbound")
+            },
+            WAIT,
+        )
+        .expect("outbound log");
+    assert_eq!(str_field(&out, "path"), Some("hbone"), "{out}");
+    assert_eq!(
+        str_field(&out, "dst.identity"),
+        Some("spiffe://cluster.local/ns/default/sa/server"),
+        "{out}"
+    );
+
+    // A DENY for sleep: its open connection is closed, new ones are refused within a second,
+    // curl still works.
+    let long = sleep
+        .spawn_connect(dst, 20_000, 4000, 10_000)
+        .expect("long client");
+    long.wait_connected(WAIT).expect("connected");
+    std::thread::sleep(Duration::from_millis(300));
+    let nonce = xds.push(
+        AUTHORIZATION_TYPE_URL,
+        vec![deny_principal(
+            "deny-sleep",
+            "cluster.local/ns/default/sa/sleep",
+        )],
+        Vec::new(),
+    );
+    let ack = xds
+        .wait_reply(&nonce, WAIT)
+        .expect("reply to the policy push");
+    assert!(ack.error_detail.is_none(), "ACK, not NACK: {ack:?}");
+    std::thread::sleep(Duration::from_millis(1000));
+    let accepted = echo.accepted_peers().len();
+    let report = sleep.connect_with(dst, 100, 0, 3000).expect("run client");
+    assert!(!report.ok, "sleep is denied: {report:#?}");
+    assert_eq!(
+        echo.accepted_peers().len(),
+        accepted,
+        "nothing reached the app"
+    );
+    assert!(
+        !long.wait().expect("long client").ok,
+        "sleep's open connection was closed"
+    );
+    let report = curl.connect(dst, 1000).expect("run client");
+    assert!(report.ok, "curl still allowed: {report:#?}");
+
+    // A push that does not validate is NACKed with a detail naming it; the last good state
+    // keeps serving.
+    let bad = workload(&curl, "node-a", Some(vec![10, 1, 0, 9, 9]));
+    let nonce = xds.push_once(ADDRESS_TYPE_URL, vec![bad]);
+    let reply = xds.wait_reply(&nonce, WAIT).expect("reply to the bad push");
+    assert_eq!(reply.type_url, ADDRESS_TYPE_URL);
+    let detail = reply.error_detail.expect("a NACK carries an error detail");
+    assert!(detail.message.contains("curl"), "{}", detail.message);
+    let report = curl.connect(dst, 1000).expect("run client");
+    assert!(report.ok, "the previous state keeps serving: {report:#?}");
+}
