@@ -96,7 +96,12 @@ impl ProxyContext {
     pub fn set_policies(&self, store: PolicyStore) -> usize {
         self.policies.store(Arc::new(store));
         let store = self.policies.load();
+        let snapshot = self.workloads.snapshot();
         self.live.close_where(|c| {
+            let named = snapshot
+                .by_ip(c.dst.ip())
+                .map(|w| w.policies.as_slice())
+                .unwrap_or_default();
             let d = policy::evaluate(
                 &store,
                 &policy::Connection {
@@ -105,7 +110,7 @@ impl ProxyContext {
                     dst_ip: c.dst.ip(),
                     dst_port: c.dst.port(),
                     dst_namespace: &c.dst_namespace,
-                    dst_policies: &[],
+                    dst_policies: named,
                 },
             );
             (!d.allowed).then(|| format!("closed: no longer allowed ({})", d.describe()))
@@ -122,6 +127,11 @@ impl ProxyContext {
         dst: SocketAddr,
     ) -> Decision {
         let store = self.policies.load();
+        let snapshot = self.workloads.snapshot();
+        let named = snapshot
+            .by_ip(dst.ip())
+            .map(|w| w.policies.as_slice())
+            .unwrap_or_default();
         let decision = policy::evaluate(
             &store,
             &policy::Connection {
@@ -130,7 +140,7 @@ impl ProxyContext {
                 dst_ip: dst.ip(),
                 dst_port: dst.port(),
                 dst_namespace: pod.identity.namespace(),
-                dst_policies: &[],
+                dst_policies: named,
             },
         );
         for hit in &decision.dry_run {

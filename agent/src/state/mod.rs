@@ -131,6 +131,8 @@ pub struct Workload {
     pub services: Vec<String>,
     /// Receives traffic (xDS status); unhealthy workloads are skipped as service endpoints.
     pub healthy: bool,
+    /// Authorization policies that name this workload (`namespace/name`, from xDS).
+    pub policies: Vec<String>,
 }
 
 impl Workload {
@@ -204,6 +206,7 @@ impl Snapshot {
                 local: w.node == config.node,
                 services: w.services.iter().map(|s| s.key.clone()).collect(),
                 healthy: w.healthy,
+                policies: w.authorization_policies.clone(),
             });
             for ip in &w.ips {
                 by_ip.insert(*ip, w.clone());
@@ -219,6 +222,7 @@ impl Snapshot {
                 local: true,
                 services: p.services.clone(),
                 healthy: true,
+                policies: xds_policies_for(xds, &p.ips),
             });
             for ip in &p.ips {
                 by_ip.insert(*ip, w.clone());
@@ -234,6 +238,7 @@ impl Snapshot {
                 local: false,
                 services: p.services.clone(),
                 healthy: true,
+                policies: xds_policies_for(xds, &p.ips),
             });
             for ip in &p.ips {
                 by_ip.insert(*ip, w.clone());
@@ -285,6 +290,16 @@ impl Snapshot {
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip.to_canonical())
     }
+}
+
+/// The policies xDS attaches to the workload at any of `ips` (the local config describes the
+/// pod, xDS may still name policies for it).
+fn xds_policies_for(xds: &XdsState, ips: &[IpAddr]) -> Vec<String> {
+    xds.workloads
+        .values()
+        .find(|w| w.ips.iter().any(|ip| ips.contains(ip)))
+        .map(|w| w.authorization_policies.clone())
+        .unwrap_or_default()
 }
 
 /// The store: one writer (the config source), many lock-free readers.

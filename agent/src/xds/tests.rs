@@ -906,3 +906,45 @@ policies:
     assert!(!da.allowed);
     assert_eq!(da, db, "the same decision from either source");
 }
+
+#[test]
+fn policies_named_by_a_workload_apply_to_it() {
+    use crate::{
+        config::Config,
+        policy::{self, Scope},
+        state::{Snapshot, XdsState},
+    };
+    let config =
+        Config::parse("node: n\ncgroup: /x\n", std::path::Path::new("t.yaml")).expect("config");
+    let mut xds = XdsState::default();
+    let mut w = match decoded_address(&workload("w1", [10, 2, 0, 5])) {
+        AddressResource::Workload(w) => w,
+        AddressResource::Service(_) => unreachable!("a workload"),
+    };
+    w.authorization_policies = vec!["default/only-w1".into()];
+    xds.workloads.insert("w1".into(), w);
+    let snapshot = Snapshot::build(&config, &xds);
+    let mut p = decoded_policy(&policy("only-w1", 8));
+    p.scope = Scope::WorkloadSelector;
+    let store: policy::PolicyStore = std::iter::once(p).collect();
+    let ip: std::net::IpAddr = "10.2.0.5".parse().expect("ip");
+    let named = &snapshot.by_ip(ip).expect("workload").policies;
+    let conn = |dst_policies: &[String]| {
+        policy::evaluate(
+            &store,
+            &policy::Connection {
+                src_identity: None,
+                src_ip: "10.1.2.3".parse().expect("ip"),
+                dst_ip: ip,
+                dst_port: 8080,
+                dst_namespace: "default",
+                dst_policies,
+            },
+        )
+    };
+    assert!(!conn(named).allowed, "the workload's own policy denies");
+    assert!(
+        conn(&[]).allowed,
+        "a workload-selector policy applies only where named"
+    );
+}
