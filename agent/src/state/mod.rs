@@ -195,6 +195,20 @@ impl Snapshot {
     /// The state from both sources: the local config and what xDS pushed. Where both name the
     /// same IP, the local config wins (it knows the pod's netns; xDS only describes it).
     pub fn build(config: &Config, xds: &XdsState) -> Snapshot {
+        // Policies xDS names for an IP: for local pods the config describes them, xDS may still
+        // attach policies.
+        let xds_policies: HashMap<IpAddr, &Vec<String>> = xds
+            .workloads
+            .values()
+            .filter(|w| !w.authorization_policies.is_empty())
+            .flat_map(|w| w.ips.iter().map(move |ip| (*ip, &w.authorization_policies)))
+            .collect();
+        let policies_for = |ips: &[IpAddr]| {
+            ips.iter()
+                .find_map(|ip| xds_policies.get(ip))
+                .map(|p| (*p).clone())
+                .unwrap_or_default()
+        };
         let mut by_ip = HashMap::new();
         for w in xds.workloads.values() {
             let w = Arc::new(Workload {
@@ -222,7 +236,7 @@ impl Snapshot {
                 local: true,
                 services: p.services.clone(),
                 healthy: true,
-                policies: xds_policies_for(xds, &p.ips),
+                policies: policies_for(&p.ips),
             });
             for ip in &p.ips {
                 by_ip.insert(*ip, w.clone());
@@ -238,7 +252,7 @@ impl Snapshot {
                 local: false,
                 services: p.services.clone(),
                 healthy: true,
-                policies: xds_policies_for(xds, &p.ips),
+                policies: policies_for(&p.ips),
             });
             for ip in &p.ips {
                 by_ip.insert(*ip, w.clone());
@@ -260,12 +274,15 @@ impl Snapshot {
             .services
             .iter()
             .map(|sv| (sv.key(), sv.vips.clone(), sv.ports.clone()));
+        // Endpoints grouped by service in one pass over the workloads (not one pass per service).
+        let mut backing: HashMap<&str, Vec<Arc<Workload>>> = HashMap::new();
+        for w in by_ip.values() {
+            for key in &w.services {
+                backing.entry(key.as_str()).or_default().push(w.clone());
+            }
+        }
         for (key, vips, ports) in xds_services.chain(config_services) {
-            let mut endpoints: Vec<Arc<Workload>> = by_ip
-                .values()
-                .filter(|w: &&Arc<Workload>| w.services.contains(&key))
-                .cloned()
-                .collect();
+            let mut endpoints = backing.get(key.as_str()).cloned().unwrap_or_default();
             // One entry per workload (it is indexed once per IP), in a stable order.
             endpoints.sort_by(|a, b| a.ips.cmp(&b.ips));
             endpoints.dedup_by(|a, b| Arc::ptr_eq(a, b));
@@ -290,16 +307,6 @@ impl Snapshot {
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip.to_canonical())
     }
-}
-
-/// The policies xDS attaches to the workload at any of `ips` (the local config describes the
-/// pod, xDS may still name policies for it).
-fn xds_policies_for(xds: &XdsState, ips: &[IpAddr]) -> Vec<String> {
-    xds.workloads
-        .values()
-        .find(|w| w.ips.iter().any(|ip| ips.contains(ip)))
-        .map(|w| w.authorization_policies.clone())
-        .unwrap_or_default()
 }
 
 /// The store: one writer (the config source), many lock-free readers.
