@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod config;
+pub mod grpc;
 pub mod identity;
 pub mod policy;
 pub mod proxy;

@@ -24,7 +24,7 @@ use rustls::pki_types::{CertificateDer, pem::PemObject};
 use tonic::{
     Code, Status,
     metadata::{AsciiMetadataValue, MetadataValue},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    transport::{Channel, Endpoint},
 };
 use tracing::{Instrument, debug, debug_span};
 
@@ -42,28 +42,15 @@ pub const CLUSTER_ID_HEADER: &str = "clusterid";
 
 /// How long one certificate request may take, connecting included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the TCP connect may take (a black-holed address, not a refused one).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Configuration errors, reported by [`IstioCa::new`]; nothing here needs the CA to be up.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid CA address {address:?}: {why}")]
-    Address { address: String, why: String },
-    #[error("the CA's TLS root certificate is not usable: {0}")]
-    RootCert(String),
-    #[error("invalid CA TLS server name {0:?}: it must be a DNS name or an IP address")]
-    ServerName(String),
     #[error(
         "invalid cluster id {0:?}: it is sent as the clusterid header, so it must be visible ASCII"
     )]
     ClusterId(String),
-    #[error("cannot set up TLS to the CA at {address}: {source}")]
-    Tls {
-        address: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    #[error(transparent)]
+    Endpoint(#[from] crate::grpc::Error),
 }
 
 /// How to reach and authenticate to an Istio CA.
@@ -103,42 +90,8 @@ impl IstioCa {
     /// Validates the configuration. Does not connect: the CA may be down now and up later.
     pub fn new(cfg: IstioCaConfig) -> Result<IstioCa, Error> {
         let address = cfg.address;
-        let bad_address = |why: &str| Error::Address {
-            address: address.clone(),
-            why: why.to_owned(),
-        };
-        let uri: http::Uri = address
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad_address(&e.to_string()))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(bad_address(
-                "it must start with https:// (the CA is always reached over TLS)",
-            ));
-        }
-        let host = uri
-            .host()
-            .ok_or_else(|| bad_address("it has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-
-        let server_name = cfg.server_name.unwrap_or(host);
-        rustls::pki_types::ServerName::try_from(server_name.as_str())
-            .map_err(|_| Error::ServerName(server_name.clone()))?;
-
-        check_roots(&cfg.root_cert_pem)?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&cfg.root_cert_pem))
-            .domain_name(server_name);
-
-        let endpoint = Endpoint::from_shared(address.clone())
-            .map_err(|e| bad_address(&e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tls_config(tls)
-            .map_err(|source| Error::Tls {
-                address: address.clone(),
-                source,
-            })?;
+        let endpoint =
+            crate::grpc::tls_endpoint("CA", &address, &cfg.root_cert_pem, cfg.server_name)?;
 
         let cluster_id = cfg
             .cluster_id
@@ -293,20 +246,6 @@ fn status_message(status: &Status) -> String {
         source = e.source();
     }
     msg
-}
-
-fn check_roots(pem: &[u8]) -> Result<(), Error> {
-    let mut store = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| Error::RootCert(format!("bad PEM: {e}")))?;
-        store
-            .add(cert)
-            .map_err(|e| Error::RootCert(e.to_string()))?;
-    }
-    if store.is_empty() {
-        return Err(Error::RootCert("no PEM CERTIFICATE block found".to_owned()));
-    }
-    Ok(())
 }
 
 /// Decodes the PEM chain of a response into DER, leaf first, and checks the leaf is for

@@ -34,14 +34,13 @@ use ambit_proto::{
     prost::Message,
     prost_types::{Struct, Value, value::Kind},
 };
-use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     metadata::{AsciiMetadataValue, MetadataValue},
-    transport::{Certificate, ClientTlsConfig, Endpoint},
+    transport::Endpoint,
 };
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -54,8 +53,6 @@ use crate::policy::Policy;
 /// First reconnect delay; doubled after each failed connection up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
-/// How long the TCP connect may take (a black-holed address, not a refused one).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 pings notice a server that vanished without closing the connection.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -165,42 +162,15 @@ impl XdsClient {
     /// Validates the configuration. Does not connect: the server may be down now and up later.
     pub fn new(config: XdsConfig, sink: Arc<dyn XdsSink>) -> Result<XdsClient, Error> {
         let address = config.address;
-        let bad_address = |why: &str| Error::Address {
-            address: address.clone(),
-            why: why.to_owned(),
-        };
-        let uri: http::Uri = address
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad_address(&e.to_string()))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(bad_address(
-                "it must start with https:// (the control plane is always reached over TLS)",
-            ));
-        }
-        let host = uri
-            .host()
-            .ok_or_else(|| bad_address("it has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let server_name = config.server_name.unwrap_or(host);
-        rustls::pki_types::ServerName::try_from(server_name.as_str())
-            .map_err(|_| Error::ServerName(server_name.clone()))?;
-        check_roots(&config.root_cert_pem)?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&config.root_cert_pem))
-            .domain_name(server_name);
-        let endpoint = Endpoint::from_shared(address.clone())
-            .map_err(|e| bad_address(&e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .tls_config(tls)
-            .map_err(|source| Error::Tls {
-                address: address.clone(),
-                source,
-            })?;
+        let endpoint = crate::grpc::tls_endpoint(
+            "xDS server",
+            &address,
+            &config.root_cert_pem,
+            config.server_name,
+        )?
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
 
         let node = build_node(&config.node)?;
         let cluster_id = Some(config.node.cluster_id)
@@ -590,20 +560,6 @@ fn build_node(info: &NodeInfo) -> Result<Node, Error> {
         )),
         ..Default::default()
     })
-}
-
-fn check_roots(pem: &[u8]) -> Result<(), Error> {
-    let mut store = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| Error::RootCert(format!("bad PEM: {e}")))?;
-        store
-            .add(cert)
-            .map_err(|e| Error::RootCert(e.to_string()))?;
-    }
-    if store.is_empty() {
-        return Err(Error::RootCert("no PEM CERTIFICATE block found".to_owned()));
-    }
-    Ok(())
 }
 
 /// The error and its causes, which is where a connection failure says what went wrong

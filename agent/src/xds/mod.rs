@@ -46,24 +46,14 @@ pub trait XdsSink: Send + Sync + 'static {
 /// resources that do not validate (sent back in a NACK).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid xDS address {address:?}: {why}")]
-    Address { address: String, why: String },
-    #[error("the xDS server's TLS root certificate is not usable: {0}")]
-    RootCert(String),
-    #[error("invalid xDS TLS server name {0:?}: it must be a DNS name or an IP address")]
-    ServerName(String),
     #[error(
         "invalid cluster id {0:?}: it is sent as the clusterid header, so it must be visible ASCII"
     )]
     ClusterId(String),
     #[error("invalid xDS node info: {0}")]
     Node(String),
-    #[error("cannot set up TLS to the xDS server at {address}: {source}")]
-    Tls {
-        address: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    #[error(transparent)]
+    Endpoint(#[from] crate::grpc::Error),
     #[error("cannot read the xDS token: {0}")]
     Token(String),
     #[error("cannot connect to the xDS server at {address}: {detail}")]

@@ -789,7 +789,7 @@ fn validates_the_config() {
     bad_root.root_cert_pem = b"nothing".to_vec();
     assert!(matches!(
         XdsClient::new(bad_root, sink.clone()),
-        Err(Error::RootCert(_))
+        Err(Error::Endpoint(crate::grpc::Error::RootCert { .. }))
     ));
     XdsClient::new(cfg("https://istiod.istio-system.svc:15012", node()), sink).expect("valid");
 }
