@@ -404,6 +404,27 @@ impl Agent {
         )
     }
 
+    /// Waits for the access-log line of a connection in `direction` ("outbound" / "inbound") to
+    /// `dst` (the address the client dialed), logged after `mark`.
+    pub fn wait_for_connection_log(
+        &self,
+        mark: LogMark,
+        direction: &str,
+        dst: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let dst = dst.to_string();
+        self.wait_for_access_log_after(
+            mark,
+            |v| {
+                crate::log_str(v, "direction") == Some(direction)
+                    && crate::log_str(v, "dst.addr") == Some(dst.as_str())
+            },
+            timeout,
+        )
+        .with_context(|| format!("no {direction} access log for {dst} on {}", self.node))
+    }
+
     /// Writes `config` over the agent's config file (atomically), sends SIGHUP and waits for the
     /// agent to log "config applied". Returns that line.
     pub fn reload(&self, config: &AgentConfig) -> Result<Value> {

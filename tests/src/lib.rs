@@ -89,6 +89,11 @@ pub fn log_field<'a>(line: &'a serde_json::Value, name: &str) -> Option<&'a serd
         .or_else(|| line.get("fields").and_then(|f| f.get(name)))
 }
 
+/// A string field of a JSON log line (see [`log_field`]).
+pub fn log_str<'a>(line: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    log_field(line, name).and_then(serde_json::Value::as_str)
+}
+
 /// The `message` of a JSON log line, if it has one.
 pub fn log_message(line: &serde_json::Value) -> Option<&str> {
     log_field(line, "message").and_then(|m| m.as_str())

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use ambit_testbed::{Agent, AgentConfig, Node, Pod, TestBed, log_field, log_message};
+use ambit_testbed::{Agent, AgentConfig, Node, Pod, TestBed, log_field, log_message, log_str};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -60,39 +60,19 @@ fn mesh() -> Mesh {
     }
 }
 
-fn str_field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
-    log_field(line, name).and_then(Value::as_str)
-}
-
 fn u64_field(line: &Value, name: &str) -> Option<u64> {
     log_field(line, name).and_then(Value::as_u64)
 }
 
-/// Waits for the agent's access-log line for a connection to `dst` in `direction`, logged after
-/// `mark`.
 fn access_log(
     agent: &Agent,
     mark: ambit_testbed::LogMark,
     direction: &str,
     dst: SocketAddr,
 ) -> Value {
-    let dst = dst.to_string();
     agent
-        .wait_for_log_after(
-            mark,
-            |v| {
-                str_field(v, "target") == Some("access")
-                    && str_field(v, "direction") == Some(direction)
-                    && str_field(v, "dst.addr") == Some(dst.as_str())
-            },
-            WAIT,
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "no {direction} access log for {dst} on {}: {e:#}",
-                agent.node()
-            )
-        })
+        .wait_for_connection_log(mark, direction, dst, WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The eBPF programs' counters for a node, read with `ambitctl bpf -o json`.
@@ -164,7 +144,7 @@ fn cross_node(dst_of: impl Fn(&Pod) -> SocketAddr) {
         "{out}"
     );
     assert_eq!(
-        str_field(&out, "src.workload"),
+        log_str(&out, "src.workload"),
         Some("default/client"),
         "{out}"
     );
@@ -172,12 +152,12 @@ fn cross_node(dst_of: impl Fn(&Pod) -> SocketAddr) {
     let inb = access_log(&m.agent_b, mark_b, "inbound", dst);
     assert_eq!(u64_field(&inb, "bytes_sent"), Some(bytes as u64), "{inb}");
     assert_eq!(
-        str_field(&inb, "dst.workload"),
+        log_str(&inb, "dst.workload"),
         Some("default/server"),
         "{inb}"
     );
     assert_eq!(
-        str_field(&inb, "src.addr").map(|a| a.parse::<SocketAddr>().expect("addr").ip()),
+        log_str(&inb, "src.addr").map(|a| a.parse::<SocketAddr>().expect("addr").ip()),
         Some(ip_of(&m.client, dst)),
         "{inb}"
     );
@@ -199,7 +179,7 @@ fn cross_node(dst_of: impl Fn(&Pod) -> SocketAddr) {
             mark_a,
             |v| {
                 log_message(v).is_some_and(|msg| msg.contains("redirected"))
-                    && str_field(v, "target") == Some("ambit")
+                    && log_str(v, "target") == Some("ambit")
             },
             WAIT,
         )
@@ -237,7 +217,7 @@ fn unenrolled_pod_is_not_captured_and_plaintext_inbound_goes_through_15006() {
     // ...but the server is: node-b's agent takes it on 15006 and the app still sees the
     // outsider's IP.
     let inb = access_log(&m.agent_b, mark_b, "inbound", dst);
-    let src: SocketAddr = str_field(&inb, "src.addr")
+    let src: SocketAddr = log_str(&inb, "src.addr")
         .expect("src.addr")
         .parse()
         .expect("addr");
@@ -253,7 +233,7 @@ fn unenrolled_pod_is_not_captured_and_plaintext_inbound_goes_through_15006() {
         .agent_a
         .access_logs()
         .into_iter()
-        .filter(|v| str_field(v, "direction") == Some("outbound"))
+        .filter(|v| log_str(v, "direction") == Some("outbound"))
         .collect();
     assert_eq!(
         outbound.len(),
@@ -284,7 +264,7 @@ fn agent_does_not_capture_itself_even_towards_its_own_ports() {
     );
     let inb = access_log(&m.agent_b, mark_b, "inbound", own);
     assert!(
-        str_field(&inb, "error").is_some_and(|e| e.contains("agent's own")),
+        log_str(&inb, "error").is_some_and(|e| e.contains("agent's own")),
         "{inb}"
     );
     // One redirect on node-a (the app's), one steer on node-b: no loop.
@@ -391,7 +371,7 @@ fn a_bad_config_is_refused_and_the_old_one_keeps_serving() {
             WAIT,
         )
         .expect("refusal logged");
-    let err = str_field(&refused, "error").expect("error field");
+    let err = log_str(&refused, "error").expect("error field");
     assert!(
         err.contains("pods[0].ips[0]"),
         "the error names the field: {err}"
@@ -512,7 +492,7 @@ fn same_node_traffic_goes_through_outbound_and_inbound() {
         assert_echoed(&report, dst, 100_000);
         access_log(&agent, mark, "outbound", dst);
         let inb = access_log(&agent, mark, "inbound", dst);
-        let src: SocketAddr = str_field(&inb, "src.addr")
+        let src: SocketAddr = log_str(&inb, "src.addr")
             .expect("src.addr")
             .parse()
             .expect("addr");

@@ -10,15 +10,11 @@ use std::{
     time::Duration,
 };
 
-use ambit_testbed::{Agent, AgentConfig, Node, Pod, TestBed, log_field, log_message};
+use ambit_testbed::{Agent, AgentConfig, Node, Pod, TestBed, log_field, log_message, log_str};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(15);
-
-fn str_field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
-    log_field(line, name).and_then(Value::as_str)
-}
 
 fn spiffe(pod: &Pod) -> String {
     format!(
@@ -85,23 +81,9 @@ fn access_log(
     direction: &str,
     dst: SocketAddr,
 ) -> Value {
-    let dst = dst.to_string();
     agent
-        .wait_for_log_after(
-            mark,
-            |v| {
-                str_field(v, "target") == Some("access")
-                    && str_field(v, "direction") == Some(direction)
-                    && str_field(v, "dst.addr") == Some(dst.as_str())
-            },
-            WAIT,
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "no {direction} access log for {dst} on {}: {e:#}",
-                agent.node()
-            )
-        })
+        .wait_for_connection_log(mark, direction, dst, WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn assert_echoed(report: &ambit_testbed::ClientReport, bytes: usize) {
@@ -185,22 +167,22 @@ fn cross_node_traffic_is_mutual_tls_on_15008_with_identities_and_no_plaintext_on
 
         // Both agents logged the connection as HBONE, with both identities.
         let out = access_log(&agent_a, mark_a, "outbound", dst);
-        assert_eq!(str_field(&out, "path"), Some("hbone"), "{out}");
+        assert_eq!(log_str(&out, "path"), Some("hbone"), "{out}");
         assert_eq!(
-            str_field(&out, "src.identity"),
+            log_str(&out, "src.identity"),
             Some(spiffe(&m.client).as_str()),
             "{out}"
         );
         assert_eq!(
-            str_field(&out, "dst.identity"),
+            log_str(&out, "dst.identity"),
             Some(spiffe(&m.server).as_str()),
             "{out}"
         );
         assert!(log_field(&out, "error").is_none(), "{out}");
         let inb = access_log(&agent_b, mark_b, "inbound", dst);
-        assert_eq!(str_field(&inb, "path"), Some("hbone"), "{inb}");
+        assert_eq!(log_str(&inb, "path"), Some("hbone"), "{inb}");
         assert_eq!(
-            str_field(&inb, "src.identity"),
+            log_str(&inb, "src.identity"),
             Some(spiffe(&m.client).as_str()),
             "{inb}"
         );
@@ -333,7 +315,7 @@ fn client_refuses_a_server_with_an_unexpected_identity() {
         .expect("run client");
     assert!(!report.ok, "{report:#?}");
     let out = access_log(&agent_a, mark, "outbound", dst);
-    let error = str_field(&out, "error").unwrap_or_default();
+    let error = log_str(&out, "error").unwrap_or_default();
     assert!(
         error.contains("not-the-server") && error.contains(&spiffe(&m.server)),
         "the error names the expected and the presented identity: {out}"
@@ -403,7 +385,7 @@ fn certificates_rotate_under_a_live_stream_and_new_connections_use_the_new_one()
             WAIT,
         )
         .expect("first handshake");
-    let first_serial = str_field(&first, "src.serial").expect("serial").to_owned();
+    let first_serial = log_str(&first, "src.serial").expect("serial").to_owned();
 
     std::thread::sleep(Duration::from_millis(3000));
     // A new connection now: it must present the renewed certificate.
@@ -412,7 +394,7 @@ fn certificates_rotate_under_a_live_stream_and_new_connections_use_the_new_one()
         .log_lines()
         .iter()
         .filter(|v| log_message(v) == Some("hbone connection accepted"))
-        .filter_map(|v| str_field(v, "src.serial").map(str::to_owned))
+        .filter_map(|v| log_str(v, "src.serial").map(str::to_owned))
         .collect();
     assert!(
         serials.iter().any(|s| *s != first_serial),
@@ -465,7 +447,7 @@ fn istio_ca_backend_gets_certificates_and_survives_the_ca_being_down_at_start() 
     let (agent_a, agent_b) = m.start();
     agent_a
         .wait_for_log(
-            |v| str_field(v, "level") == Some("WARN") && format!("{v}").contains("unreachable"),
+            |v| log_str(v, "level") == Some("WARN") && format!("{v}").contains("unreachable"),
             WAIT,
         )
         .expect("the CA being down is reported");
@@ -482,7 +464,7 @@ fn istio_ca_backend_gets_certificates_and_survives_the_ca_being_down_at_start() 
     assert_echoed(&m.client.connect(dst, 1000).expect("run client"), 1000);
     let inb = access_log(&agent_b, mark, "inbound", dst);
     assert_eq!(
-        str_field(&inb, "src.identity"),
+        log_str(&inb, "src.identity"),
         Some(spiffe(&m.client).as_str())
     );
 }
@@ -502,11 +484,11 @@ fn an_app_that_refuses_is_a_503_for_the_tunnel_and_a_clear_error() {
         .expect("run client");
     assert!(!report.ok, "{report:#?}");
     let out = access_log(&agent_a, mark_a, "outbound", closed);
-    let error = str_field(&out, "error").unwrap_or_default();
+    let error = log_str(&out, "error").unwrap_or_default();
     assert!(error.contains("503"), "client side names the status: {out}");
     let inb = access_log(&agent_b, mark_b, "inbound", closed);
     assert!(
-        str_field(&inb, "error").is_some_and(|e| e.contains("refused")),
+        log_str(&inb, "error").is_some_and(|e| e.contains("refused")),
         "server side says the app refused: {inb}"
     );
 }

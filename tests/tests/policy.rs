@@ -3,24 +3,20 @@
 
 use std::time::Duration;
 
-use ambit_testbed::{Agent, TestBed, log_field, log_message};
+use ambit_testbed::{Agent, TestBed, log_message, log_str};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(15);
-
-fn str_field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
-    log_field(line, name).and_then(Value::as_str)
-}
 
 fn inbound_log(agent: &Agent, mark: ambit_testbed::LogMark, src_ip: std::net::IpAddr) -> Value {
     agent
         .wait_for_log_after(
             mark,
             |v| {
-                str_field(v, "target") == Some("access")
-                    && str_field(v, "direction") == Some("inbound")
-                    && str_field(v, "src.addr")
+                log_str(v, "target") == Some("access")
+                    && log_str(v, "direction") == Some("inbound")
+                    && log_str(v, "src.addr")
                         .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
                         .is_some_and(|a| a.ip() == src_ip)
             },
@@ -72,12 +68,12 @@ fn deny_by_principal_refuses_that_source_only_and_a_policy_change_applies_at_onc
     assert!(!report.ok, "sleep must be denied: {report:#?}");
     let inb = inbound_log(&agent_b, mark_b, sleep.ipv4().into());
     assert_eq!(
-        str_field(&inb, "authz.policy"),
+        log_str(&inb, "authz.policy"),
         Some("default/deny-sleep"),
         "{inb}"
     );
     assert!(
-        str_field(&inb, "authz.decision")
+        log_str(&inb, "authz.decision")
             .is_some_and(|d| d.contains("denied by policy default/deny-sleep")),
         "{inb}"
     );
@@ -85,14 +81,14 @@ fn deny_by_principal_refuses_that_source_only_and_a_policy_change_applies_at_onc
         .wait_for_log_after(
             mark_a,
             |v| {
-                str_field(v, "target") == Some("access")
-                    && str_field(v, "direction") == Some("outbound")
+                log_str(v, "target") == Some("access")
+                    && log_str(v, "direction") == Some("outbound")
             },
             WAIT,
         )
         .expect("outbound log");
     assert!(
-        str_field(&out, "error").is_some_and(|e| e.contains("403")),
+        log_str(&out, "error").is_some_and(|e| e.contains("403")),
         "{out}"
     );
     assert!(echo.accepted_peers().is_empty(), "nothing reached the app");
@@ -147,7 +143,7 @@ fn an_allow_policy_requiring_an_identity_refuses_plaintext_and_dry_run_only_logs
     assert!(report.ok, "{report:#?}");
     let inb = inbound_log(&agent_b, mark, client.ipv4().into());
     assert_eq!(
-        str_field(&inb, "authz.policy"),
+        log_str(&inb, "authz.policy"),
         Some("default/mesh-only"),
         "{inb}"
     );
@@ -156,7 +152,7 @@ fn an_allow_policy_requiring_an_identity_refuses_plaintext_and_dry_run_only_logs
             mark,
             |v| {
                 log_message(v) == Some("dry-run authorization policy")
-                    && str_field(v, "policy") == Some("default/would-deny-all")
+                    && log_str(v, "policy") == Some("default/would-deny-all")
             },
             WAIT,
         )
@@ -170,7 +166,7 @@ fn an_allow_policy_requiring_an_identity_refuses_plaintext_and_dry_run_only_logs
     assert!(!report.ok, "plaintext must be refused: {report:#?}");
     let inb = inbound_log(&agent_b, mark, outsider.ipv4().into());
     assert!(
-        str_field(&inb, "authz.decision").is_some_and(|d| d.contains("no allow policy matched")),
+        log_str(&inb, "authz.decision").is_some_and(|d| d.contains("no allow policy matched")),
         "{inb}"
     );
 }
@@ -224,7 +220,7 @@ fn a_new_deny_closes_open_connections_it_no_longer_allows() {
     agent_b.reload(&config_b).expect("reload");
     let closed = inbound_log(&agent_b, mark, sleep.ipv4().into());
     assert!(
-        str_field(&closed, "error")
+        log_str(&closed, "error")
             .is_some_and(|e| e.contains("no longer allowed") && e.contains("default/deny-sleep")),
         "{closed}"
     );

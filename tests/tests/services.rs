@@ -4,15 +4,11 @@
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use ambit_testbed::{TestBed, log_field};
-use serde_json::{Value, json};
+use ambit_testbed::{TestBed, log_str};
+use serde_json::json;
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(15);
-
-fn str_field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
-    log_field(line, name).and_then(Value::as_str)
-}
 
 #[test]
 fn a_vip_spreads_over_its_endpoints_follows_changes_and_refuses_when_empty() {
@@ -64,8 +60,8 @@ fn a_vip_spreads_over_its_endpoints_follows_changes_and_refuses_when_empty() {
     let logged: HashMap<String, usize> = agent_a
         .access_logs()
         .iter()
-        .filter(|v| str_field(v, "dst.service") == Some("default/echo.default.svc.cluster.local"))
-        .filter_map(|v| str_field(v, "dst.endpoint").map(str::to_owned))
+        .filter(|v| log_str(v, "dst.service") == Some("default/echo.default.svc.cluster.local"))
+        .filter_map(|v| log_str(v, "dst.endpoint").map(str::to_owned))
         .fold(HashMap::new(), |mut m, e| {
             *m.entry(e).or_default() += 1;
             m
@@ -104,14 +100,14 @@ fn a_vip_spreads_over_its_endpoints_follows_changes_and_refuses_when_empty() {
         .wait_for_log_after(
             mark,
             |v| {
-                str_field(v, "target") == Some("access")
-                    && str_field(v, "dst.addr") == Some("10.96.0.11:80")
+                log_str(v, "target") == Some("access")
+                    && log_str(v, "dst.addr") == Some("10.96.0.11:80")
             },
             WAIT,
         )
         .expect("access log for the empty VIP");
     assert!(
-        str_field(&line, "error").is_some_and(|e| e.contains("no healthy endpoint")),
+        log_str(&line, "error").is_some_and(|e| e.contains("no healthy endpoint")),
         "{line}"
     );
 }

@@ -13,17 +13,13 @@ use ambit_proto::{
     prost_types::Any,
 };
 use ambit_testbed::{
-    Pod, TestBed, log_field, log_message,
+    Pod, TestBed, log_message, log_str,
     xds_server::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, XdsServer},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(15);
-
-fn str_field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
-    log_field(line, name).and_then(Value::as_str)
-}
 
 fn workload(pod: &Pod, node: &str, address_bytes: Option<Vec<u8>>) -> Resource {
     let addresses = match address_bytes {
@@ -150,15 +146,15 @@ fn a_control_plane_drives_tunnels_and_policy_and_a_bad_push_is_nacked() {
         .wait_for_log_after(
             mark,
             |v| {
-                str_field(v, "target") == Some("access")
-                    && str_field(v, "direction") == Some("outbound")
+                log_str(v, "target") == Some("access")
+                    && log_str(v, "direction") == Some("outbound")
             },
             WAIT,
         )
         .expect("outbound log");
-    assert_eq!(str_field(&out, "path"), Some("hbone"), "{out}");
+    assert_eq!(log_str(&out, "path"), Some("hbone"), "{out}");
     assert_eq!(
-        str_field(&out, "dst.identity"),
+        log_str(&out, "dst.identity"),
         Some("spiffe://cluster.local/ns/default/sa/server"),
         "{out}"
     );
