@@ -76,6 +76,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         trust_domain: config.trust_domain.clone(),
         policies: arc_swap::ArcSwap::from_pointee(PolicyStore::new()),
         live: Default::default(),
+        draining: CancellationToken::new(),
     });
     let sources = {
         let ctx = ctx.clone();
@@ -153,6 +154,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     );
     let counters = pods.redirect.counters();
     pods.stop_listening().await;
+    ctx.draining.cancel();
     ctx.connections.close();
     if tokio::time::timeout(config.drain_timeout, ctx.connections.wait())
         .await

@@ -492,3 +492,26 @@ fn an_app_that_refuses_is_a_503_for_the_tunnel_and_a_clear_error() {
         "server side says the app refused: {inb}"
     );
 }
+
+#[test]
+fn a_restarted_destination_agent_gets_a_fresh_pooled_connection() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let m = Mesh::new();
+    let (agent_a, agent_b) = m.start();
+    let dst = m.server.v4(PORT);
+    assert_echoed(&m.client.connect(dst, 1000).expect("run client"), 1000);
+    // The pooled connection's far end goes away with the agent. Idle HBONE connections get a
+    // GOAWAY when it drains, so it does not wait out its drain timeout for them.
+    let stopping = std::time::Instant::now();
+    agent_b.stop().expect("stop agent-b");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "draining waited {:?} for idle connections",
+        stopping.elapsed()
+    );
+    let _agent_b = m.bed.start_agent(&m.config_b).expect("restart agent-b");
+    assert_echoed(&m.client.connect(dst, 1000).expect("run client"), 1000);
+    assert_eq!(count_logs(&agent_a, "hbone connection opened"), 2);
+}

@@ -88,6 +88,8 @@ pub struct ProxyContext {
     pub policies: arc_swap::ArcSwap<PolicyStore>,
     /// Admitted inbound connections (re-judged when policy changes).
     pub live: live::LiveConns,
+    /// Fired when the agent starts draining: HBONE connections send GOAWAY.
+    pub draining: CancellationToken,
 }
 
 impl ProxyContext {

@@ -188,10 +188,27 @@ impl Pool {
         authority: SocketAddr,
         headers: TunnelHeaders<'_>,
     ) -> Result<Tunnel, Error> {
-        let (sender, id, guard) = match self.reuse(&key) {
-            Some(s) => s,
-            None => self.open(&key, netns, tls_config()?).await?,
-        };
+        if let Some((sender, id, guard)) = self.reuse(&key) {
+            match request(sender, key.dst, authority, &headers).await {
+                Ok((send, recv)) => {
+                    self.streams_opened.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Tunnel {
+                        send,
+                        recv,
+                        connection_id: id,
+                        _guard: guard,
+                    });
+                }
+                // The pooled connection died (GOAWAY, peer closed it while idle): nothing was
+                // sent for this stream yet, so forget that connection and use a fresh one.
+                Err(Error::H2 { cause, .. }) => {
+                    debug!(connection = id, error = %cause, "pooled HBONE connection unusable; opening a new one");
+                    self.evict(&key, id);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (sender, id, guard) = self.open(&key, netns, tls_config()?).await?;
         self.streams_opened.fetch_add(1, Ordering::Relaxed);
         let (send, recv) = request(sender, key.dst, authority, &headers).await?;
         Ok(Tunnel {
@@ -200,6 +217,17 @@ impl Pool {
             connection_id: id,
             _guard: guard,
         })
+    }
+
+    /// Drops connection `id` of `key` from the pool.
+    fn evict(&self, key: &PoolKey, id: u64) {
+        let mut conns = self.lock();
+        if let Some(list) = conns.get_mut(key) {
+            list.retain(|c| c.id != id);
+            if list.is_empty() {
+                conns.remove(key);
+            }
+        }
     }
 
     async fn open(

@@ -97,7 +97,19 @@ pub async fn serve_connection(
         }
     };
     let client_id = Arc::new(client_id);
-    while let Some(next) = conn.accept().await {
+    let mut goaway_sent = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            // Draining: GOAWAY tells the client to open new streams elsewhere; the streams in
+            // flight finish, then the connection closes.
+            _ = ctx.draining.cancelled(), if !goaway_sent => {
+                conn.graceful_shutdown();
+                goaway_sent = true;
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (request, respond) = match next {
             Ok(r) => r,
             Err(e) => {
