@@ -602,3 +602,31 @@ fn labelling_the_namespace_enrolls_pods_live_and_a_pod_label_opts_one_out() {
     assert_echoed(&m.client.connect(dst, 100).expect("run client"), dst, 100);
     assert_eq!(redirected(&m), before + 1, "the others stay captured");
 }
+
+#[test]
+fn the_agent_refuses_a_bad_config_at_start_naming_the_field() {
+    // Needs no privileges: the config is checked before anything is loaded.
+    let dir = std::env::temp_dir().join(format!("ambit-badconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        "node: node-a\ncgroup: /x\npods:\n  - {namespace: default, name: p, ips: [10.1.0.300], netns: /run/netns/p}\n",
+    )
+    .expect("write config");
+    let agent = ambit_testbed::agent_bin().expect("locate ambit-agent");
+    for sub in ["check", "run"] {
+        let out = Command::new(&agent)
+            .args([sub, "--config"])
+            .arg(&path)
+            .output()
+            .expect("run ambit-agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sub}: a bad config must fail");
+        assert!(
+            stderr.contains("pods[0].ips[0]") && stderr.contains("invalid IP address"),
+            "{sub}: the error names the field and the problem: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
