@@ -8,6 +8,7 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
+    sync::atomic::AtomicBool,
     time::Duration,
 };
 
@@ -31,6 +32,7 @@ use crate::{
     },
     policy::PolicyStore,
     proxy::{self, PodInfo, PodListeners, ProxyContext},
+    readiness::{self, Readiness},
     redirect::{self, CaptureOptions, Netns, Redirect, routing},
     state::{Sources, Workloads},
     tls::{self, CertResolver, TrustRoots},
@@ -46,6 +48,23 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     let config = Config::load(&config_path)?;
     info!(node = %config.node, config = %config_path.display(), "starting ambit-agent");
 
+    let control_tasks = TaskTracker::new();
+    let shutdown = CancellationToken::new();
+    let (ca, roots) = build_ca(&config)?;
+    info!(ca = %ca.describe(), trust_domain = %config.trust_domain, "certificate authority configured");
+    let certs = CertManager::new(ca, config.cert_lifetime);
+    // Served from the start, so probes see "not ready" (and why) until everything is in place.
+    let readiness = Arc::new(Readiness {
+        started: AtomicBool::new(false),
+        certs: certs.clone(),
+        xds: std::sync::OnceLock::new(),
+    });
+    control_tasks.spawn(readiness::serve(
+        config.readiness_address,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+
     let (redirect, orig_dst, logger) =
         Redirect::load(&config.bpf_pin_path, &config.cgroup, ebpf_log_level)?;
     // SAFETY: the logger owns the ring buffer's fd, which stays open and unchanged for as long
@@ -54,13 +73,8 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     let bpf_logs =
         unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("cannot poll the eBPF log ring buffer: {e}"))?;
-    let control_tasks = TaskTracker::new();
-    let shutdown = CancellationToken::new();
     control_tasks.spawn(forward_bpf_logs(bpf_logs, shutdown.clone()));
 
-    let (ca, roots) = build_ca(&config)?;
-    info!(ca = %ca.describe(), trust_domain = %config.trust_domain, "certificate authority configured");
-    let certs = CertManager::new(ca, config.cert_lifetime);
     let pool = Pool::new(
         config.hbone.max_streams_per_connection,
         config.hbone.idle_timeout,
@@ -94,6 +108,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     };
     if let Some(x) = &config.xds {
         let client = Arc::new(build_xds(x, &config, sources.clone())?);
+        let _ = readiness.xds.set(client.clone());
         control_tasks.spawn(client.clone().run(shutdown.clone()));
         let ready = client.clone();
         control_tasks.spawn(async move {
@@ -111,6 +126,9 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         next_pod_id: 1,
     };
     pods.apply(&config)?;
+    readiness
+        .started
+        .store(true, std::sync::atomic::Ordering::Release);
     info!(node = %config.node, pods = pods.active.len(), "agent ready");
 
     let mut config = config;
@@ -194,6 +212,10 @@ fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
         ),
         ("hbone", new.hbone != old.hbone),
         ("xds", new.xds != old.xds),
+        (
+            "readinessAddress",
+            new.readiness_address != old.readiness_address,
+        ),
     ] {
         if changed {
             anyhow::bail!(

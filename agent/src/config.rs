@@ -250,6 +250,8 @@ pub struct Config {
     pub services: Vec<Service>,
     /// A control plane to take the same state from, in addition to this file.
     pub xds: Option<XdsSettings>,
+    /// Where `GET /healthz/ready` is served. Default `0.0.0.0:15021`.
+    pub readiness_address: std::net::SocketAddr,
 }
 
 mod secs {
@@ -331,6 +333,8 @@ struct RawConfig {
     namespaces: BTreeMap<String, RawNamespace>,
     #[serde(default)]
     xds: Option<RawXds>,
+    #[serde(default)]
+    readiness_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -909,6 +913,9 @@ impl RawConfig {
         };
 
         Ok(Config {
+            readiness_address: self
+                .readiness_address
+                .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 15021))),
             xds,
             services,
             policies: self.policies,

