@@ -234,6 +234,34 @@ impl XdsServer {
         }
     }
 
+    /// Waits for `n` answers to `nonce` (one per connected client).
+    pub fn wait_replies(
+        &self,
+        nonce: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<DeltaDiscoveryRequest>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let replies: Vec<DeltaDiscoveryRequest> = lock(&self.ads.state)
+                .requests
+                .iter()
+                .filter(|r| r.response_nonce == nonce)
+                .cloned()
+                .collect();
+            if replies.len() >= n {
+                return Ok(replies);
+            }
+            if Instant::now() >= deadline {
+                return Err(anyhow!(
+                    "{} of {n} replies to xDS push {nonce} within {timeout:?}",
+                    replies.len()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Every request received so far.
     pub fn requests(&self) -> Vec<DeltaDiscoveryRequest> {
         lock(&self.ads.state).requests.clone()

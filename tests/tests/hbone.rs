@@ -231,7 +231,8 @@ fn strangers_are_refused_and_nothing_reaches_the_app() {
     let stranger = m.bed.add_pod(&node_c, "stranger").expect("add stranger");
     // node-b must not know the stranger for this to be about TLS, not about policy.
 
-    let refused = |config: AgentConfig, what: &str| {
+    // `why`: what the server's refusal must say, so the test knows which check refused.
+    let refused = |config: AgentConfig, what: &str, why: &[&str]| {
         let agent = m.bed.start_agent(&config).expect("start agent-c");
         let mark_b = agent_b.mark();
         let accepted = m.echo.accepted_peers().len();
@@ -239,13 +240,18 @@ fn strangers_are_refused_and_nothing_reaches_the_app() {
             .connect_with(dst, 100, 0, 3000)
             .expect("run client");
         assert!(!report.ok, "{what}: must be refused: {report:#?}");
-        agent_b
+        let refusal = agent_b
             .wait_for_log_after(
                 mark_b,
                 |v| log_message(v) == Some("HBONE TLS handshake refused"),
                 WAIT,
             )
             .unwrap_or_else(|e| panic!("{what}: node-b did not log the refusal: {e:#}"));
+        let error = log_str(&refusal, "error").unwrap_or_default();
+        assert!(
+            why.iter().any(|w| error.to_lowercase().contains(w)),
+            "{what}: refused for the wrong reason: {error}"
+        );
         assert_eq!(
             m.echo.accepted_peers().len(),
             accepted,
@@ -258,7 +264,10 @@ fn strangers_are_refused_and_nothing_reaches_the_app() {
     let mut other_ca = m.bed.agent_config(&node_c);
     other_ca.enroll(&stranger).add_peer(&m.server);
     other_ca.ca = json!({"builtin": {"dir": m.bed.tmp_dir().join("other-ca")}});
-    refused(other_ca, "another CA");
+    // It trusts the mesh's root, so it accepts the server and the refusal is the server's.
+    other_ca.trust_roots = Some(m.bed.tmp_dir().join("ca").join("ca-cert.pem"));
+    // Same root subject, other key: webpki reports a bad signature (or an unknown issuer).
+    refused(other_ca, "another CA", &["badsignature", "unknownissuer"]);
 
     // The mesh's CA, but another trust domain.
     // (The server's identity is pinned, so the stranger accepts the server and the refusal is
@@ -268,7 +277,7 @@ fn strangers_are_refused_and_nothing_reaches_the_app() {
     other_td.peers[0].identity = Some(spiffe(&m.server));
     other_td.trust_domain = Some("elsewhere.local".into());
     other_td.trust_roots = Some(m.bed.tmp_dir().join("ca").join("ca-cert.pem"));
-    refused(other_td, "another trust domain");
+    refused(other_td, "another trust domain", &["elsewhere.local"]);
 
     // No certificate at all: a plain TLS client from a pod that is not in the mesh.
     let mark_b = agent_b.mark();
@@ -286,7 +295,7 @@ fn strangers_are_refused_and_nothing_reaches_the_app() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    agent_b
+    let refusal = agent_b
         .wait_for_log_after(
             mark_b,
             |v| log_message(v) == Some("HBONE TLS handshake refused"),
@@ -295,6 +304,13 @@ fn strangers_are_refused_and_nothing_reaches_the_app() {
         .unwrap_or_else(|e| {
             panic!("a client without a certificate must be refused: {e:#}\n{text}")
         });
+    let error = log_str(&refusal, "error")
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        error.contains("certificate"),
+        "refused because no client certificate was presented: {error}"
+    );
 
     let _ = (&m.node_b, &m.client);
 }
@@ -387,7 +403,19 @@ fn certificates_rotate_under_a_live_stream_and_new_connections_use_the_new_one()
         .expect("first handshake");
     let first_serial = log_str(&first, "src.serial").expect("serial").to_owned();
 
-    std::thread::sleep(Duration::from_millis(3000));
+    // Wait for node-a to renew the client's certificate (at about half its 4 s lifetime).
+    let client_id = spiffe(&m.client);
+    let issued = |a: &Agent| {
+        a.log_lines()
+            .iter()
+            .filter(|v| {
+                log_message(v) == Some("workload certificate issued")
+                    && log_str(v, "identity") == Some(client_id.as_str())
+            })
+            .count()
+    };
+    ambit_testbed::poll(WAIT, || (issued(&_agent_a) >= 2).then_some(()))
+        .expect("the client's certificate was renewed");
     // A new connection now: it must present the renewed certificate.
     assert_echoed(&m.client.connect(dst, 1000).expect("run client"), 1000);
     let serials: Vec<String> = agent_b

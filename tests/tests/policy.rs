@@ -186,7 +186,7 @@ fn a_new_deny_closes_open_connections_it_no_longer_allows() {
         .add_pod_in(&node_a, "curl", "default", "curl")
         .expect("curl");
     let server = bed.add_pod(&node_b, "server").expect("server");
-    let _echo = server.serve(PORT).expect("echo");
+    let echo = server.serve(PORT).expect("echo");
     let mut config_a = bed.agent_config(&node_a);
     config_a.enroll(&sleep).enroll(&curl).add_peer(&server);
     let mut config_b = bed.agent_config(&node_b);
@@ -204,7 +204,9 @@ fn a_new_deny_closes_open_connections_it_no_longer_allows() {
         .expect("curl client");
     from_sleep.wait_connected(WAIT).expect("sleep connected");
     from_curl.wait_connected(WAIT).expect("curl connected");
-    std::thread::sleep(Duration::from_millis(300));
+    // Both tunnels reached the app (admitted and registered on node-b).
+    echo.wait_for_accepts(2, WAIT)
+        .expect("both connections at the app");
 
     // Deny sleep while both are open: its connection is closed, curl's goes on.
     let mark = agent_b.mark();

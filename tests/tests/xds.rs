@@ -165,7 +165,9 @@ fn a_control_plane_drives_tunnels_and_policy_and_a_bad_push_is_nacked() {
         .spawn_connect(dst, 20_000, 4000, 10_000)
         .expect("long client");
     long.wait_connected(WAIT).expect("connected");
-    std::thread::sleep(Duration::from_millis(300));
+    // The first connection above and this one.
+    echo.wait_for_accepts(2, WAIT)
+        .expect("the long connection reached the app");
     let nonce = xds.push(
         AUTHORIZATION_TYPE_URL,
         vec![deny_principal(
@@ -174,11 +176,14 @@ fn a_control_plane_drives_tunnels_and_policy_and_a_bad_push_is_nacked() {
         )],
         Vec::new(),
     );
-    let ack = xds
-        .wait_reply(&nonce, WAIT)
-        .expect("reply to the policy push");
-    assert!(ack.error_detail.is_none(), "ACK, not NACK: {ack:?}");
-    std::thread::sleep(Duration::from_millis(1000));
+    // Both agents ACKed: the policy is in force on node-b (applied before the ACK is sent).
+    let acks = xds
+        .wait_replies(&nonce, 2, WAIT)
+        .expect("both agents reply to the policy push");
+    assert!(
+        acks.iter().all(|a| a.error_detail.is_none()),
+        "ACKs, not NACKs: {acks:?}"
+    );
     let accepted = echo.accepted_peers().len();
     let report = sleep.connect_with(dst, 100, 0, 3000).expect("run client");
     assert!(!report.ok, "sleep is denied: {report:#?}");

@@ -16,7 +16,7 @@ use crate::identity::Identity;
 pub struct LiveConn {
     pub src: SocketAddr,
     pub dst: SocketAddr,
-    pub src_identity: Option<Identity>,
+    pub src_identity: Option<Arc<Identity>>,
     /// The destination pod's namespace (what namespace-scoped policies apply to).
     pub dst_namespace: String,
     /// Fired to close the connection; the reason is read by its handler for the access log.
@@ -74,7 +74,7 @@ impl LiveConns {
         &self,
         src: SocketAddr,
         dst: SocketAddr,
-        src_identity: Option<Identity>,
+        src_identity: Option<Arc<Identity>>,
         dst_namespace: &str,
     ) -> Registration<'_> {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -56,6 +56,8 @@ pub struct PodInfo {
     pub identity: Identity,
     pub ips: Vec<IpAddr>,
     pub netns: Netns,
+    /// W3C baggage describing the pod, sent on its HBONE tunnels (built once).
+    pub baggage: String,
     /// TLS config of the pod's HBONE listener; empty until its first certificate arrives.
     pub hbone_tls: ArcSwapOption<rustls::ServerConfig>,
 }
@@ -107,7 +109,7 @@ impl ProxyContext {
             let d = policy::evaluate(
                 &store,
                 &policy::Connection {
-                    src_identity: c.src_identity.as_ref(),
+                    src_identity: c.src_identity.as_deref(),
                     src_ip: c.src.ip(),
                     dst_ip: c.dst.ip(),
                     dst_port: c.dst.port(),

@@ -145,7 +145,6 @@ pub async fn handle(
         dst: tunnel::client::tunnel_addr(dst.ip()),
     };
     let expected = vec![target.identity.clone()];
-    let baggage = source_baggage(&pod);
     let tunnel = ctx
         .pool
         .connect(
@@ -156,7 +155,7 @@ pub async fn handle(
             TunnelHeaders {
                 client_ip: src_ip,
                 traceparent: None,
-                baggage: Some(&baggage),
+                baggage: Some(&pod.baggage),
             },
         )
         .await;
@@ -180,10 +179,4 @@ pub async fn handle(
         log.error = Some((e.side, e.to_string()));
     }
     log.emit();
-}
-
-/// W3C baggage for the source workload, as Istio's data plane sends it.
-fn source_baggage(pod: &PodInfo) -> String {
-    let (namespace, name) = pod.key.split_once('/').unwrap_or(("", &pod.key));
-    format!("k8s.namespace.name={namespace},k8s.pod.name={name}")
 }

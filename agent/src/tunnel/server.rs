@@ -228,12 +228,9 @@ async fn serve_stream(
     }
 
     // Registered before the decision, so a policy change from here on re-judges it.
-    let live = ctx.live.register(
-        peer,
-        dst,
-        Some((*client_id).clone()),
-        pod.identity.namespace(),
-    );
+    let live = ctx
+        .live
+        .register(peer, dst, Some(client_id.clone()), pod.identity.namespace());
     let decision = ctx.authorize(&pod, Some(&client_id), peer, dst);
     let allowed = decision.allowed;
     log.authz = Some(decision);
