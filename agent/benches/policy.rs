@@ -113,7 +113,7 @@ fn bench(c: &mut Criterion) {
     let id = |s: &str| s.parse::<Identity>().expect("bench identity");
     let allowed_id = id("spiffe://cluster.local/ns/client-4242/sa/sa-4242");
     let unknown_id = id("spiffe://cluster.local/ns/stranger/sa/default");
-    let named = vec!["default/not-in-store".to_owned()];
+    let named: Vec<std::sync::Arc<str>> = vec!["default/not-in-store".into()];
     let conn = |src_identity| Connection {
         src_identity,
         src_ip: ip("10.0.1.7"),

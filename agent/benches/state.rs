@@ -1,11 +1,11 @@
 //! The workload state under a big mesh, through the agent's real path: `istio.workload.Address`
 //! resources converted by `xds::address_from_proto` and handed to `state::Sources` (the one
-//! writer), which rebuilds the snapshot and publishes it into a `state::Workloads`.
+//! writer), which applies it to the snapshot and publishes it into a `state::Workloads`.
 //!
-//! Before the timing benches (only under `cargo bench`), it prints the memory held per workload
-//! at 100,000 workloads, by the published snapshot and by `Sources`' own copy of the xDS state,
-//! counted by a global allocator; and the one-off cost of a 1-workload push when the mesh also
-//! has 10,000 services. Nothing is asserted: it is a report.
+//! Before the timing benches (only under `cargo bench`), it prints the memory the state holds per
+//! workload at 100,000 workloads (the published snapshot, the writer and its interned strings:
+//! everything, counted by a global allocator), and the one-off costs of a pod replaced and of a
+//! config change when the mesh also has 10,000 services. Nothing is asserted: it is a report.
 //!
 //! Timed: one push of 10,000 workloads into an empty agent; the same with 1,000 services; one
 //! push of 1 workload (a pod churning) on top of 100,000.
@@ -30,8 +30,8 @@ use std::{
 use ambit_agent::{
     config::Config,
     identity::Identity,
-    state::{Snapshot, Sources, Workload, Workloads},
-    xds::{AddressResource, XdsSink, XdsWorkload, address_from_proto},
+    state::{Sources, Workload, Workloads},
+    xds::{XdsSink, address_from_proto},
 };
 use ambit_proto::{
     istio::workload::{
@@ -276,9 +276,9 @@ fn apply(sources: &Sources, resources: Vec<(String, Address)>, removes: Vec<Stri
 /// A `Sources` with a minimal config, publishing into `workloads` as the agent does.
 fn new_sources(workloads: Arc<Workloads>) -> Sources {
     let config = Config::parse("node: n\ncgroup: /x\n", Path::new("b.yaml")).expect("config");
-    let s = Sources::new(move |snapshot, _policies| workloads.replace(snapshot));
-    s.set_config(Arc::new(config));
-    s
+    Sources::new(Arc::new(config), move |snapshot, _policies| {
+        workloads.replace(snapshot)
+    })
 }
 
 /// Memory per workload at 100k, and the 1-workload push with 10k services (printed once).
@@ -292,63 +292,55 @@ fn report() {
     let t = Instant::now();
     apply(&sources, resources, Vec::new());
     let initial = t.elapsed();
-    let with_both = live();
-    store.replace(Snapshot::default());
-    let without_snapshot = live();
+    let held = live() - before;
     drop(sources);
-    let without_sources = live();
-    let snapshot = with_both - without_snapshot;
-    let xds = without_snapshot - without_sources;
+    store.replace(Arc::default());
     drop(store);
     let leftover = live() - before;
     COUNTING.store(false, Ordering::Relaxed);
 
     eprintln!("state at {N} workloads (1 IPv4, 1 service each; no Service resources):");
     eprintln!("  first push of {N} (allocator counting, so slower): {initial:.2?}");
-    eprintln!("  snapshot (published): {}", snapshot.per(N));
-    eprintln!("  Sources' xDS copy:    {}", xds.per(N));
     eprintln!(
-        "  left after dropping both (should be ~0): {} B",
+        "  everything the state holds (published snapshot, writer, interned strings): {}",
+        held.per(N)
+    );
+    eprintln!(
+        "  left after dropping it (should be ~0): {} B",
         leftover.requested
     );
     eprintln!(
-        "  sizes: Workload {} B (Arc'd: {} B), Identity {} B, XdsWorkload {} B, by_ip bucket {} B + 1 control byte",
+        "  sizes: Workload {} B (Arc'd: {} B), Identity {} B, by_ip bucket {} B + 1 control byte",
         size_of::<Workload>(),
         size_of::<Workload>() + 2 * size_of::<usize>(),
         size_of::<Identity>(),
-        size_of::<XdsWorkload>(),
         size_of::<(std::net::IpAddr, Arc<Workload>)>(),
     );
-    eprintln!(
-        "  (xDS map entry: key String {} B + AddressResource {} B)",
-        size_of::<String>(),
-        size_of::<AddressResource>()
-    );
 
-    // The same mesh with its 10k services: Snapshot::build matches every service against every
-    // workload, so this shows what one pod's churn costs there. The resources are applied
-    // before the config (nothing is built until the config arrives), to build only twice.
+    // The same mesh with its 10k services, and one pod's churn on top of it.
     const S: usize = N / PER_SERVICE;
     let store = Arc::new(Workloads::default());
-    let config = Config::parse("node: n\ncgroup: /x\n", Path::new("b.yaml")).expect("config");
-    let sources = {
-        let store = store.clone();
-        Sources::new(move |snapshot, _policies| store.replace(snapshot))
-    };
-    apply(&sources, push(0..N, 0..S), Vec::new());
+    let sources = new_sources(store.clone());
     let t = Instant::now();
-    sources.set_config(Arc::new(config));
+    apply(&sources, push(0..N, 0..S), Vec::new());
     let initial = t.elapsed();
     let t = Instant::now();
+    let old = resource_name(&workload(7, 0));
     apply(
         &sources,
-        vec![(resource_name(&workload(7, 0)), workload(7, 0))],
-        Vec::new(),
+        vec![(resource_name(&workload(7, 1)), workload(7, 1))],
+        vec![old],
     );
     let one = t.elapsed();
+    let t = Instant::now();
+    sources.set_config(Arc::new(
+        Config::parse("node: n\ncgroup: /x\n", Path::new("b.yaml")).expect("config"),
+    ));
+    let rebuild = t.elapsed();
     eprintln!("state at {N} workloads and {S} services:");
-    eprintln!("  first build of {} resources: {initial:.2?}", N + S);
-    eprintln!("  push of 1 workload on top: {one:.2?}");
+    eprintln!("  first push of {} resources: {initial:.2?}", N + S);
+    eprintln!("  one pod replaced on top: {one:.2?}");
+    eprintln!("  a config change (every index rebuilt): {rebuild:.2?}");
     eprintln!();
 }
 

@@ -94,17 +94,23 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     });
     let sources = {
         let ctx = ctx.clone();
-        Arc::new(Sources::new(move |snapshot, policies| {
-            ctx.workloads.replace(snapshot);
-            // New connections are judged by the new policies at once, open ones re-judged.
-            let closed = ctx.set_policies(policies);
-            if closed > 0 {
-                info!(
-                    closed,
-                    "closed open connections the new policies no longer allow"
-                );
-            }
-        }))
+        Arc::new(Sources::new(
+            Arc::new(config.clone()),
+            move |snapshot, policies| {
+                ctx.workloads.replace(snapshot);
+                // New connections are judged by the new state at once, open ones re-judged.
+                let closed = match policies {
+                    Some(policies) => ctx.set_policies(policies),
+                    None => ctx.rejudge(),
+                };
+                if closed > 0 {
+                    info!(
+                        closed,
+                        "closed open connections the new policies no longer allow"
+                    );
+                }
+            },
+        ))
     };
     if let Some(x) = &config.xds {
         let client = Arc::new(build_xds(x, &config, sources.clone())?);

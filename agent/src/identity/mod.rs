@@ -17,11 +17,18 @@ use std::{fmt, str::FromStr};
 pub use ca::{CaClient, WorkloadCert};
 
 /// A SPIFFE identity in Istio's form: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+///
+/// One pointer wide and cheap to clone: the data path copies identities into pool keys, access
+/// logs and connection records, and the workload state shares one allocation among all the
+/// workloads of a service account.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identity {
-    trust_domain: String,
-    namespace: String,
-    service_account: String,
+pub struct Identity(std::sync::Arc<Parts>);
+
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
+    trust_domain: Box<str>,
+    namespace: Box<str>,
+    service_account: Box<str>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,28 +55,34 @@ impl Identity {
         namespace: impl Into<String>,
         service_account: impl Into<String>,
     ) -> Result<Identity, ParseError> {
-        let id = Identity {
-            trust_domain: trust_domain.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        };
+        let id = Identity(std::sync::Arc::new(Parts {
+            trust_domain: trust_domain.into().into_boxed_str(),
+            namespace: namespace.into().into_boxed_str(),
+            service_account: service_account.into().into_boxed_str(),
+        }));
         let shown = id.to_string();
-        check_trust_domain(&shown, &id.trust_domain)?;
-        check_label(&shown, "namespace", &id.namespace)?;
-        check_label(&shown, "service account", &id.service_account)?;
+        check_trust_domain(&shown, id.trust_domain())?;
+        check_label(&shown, "namespace", id.namespace())?;
+        check_label(&shown, "service account", id.service_account())?;
         Ok(id)
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
+    }
+
+    /// Whether another handle shares this one's allocation (for the state's interner, which
+    /// drops identities nothing else uses).
+    pub(crate) fn is_shared(&self) -> bool {
+        std::sync::Arc::strong_count(&self.0) > 1
     }
 }
 
@@ -78,7 +91,7 @@ impl fmt::Display for Identity {
         write!(
             f,
             "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 }

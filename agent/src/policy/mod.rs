@@ -68,7 +68,7 @@ pub struct Connection<'a> {
     /// The destination workload's namespace.
     pub dst_namespace: &'a str,
     /// The policies the destination workload names (`namespace/name`).
-    pub dst_policies: &'a [String],
+    pub dst_policies: &'a [std::sync::Arc<str>],
 }
 
 /// The outcome of [`evaluate`], with what decided it.
@@ -238,7 +238,7 @@ pub fn evaluate(store: &PolicyStore, conn: &Connection<'_>) -> Decision {
 struct Applicable<'s, 'c> {
     /// The destination namespace's group, then the global one.
     groups: [Option<&'s Group>; 2],
-    named: &'c [String],
+    named: &'c [std::sync::Arc<str>],
     store: &'s PolicyStore,
 }
 
@@ -299,7 +299,7 @@ mod tests {
         dst: IpAddr,
         port: u16,
         ns: String,
-        policies: Vec<String>,
+        policies: Vec<std::sync::Arc<str>>,
     }
 
     impl Conn {
@@ -318,7 +318,7 @@ mod tests {
         }
 
         fn named(mut self, key: &str) -> Conn {
-            self.policies.push(key.to_owned());
+            self.policies.push(key.into());
             self
         }
     }
@@ -1244,7 +1244,7 @@ mod tests {
             let applies = |p: &&Policy| {
                 p.scope == Scope::Global
                     || (p.scope == Scope::Namespace && p.namespace == c.ns)
-                    || c.policies.contains(&p.key())
+                    || c.policies.iter().any(|n| **n == *p.key())
             };
             let enforced: Vec<&Policy> = policies
                 .iter()

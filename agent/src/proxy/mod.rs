@@ -99,13 +99,17 @@ impl ProxyContext {
     /// connections they no longer allow are closed. Returns how many were closed.
     pub fn set_policies(&self, store: PolicyStore) -> usize {
         self.policies.store(Arc::new(store));
+        self.rejudge()
+    }
+
+    /// Judges the open inbound connections again by the current policies and state (which
+    /// decides the policies a workload names), closing the ones no longer allowed. Returns how
+    /// many were closed.
+    pub fn rejudge(&self) -> usize {
         let store = self.policies.load();
         let snapshot = self.workloads.snapshot();
         self.live.close_where(|c| {
-            let named = snapshot
-                .by_ip(c.dst.ip())
-                .map(|w| w.policies.as_slice())
-                .unwrap_or_default();
+            let named = snapshot.named_policies(c.dst.ip());
             let d = policy::evaluate(
                 &store,
                 &policy::Connection {
@@ -132,10 +136,7 @@ impl ProxyContext {
     ) -> Decision {
         let store = self.policies.load();
         let snapshot = self.workloads.snapshot();
-        let named = snapshot
-            .by_ip(dst.ip())
-            .map(|w| w.policies.as_slice())
-            .unwrap_or_default();
+        let named = snapshot.named_policies(dst.ip());
         let decision = policy::evaluate(
             &store,
             &policy::Connection {

@@ -76,15 +76,15 @@ pub async fn handle(
     let service = snapshot.service_by_vip(dst.ip()).cloned();
     if let Some(svc) = &service {
         log.dst_service = Some(&svc.key);
-        let Some(port) = svc.target_port(dst.port()) else {
+        if !svc.has_port(dst.port()) {
             log.error = Some((
                 Side::Downstream,
                 format!("service {} has no port {}", svc.key, dst.port()),
             ));
             log.emit();
             return;
-        };
-        let Some((_, ip)) = svc.pick(dst.ip()) else {
+        }
+        let Some((_, endpoint)) = svc.pick(dst.ip(), dst.port()) else {
             log.error = Some((
                 Side::Upstream,
                 format!(
@@ -95,7 +95,7 @@ pub async fn handle(
             log.emit();
             return;
         };
-        dst = SocketAddr::new(ip, port);
+        dst = endpoint;
         log.dst_endpoint = Some(dst);
     }
     let target = snapshot.by_ip(dst.ip()).filter(|w| w.hbone).cloned();

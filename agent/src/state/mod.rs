@@ -1,172 +1,274 @@
-//! What the agent knows about workloads: who is at an IP, which identity it has, and whether it is
-//! reached through HBONE. Written by the config sources through [`Workloads::replace`]; read by
-//! the data path as a consistent snapshot, without locks.
+//! What the agent knows about workloads and services: who is at an IP, which identity it has,
+//! whether it is reached through HBONE, which workloads back a service VIP. Read by the data path
+//! as one consistent [`Snapshot`], without locks; written only by [`Sources`].
 //!
-//! Two sources feed it through [`Sources`], the one writer: the local config (pods, `peers`,
-//! `services`, `policies`) and the xDS client (`istio.workload.Address`,
-//! `istio.security.Authorization`). Every change of either republishes a whole snapshot and
-//! policy store; the local config wins where both describe the same IP or VIP.
+//! ```text
+//! local config ──┐                      ┌─> Workloads (ArcSwap<Snapshot>) ──> data path, admin API
+//!                ├─> Sources (1 writer) ┤
+//! xDS pushes ────┘                      └─> PolicyStore (when policies change)
+//! ```
+//!
+//! A workload is built once, as an `Arc<Workload>`, when its resource arrives; every index of
+//! the snapshot shares it. An xDS push clones the indexes (pointers only), applies the change to
+//! the workloads and services it touches, and publishes the result: its cost grows with the push,
+//! not with the mesh (beyond copying pointers). Strings and lists that many workloads share
+//! (namespaces, nodes, identities, the services a deployment's pods back) are interned.
+//!
+//! Where the local config and xDS describe the same IP or VIP, the local config wins (it knows
+//! the pod's netns; xDS only describes it).
+
+mod sources;
 
 use std::{
-    collections::HashMap,
-    net::IpAddr,
+    borrow::Borrow,
+    collections::{HashMap, HashSet},
+    hash::{Hash, Hasher},
+    net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
 };
 
 use arc_swap::ArcSwap;
 
-use crate::{
-    config::Config,
-    identity::Identity,
-    policy::{Policy, PolicyStore},
-    xds::{AddressResource, XdsService, XdsSink, XdsWorkload},
-};
+pub use sources::Sources;
 
-/// What the xDS source currently holds, by resource name.
-#[derive(Default)]
-pub struct XdsState {
-    pub workloads: HashMap<String, XdsWorkload>,
-    pub services: HashMap<String, XdsService>,
-    pub policies: HashMap<String, Policy>,
+use crate::{identity::Identity, xds::XdsGateway};
+
+/// Where a workload or service definition came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    Config,
+    Xds,
 }
 
-/// The one writer of the data path's state: merges the local config and xDS and publishes a new
-/// snapshot and policy store whenever either changes.
-pub struct Sources {
-    config: Mutex<Option<Arc<Config>>>,
-    xds: Mutex<XdsState>,
-    publish: Box<dyn Fn(Snapshot, PolicyStore) + Send + Sync>,
-}
-
-impl Sources {
-    pub fn new(publish: impl Fn(Snapshot, PolicyStore) + Send + Sync + 'static) -> Sources {
-        Sources {
-            config: Mutex::new(None),
-            xds: Mutex::new(XdsState::default()),
-            publish: Box::new(publish),
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Xds => "xds",
         }
     }
-
-    pub fn set_config(&self, config: Arc<Config>) {
-        *lock(&self.config) = Some(config);
-        self.republish();
-    }
-
-    fn republish(&self) {
-        let Some(config) = lock(&self.config).clone() else {
-            // xDS arrived before the first config: published with it.
-            return;
-        };
-        let xds = lock(&self.xds);
-        let snapshot = Snapshot::build(&config, &xds);
-        let policies: PolicyStore = config
-            .policies
-            .iter()
-            .cloned()
-            .chain(xds.policies.values().cloned())
-            .collect();
-        drop(xds);
-        (self.publish)(snapshot, policies);
-    }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Each update replaces whole entries; a poisoned lock still holds consistent data.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl XdsSink for Sources {
-    fn apply_addresses(&self, upserts: Vec<(String, AddressResource)>, removes: Vec<String>) {
-        {
-            let mut xds = lock(&self.xds);
-            for name in removes {
-                xds.workloads.remove(&name);
-                xds.services.remove(&name);
-            }
-            for (name, r) in upserts {
-                match r {
-                    AddressResource::Workload(w) => {
-                        xds.services.remove(&name);
-                        xds.workloads.insert(name, w);
-                    }
-                    AddressResource::Service(s) => {
-                        xds.workloads.remove(&name);
-                        xds.services.insert(name, s);
-                    }
-                }
-            }
-        }
-        self.republish();
-    }
-
-    fn apply_policies(&self, upserts: Vec<(String, Policy)>, removes: Vec<String>) {
-        {
-            let mut xds = lock(&self.xds);
-            for name in removes {
-                xds.policies.remove(&name);
-            }
-            for (name, p) in upserts {
-                xds.policies.insert(name, p);
-            }
-        }
-        self.republish();
-    }
+/// A service a workload backs, with the workload's own port mapping for it.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct ServiceRef {
+    /// `namespace/hostname`.
+    pub key: Arc<str>,
+    /// `(service_port, target_port)` on this workload; a target of 0 defers to the service.
+    pub ports: Box<[(u16, u16)]>,
 }
 
 /// One workload.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Workload {
-    pub namespace: String,
-    pub name: Option<String>,
+    /// The uid, followed by the name unless the name is the uid's last `/` segment (istiod's
+    /// uids end with the pod name, so usually one string holds both).
+    ids: Box<str>,
+    uid_len: u32,
+    name_start: u32,
+    pub namespace: Arc<str>,
     pub identity: Identity,
-    pub ips: Vec<IpAddr>,
+    /// The node it runs on (empty when unknown).
+    pub node: Arc<str>,
+    ips: Ips,
+    /// Services it backs.
+    pub services: Arc<[ServiceRef]>,
+    /// Workload-selector authorization policies that name it (`namespace/name`).
+    pub policies: Arc<[Arc<str>]>,
+    /// The waypoint its traffic must go through.
+    pub waypoint: Option<Arc<XdsGateway>>,
     /// Reached through HBONE (its node runs a mesh agent and it is enrolled).
     pub hbone: bool,
     /// On this node.
     pub local: bool,
-    /// Services it backs (`namespace/hostname`).
-    pub services: Vec<String>,
     /// Receives traffic (xDS status); unhealthy workloads are skipped as service endpoints.
     pub healthy: bool,
-    /// Authorization policies that name this workload (`namespace/name`, from xDS).
-    pub policies: Vec<String>,
+    pub source: Source,
+}
+
+/// Most workloads have one address (two when dual-stack): kept inline when there is one.
+#[derive(Debug)]
+enum Ips {
+    One(IpAddr),
+    Many(Box<[IpAddr]>),
+}
+
+/// What a [`Workload`] is made of, before it is built.
+pub struct WorkloadFields {
+    pub uid: String,
+    /// Empty when unknown.
+    pub name: String,
+    pub namespace: Arc<str>,
+    pub identity: Identity,
+    pub node: Arc<str>,
+    pub ips: Vec<IpAddr>,
+    pub services: Arc<[ServiceRef]>,
+    pub policies: Arc<[Arc<str>]>,
+    pub waypoint: Option<Arc<XdsGateway>>,
+    pub hbone: bool,
+    pub local: bool,
+    pub healthy: bool,
+    pub source: Source,
 }
 
 impl Workload {
-    /// `namespace/name`, or the namespace and identity when the name is unknown.
-    pub fn display_name(&self) -> String {
-        match &self.name {
-            Some(n) => format!("{}/{}", self.namespace, n),
-            None => format!("{}/({})", self.namespace, self.identity.service_account()),
+    pub fn new(f: WorkloadFields) -> Workload {
+        let uid_len = f.uid.len();
+        let (ids, name_start) = if !f.name.is_empty()
+            && f.uid.ends_with(f.name.as_str())
+            && f.uid[..uid_len - f.name.len()].ends_with('/')
+        {
+            (f.uid.into_boxed_str(), uid_len - f.name.len())
+        } else {
+            let mut s = f.uid;
+            s.push_str(&f.name);
+            (s.into_boxed_str(), uid_len)
+        };
+        let ips = match f.ips.as_slice() {
+            [one] => Ips::One(*one),
+            _ => Ips::Many(f.ips.into_boxed_slice()),
+        };
+        Workload {
+            ids,
+            // Resource names and Kubernetes names are far below 4 GiB.
+            uid_len: u32::try_from(uid_len).unwrap_or(u32::MAX),
+            name_start: u32::try_from(name_start).unwrap_or(u32::MAX),
+            namespace: f.namespace,
+            identity: f.identity,
+            node: f.node,
+            ips,
+            services: f.services,
+            policies: f.policies,
+            waypoint: f.waypoint,
+            hbone: f.hbone,
+            local: f.local,
+            healthy: f.healthy,
+            source: f.source,
         }
+    }
+
+    /// Globally unique: the xDS uid, or `config//Pod/<ns>/<name>` for a pod from the config.
+    pub fn uid(&self) -> &str {
+        &self.ids[..self.uid_len as usize]
+    }
+
+    /// The pod's name; empty when unknown (a config `peers` entry without one).
+    pub fn name(&self) -> &str {
+        let start = self.name_start as usize;
+        let end = if start < self.uid_len as usize {
+            self.uid_len as usize
+        } else {
+            self.ids.len()
+        };
+        &self.ids[start..end]
+    }
+
+    pub fn ips(&self) -> &[IpAddr] {
+        match &self.ips {
+            Ips::One(ip) => std::slice::from_ref(ip),
+            Ips::Many(ips) => ips,
+        }
+    }
+
+    /// `namespace/name`, or the namespace and service account when the name is unknown.
+    pub fn display_name(&self) -> String {
+        match self.name() {
+            "" => format!("{}/({})", self.namespace, self.identity.service_account()),
+            n => format!("{}/{}", self.namespace, n),
+        }
+    }
+
+    /// Whether it backs the service `key`.
+    pub fn backs(&self, key: &str) -> bool {
+        self.services.iter().any(|s| &*s.key == key)
+    }
+
+    /// The port this workload serves service `key`'s `port` on, if it maps it itself.
+    fn own_target_port(&self, key: &str, port: u16) -> Option<u16> {
+        self.services
+            .iter()
+            .find(|s| &*s.key == key)?
+            .ports
+            .iter()
+            .find(|(p, t)| *p == port && *t != 0)
+            .map(|(_, t)| *t)
     }
 }
 
-/// A service: its VIPs and ports, and the workloads that back it.
+/// A workload in a set keyed by its uid.
+#[derive(Clone, Debug)]
+struct ByUid(Arc<Workload>);
+
+impl PartialEq for ByUid {
+    fn eq(&self, other: &ByUid) -> bool {
+        self.0.uid() == other.0.uid()
+    }
+}
+
+impl Eq for ByUid {}
+
+impl Hash for ByUid {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.uid().hash(h)
+    }
+}
+
+impl Borrow<str> for ByUid {
+    fn borrow(&self) -> &str {
+        self.0.uid()
+    }
+}
+
+/// A service's definition (from a `Service` resource or the config's `services`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServiceDef {
+    pub namespace: String,
+    pub name: String,
+    /// Fully qualified, e.g. `echo.default.svc.cluster.local`.
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    /// `(service_port, target_port)`; a target of 0 means the endpoint's own mapping, or else
+    /// the service port.
+    pub ports: Vec<(u16, u16)>,
+    pub waypoint: Option<XdsGateway>,
+    pub source: Source,
+}
+
+impl ServiceDef {
+    /// `namespace/hostname`, the key workloads use for it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// A service: its definition (when one is known) and the workloads that back it.
 #[derive(Debug)]
 pub struct ServiceEntry {
     /// `namespace/hostname`.
-    pub key: String,
-    pub ports: Vec<crate::config::ServicePort>,
-    pub endpoints: Vec<Arc<Workload>>,
+    pub key: Arc<str>,
+    /// `None` for a service only named by workloads (no VIPs, no ports).
+    pub def: Option<Arc<ServiceDef>>,
+    /// One entry per workload, ordered by address.
+    pub endpoints: Box<[Arc<Workload>]>,
     /// Round-robin cursor.
     next: AtomicUsize,
 }
 
 impl ServiceEntry {
-    /// The workload port for a service port.
-    pub fn target_port(&self, port: u16) -> Option<u16> {
-        self.ports
-            .iter()
-            .find(|p| p.port == port)
-            .map(|p| p.target())
+    /// Whether the service has `port`.
+    pub fn has_port(&self, port: u16) -> bool {
+        self.def
+            .as_ref()
+            .is_some_and(|d| d.ports.iter().any(|(p, _)| *p == port))
     }
 
-    /// The next endpoint, round robin, that has an address of `family`'s kind.
-    pub fn pick(&self, like: IpAddr) -> Option<(Arc<Workload>, IpAddr)> {
+    /// The next healthy endpoint, round robin, with an address of `like`'s family, and the
+    /// address and port to reach it on for the service's `port`: the endpoint's own mapping,
+    /// else the service's target port, else `port` itself.
+    pub fn pick(&self, like: IpAddr, port: u16) -> Option<(Arc<Workload>, SocketAddr)> {
         let n = self.endpoints.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n).find_map(|i| {
@@ -174,129 +276,50 @@ impl ServiceEntry {
             if !w.healthy {
                 return None;
             }
-            let ip = w.ips.iter().find(|ip| ip.is_ipv4() == like.is_ipv4())?;
-            Some((w.clone(), *ip))
+            let ip = w.ips().iter().find(|ip| ip.is_ipv4() == like.is_ipv4())?;
+            let target = w
+                .own_target_port(&self.key, port)
+                .or_else(|| {
+                    let d = self.def.as_ref()?;
+                    let (_, t) = d.ports.iter().find(|(p, _)| *p == port)?;
+                    (*t != 0).then_some(*t)
+                })
+                .unwrap_or(port);
+            Some((w.clone(), SocketAddr::new(*ip, target)))
         })
     }
 }
 
 /// An immutable view of all known workloads and services.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Snapshot {
+    by_uid: HashSet<ByUid>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// xDS workloads whose IP a config workload holds in `by_ip` (their named policies still
+    /// apply there).
+    shadowed: HashMap<IpAddr, Arc<Workload>>,
+    by_identity: HashMap<Identity, Arc<[Arc<Workload>]>>,
+    services: HashMap<Arc<str>, Arc<ServiceEntry>>,
     by_vip: HashMap<IpAddr, Arc<ServiceEntry>>,
 }
 
 impl Snapshot {
-    pub fn from_config(config: &Config) -> Snapshot {
-        Snapshot::build(config, &XdsState::default())
+    /// The state of a config alone (no xDS).
+    pub fn from_config(config: &crate::config::Config) -> Snapshot {
+        sources::build_from_config(config)
     }
 
-    /// The state from both sources: the local config and what xDS pushed. Where both name the
-    /// same IP, the local config wins (it knows the pod's netns; xDS only describes it).
-    pub fn build(config: &Config, xds: &XdsState) -> Snapshot {
-        // Policies xDS names for an IP: for local pods the config describes them, xDS may still
-        // attach policies.
-        let xds_policies: HashMap<IpAddr, &Vec<String>> = xds
-            .workloads
-            .values()
-            .filter(|w| !w.authorization_policies.is_empty())
-            .flat_map(|w| w.ips.iter().map(move |ip| (*ip, &w.authorization_policies)))
-            .collect();
-        let policies_for = |ips: &[IpAddr]| {
-            ips.iter()
-                .find_map(|ip| xds_policies.get(ip))
-                .map(|p| (*p).clone())
-                .unwrap_or_default()
-        };
-        let mut by_ip = HashMap::new();
-        for w in xds.workloads.values() {
-            let w = Arc::new(Workload {
-                namespace: w.namespace.clone(),
-                name: Some(w.name.clone()),
-                identity: w.identity.clone(),
-                ips: w.ips.clone(),
-                hbone: w.hbone,
-                local: w.node == config.node,
-                services: w.services.iter().map(|s| s.key.clone()).collect(),
-                healthy: w.healthy,
-                policies: w.authorization_policies.clone(),
-            });
-            for ip in &w.ips {
-                by_ip.insert(*ip, w.clone());
-            }
-        }
-        for p in &config.pods {
-            let w = Arc::new(Workload {
-                namespace: p.namespace.clone(),
-                name: Some(p.name.clone()),
-                identity: p.identity.clone(),
-                ips: p.ips.clone(),
-                hbone: p.enrolled,
-                local: true,
-                services: p.services.clone(),
-                healthy: true,
-                policies: policies_for(&p.ips),
-            });
-            for ip in &p.ips {
-                by_ip.insert(*ip, w.clone());
-            }
-        }
-        for p in &config.peers {
-            let w = Arc::new(Workload {
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
-                identity: p.identity.clone(),
-                ips: p.ips.clone(),
-                hbone: p.hbone,
-                local: false,
-                services: p.services.clone(),
-                healthy: true,
-                policies: policies_for(&p.ips),
-            });
-            for ip in &p.ips {
-                by_ip.insert(*ip, w.clone());
-            }
-        }
-        let mut by_vip = HashMap::new();
-        let xds_services = xds.services.values().map(|sv| {
-            let ports = sv
-                .ports
-                .iter()
-                .map(|(port, target)| crate::config::ServicePort {
-                    port: *port,
-                    target_port: (*target != 0).then_some(*target),
-                })
-                .collect();
-            (sv.key(), sv.vips.clone(), ports)
-        });
-        let config_services = config
-            .services
-            .iter()
-            .map(|sv| (sv.key(), sv.vips.clone(), sv.ports.clone()));
-        // Endpoints grouped by service in one pass over the workloads (not one pass per service).
-        let mut backing: HashMap<&str, Vec<Arc<Workload>>> = HashMap::new();
-        for w in by_ip.values() {
-            for key in &w.services {
-                backing.entry(key.as_str()).or_default().push(w.clone());
-            }
-        }
-        for (key, vips, ports) in xds_services.chain(config_services) {
-            let mut endpoints = backing.get(key.as_str()).cloned().unwrap_or_default();
-            // One entry per workload (it is indexed once per IP), in a stable order.
-            endpoints.sort_by(|a, b| a.ips.cmp(&b.ips));
-            endpoints.dedup_by(|a, b| Arc::ptr_eq(a, b));
-            let entry = Arc::new(ServiceEntry {
-                key,
-                ports,
-                endpoints,
-                next: AtomicUsize::new(0),
-            });
-            for vip in &vips {
-                by_vip.insert(*vip, entry.clone());
-            }
-        }
-        Snapshot { by_ip, by_vip }
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip.to_canonical())
+    }
+
+    pub fn by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.by_uid.get(uid).map(|w| &w.0)
+    }
+
+    /// Every workload with `identity`.
+    pub fn by_identity(&self, identity: &Identity) -> &[Arc<Workload>] {
+        self.by_identity.get(identity).map_or(&[], |w| w)
     }
 
     /// The service whose virtual IP this is.
@@ -304,12 +327,42 @@ impl Snapshot {
         self.by_vip.get(&ip.to_canonical())
     }
 
-    pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip.get(&ip.to_canonical())
+    /// A service by `namespace/hostname`.
+    pub fn service(&self, key: &str) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(key)
+    }
+
+    /// The workload-selector policies that apply to the workload at `ip`: those it names, or,
+    /// for a config pod that names none, those the control plane's view of it names.
+    pub fn named_policies(&self, ip: IpAddr) -> &[Arc<str>] {
+        let ip = ip.to_canonical();
+        match self.by_ip.get(&ip) {
+            Some(w) if !w.policies.is_empty() => &w.policies,
+            Some(_) => self.shadowed.get(&ip).map_or(&[], |w| &w.policies),
+            None => &[],
+        }
+    }
+
+    /// Every workload, in no particular order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.by_uid.iter().map(|w| &w.0)
+    }
+
+    /// Every service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+        self.services.values()
+    }
+
+    pub fn workload_count(&self) -> usize {
+        self.by_uid.len()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
     }
 }
 
-/// The store: one writer (the config source), many lock-free readers.
+/// The store: one writer ([`Sources`]), many lock-free readers.
 #[derive(Default)]
 pub struct Workloads {
     current: ArcSwap<Snapshot>,
@@ -320,7 +373,10 @@ impl Workloads {
         self.current.load_full()
     }
 
-    pub fn replace(&self, snapshot: Snapshot) {
-        self.current.store(Arc::new(snapshot));
+    pub fn replace(&self, snapshot: Arc<Snapshot>) {
+        self.current.store(snapshot);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -833,12 +833,16 @@ policies:
     let empty = Config::parse(base, std::path::Path::new("t.yaml")).expect("empty config");
 
     // The same content through the xDS sink.
-    let published: Arc<Mutex<Option<(Snapshot, PolicyStore)>>> = Arc::default();
+    type Published = (Option<Arc<Snapshot>>, Option<PolicyStore>);
+    let published: Arc<Mutex<Published>> = Arc::default();
     let out = published.clone();
-    let sources = Sources::new(move |s, p| {
-        *out.lock().expect("lock") = Some((s, p));
+    let sources = Sources::new(Arc::new(empty), move |s, p| {
+        let mut out = out.lock().expect("lock");
+        out.0 = Some(s);
+        if p.is_some() {
+            out.1 = p;
+        }
     });
-    sources.set_config(Arc::new(empty));
     let mut w = match decoded_address(&workload("w1", [10, 2, 0, 5])) {
         AddressResource::Workload(w) => w,
         AddressResource::Service(_) => unreachable!("a workload"),
@@ -867,7 +871,13 @@ policies:
         )],
         Vec::new(),
     );
-    let (xds_snap, xds_policies) = published.lock().expect("lock").take().expect("published");
+    let (xds_snap, xds_policies) = {
+        let mut out = published.lock().expect("lock");
+        (
+            out.0.take().expect("published"),
+            out.1.take().expect("policies published"),
+        )
+    };
     let file_snap = Snapshot::from_config(&from_file);
     let file_policies: PolicyStore = from_file.policies.iter().cloned().collect();
 
@@ -885,11 +895,14 @@ policies:
         xds_snap.service_by_vip(vip).expect("xDS VIP"),
     );
     assert_eq!(sa.key, sb.key);
-    assert_eq!(sa.target_port(80), sb.target_port(80));
+    let (da, db) = (sa.def.as_ref().expect("def"), sb.def.as_ref().expect("def"));
     assert_eq!(
-        sa.pick(vip).map(|(_, ip)| ip),
-        sb.pick(vip).map(|(_, ip)| ip)
+        (&da.namespace, &da.hostname, &da.vips, &da.ports),
+        (&db.namespace, &db.hostname, &db.vips, &db.ports)
     );
+    let endpoint = |s: &crate::state::ServiceEntry| s.pick(vip, 80).map(|(_, a)| a);
+    assert_eq!(endpoint(sa), endpoint(sb));
+    assert_eq!(endpoint(sa), Some("10.2.0.5:8080".parse().expect("addr")));
 
     let conn = policy::Connection {
         src_identity: None,
@@ -912,24 +925,27 @@ fn policies_named_by_a_workload_apply_to_it() {
     use crate::{
         config::Config,
         policy::{self, Scope},
-        state::{Snapshot, XdsState},
+        state::Sources,
     };
     let config =
         Config::parse("node: n\ncgroup: /x\n", std::path::Path::new("t.yaml")).expect("config");
-    let mut xds = XdsState::default();
     let mut w = match decoded_address(&workload("w1", [10, 2, 0, 5])) {
         AddressResource::Workload(w) => w,
         AddressResource::Service(_) => unreachable!("a workload"),
     };
     w.authorization_policies = vec!["default/only-w1".into()];
-    xds.workloads.insert("w1".into(), w);
-    let snapshot = Snapshot::build(&config, &xds);
+    let sources = Sources::new(Arc::new(config), |_, _| {});
+    sources.apply_addresses(
+        vec![("w1".into(), AddressResource::Workload(w))],
+        Vec::new(),
+    );
+    let snapshot = sources.snapshot();
     let mut p = decoded_policy(&policy("only-w1", 8));
     p.scope = Scope::WorkloadSelector;
     let store: policy::PolicyStore = std::iter::once(p).collect();
     let ip: std::net::IpAddr = "10.2.0.5".parse().expect("ip");
-    let named = &snapshot.by_ip(ip).expect("workload").policies;
-    let conn = |dst_policies: &[String]| {
+    let named = snapshot.named_policies(ip);
+    let conn = |dst_policies: &[Arc<str>]| {
         policy::evaluate(
             &store,
             &policy::Connection {

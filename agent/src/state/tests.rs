@@ -1,0 +1,343 @@
+//! The writer's incremental updates against the same state built from scratch, and the indexes
+//! the data path and the admin API read.
+
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+use super::{Snapshot, Source, Sources};
+use crate::{
+    config::Config,
+    identity::Identity,
+    xds::{AddressResource, WorkloadService, XdsService, XdsSink, XdsWorkload},
+};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test IP")
+}
+
+fn config(extra: &str) -> Arc<Config> {
+    let text = format!("node: node-a\ncgroup: /x\n{extra}");
+    Arc::new(Config::parse(&text, std::path::Path::new("t.yaml")).expect("test config"))
+}
+
+fn xw(name: &str, addr: &str, sa: &str, services: &[(&str, &[(u16, u16)])]) -> XdsWorkload {
+    XdsWorkload {
+        uid: format!("Kubernetes//Pod/default/{name}"),
+        name: name.to_owned(),
+        namespace: "default".to_owned(),
+        ips: vec![ip(addr)],
+        hostname: String::new(),
+        identity: Identity::new("cluster.local", "default", sa).expect("identity"),
+        hbone: true,
+        host_network: false,
+        node: "node-b".to_owned(),
+        services: services
+            .iter()
+            .map(|(host, ports)| WorkloadService {
+                key: format!("default/{host}"),
+                namespace: "default".to_owned(),
+                hostname: (*host).to_owned(),
+                ports: ports.to_vec(),
+            })
+            .collect(),
+        authorization_policies: Vec::new(),
+        waypoint: None,
+        healthy: true,
+    }
+}
+
+fn xs(host: &str, vip: &str, ports: &[(u16, u16)]) -> XdsService {
+    XdsService {
+        name: host.split('.').next().unwrap_or(host).to_owned(),
+        namespace: "default".to_owned(),
+        hostname: host.to_owned(),
+        vips: vec![ip(vip)],
+        ports: ports.to_vec(),
+        waypoint: None,
+    }
+}
+
+fn upsert_w(w: XdsWorkload) -> (String, AddressResource) {
+    (w.uid.clone(), AddressResource::Workload(w))
+}
+
+fn upsert_s(s: XdsService) -> (String, AddressResource) {
+    (s.key(), AddressResource::Service(s))
+}
+
+fn uid(name: &str) -> String {
+    format!("Kubernetes//Pod/default/{name}")
+}
+
+/// A comparable summary of everything a snapshot indexes.
+fn summary(s: &Snapshot) -> Vec<String> {
+    let mut out: Vec<String> = s
+        .workloads()
+        .map(|w| {
+            format!(
+                "w {} {} {:?} {} hbone={} local={} {:?} by_identity={}",
+                w.uid(),
+                w.name(),
+                w.ips(),
+                w.identity,
+                w.hbone,
+                w.local,
+                w.services.iter().map(|r| &*r.key).collect::<Vec<_>>(),
+                s.by_identity(&w.identity).iter().any(|x| Arc::ptr_eq(x, w))
+            )
+        })
+        .collect();
+    for w in s.workloads() {
+        for a in w.ips() {
+            out.push(format!(
+                "ip {a} -> {:?}",
+                s.by_ip(*a).map(|h| h.uid().to_owned())
+            ));
+        }
+    }
+    for e in s.services() {
+        let mut eps: Vec<&str> = e.endpoints.iter().map(|w| w.uid()).collect();
+        eps.sort_unstable();
+        out.push(format!(
+            "svc {} def={:?} endpoints={eps:?}",
+            e.key,
+            e.def.as_ref().map(|d| (&d.vips, &d.ports, d.source))
+        ));
+        for vip in e.def.iter().flat_map(|d| d.vips.iter()) {
+            out.push(format!(
+                "vip {vip} -> {:?}",
+                s.service_by_vip(*vip).map(|x| x.key.to_string())
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A writer that remembers what it published.
+fn sources(config: Arc<Config>) -> Sources {
+    Sources::new(config, |_, _| {})
+}
+
+#[test]
+fn indexes_by_uid_ip_identity_and_service() {
+    let s = sources(config(""));
+    s.apply_addresses(
+        vec![
+            upsert_w(xw("a-1", "10.2.0.1", "a", &[("echo.default.svc", &[])])),
+            upsert_w(xw("a-2", "10.2.0.2", "a", &[("echo.default.svc", &[])])),
+            upsert_w(xw("b-1", "10.2.0.3", "b", &[])),
+            upsert_s(xs("echo.default.svc", "10.96.0.1", &[(80, 8080)])),
+        ],
+        Vec::new(),
+    );
+    let snap = s.snapshot();
+    let a1 = snap.by_uid(&uid("a-1")).expect("by uid");
+    assert_eq!(a1.name(), "a-1");
+    assert_eq!(a1.ips(), &[ip("10.2.0.1")]);
+    assert!(!a1.local, "node-b is not this node");
+    assert!(Arc::ptr_eq(a1, snap.by_ip(ip("10.2.0.1")).expect("by ip")));
+    let a = Identity::new("cluster.local", "default", "a").expect("identity");
+    assert_eq!(snap.by_identity(&a).len(), 2);
+    let echo = snap.service("default/echo.default.svc").expect("by key");
+    assert_eq!(echo.endpoints.len(), 2);
+    assert!(Arc::ptr_eq(
+        echo,
+        snap.service_by_vip(ip("10.96.0.1")).expect("by VIP")
+    ));
+    // Identities and namespaces are shared, not copied per workload.
+    let a2 = snap.by_uid(&uid("a-2")).expect("a-2");
+    assert!(Arc::ptr_eq(&a1.namespace, &a2.namespace));
+    assert!(Arc::ptr_eq(&a1.services, &a2.services));
+}
+
+#[test]
+fn a_push_changes_only_what_it_names_and_matches_a_rebuild() {
+    let s = sources(config(""));
+    let first: Vec<_> = (0..50)
+        .map(|i| {
+            upsert_w(xw(
+                &format!("p-{i}"),
+                &format!("10.2.1.{i}"),
+                &format!("sa-{}", i % 5),
+                &[(&format!("svc-{}.default.svc", i % 3), &[])],
+            ))
+        })
+        .chain((0..3).map(|j| {
+            upsert_s(xs(
+                &format!("svc-{j}.default.svc"),
+                &format!("10.96.1.{j}"),
+                &[(80, 8080)],
+            ))
+        }))
+        .collect();
+    s.apply_addresses(first, Vec::new());
+    let before = s.snapshot();
+    // Replace p-7 by a pod with a new IP and identity, remove p-8 and service svc-2, add p-99.
+    s.apply_addresses(
+        vec![
+            upsert_w(xw(
+                "p-7",
+                "10.2.2.7",
+                "sa-new",
+                &[("svc-0.default.svc", &[])],
+            )),
+            upsert_w(xw(
+                "p-99",
+                "10.2.2.99",
+                "sa-1",
+                &[("svc-1.default.svc", &[])],
+            )),
+        ],
+        vec![uid("p-8"), "default/svc-2.default.svc".to_owned()],
+    );
+    let after = s.snapshot();
+    // Untouched workloads are the very same allocations.
+    assert!(Arc::ptr_eq(
+        before.by_uid(&uid("p-3")).expect("p-3"),
+        after.by_uid(&uid("p-3")).expect("p-3")
+    ));
+    assert!(
+        after.by_ip(ip("10.2.1.7")).is_none(),
+        "p-7's old IP is gone"
+    );
+    assert!(after.by_ip(ip("10.2.1.8")).is_none(), "p-8 is gone");
+    assert!(after.service_by_vip(ip("10.96.1.2")).is_none());
+    // svc-2 keeps its endpoints (workloads still name it) but lost its definition.
+    assert!(
+        after
+            .service("default/svc-2.default.svc")
+            .expect("named")
+            .def
+            .is_none()
+    );
+    let old_sa = Identity::new("cluster.local", "default", "sa-2").expect("identity");
+    assert!(
+        after
+            .by_identity(&old_sa)
+            .iter()
+            .all(|w| w.uid() != uid("p-7")),
+        "p-7 left its old identity's list"
+    );
+
+    // The same end state built from scratch (a config change rebuilds every index).
+    s.set_config(config(""));
+    assert_eq!(summary(&after), summary(&s.snapshot()));
+}
+
+#[test]
+fn the_config_wins_on_an_ip_and_xds_named_policies_still_apply_there() {
+    let s = sources(config(
+        "pods:\n  - {namespace: default, name: local, ips: [10.2.0.9], netns: /run/netns/x}\n",
+    ));
+    let mut w = xw("local", "10.2.0.9", "other", &[]);
+    w.authorization_policies = vec!["default/p".into()];
+    s.apply_addresses(vec![upsert_w(w)], Vec::new());
+    let snap = s.snapshot();
+    let held = snap.by_ip(ip("10.2.0.9")).expect("held");
+    assert_eq!(held.source, Source::Config);
+    assert_eq!(held.identity.service_account(), "default");
+    assert_eq!(
+        snap.named_policies(ip("10.2.0.9"))
+            .iter()
+            .map(|p| &**p)
+            .collect::<Vec<_>>(),
+        ["default/p"]
+    );
+    // Removing the xDS view leaves the config's.
+    s.apply_addresses(Vec::new(), vec![uid("local")]);
+    let snap = s.snapshot();
+    assert_eq!(
+        snap.by_ip(ip("10.2.0.9")).expect("still held").source,
+        Source::Config
+    );
+    assert!(snap.named_policies(ip("10.2.0.9")).is_empty());
+}
+
+#[test]
+fn endpoints_map_ports_themselves_when_the_service_does_not() {
+    let s = sources(config(""));
+    s.apply_addresses(
+        vec![
+            upsert_s(xs("web.default.svc", "10.96.0.5", &[(80, 0)])),
+            upsert_w(xw(
+                "w",
+                "10.2.0.5",
+                "w",
+                &[("web.default.svc", &[(80, 9090)])],
+            )),
+        ],
+        Vec::new(),
+    );
+    let snap = s.snapshot();
+    let svc = snap.service_by_vip(ip("10.96.0.5")).expect("service");
+    assert!(svc.has_port(80));
+    assert!(!svc.has_port(81));
+    let (_, addr) = svc.pick(ip("10.96.0.5"), 80).expect("endpoint");
+    assert_eq!(addr, "10.2.0.5:9090".parse().expect("addr"));
+}
+
+#[test]
+fn round_robin_skips_unhealthy_endpoints_and_survives_pushes() {
+    let s = sources(config(""));
+    let mut sick = xw("sick", "10.2.0.3", "w", &[("web.default.svc", &[])]);
+    sick.healthy = false;
+    s.apply_addresses(
+        vec![
+            upsert_s(xs("web.default.svc", "10.96.0.5", &[(80, 8080)])),
+            upsert_w(xw("a", "10.2.0.1", "w", &[("web.default.svc", &[])])),
+            upsert_w(xw("b", "10.2.0.2", "w", &[("web.default.svc", &[])])),
+            upsert_w(sick),
+        ],
+        Vec::new(),
+    );
+    let picks: Vec<IpAddr> = (0..6)
+        .map(|_| {
+            let snap = s.snapshot();
+            let svc = snap.service_by_vip(ip("10.96.0.5")).expect("service");
+            svc.pick(ip("10.96.0.5"), 80).expect("endpoint").1.ip()
+        })
+        .collect();
+    assert!(picks.contains(&ip("10.2.0.1")) && picks.contains(&ip("10.2.0.2")));
+    assert!(!picks.contains(&ip("10.2.0.3")), "unhealthy never picked");
+    // Remove b: every new pick goes to a.
+    s.apply_addresses(Vec::new(), vec![uid("b")]);
+    let snap = s.snapshot();
+    let svc = snap.service_by_vip(ip("10.96.0.5")).expect("service");
+    for _ in 0..4 {
+        assert_eq!(
+            svc.pick(ip("10.96.0.5"), 80).expect("a").1.ip(),
+            ip("10.2.0.1")
+        );
+    }
+    // No healthy endpoint left: nothing to pick.
+    s.apply_addresses(Vec::new(), vec![uid("a")]);
+    let snap = s.snapshot();
+    let svc = snap.service_by_vip(ip("10.96.0.5")).expect("service");
+    assert!(svc.pick(ip("10.96.0.5"), 80).is_none());
+}
+
+#[test]
+fn publishes_policies_only_when_they_change() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let out = seen.clone();
+    let s = Sources::new(config(""), move |_, p| {
+        out.lock().expect("lock").push(p.is_some());
+    });
+    s.apply_addresses(vec![upsert_w(xw("a", "10.2.0.1", "a", &[]))], Vec::new());
+    s.apply_policies(Vec::new(), Vec::new());
+    assert_eq!(*seen.lock().expect("lock"), [true, false, true]);
+}
+
+#[test]
+fn names_that_are_not_suffixes_of_the_uid_are_kept() {
+    let s = sources(config(""));
+    let mut w = xw("n", "10.2.0.1", "a", &[]);
+    w.name = "other-name".into();
+    s.apply_addresses(vec![upsert_w(w)], Vec::new());
+    let snap = s.snapshot();
+    let w = snap.by_uid(&uid("n")).expect("by uid");
+    assert_eq!((w.uid(), w.name()), (uid("n").as_str(), "other-name"));
+}
