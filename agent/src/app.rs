@@ -20,9 +20,10 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::{
+    admin::{Admin, CniOp, CniRequest, EnrolledPod, PodsState},
     config::{CaConfig, Config, Pod},
     identity::{
         CaClient,
@@ -58,6 +59,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         started: AtomicBool::new(false),
         certs: certs.clone(),
         xds: std::sync::OnceLock::new(),
+        kube: std::sync::OnceLock::new(),
     });
     control_tasks.spawn(readiness::serve(
         config.readiness_address,
@@ -75,6 +77,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
             .map_err(|e| anyhow::anyhow!("cannot poll the eBPF log ring buffer: {e}"))?;
     control_tasks.spawn(forward_bpf_logs(bpf_logs, shutdown.clone()));
 
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let pool = Pool::new(
         config.hbone.max_streams_per_connection,
         config.hbone.idle_timeout,
@@ -89,7 +92,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         pool,
         trust_domain: config.trust_domain.clone(),
         policies: arc_swap::ArcSwap::from_pointee(PolicyStore::new()),
-        live: Default::default(),
+        live: proxy::live::LiveConns::new(metrics.clone()),
         draining: CancellationToken::new(),
     });
     let sources = {
@@ -128,10 +131,55 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         ctx: ctx.clone(),
         active: BTreeMap::new(),
         failed: BTreeMap::new(),
+        cni_pods: BTreeMap::new(),
+        cni_state: None,
+        kube_client: None,
+        kube: None,
+        netns_finder: Default::default(),
+        annotating: BTreeMap::new(),
         listeners: TaskTracker::new(),
         next_pod_id: 1,
     };
+    let mut kube_rx = match &config.kubernetes {
+        None => None,
+        Some(k) => {
+            let client = crate::kube::Client::new(k).context("kubernetes")?;
+            let (tx, rx) = tokio::sync::watch::channel(Arc::default());
+            control_tasks.spawn(crate::kube::run(
+                client.clone(),
+                config.node.clone(),
+                tx,
+                shutdown.clone(),
+            ));
+            info!(api_server = %k.api_server, "Kubernetes mode: watching namespaces and this node's pods");
+            pods.kube_client = Some(client);
+            pods.netns_finder = crate::kube::NetnsFinder::new(k.netns_path_prefix.clone());
+            let _ = readiness.kube.set(rx.clone());
+            Some(rx)
+        }
+    };
     pods.apply(&config)?;
+    let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<CniRequest>(64);
+    let admin = Arc::new(Admin {
+        started: std::time::Instant::now(),
+        config_path: config_path.clone(),
+        config: ArcSwap::from_pointee(config.clone()),
+        ctx: ctx.clone(),
+        readiness: readiness.clone(),
+        certs: certs.clone(),
+        pods: ArcSwap::from_pointee(pods.state()),
+        cni: cni_tx,
+    });
+    control_tasks.spawn(
+        admin
+            .clone()
+            .serve_socket(config.admin_socket.clone(), shutdown.clone()),
+    );
+    control_tasks.spawn(
+        admin
+            .clone()
+            .serve_metrics(config.metrics_address, shutdown.clone()),
+    );
     readiness
         .started
         .store(true, std::sync::atomic::Ordering::Release);
@@ -146,6 +194,25 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let forced = tokio::select! {
+            Ok(()) = async {
+                match &mut kube_rx {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                pods.kube = kube_rx.as_mut().map(|rx| rx.borrow_and_update().clone());
+                if let Err(e) = pods.apply(&config) {
+                    error!(error = %e, "applying the Kubernetes state failed");
+                }
+                admin.pods.store(Arc::new(pods.state()));
+                continue;
+            }
+            Some(req) = cni_rx.recv() => {
+                let answer = pods.cni(&config, req.op, &req.pod);
+                let _ = req.reply.send(answer);
+                admin.pods.store(Arc::new(pods.state()));
+                continue;
+            }
             _ = hup.recv() => true,
             _ = tick.tick() => false,
             _ = term.recv() => break,
@@ -164,11 +231,14 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
                 }
                 Err(e) => error!(error = %e, "config reload refused; keeping the previous config"),
             }
+            admin.config.store(Arc::new(config.clone()));
+            admin.pods.store(Arc::new(pods.state()));
         } else if !pods.failed.is_empty() {
             // Pods whose netns was not ready yet: try again.
             if let Err(e) = pods.apply(&config) {
                 error!(error = %e, "retrying enrollment failed");
             }
+            admin.pods.store(Arc::new(pods.state()));
         }
     }
 
@@ -222,6 +292,8 @@ fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
             "readinessAddress",
             new.readiness_address != old.readiness_address,
         ),
+        ("metricsAddress", new.metrics_address != old.metrics_address),
+        ("adminSocket", new.admin_socket != old.admin_socket),
     ] {
         if changed {
             anyhow::bail!(
@@ -268,12 +340,139 @@ struct PodManager {
     active: BTreeMap<String, ActivePod>,
     /// Pods that could not be enrolled, with the last error (retried on every tick).
     failed: BTreeMap<String, String>,
+    /// Pods the CNI plugin announced (not in the config), by `namespace/name`.
+    cni_pods: BTreeMap<String, Pod>,
+    /// What was last written to the CNI state file.
+    cni_state: Option<crate::admin::api::CniState>,
+    /// Kubernetes mode: the API client, what the watches know, and where pods' netns are.
+    kube_client: Option<crate::kube::Client>,
+    kube: Option<Arc<crate::kube::KubeState>>,
+    netns_finder: crate::kube::NetnsFinder,
+    /// Redirection annotations being written (`namespace/name` -> enabled).
+    annotating: BTreeMap<String, bool>,
     listeners: TaskTracker,
     next_pod_id: u32,
 }
 
 impl PodManager {
+    /// What the admin API shows of the pods.
+    fn state(&self) -> PodsState {
+        PodsState {
+            enrolled: self
+                .active
+                .iter()
+                .map(|(key, a)| EnrolledPod {
+                    key: key.clone(),
+                    netns_cookie: a.info.netns.cookie(),
+                    ips: a.pod.ips.clone(),
+                })
+                .collect(),
+            failed: self
+                .failed
+                .iter()
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect(),
+        }
+    }
+
+    /// The config with the pods the Kubernetes API and the CNI plugin announced added (the
+    /// config's own entries win), and the errors of Kubernetes pods whose netns is not found.
+    fn with_extra_pods(&mut self, config: &Config) -> (Config, Vec<(String, String)>) {
+        let mut c = config.clone();
+        let mut missing = Vec::new();
+        if let Some(kube) = self.kube.clone() {
+            c.ambient_namespaces.extend(
+                kube.namespaces
+                    .keys()
+                    .filter(|ns| kube.namespace_ambient(ns))
+                    .cloned(),
+            );
+            for (key, kp) in &kube.pods {
+                if kp.ips.is_empty() || kp.host_network || kp.finished {
+                    continue;
+                }
+                if config.pods.iter().any(|p| p.key() == *key) {
+                    continue;
+                }
+                let enrolled = kube.enrolls(kp);
+                let netns = match self.cni_pods.get(key) {
+                    Some(p) => Some(p.netns.path()),
+                    None => self.netns_finder.find(kp.ips[0]),
+                };
+                let Some(netns) = netns else {
+                    if enrolled {
+                        missing.push((
+                            key.clone(),
+                            format!(
+                                "no network namespace on this node holds the pod's IP {}",
+                                kp.ips[0]
+                            ),
+                        ));
+                    }
+                    continue;
+                };
+                let identity = match crate::identity::Identity::new(
+                    c.trust_domain.clone(),
+                    kp.namespace.clone(),
+                    kp.service_account.clone(),
+                ) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        missing.push((key.clone(), e.to_string()));
+                        continue;
+                    }
+                };
+                c.pods.push(Pod {
+                    namespace: kp.namespace.clone(),
+                    name: kp.name.clone(),
+                    uid: Some(kp.uid.clone()),
+                    service_account: kp.service_account.clone(),
+                    ips: kp.ips.clone(),
+                    netns: crate::config::NetnsRef::Path(netns),
+                    enrolled,
+                    identity,
+                    services: Vec::new(),
+                });
+            }
+        }
+        for (key, pod) in &self.cni_pods {
+            if !c.pods.iter().any(|p| p.key() == *key) {
+                c.pods.push(pod.clone());
+            }
+        }
+        (c, missing)
+    }
+
+    /// Sets the redirection annotation on the Kubernetes pods that are enrolled, and clears it
+    /// on those that are not (in the background; the watch shows when it is done).
+    fn sync_annotations(&mut self) {
+        let (Some(client), Some(kube)) = (&self.kube_client, &self.kube) else {
+            return;
+        };
+        for (key, kp) in &kube.pods {
+            let want = self.active.contains_key(key);
+            let has = kp
+                .annotations
+                .get(crate::kube::REDIRECTION_ANNOTATION)
+                .is_some_and(|v| v == "enabled");
+            if want == has {
+                self.annotating.remove(key);
+                continue;
+            }
+            if self.annotating.get(key) == Some(&want) {
+                continue;
+            }
+            self.annotating.insert(key.clone(), want);
+            let (client, kp) = (client.clone(), kp.clone());
+            tokio::spawn(async move { crate::kube::annotate(&client, &kp, want).await });
+        }
+        self.annotating.retain(|k, _| kube.pods.contains_key(k));
+    }
+
     fn apply(&mut self, config: &Config) -> anyhow::Result<()> {
+        let (config, missing) = self.with_extra_pods(config);
+        let config = &config;
+        self.write_cni_state(config);
         // Workloads, policies and identities first: a pod enrolled below can tunnel at once.
         self.sources.set_config(Arc::new(config.clone()));
         self.ctx
@@ -325,7 +524,173 @@ impl PodManager {
         if !pruned.is_empty() {
             info!(?pruned, "released netns left enrolled by an earlier agent");
         }
+        for (key, error) in missing {
+            if self.failed.get(&key) != Some(&error) {
+                warn!(pod = %key, error = %error, "cannot enroll pod yet; will retry");
+            }
+            self.failed.insert(key, error);
+        }
+        self.sync_annotations();
         Ok(())
+    }
+
+    /// Leaves the mesh's namespaces where the CNI plugin looks when the agent is unreachable.
+    fn write_cni_state(&mut self, config: &Config) {
+        let state = crate::admin::api::CniState {
+            ambient_namespaces: config.ambient_namespaces.iter().cloned().collect(),
+            socket: config.admin_socket.display().to_string(),
+        };
+        if self.cni_state.as_ref() == Some(&state) {
+            return;
+        }
+        let path = &config.cni_state_file;
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
+            std::fs::rename(&tmp, path)
+        };
+        match write() {
+            Ok(()) => self.cni_state = Some(state),
+            Err(e) => warn!(
+                file = %path.display(),
+                error = %e,
+                "cannot write the CNI state file; with the agent down, the CNI plugin cannot tell mesh pods from others"
+            ),
+        }
+    }
+
+    /// Answers a CNI call: a pod of an opted-in namespace is enrolled before the answer.
+    fn cni(
+        &mut self,
+        config: &Config,
+        op: CniOp,
+        pod: &crate::admin::api::CniPod,
+    ) -> Result<crate::admin::api::CniAnswer, (u16, String)> {
+        use crate::admin::api::CniAnswer;
+        let key = format!("{}/{}", pod.namespace, pod.name);
+        let answer = |enrolled: bool, reason: String| Ok(CniAnswer { enrolled, reason });
+        // The config's own entry decides for a pod it lists; otherwise the namespace label.
+        let listed = config.pods.iter().find(|p| p.key() == key);
+        let known = self
+            .kube
+            .as_ref()
+            .and_then(|k| Some((k.clone(), k.pods.get(&key)?.clone())));
+        let opted_in = match (listed, &known) {
+            (Some(p), _) => p.enrolled,
+            (None, Some((kube, kp))) => kube.enrolls(kp),
+            (None, None) => {
+                config.ambient_namespaces.contains(&pod.namespace)
+                    || self
+                        .kube
+                        .as_ref()
+                        .is_some_and(|k| k.namespace_ambient(&pod.namespace))
+            }
+        };
+        let why_not = || match listed {
+            Some(_) => format!("pod {key} is configured not to be enrolled"),
+            None => format!(
+                "namespace {} is not labelled {}=ambient",
+                pod.namespace,
+                crate::config::DATAPLANE_MODE_LABEL
+            ),
+        };
+        match op {
+            CniOp::Del => {
+                if self.cni_pods.remove(&key).is_some()
+                    && let Err(e) = self.apply(config)
+                {
+                    error!(pod = %key, error = %e, "releasing a pod on CNI DEL failed");
+                }
+                answer(false, format!("pod {key} released"))
+            }
+            CniOp::Check => match (opted_in, self.active.contains_key(&key)) {
+                (true, true) => answer(true, format!("pod {key} is enrolled")),
+                (true, false) => Err((
+                    409,
+                    format!(
+                        "pod {key} should be enrolled and is not{}",
+                        self.failed
+                            .get(&key)
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    ),
+                )),
+                (false, _) => answer(false, why_not()),
+            },
+            CniOp::Add if !opted_in => answer(false, why_not()),
+            CniOp::Add => {
+                if listed.is_none() {
+                    let ips = pod
+                        .ips
+                        .iter()
+                        .map(|ip| ip.parse::<std::net::IpAddr>())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| (400, format!("invalid pod IP in {:?}: {e}", pod.ips)))?;
+                    if pod.netns.is_empty() {
+                        return Err((400, "ADD without a netns path".to_owned()));
+                    }
+                    // The service account comes from the Kubernetes API in Kubernetes mode;
+                    // standalone, the CNI call does not carry it.
+                    let service_account = known
+                        .as_ref()
+                        .map_or("default", |(_, kp)| kp.service_account.as_str())
+                        .to_owned();
+                    let identity = crate::identity::Identity::new(
+                        config.trust_domain.clone(),
+                        pod.namespace.clone(),
+                        service_account.clone(),
+                    )
+                    .map_err(|e| (400, e.to_string()))?;
+                    self.cni_pods.insert(
+                        key.clone(),
+                        Pod {
+                            namespace: pod.namespace.clone(),
+                            name: pod.name.clone(),
+                            uid: (!pod.uid.is_empty()).then(|| pod.uid.clone()),
+                            service_account,
+                            ips,
+                            netns: crate::config::NetnsRef::Path(pod.netns.clone().into()),
+                            enrolled: true,
+                            identity,
+                            services: Vec::new(),
+                        },
+                    );
+                }
+                // A pod re-added with a new sandbox replaces its old entry.
+                self.unenroll_if_changed(&key);
+                if let Err(e) = self.apply(config) {
+                    error!(pod = %key, error = %e, "applying a CNI pod failed");
+                }
+                if self.active.contains_key(&key) {
+                    info!(pod = %key, "pod enrolled at CNI ADD");
+                    answer(true, format!("pod {key} enrolled"))
+                } else {
+                    let error = self
+                        .failed
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or_else(|| "not enrolled".to_owned());
+                    // Not kept: the runtime retries the ADD, with a netns that works.
+                    self.cni_pods.remove(&key);
+                    self.failed.remove(&key);
+                    Err((503, format!("cannot enroll pod {key}: {error}")))
+                }
+            }
+        }
+    }
+
+    /// Drops an active pod whose CNI entry changed (a new sandbox for the same pod).
+    fn unenroll_if_changed(&mut self, key: &str) {
+        let changed = match (self.active.get(key), self.cni_pods.get(key)) {
+            (Some(a), Some(p)) => a.pod != *p,
+            _ => false,
+        };
+        if changed {
+            self.unenroll(key);
+        }
     }
 
     fn enroll(&mut self, pod: &Pod) -> anyhow::Result<()> {

@@ -252,6 +252,18 @@ pub struct Config {
     pub xds: Option<XdsSettings>,
     /// Where `GET /healthz/ready` is served. Default `0.0.0.0:15021`.
     pub readiness_address: std::net::SocketAddr,
+    /// Where Prometheus metrics (`GET /metrics`) are served. Default `0.0.0.0:15020`.
+    pub metrics_address: std::net::SocketAddr,
+    /// The admin API's unix socket (root-only). Default `/run/ambit/admin.sock`.
+    pub admin_socket: PathBuf,
+    /// Where the agent tells the CNI plugin which namespaces are in the mesh, for when the
+    /// agent cannot be reached. Default `/run/ambit/cni-state.json`.
+    pub cni_state_file: PathBuf,
+    /// Namespaces labelled `istio.io/dataplane-mode=ambient` (from `namespaces`): pods the CNI
+    /// plugin announces in them are enrolled.
+    pub ambient_namespaces: std::collections::BTreeSet<String>,
+    /// Kubernetes mode: watch the API for namespaces and this node's pods.
+    pub kubernetes: Option<crate::kube::KubeSettings>,
 }
 
 mod secs {
@@ -297,7 +309,9 @@ impl Config {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawConfig {
-    node: String,
+    /// Default: the `NODE_NAME` environment variable (the downward API's `spec.nodeName`).
+    #[serde(default)]
+    node: Option<String>,
     cgroup: PathBuf,
     #[serde(default)]
     bpf_pin_path: Option<PathBuf>,
@@ -335,6 +349,27 @@ struct RawConfig {
     xds: Option<RawXds>,
     #[serde(default)]
     readiness_address: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    metrics_address: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    admin_socket: Option<PathBuf>,
+    #[serde(default)]
+    cni_state_file: Option<PathBuf>,
+    #[serde(default)]
+    kubernetes: Option<RawKube>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawKube {
+    #[serde(default)]
+    api_server: Option<String>,
+    #[serde(default)]
+    token_path: Option<PathBuf>,
+    #[serde(default)]
+    ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    netns_path_prefix: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +395,9 @@ struct RawNamespace {
     #[serde(default)]
     labels: BTreeMap<String, String>,
 }
+
+/// Where the agent leaves the mesh's namespaces for the CNI plugin by default.
+pub const DEFAULT_CNI_STATE_FILE: &str = "/run/ambit/cni-state.json";
 
 /// The label that opts a namespace into the mesh (`ambient`) and a pod out of it (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -479,19 +517,60 @@ fn is_dns_subdomain(s: &str) -> bool {
 }
 
 impl RawConfig {
-    fn validate(self, path: &Path) -> Result<Config, Error> {
+    fn validate(mut self, path: &Path) -> Result<Config, Error> {
         let invalid = |field: String, message: String| Error::Invalid {
             path: path.to_owned(),
             field,
             message,
         };
-        if !is_dns_subdomain(&self.node) {
+        let node = match self.node.take().or_else(|| std::env::var("NODE_NAME").ok()) {
+            Some(n) => n,
+            None => {
+                return Err(invalid(
+                    "node".into(),
+                    "missing: give this node's name, or set NODE_NAME (in Kubernetes, from the \
+                     downward API's spec.nodeName)"
+                        .into(),
+                ));
+            }
+        };
+        let kubernetes = match self.kubernetes.take() {
+            None => None,
+            Some(k) => {
+                let api_server = match k.api_server {
+                    Some(a) => a,
+                    None => match (
+                        std::env::var("KUBERNETES_SERVICE_HOST"),
+                        std::env::var("KUBERNETES_SERVICE_PORT"),
+                    ) {
+                        (Ok(host), Ok(port)) if host.contains(':') => {
+                            format!("https://[{host}]:{port}")
+                        }
+                        (Ok(host), Ok(port)) => format!("https://{host}:{port}"),
+                        _ => {
+                            return Err(invalid(
+                                "kubernetes.apiServer".into(),
+                                "missing, and KUBERNETES_SERVICE_HOST/PORT are not set (not \
+                                 running in a pod?)"
+                                    .into(),
+                            ));
+                        }
+                    },
+                };
+                let sa = Path::new(crate::kube::SERVICE_ACCOUNT_DIR);
+                Some(crate::kube::KubeSettings {
+                    api_server,
+                    token_path: k.token_path.unwrap_or_else(|| sa.join("token")),
+                    ca_cert: k.ca_cert.unwrap_or_else(|| sa.join("ca.crt")),
+                    netns_path_prefix: k.netns_path_prefix,
+                })
+            }
+        };
+        let node = &node;
+        if !is_dns_subdomain(node) {
             return Err(invalid(
                 "node".into(),
-                format!(
-                    "{:?} is not a valid node name (lowercase DNS name)",
-                    self.node
-                ),
+                format!("{node:?} is not a valid node name (lowercase DNS name)"),
             ));
         }
         if self.cgroup.as_os_str().is_empty() {
@@ -509,7 +588,7 @@ impl RawConfig {
         }
         let bpf_pin_path = self
             .bpf_pin_path
-            .unwrap_or_else(|| Path::new(DEFAULT_BPF_PIN_ROOT).join(&self.node));
+            .unwrap_or_else(|| Path::new(DEFAULT_BPF_PIN_ROOT).join(node));
         if !bpf_pin_path.is_absolute() {
             return Err(invalid(
                 "bpfPinPath".into(),
@@ -895,9 +974,28 @@ impl RawConfig {
                     ));
                 }
                 if self.node_addresses.is_empty() {
+                    // A DaemonSet shares one config: the addresses come from the downward API.
+                    if let Ok(ips) = std::env::var("INSTANCE_IPS") {
+                        self.node_addresses = ips
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(str::parse)
+                            .collect::<Result<_, _>>()
+                            .map_err(|e| {
+                                invalid(
+                                    "nodeAddresses".into(),
+                                    format!("INSTANCE_IPS={ips:?} is not a list of IPs: {e}"),
+                                )
+                            })?;
+                    }
+                }
+                if self.node_addresses.is_empty() {
                     return Err(invalid(
                         "nodeAddresses".into(),
-                        "xDS needs the node's addresses (sent to the control plane as INSTANCE_IPS)".into(),
+                        "xDS needs the node's addresses (sent to the control plane as INSTANCE_IPS); \
+                         list them, or set INSTANCE_IPS"
+                            .into(),
                     ));
                 }
                 Some(XdsSettings {
@@ -906,16 +1004,42 @@ impl RawConfig {
                     token_path: x.token_path,
                     server_name: x.server_name,
                     cluster_id: x.cluster_id.unwrap_or_else(|| "Kubernetes".to_owned()),
-                    pod_name: x.pod_name.unwrap_or_else(|| format!("ambit-{}", self.node)),
-                    pod_namespace: x.pod_namespace.unwrap_or_else(|| "istio-system".to_owned()),
+                    pod_name: x
+                        .pod_name
+                        .or_else(|| std::env::var("POD_NAME").ok())
+                        .unwrap_or_else(|| format!("ambit-{node}")),
+                    pod_namespace: x
+                        .pod_namespace
+                        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                        .unwrap_or_else(|| "istio-system".to_owned()),
                 })
             }
         };
 
+        let ambient_namespaces = self
+            .namespaces
+            .iter()
+            .filter(|(_, n)| {
+                n.labels
+                    .get(DATAPLANE_MODE_LABEL)
+                    .is_some_and(|v| v == "ambient")
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
         Ok(Config {
             readiness_address: self
                 .readiness_address
                 .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 15021))),
+            metrics_address: self
+                .metrics_address
+                .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 15020))),
+            admin_socket: self
+                .admin_socket
+                .unwrap_or_else(|| PathBuf::from(crate::admin::api::DEFAULT_SOCKET)),
+            cni_state_file: self
+                .cni_state_file
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CNI_STATE_FILE)),
+            ambient_namespaces,
             xds,
             services,
             policies: self.policies,
@@ -926,7 +1050,8 @@ impl RawConfig {
             cert_lifetime,
             hbone,
             peers,
-            node: self.node,
+            node: node.clone(),
+            kubernetes,
             cgroup: self.cgroup,
             bpf_pin_path,
             node_addresses: self.node_addresses,

@@ -7,10 +7,14 @@
 //!
 //! See ARCHITECTURE.md for the data path and the runtime layout.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod grpc;
+pub mod http;
 pub mod identity;
+pub mod kube;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;

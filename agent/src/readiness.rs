@@ -2,8 +2,6 @@
 //! and for operators: ready only when the capture programs are attached, the first config has been
 //! applied, the control plane's first full state has arrived (when xDS is configured), and every
 //! local workload identity has a certificate. A `503` body lists what is missing.
-//!
-//! Deliberately tiny HTTP/1.1: one request per connection, nothing but the request line is read.
 
 use std::{
     net::SocketAddr,
@@ -11,17 +9,16 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
-use crate::{identity::manager::CertManager, xds::XdsClient};
+use crate::{
+    http::{Request, Response},
+    identity::manager::CertManager,
+    xds::XdsClient,
+};
 
 /// What readiness depends on.
 pub struct Readiness {
@@ -30,6 +27,8 @@ pub struct Readiness {
     pub certs: Arc<CertManager>,
     /// Set once the xDS client exists (when xDS is configured).
     pub xds: std::sync::OnceLock<Arc<XdsClient>>,
+    /// Kubernetes mode: the watches' state (ready once both lists have arrived).
+    pub kube: std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<crate::kube::KubeState>>>,
 }
 
 impl Readiness {
@@ -38,6 +37,9 @@ impl Readiness {
         let mut missing = Vec::new();
         if !self.started.load(Ordering::Acquire) {
             missing.push("eBPF capture not attached or first config not applied yet");
+        }
+        if self.kube.get().is_some_and(|k| !k.borrow().synced) {
+            missing.push("no namespaces and pods from the Kubernetes API yet");
         }
         if self.xds.get().is_some_and(|x| !x.is_ready()) {
             missing.push("no full state from the xDS control plane yet");
@@ -57,60 +59,27 @@ impl Readiness {
 
 /// Serves readiness on `addr` until `shutdown`.
 pub async fn serve(addr: SocketAddr, readiness: Arc<Readiness>, shutdown: CancellationToken) {
-    let listener = match TcpListener::bind(addr).await {
+    let listener = match crate::http::bind_shared(addr) {
         Ok(l) => l,
         Err(e) => {
             warn!(%addr, error = %e, "cannot serve readiness (is another agent using the port?)");
             return;
         }
     };
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %e, "readiness accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(2), answer(stream, &readiness)).await;
-        });
-    }
+    let accept = || async { listener.accept().await.map(|(s, _)| s) };
+    let handle = move |r: Request| {
+        let response = answer(&r, &readiness);
+        async move { response }
+    };
+    crate::http::serve(accept, handle, crate::http::TIMEOUT, shutdown).await
 }
 
-async fn answer(mut stream: TcpStream, readiness: &Readiness) -> std::io::Result<()> {
-    let mut buf = [0u8; 1024];
-    let mut len = 0;
-    // Up to the end of the request line is all we need.
-    while !buf[..len].contains(&b'\n') && len < buf.len() {
-        let n = stream.read(&mut buf[len..]).await?;
-        if n == 0 {
-            break;
-        }
-        len += n;
+fn answer(request: &Request, readiness: &Readiness) -> Response {
+    if request.path != "/healthz/ready" {
+        return Response::text(404, "try /healthz/ready\n");
     }
-    let line = String::from_utf8_lossy(&buf[..len]);
-    let path = line.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = if path == "/healthz/ready" {
-        match readiness.check() {
-            Ok(()) => ("200 OK", "ready\n".to_owned()),
-            Err(missing) => (
-                "503 Service Unavailable",
-                format!("not ready:\n- {}\n", missing.join("\n- ")),
-            ),
-        }
-    } else {
-        ("404 Not Found", "try /healthz/ready\n".to_owned())
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    match readiness.check() {
+        Ok(()) => Response::text(200, "ready\n"),
+        Err(missing) => Response::text(503, format!("not ready:\n- {}\n", missing.join("\n- "))),
+    }
 }

@@ -32,12 +32,50 @@ pub enum LogFormat {
     Json,
 }
 
+/// Changes the log filter of the running agent (the admin API's `/logging`).
+pub struct LogControl {
+    handle: tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    current: std::sync::Mutex<String>,
+}
+
+static LOG_CONTROL: std::sync::OnceLock<LogControl> = std::sync::OnceLock::new();
+
+/// The log control, once [`init`] has run.
+pub fn log_control() -> Option<&'static LogControl> {
+    LOG_CONTROL.get()
+}
+
+impl LogControl {
+    /// The filter in force, as it was given.
+    pub fn current(&self) -> String {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the filter (EnvFilter syntax). The eBPF programs' own level is fixed at start;
+    /// their records are still filtered by the new filter.
+    pub fn set(&self, filter: &str) -> Result<(), String> {
+        let parsed = EnvFilter::try_new(filter)
+            .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+        self.handle
+            .reload(parsed)
+            .map_err(|e| format!("cannot change the log filter: {e}"))?;
+        // Records from the `log` crate (aya-log) are pre-filtered by its own max level.
+        log::set_max_level(log::LevelFilter::Trace);
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = filter.to_owned();
+        Ok(())
+    }
+}
+
 /// Installs the global subscriber. Returns the most verbose level enabled, for the eBPF side.
 pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<LevelFilter> {
-    let filter = EnvFilter::try_new(filter)
+    let parsed = EnvFilter::try_new(filter)
         .map_err(|e| anyhow::anyhow!("invalid log filter {filter:?}: {e}"))?;
-    let max = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
-    let registry = tracing_subscriber::registry().with(filter);
+    let max = parsed.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(parsed);
+    let registry = tracing_subscriber::registry().with(layer);
     match format {
         LogFormat::Text => registry
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout))
@@ -53,6 +91,10 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<LevelFilter> {
             )
             .try_init()?,
     }
+    let _ = LOG_CONTROL.set(LogControl {
+        handle,
+        current: std::sync::Mutex::new(filter.to_owned()),
+    });
     Ok(max)
 }
 

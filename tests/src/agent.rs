@@ -54,6 +54,10 @@ pub struct AgentConfig {
     pub drain_timeout_seconds: Option<f64>,
     /// Where the agent keeps state: a directory of the bed's, never the host's /var/lib/ambit.
     pub state_dir: PathBuf,
+    /// The admin API socket: in the bed's directory, one per node (never /run/ambit).
+    pub admin_socket: PathBuf,
+    /// Where the agent leaves the mesh's namespaces for the CNI plugin (in the bed's directory).
+    pub cni_state_file: PathBuf,
     /// The CA: by default the built-in one, with its root in a directory shared by all agents of
     /// the bed (so every node of the bed trusts the others).
     pub ca: Value,
@@ -135,6 +139,8 @@ impl AgentConfig {
     pub(crate) fn for_node(node: &NodeInfo, bed_tmp: &Path) -> AgentConfig {
         AgentConfig {
             state_dir: bed_tmp.join(format!("state-{}", node.name)),
+            admin_socket: bed_tmp.join(format!("admin-{}.sock", node.name)),
+            cni_state_file: bed_tmp.join(format!("cni-state-{}.json", node.name)),
             ca: serde_json::json!({ "builtin": { "dir": bed_tmp.join("ca") } }),
             trust_domain: None,
             trust_roots: None,
@@ -230,6 +236,7 @@ pub struct LogMark(u64);
 /// A running `ambit-agent`. Killed when dropped, if still running.
 pub struct Agent {
     node: String,
+    admin_socket: PathBuf,
     process: Process,
     log_path: PathBuf,
     config_path: PathBuf,
@@ -245,7 +252,19 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// The agent's log filter in tests: debug for our code, info for the libraries.
+pub const TEST_LOG_FILTER: &str = "debug,aya=info,aya_obj=info,rustls=info,tonic=info,h2=info,hyper=info,hyper_util=info,tower=info";
+
 pub(crate) fn start(shared: &Shared, node: &NodeInfo, config: &AgentConfig) -> Result<Agent> {
+    start_with_log_filter(shared, node, config, TEST_LOG_FILTER)
+}
+
+pub(crate) fn start_with_log_filter(
+    shared: &Shared,
+    node: &NodeInfo,
+    config: &AgentConfig,
+    log_filter: &str,
+) -> Result<Agent> {
     let bin = shared.agent_bin()?;
     let config_path = shared.tmp.join(format!("agent-{}.yaml", node.name));
     let log_path = shared.tmp.join(format!("agent-{}.log", node.name));
@@ -268,10 +287,7 @@ pub(crate) fn start(shared: &Shared, node: &NodeInfo, config: &AgentConfig) -> R
         .arg("--config")
         .arg(&config_path)
         .args(["--log-format", "json"])
-        .env(
-            "AMBIT_LOG",
-            "debug,aya=info,aya_obj=info,rustls=info,tonic=info,h2=info,hyper=info,hyper_util=info,tower=info",
-        )
+        .env("AMBIT_LOG", log_filter)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
@@ -280,6 +296,7 @@ pub(crate) fn start(shared: &Shared, node: &NodeInfo, config: &AgentConfig) -> R
         .spawn(&mut cmd, &format!("node {}", node.name))?;
     let agent = Agent {
         node: node.name.clone(),
+        admin_socket: config.admin_socket.clone(),
         process,
         log_path,
         config_path,
@@ -298,6 +315,44 @@ impl Agent {
     /// The node it runs on.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Its admin API socket (what `ambitctl --socket` takes).
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
+    /// Runs `ambitctl --socket <this agent's> args` and returns its output.
+    pub fn ambitctl(&self, args: &[&str]) -> Result<std::process::Output> {
+        let bin = crate::binaries::ambitctl()?;
+        std::process::Command::new(&bin)
+            .arg("--socket")
+            .arg(&self.admin_socket)
+            .args(args)
+            .output()
+            .with_context(|| format!("cannot run {}", bin.display()))
+    }
+
+    /// `ambitctl -o json args`, parsed; fails with ambitctl's stderr if it exits non-zero.
+    pub fn ambitctl_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let out = self.ambitctl(&all)?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "ambitctl {} failed ({}): {}",
+                all.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "ambitctl {} printed no JSON: {}",
+                all.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     /// Its process id.
@@ -573,6 +628,8 @@ mod tests {
             inbound_excluded_ports: Vec::new(),
             outbound_excluded_ports: vec![22],
             drain_timeout_seconds: None,
+            admin_socket: "/tmp/ambit-test-1/admin-node-a.sock".into(),
+            cni_state_file: "/tmp/ambit-test-1/cni-state-node-a.json".into(),
             pods: vec![PodConfig {
                 namespace: "default".into(),
                 name: "client".into(),

@@ -678,6 +678,23 @@ impl TestBed {
         agent::start(&self.shared, &info, config)
     }
 
+    /// Like [`TestBed::start_agent`], with `log_filter` as the agent's `AMBIT_LOG` instead of
+    /// [`TEST_LOG_FILTER`](crate::TEST_LOG_FILTER) (debug): benchmarks run the agent as a user
+    /// would, at `info`, where per-connection debug lines do not cost CPU.
+    pub fn start_agent_with_log_filter(
+        &self,
+        config: &AgentConfig,
+        log_filter: &str,
+    ) -> Result<Agent> {
+        let info = self.shared.node(&config.node).ok_or_else(|| {
+            anyhow!(
+                "start_agent: this bed has no node named {:?}; add it with add_node first",
+                config.node
+            )
+        })?;
+        agent::start_with_log_filter(&self.shared, &info, config, log_filter)
+    }
+
     /// Spawns `cmd` (made with [`Pod::command`] or [`Node::command`], or a plain one for the host)
     /// and tracks it, so it is killed when the handle or the bed is dropped.
     pub fn spawn(&self, cmd: &mut Command) -> Result<Process> {

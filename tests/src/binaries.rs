@@ -49,7 +49,8 @@ pub fn agent() -> Result<PathBuf> {
     )
 }
 
-pub(crate) fn testpod() -> Result<PathBuf> {
+/// The `ambit-testpod` binary the bed runs in pods.
+pub fn testpod() -> Result<PathBuf> {
     find(
         "ambit-testpod",
         TESTPOD_BIN_ENV,

@@ -41,12 +41,14 @@ mod workload;
 
 use std::time::Duration;
 
+pub mod kube_server;
 pub mod xds_server;
 
-pub use agent::{Agent, AgentConfig, LogMark, PeerConfig, PodConfig};
+pub use agent::{Agent, AgentConfig, LogMark, PeerConfig, PodConfig, TEST_LOG_FILTER};
 pub use bed::{KEEP_TMP_ENV, Node, NodeName, Pod, TestBed, cleanup_stale};
 pub use binaries::{
     AGENT_BIN_ENV, CTL_BIN_ENV, TESTPOD_BIN_ENV, agent as agent_bin, ambitctl as ambitctl_bin,
+    testpod as testpod_bin,
 };
 pub use cgroup::cgroup2_mount;
 pub use process::Process;

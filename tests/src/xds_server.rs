@@ -32,6 +32,8 @@ struct State {
     resources: BTreeMap<String, BTreeMap<String, Resource>>,
     /// Every request a client sent, in order.
     requests: Vec<DeltaDiscoveryRequest>,
+    /// When each of `requests` arrived.
+    received_at: Vec<Instant>,
     nonce: u64,
 }
 
@@ -76,7 +78,11 @@ impl AggregatedDiscoveryService for Ads {
                         let Some(Ok(msg)) = msg else { return };
                         let is_subscription = msg.response_nonce.is_empty();
                         let type_url = msg.type_url.clone();
-                        lock(&state).requests.push(msg);
+                        {
+                            let mut s = lock(&state);
+                            s.requests.push(msg);
+                            s.received_at.push(Instant::now());
+                        }
                         if is_subscription {
                             // Answer a subscription with everything of that type (full state).
                             let resp = {
@@ -231,6 +237,28 @@ impl XdsServer {
                 return Err(anyhow!("no reply to xDS push {nonce} within {timeout:?}"));
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`XdsServer::wait_reply`], also returning when the reply arrived (stamped on
+    /// receipt, so it does not depend on how often this polls): for push-to-ACK timings.
+    pub fn wait_reply_timed(
+        &self,
+        nonce: &str,
+        timeout: Duration,
+    ) -> Result<(DeltaDiscoveryRequest, Instant)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let s = lock(&self.ads.state);
+                if let Some(i) = s.requests.iter().position(|r| r.response_nonce == nonce) {
+                    return Ok((s.requests[i].clone(), s.received_at[i]));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(anyhow!("no reply to xDS push {nonce} within {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

@@ -4,10 +4,10 @@
 //! - `test`: setup, build the binaries, run the whole test suite against them.
 //! - `demo`: setup, build, then two nodes with pods and agents on the test bed, real traffic, and a
 //!   report of which connections went through the agents.
+//! - `bench`: setup, release build, then Ambit against the direct path with real load tools.
 
-mod demo;
+mod bench;
 mod setup;
-mod sigint;
 mod util;
 
 use std::process::ExitCode;
@@ -36,10 +36,32 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, build, and run the two-node demo with real traffic through the agents.
-    Demo(demo::Options),
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Setup, build, and run the two-node demo with real traffic through the agents
+    /// (`ambit-demo`; arguments after `--` go to it, e.g. `-- --hold`, `-- --help`).
+    Demo {
+        /// Skip setup and build; use the binaries already in the target dir.
+        #[arg(long)]
+        no_build: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, release build, then the benchmark: the direct, same-node and cross-node paths
+    /// measured with iperf3, sockperf, wrk, hey and nginx on the test bed, agent CPU and memory,
+    /// and the xDS scale steps (`ambit-bench`; arguments after `--` go to it, e.g.
+    /// `-- --runs 5`, `-- --help`).
+    Bench {
+        /// Every scenario once, briefly; skips the 100k-workload scale step.
+        #[arg(long)]
+        quick: bool,
+        /// The JSON report (default: target/bench/latest.json).
+        #[arg(long, value_name = "FILE.json")]
+        out: Option<std::path::PathBuf>,
+        /// Skip setup and build; use the release binaries already in the target dir.
+        #[arg(long)]
+        no_build: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,11 +69,18 @@ fn main() -> ExitCode {
     let result: Result<ExitCode> = match cli.command {
         Command::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Command::Test { args } => util::test(&args),
-        Command::Demo(options) => demo::run(&options).map(|()| ExitCode::SUCCESS),
-        Command::Bench => {
-            eprintln!("cargo xtask bench: not implemented yet (issue 6)");
-            Ok(ExitCode::FAILURE)
-        }
+        Command::Demo { no_build, args } => util::demo(no_build, &args),
+        Command::Bench {
+            quick,
+            out,
+            no_build,
+            args,
+        } => bench::bench(&bench::Options {
+            quick,
+            out,
+            no_build,
+            args,
+        }),
     };
     match result {
         Ok(code) => code,

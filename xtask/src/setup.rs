@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::util::{header, is_root, output_of, run as run_command, step};
 
-/// Debian packages: LLVM 22 for bpf-linker, and the tools the test bed and demo use.
+/// Debian packages: LLVM 22 for bpf-linker, and the tools the test bed, demo and bench use.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,9 +21,27 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // protoc and the well-known .proto files (google/protobuf/struct.proto), for ambit-proto.
     "protobuf-compiler",
     "libprotobuf-dev",
+    // The load tools of `cargo xtask bench` and its smoke test (ambit-bench installs them too
+    // when missing): throughput, ping-pong latency, HTTP server, kept-connection and
+    // new-connection HTTP load.
+    "iperf3",
+    "sockperf",
+    "nginx",
+    "wrk",
+    "hey",
+    // tests/tests/manifests.rs: the CNI install script (deploy/daemonset/ambit-cni-install) runs
+    // on jq, and kubernetes-validate lives in a venv (Debian's Python is externally managed).
+    "jq",
+    "python3-venv",
+    // tests/tests/cni.rs: the reference CNI plugins (bridge, host-local) ambit-cni is chained after.
+    "containernetworking-plugins",
 ];
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPFFS: &str = "/sys/fs/bpf";
+/// kubernetes-validate from PyPI (bundles the Kubernetes JSON schemas, validates offline), which
+/// tests/tests/manifests.rs runs on deploy/daemonset. Pinned: the bundled schemas change with it.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.33.1";
 
 pub fn run() -> Result<()> {
     header("setup");
@@ -31,6 +49,7 @@ pub fn run() -> Result<()> {
     debian_packages()?;
     bpf_linker()?;
     bpffs()?;
+    kubernetes_validate()?;
     Ok(())
 }
 
@@ -145,4 +164,56 @@ fn bpffs() -> Result<()> {
     step(&format!("bpffs: not mounted, mounting it at {BPFFS}"));
     run_command(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
         .context("cannot mount bpffs; does the kernel have CONFIG_BPF_SYSCALL?")
+}
+
+/// The venv holding kubernetes-validate: `<target>/tools/kubernetes-validate`. The manifest
+/// tests look for `bin/kubernetes-validate` there (unless `AMBIT_KUBERNETES_VALIDATE` names one).
+fn kubernetes_validate_venv() -> std::path::PathBuf {
+    crate::util::target_dir()
+        .join("tools")
+        .join(KUBERNETES_VALIDATE)
+}
+
+fn kubernetes_validate() -> Result<()> {
+    let venv = kubernetes_validate_venv();
+    let exe = venv.join("bin").join(KUBERNETES_VALIDATE);
+    let exe_str = exe.to_string_lossy().into_owned();
+    let installed = output_of(&exe_str, &["--version"]);
+    if installed
+        .as_deref()
+        .is_some_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION)
+    {
+        step(&format!(
+            "{KUBERNETES_VALIDATE}: present ({KUBERNETES_VALIDATE_VERSION}, {})",
+            exe.display()
+        ));
+        return Ok(());
+    }
+    step(&format!(
+        "{KUBERNETES_VALIDATE}: {}, installing {KUBERNETES_VALIDATE_VERSION} from PyPI into a venv \
+         at {}",
+        if installed.is_some() {
+            "another version"
+        } else {
+            "missing"
+        },
+        venv.display()
+    ));
+    // --clear: a venv from another version or a broken one is rebuilt, not patched.
+    let mut venv_cmd = Command::new("python3");
+    venv_cmd.args(["-m", "venv", "--clear"]).arg(&venv);
+    run_command(&mut venv_cmd).context(
+        "cannot create a Python venv; install python3-venv (`apt-get install -y python3-venv`)",
+    )?;
+    let requirement = format!("{KUBERNETES_VALIDATE}=={KUBERNETES_VALIDATE_VERSION}");
+    let mut pip = Command::new(venv.join("bin").join("pip"));
+    pip.args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(&requirement);
+    run_command(&mut pip).with_context(|| {
+        format!("`pip install {requirement}` failed; PyPI must be reachable from this machine")
+    })?;
+    if output_of(&exe_str, &["--version"]).is_none() {
+        bail!("{} was installed but does not run", exe.display());
+    }
+    Ok(())
 }

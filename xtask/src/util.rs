@@ -85,6 +85,41 @@ pub fn build_bins() -> Result<()> {
         .context("the build failed; see the compiler output above")
 }
 
+/// What the test bed reads to find the binaries (`ambit_testbed::AGENT_BIN_ENV`, ...; xtask does
+/// not depend on the bed's crate, which needs `protoc` to build).
+const AGENT_BIN_ENV: &str = "AMBIT_AGENT_BIN";
+const TESTPOD_BIN_ENV: &str = "AMBIT_TESTPOD_BIN";
+
+/// `cargo xtask demo [--no-build] [-- args]`: setup, build, then `ambit-demo args`.
+pub fn demo(no_build: bool, args: &[String]) -> Result<ExitCode> {
+    if !is_root() {
+        bail!("the demo needs root for network namespaces, cgroups and eBPF; run it as root");
+    }
+    if !no_build {
+        crate::setup::run()?;
+        build_bins()?;
+    }
+    let demo = debug_bin("ambit-demo");
+    if !demo.is_file() {
+        bail!(
+            "{} was not built; run `cargo build -p ambit-testbed --bins` to see why, or \
+             `cargo xtask demo` without --no-build",
+            demo.display()
+        );
+    }
+    let mut cmd = Command::new(&demo);
+    cmd.args(args);
+    step(&format!("$ {}", command_line(&cmd)));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", demo.display()))?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// `cargo xtask test [-- args]`.
 pub fn test(extra: &[String]) -> Result<ExitCode> {
     crate::setup::run()?;
@@ -92,12 +127,8 @@ pub fn test(extra: &[String]) -> Result<ExitCode> {
     let agent = debug_bin("ambit-agent");
     let testpod = debug_bin("ambit-testpod");
     if is_root() {
-        let cleaned = ambit_testbed::cleanup_stale();
-        if !cleaned.is_empty() {
-            step(&format!(
-                "removed leftovers of crashed test beds: {cleaned:?}"
-            ));
-        }
+        // Leftovers of crashed test beds (namespaces, links, cgroups, pins) would collide.
+        run(Command::new(debug_bin("ambit-demo")).arg("--cleanup-stale"))?;
     }
     let mut cmd = cargo();
     cmd.arg("test");
@@ -113,13 +144,11 @@ pub fn test(extra: &[String]) -> Result<ExitCode> {
         cmd.args(["--workspace", "--exclude", "ambit-ebpf"]);
     }
     cmd.args(extra)
-        .env(ambit_testbed::AGENT_BIN_ENV, &agent)
-        .env(ambit_testbed::TESTPOD_BIN_ENV, &testpod);
+        .env(AGENT_BIN_ENV, &agent)
+        .env(TESTPOD_BIN_ENV, &testpod);
     step(&format!(
-        "$ {}={} {}={} {}",
-        ambit_testbed::AGENT_BIN_ENV,
+        "$ {AGENT_BIN_ENV}={} {TESTPOD_BIN_ENV}={} {}",
         agent.display(),
-        ambit_testbed::TESTPOD_BIN_ENV,
         testpod.display(),
         command_line(&cmd)
     ));

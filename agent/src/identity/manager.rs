@@ -59,6 +59,8 @@ pub struct CertStatus {
     pub serial: Option<String>,
     /// RFC 3339.
     pub not_after: Option<String>,
+    /// The same, in seconds since the Unix epoch.
+    pub not_after_unix: Option<i64>,
     /// When the next renewal or retry is due (RFC 3339).
     pub next_rotation: Option<String>,
     /// The CA's last error, cleared by a successful fetch.
@@ -216,6 +218,7 @@ impl CertManager {
                     state: info.state,
                     serial: cert.as_ref().map(|c| c.serial.clone()),
                     not_after: cert.as_ref().map(|c| rfc3339(c.not_after)),
+                    not_after_unix: cert.as_ref().map(|c| unix_secs(c.not_after)),
                     next_rotation: info.next_rotation.map(rfc3339),
                     last_error: info.last_error.clone(),
                     fetches: info.fetches,
@@ -562,6 +565,14 @@ fn instant_at(t: SystemTime) -> Instant {
 }
 
 /// `2025-01-31T12:00:00Z` (UTC, whole seconds).
+/// Seconds since the Unix epoch (negative before it).
+pub fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs(),

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use super::{
     PodInfo, ProxyContext,
     copy::{self, ByteCounts, Side},
+    live::ConnInfo,
 };
 use crate::telemetry::{AccessLog, Path};
 
@@ -61,7 +62,26 @@ pub async fn handle(
     }
 
     // Registered before the decision, so a policy change from here on re-judges it.
-    let live = ctx.live.register(peer, dst, None, pod.identity.namespace());
+    let src_workload = ctx
+        .workloads
+        .snapshot()
+        .by_ip(peer.ip())
+        .map(|w| w.display_name());
+    log.src_workload = src_workload.as_deref();
+    let live = ctx.live.register(ConnInfo {
+        direction: super::Direction::Inbound,
+        path: Path::Passthrough,
+        src: peer,
+        dst,
+        src_identity: None,
+        dst_identity: Some(pod.identity.clone()),
+        src_workload: src_workload.clone(),
+        dst_workload: Some(pod.key.clone()),
+        service: None,
+        dst_namespace: pod.identity.namespace().to_owned(),
+        counts: counts.clone(),
+        start,
+    });
     // A plaintext client has no verified identity: only policies that allow that admit it.
     let decision = ctx.authorize(&pod, None, peer, dst);
     let allowed = decision.allowed;

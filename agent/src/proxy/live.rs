@@ -1,24 +1,49 @@
-//! The live inbound connections of this agent: registered when admitted, removed when they end.
-//! Used to re-judge open connections when authorization policy changes (closing the ones the new
-//! policy no longer allows), and the natural source for listing connections.
+//! The live connections of this agent, both directions: registered when the connection is
+//! admitted, removed when it ends. Used to re-judge open inbound connections when authorization
+//! policy changes (closing the ones the new policy no longer allows), to list connections in the
+//! admin API, and to count Istio's TCP metrics (opened on register, closed with the bytes moved
+//! when the registration drops).
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use tokio_util::sync::CancellationToken;
 
-use crate::identity::Identity;
+use super::{Direction, copy::ByteCounts};
+use crate::{
+    identity::Identity,
+    metrics::{Metrics, TcpLabels},
+    telemetry::Path,
+};
 
-/// One admitted inbound connection.
-pub struct LiveConn {
+/// What is known about a connection when it is registered.
+pub struct ConnInfo {
+    pub direction: Direction,
+    pub path: Path,
     pub src: SocketAddr,
     pub dst: SocketAddr,
-    pub src_identity: Option<Arc<Identity>>,
+    pub src_identity: Option<Identity>,
+    pub dst_identity: Option<Identity>,
+    /// `namespace/name`.
+    pub src_workload: Option<String>,
+    pub dst_workload: Option<String>,
+    /// `namespace/hostname` of the service whose VIP was dialed.
+    pub service: Option<String>,
     /// The destination pod's namespace (what namespace-scoped policies apply to).
     pub dst_namespace: String,
+    pub counts: Arc<ByteCounts>,
+    pub start: Instant,
+}
+
+/// One live connection.
+pub struct LiveConn {
+    pub id: u64,
+    pub info: ConnInfo,
+    labels: TcpLabels,
     /// Fired to close the connection; the reason is read by its handler for the access log.
     close: CancellationToken,
     reason: Mutex<Option<String>>,
@@ -49,47 +74,93 @@ impl LiveConn {
 pub struct LiveConns {
     conns: Mutex<HashMap<u64, Arc<LiveConn>>>,
     next: std::sync::atomic::AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
-/// Removes its connection from the registry when dropped.
+/// Removes its connection from the registry when dropped, counting it closed.
 pub struct Registration<'a> {
     registry: &'a LiveConns,
-    id: u64,
     pub conn: Arc<LiveConn>,
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
+        self.registry.lock().remove(&self.conn.id);
+        let counts = &self.conn.info.counts;
+        self.registry
+            .metrics
+            .tcp_closed(&self.conn.labels, counts.sent(), counts.received());
+    }
+}
+
+/// Istio's labels for a connection: workload names and namespaces split from `namespace/name`,
+/// `unknown` where not known.
+fn labels(info: &ConnInfo) -> TcpLabels {
+    let split = |w: &Option<String>| match w.as_deref().and_then(|w| w.split_once('/')) {
+        Some((ns, name)) => (name.to_owned(), ns.to_owned()),
+        None => ("unknown".to_owned(), "unknown".to_owned()),
+    };
+    let principal = |id: &Option<Identity>| {
+        id.as_ref()
+            .map_or_else(|| "unknown".to_owned(), |i| i.to_string())
+    };
+    let (source_workload, source_workload_namespace) = split(&info.src_workload);
+    let (destination_workload, destination_workload_namespace) = split(&info.dst_workload);
+    TcpLabels {
+        reporter: match info.direction {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        },
+        source_workload,
+        source_workload_namespace,
+        source_principal: principal(&info.src_identity),
+        destination_workload,
+        destination_workload_namespace,
+        destination_principal: principal(&info.dst_identity),
+        destination_service: info
+            .service
+            .as_deref()
+            .map_or("unknown", |s| s.split_once('/').map_or(s, |(_, host)| host))
+            .to_owned(),
+        connection_security_policy: match info.path {
+            Path::Hbone => "mutual_tls",
+            Path::Passthrough => "none",
+        },
     }
 }
 
 impl LiveConns {
+    pub fn new(metrics: Arc<Metrics>) -> LiveConns {
+        LiveConns {
+            metrics,
+            ..LiveConns::default()
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<LiveConn>>> {
         // Updates are single inserts/removes: a poisoned map is still consistent.
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn register(
-        &self,
-        src: SocketAddr,
-        dst: SocketAddr,
-        src_identity: Option<Arc<Identity>>,
-        dst_namespace: &str,
-    ) -> Registration<'_> {
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Registers a connection, counting it opened.
+    pub fn register(&self, info: ConnInfo) -> Registration<'_> {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let labels = labels(&info);
+        self.metrics.tcp_opened(&labels);
         let conn = Arc::new(LiveConn {
-            src,
-            dst,
-            src_identity,
-            dst_namespace: dst_namespace.to_owned(),
+            id,
+            info,
+            labels,
             close: CancellationToken::new(),
             reason: Mutex::new(None),
         });
         self.lock().insert(id, conn.clone());
         Registration {
             registry: self,
-            id,
             conn,
         }
     }
@@ -100,6 +171,13 @@ impl LiveConns {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Every live connection, oldest first.
+    pub fn list(&self) -> Vec<Arc<LiveConn>> {
+        let mut v: Vec<Arc<LiveConn>> = self.lock().values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v
     }
 
     /// Closes every connection for which `judge` returns a reason. Returns how many.
@@ -120,22 +198,57 @@ impl LiveConns {
 mod tests {
     use super::*;
 
+    fn info(src: SocketAddr, dst: SocketAddr, ns: &str) -> ConnInfo {
+        ConnInfo {
+            direction: Direction::Inbound,
+            path: Path::Passthrough,
+            src,
+            dst,
+            src_identity: None,
+            dst_identity: None,
+            src_workload: None,
+            dst_workload: Some(format!("{ns}/server")),
+            service: None,
+            dst_namespace: ns.to_owned(),
+            counts: Arc::default(),
+            start: Instant::now(),
+        }
+    }
+
     #[tokio::test]
     async fn registers_closes_and_forgets() {
         let live = LiveConns::default();
         let a: SocketAddr = "10.1.0.2:1000".parse().expect("addr");
         let b: SocketAddr = "10.2.0.2:80".parse().expect("addr");
-        let r1 = live.register(a, b, None, "default");
-        let r2 = live.register(b, a, None, "other");
+        let r1 = live.register(info(a, b, "default"));
+        let r2 = live.register(info(b, a, "other"));
         assert_eq!(live.len(), 2);
-        let n = live.close_where(|c| (c.dst_namespace == "default").then(|| "policy".to_owned()));
+        let n =
+            live.close_where(|c| (c.info.dst_namespace == "default").then(|| "policy".to_owned()));
         assert_eq!(n, 1);
         r1.conn.closed().await;
         assert_eq!(r1.conn.close_reason().as_deref(), Some("policy"));
         assert_eq!(r2.conn.close_reason(), None);
+        r1.conn
+            .info
+            .counts
+            .sent
+            .fetch_add(5, std::sync::atomic::Ordering::Relaxed);
         drop(r1);
         assert_eq!(live.len(), 1);
         drop(r2);
         assert!(live.is_empty());
+        let text = live.metrics().render(&Default::default());
+        assert!(
+            text.contains("istio_tcp_received_bytes_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",destination_workload=\"server\",destination_workload_namespace=\"default\""),
+            "{text}"
+        );
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+                .map(|l| l.rsplit(' ').next().unwrap_or_default())
+                .collect::<Vec<_>>(),
+            ["1", "1"]
+        );
     }
 }

@@ -109,11 +109,16 @@ impl ProxyContext {
         let store = self.policies.load();
         let snapshot = self.workloads.snapshot();
         self.live.close_where(|c| {
+            let c = &c.info;
+            if c.direction != Direction::Inbound {
+                // Policy is enforced where the connection arrives.
+                return None;
+            }
             let named = snapshot.named_policies(c.dst.ip());
             let d = policy::evaluate(
                 &store,
                 &policy::Connection {
-                    src_identity: c.src_identity.as_deref(),
+                    src_identity: c.src_identity.as_ref(),
                     src_ip: c.src.ip(),
                     dst_ip: c.dst.ip(),
                     dst_port: c.dst.port(),
@@ -125,6 +130,31 @@ impl ProxyContext {
         })
     }
 
+    /// The decision for a connection from `src` (with `src_identity` when it came through HBONE)
+    /// to `dst`, a workload in `dst_namespace`, by the current policies and state. What
+    /// [`ProxyContext::authorize`] enforces and what `explain` reports.
+    pub fn decide(
+        &self,
+        src_identity: Option<&Identity>,
+        src: SocketAddr,
+        dst: SocketAddr,
+        dst_namespace: &str,
+    ) -> Decision {
+        let store = self.policies.load();
+        let snapshot = self.workloads.snapshot();
+        policy::evaluate(
+            &store,
+            &policy::Connection {
+                src_identity,
+                src_ip: src.ip(),
+                dst_ip: dst.ip(),
+                dst_port: dst.port(),
+                dst_namespace,
+                dst_policies: snapshot.named_policies(dst.ip()),
+            },
+        )
+    }
+
     /// The authorization decision for a new inbound connection to `pod`, logged if a dry-run
     /// policy had an opinion.
     pub fn authorize(
@@ -134,20 +164,12 @@ impl ProxyContext {
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Decision {
-        let store = self.policies.load();
-        let snapshot = self.workloads.snapshot();
-        let named = snapshot.named_policies(dst.ip());
-        let decision = policy::evaluate(
-            &store,
-            &policy::Connection {
-                src_identity,
-                src_ip: src.ip(),
-                dst_ip: dst.ip(),
-                dst_port: dst.port(),
-                dst_namespace: pod.identity.namespace(),
-                dst_policies: named,
-            },
-        );
+        let decision = self.decide(src_identity, src, dst, pod.identity.namespace());
+        if !decision.allowed {
+            self.live
+                .metrics()
+                .denied("inbound", decision.policy.as_deref());
+        }
         for hit in &decision.dry_run {
             tracing::info!(
                 policy = hit.policy.as_deref().unwrap_or("(allow set)"),
@@ -199,6 +221,9 @@ fn listen(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
     let socket =
         Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
+    // A new agent (a rolling update with surge) binds next to the one it replaces, so the pod
+    // never lacks a listener; the old one closes its sockets when it drains.
+    socket.set_reuse_port(true).map_err(err)?;
     socket.set_mark(AGENT_MARK).map_err(err)?;
     if addr.is_ipv6() {
         // Dual stack on [::]; loopback [::1] is IPv6 only anyway.

@@ -16,8 +16,10 @@ use tracing::warn;
 use super::{
     PodInfo, ProxyContext,
     copy::{self, ByteCounts, Side},
+    live::ConnInfo,
 };
 use crate::{
+    state::{ServiceEntry, Snapshot, Workload},
     telemetry::{AccessLog, Path},
     tls,
     tunnel::{
@@ -71,56 +73,65 @@ pub async fn handle(
     log.src = SocketAddr::new(src_ip, peer.port());
 
     let snapshot = ctx.workloads.snapshot();
-    // A service VIP: pick an endpoint; from here on the endpoint is the destination.
-    let mut dst = dst;
-    let service = snapshot.service_by_vip(dst.ip()).cloned();
-    if let Some(svc) = &service {
-        log.dst_service = Some(&svc.key);
-        if !svc.has_port(dst.port()) {
-            log.error = Some((
-                Side::Downstream,
-                format!("service {} has no port {}", svc.key, dst.port()),
-            ));
+    let route = match route(&snapshot, dst, Pick::Next) {
+        Ok(r) => r,
+        Err(e) => {
+            log.dst_service = Some(e.service());
+            log.error = Some((e.side(), e.to_string()));
             log.emit();
             return;
         }
-        let Some((_, endpoint)) = svc.pick(dst.ip(), dst.port()) else {
-            log.error = Some((
-                Side::Upstream,
-                format!(
-                    "service {} has no healthy endpoint (no workload backs it with an address of this family)",
-                    svc.key
-                ),
-            ));
-            log.emit();
-            return;
-        };
-        dst = endpoint;
+    };
+    let service_key = route.service.as_ref().map(|s| s.key.clone());
+    log.dst_service = service_key.as_deref();
+    let dst = route.dst;
+    if route.service.is_some() {
         log.dst_endpoint = Some(dst);
     }
-    let target = snapshot.by_ip(dst.ip()).filter(|w| w.hbone).cloned();
-    let dst_name = snapshot.by_ip(dst.ip()).map(|w| w.display_name());
+    let dst_name = route.workload.as_ref().map(|w| w.display_name());
     log.dst_workload = dst_name.as_deref();
+    let conn_info = |path, dst_identity| ConnInfo {
+        direction: super::Direction::Outbound,
+        path,
+        src: log_src(src_ip, peer),
+        dst,
+        src_identity: Some(pod.identity.clone()),
+        dst_identity,
+        src_workload: Some(pod.key.clone()),
+        dst_workload: dst_name.clone(),
+        service: service_key.as_deref().map(str::to_owned),
+        dst_namespace: route
+            .workload
+            .as_ref()
+            .map(|w| w.namespace.to_string())
+            .unwrap_or_default(),
+        counts: counts.clone(),
+        start,
+    };
 
-    let Some(target) = target else {
-        // Not a mesh workload: plaintext, as before capture.
-        let upstream = match super::upstream_socket(&pod.netns, dst, None) {
-            Ok(s) => super::connect(s, dst).await,
-            Err(e) => Err(e),
-        };
-        let upstream = match upstream {
-            Ok(u) => u,
-            Err(e) => {
-                log.error = Some((Side::Upstream, format!("connect to {dst} failed: {e}")));
-                log.emit();
-                return;
+    let target = match &route.workload {
+        Some(w) if route.hbone => w.clone(),
+        _ => {
+            // Not a mesh workload: plaintext, as before capture.
+            let upstream = match super::upstream_socket(&pod.netns, dst, None) {
+                Ok(s) => super::connect(s, dst).await,
+                Err(e) => Err(e),
+            };
+            let upstream = match upstream {
+                Ok(u) => u,
+                Err(e) => {
+                    log.error = Some((Side::Upstream, format!("connect to {dst} failed: {e}")));
+                    log.emit();
+                    return;
+                }
+            };
+            let _live = ctx.live.register(conn_info(Path::Passthrough, None));
+            if let Err(e) = copy::copy_bidirectional(downstream, upstream, counts.clone()).await {
+                log.error = Some((e.side, e.to_string()));
             }
-        };
-        if let Err(e) = copy::copy_bidirectional(downstream, upstream, counts.clone()).await {
-            log.error = Some((e.side, e.to_string()));
+            log.emit();
+            return;
         }
-        log.emit();
-        return;
     };
 
     log.path = Path::Hbone;
@@ -167,6 +178,9 @@ pub async fn handle(
             return;
         }
     };
+    let _live = ctx
+        .live
+        .register(conn_info(Path::Hbone, Some(target.identity.clone())));
     if let Err(e) = tunnel::pump(
         downstream,
         tunnel.send,
@@ -179,4 +193,90 @@ pub async fn handle(
         log.error = Some((e.side, e.to_string()));
     }
     log.emit();
+}
+
+fn log_src(src_ip: std::net::IpAddr, peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(src_ip, peer.port())
+}
+
+/// Whether a route may advance a service's round robin (a real connection) or only look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    Next,
+    /// For `explain`: the endpoint the next connection would get.
+    Peek,
+}
+
+/// Where an outbound connection to `dst` goes. One function for the data path and `explain`.
+pub struct Route {
+    /// The service whose VIP `dst` is.
+    pub service: Option<Arc<ServiceEntry>>,
+    /// The address connected to: `dst`, or the endpoint picked for a VIP.
+    pub dst: SocketAddr,
+    /// The workload at that address, if known.
+    pub workload: Option<Arc<Workload>>,
+    /// Through HBONE (the workload is in the mesh); otherwise passthrough.
+    pub hbone: bool,
+}
+
+/// Why a connection to a service VIP cannot be routed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("service {service} has no port {port}")]
+    NoSuchPort { service: Arc<str>, port: u16 },
+    #[error(
+        "service {service} has no healthy endpoint (no workload backs it with an address of this family)"
+    )]
+    NoEndpoint { service: Arc<str> },
+}
+
+impl RouteError {
+    pub fn service(&self) -> &str {
+        match self {
+            RouteError::NoSuchPort { service, .. } | RouteError::NoEndpoint { service } => service,
+        }
+    }
+
+    /// A port the service lacks is the client's mistake; no endpoint is the destination's.
+    pub fn side(&self) -> Side {
+        match self {
+            RouteError::NoSuchPort { .. } => Side::Downstream,
+            RouteError::NoEndpoint { .. } => Side::Upstream,
+        }
+    }
+}
+
+/// Resolves `dst`: a service VIP to one of its endpoints (on the mapped port), then the
+/// workload at the address and whether it speaks HBONE.
+pub fn route(snapshot: &Snapshot, dst: SocketAddr, pick: Pick) -> Result<Route, RouteError> {
+    let service = snapshot.service_by_vip(dst.ip()).cloned();
+    let dst = match &service {
+        None => dst,
+        Some(svc) => {
+            if !svc.has_port(dst.port()) {
+                return Err(RouteError::NoSuchPort {
+                    service: svc.key.clone(),
+                    port: dst.port(),
+                });
+            }
+            let picked = match pick {
+                Pick::Next => svc.pick(dst.ip(), dst.port()),
+                Pick::Peek => svc.peek(dst.ip(), dst.port()),
+            };
+            let Some((_, endpoint)) = picked else {
+                return Err(RouteError::NoEndpoint {
+                    service: svc.key.clone(),
+                });
+            };
+            endpoint
+        }
+    };
+    let workload = snapshot.by_ip(dst.ip()).cloned();
+    let hbone = workload.as_ref().is_some_and(|w| w.hbone);
+    Ok(Route {
+        service,
+        dst,
+        workload,
+        hbone,
+    })
 }

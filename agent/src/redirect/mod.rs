@@ -16,6 +16,7 @@
 //! ```
 
 pub mod cgroup;
+mod inspect;
 pub mod netns;
 pub mod routing;
 
@@ -38,6 +39,7 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 
+pub use inspect::inspect;
 pub use netns::Netns;
 
 #[derive(Debug, thiserror::Error)]

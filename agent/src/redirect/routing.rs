@@ -48,6 +48,22 @@ pub enum Error {
     },
 }
 
+/// Where the host's procfs is mounted in a container whose own `/proc/sys` is read-only (the
+/// DaemonSet mounts it there); net sysctls written through it apply to the writing thread's netns.
+const HOST_PROC: &str = "/host/proc";
+
+/// Writes `1` to the sysctl at `path` (under `/proc`), through [`HOST_PROC`] when `/proc/sys` is
+/// read-only.
+fn write_sysctl(path: &str) -> io::Result<()> {
+    match std::fs::write(path, "1") {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            let host = path.replacen("/proc", HOST_PROC, 1);
+            std::fs::write(host, "1").map_err(|_| e)
+        }
+        other => other,
+    }
+}
+
 /// Installs the return path for transparent connections in the current netns. Idempotent.
 pub fn install() -> Result<(), Error> {
     for (name, path, required) in [
@@ -70,7 +86,7 @@ pub fn install() -> Result<(), Error> {
             false,
         ),
     ] {
-        match std::fs::write(path, "1") {
+        match write_sysctl(path) {
             Ok(()) => {}
             // A pod without IPv6 has no net.ipv6 tree.
             Err(e) if !required && e.kind() == io::ErrorKind::NotFound => {}

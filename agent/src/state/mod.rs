@@ -269,8 +269,21 @@ impl ServiceEntry {
     /// address and port to reach it on for the service's `port`: the endpoint's own mapping,
     /// else the service's target port, else `port` itself.
     pub fn pick(&self, like: IpAddr, port: u16) -> Option<(Arc<Workload>, SocketAddr)> {
+        self.pick_from(self.next.fetch_add(1, Ordering::Relaxed), like, port)
+    }
+
+    /// What [`ServiceEntry::pick`] would answer now, without moving the cursor (for `explain`).
+    pub fn peek(&self, like: IpAddr, port: u16) -> Option<(Arc<Workload>, SocketAddr)> {
+        self.pick_from(self.next.load(Ordering::Relaxed), like, port)
+    }
+
+    fn pick_from(
+        &self,
+        start: usize,
+        like: IpAddr,
+        port: u16,
+    ) -> Option<(Arc<Workload>, SocketAddr)> {
         let n = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n).find_map(|i| {
             let w = &self.endpoints[(start + i) % n];
             if !w.healthy {

@@ -21,6 +21,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, TcpSide};
 use crate::{
     identity::Identity,
+    proxy::live::ConnInfo,
     proxy::{
         self, Direction, PodInfo, ProxyContext,
         copy::{ByteCounts, Side},
@@ -228,9 +229,26 @@ async fn serve_stream(
     }
 
     // Registered before the decision, so a policy change from here on re-judges it.
-    let live = ctx
-        .live
-        .register(peer, dst, Some(client_id.clone()), pod.identity.namespace());
+    let src_workload = ctx
+        .workloads
+        .snapshot()
+        .by_ip(peer.ip())
+        .map(|w| w.display_name());
+    log.src_workload = src_workload.as_deref();
+    let live = ctx.live.register(ConnInfo {
+        direction: Direction::Inbound,
+        path: Path::Hbone,
+        src: peer,
+        dst,
+        src_identity: Some((*client_id).clone()),
+        dst_identity: Some(pod.identity.clone()),
+        src_workload: src_workload.clone(),
+        dst_workload: Some(pod.key.clone()),
+        service: None,
+        dst_namespace: pod.identity.namespace().to_owned(),
+        counts: counts.clone(),
+        start,
+    });
     let decision = ctx.authorize(&pod, Some(&client_id), peer, dst);
     let allowed = decision.allowed;
     log.authz = Some(decision);

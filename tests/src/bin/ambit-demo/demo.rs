@@ -12,10 +12,7 @@ use ambit_testbed::{Agent, ClientReport, Pod, TestBed, log_field};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::{
-    sigint,
-    util::{build_bins, debug_bin, header, is_root, step},
-};
+use crate::{header, sigint, step};
 
 const PORT: u16 = 8080;
 
@@ -30,38 +27,15 @@ pub struct Options {
     /// Keep the agents' configs and logs after teardown.
     #[arg(long)]
     keep_logs: bool,
-    /// Skip setup and build; use the binaries already in the target dir.
-    #[arg(long)]
-    no_build: bool,
 }
 
 pub fn run(options: &Options) -> Result<()> {
-    if !is_root() {
+    if !nix::unistd::geteuid().is_root() {
         bail!("the demo needs root for network namespaces, cgroups and eBPF; run it as root");
     }
-    if !options.no_build {
-        crate::setup::run()?;
-        build_bins()?;
-    }
-    // The environment can point at other binaries, as for the tests.
-    let bin = |env: &str, name: &str| {
-        std::env::var_os(env).map_or_else(|| debug_bin(name), std::path::PathBuf::from)
-    };
-    let agent_bin = bin(ambit_testbed::AGENT_BIN_ENV, "ambit-agent");
-    let testpod_bin = bin(ambit_testbed::TESTPOD_BIN_ENV, "ambit-testpod");
-    for (bin, how) in [
-        (&agent_bin, "cargo build -p ambit-agent"),
-        (&testpod_bin, "cargo build -p ambit-testbed --bins"),
-    ] {
-        if !bin.is_file() {
-            bail!(
-                "{} was not built (expected at {}); run `{how}` to see why, or `cargo xtask demo` \
-                 without --no-build",
-                bin.file_name().unwrap_or_default().to_string_lossy(),
-                bin.display()
-            );
-        }
-    }
+    // Beside this program in the target dir, or where the environment points, as for the tests.
+    let agent_bin = ambit_testbed::agent_bin()?;
+    let testpod_bin = ambit_testbed::testpod_bin()?;
     sigint::install()?;
     let cleaned = ambit_testbed::cleanup_stale();
     if !cleaned.is_empty() {
@@ -255,27 +229,11 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         connections.len() - failed
     );
     for agent in agents {
-        // What the eBPF programs counted on this node, as an operator would read it.
-        let ctl = agent_bin.with_file_name("ambitctl");
-        let pin_path = bed
-            .node(agent.node())
-            .map(|n| n.bpf_pin_path().to_owned())
-            .unwrap_or_default();
-        match std::process::Command::new(&ctl)
-            .args(["bpf", "-o", "json", "--pin-path"])
-            .arg(&pin_path)
-            .output()
-        {
-            Ok(out) if out.status.success() => {
-                let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-                eprintln!("  {} eBPF counters: {}", agent.node(), v["counters"]);
-            }
-            Ok(out) => eprintln!(
-                "  {}: ambitctl bpf failed: {}",
-                agent.node(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => eprintln!("  {}: cannot run {}: {e}", agent.node(), ctl.display()),
+        // What the eBPF programs counted on this node, as an operator reads it: through the
+        // agent's admin socket.
+        match agent.ambitctl_json(&["bpf"]) {
+            Ok(v) => eprintln!("  {} eBPF counters: {}", agent.node(), v["counters"]),
+            Err(e) => eprintln!("  {}: ambitctl bpf failed: {e:#}", agent.node()),
         }
     }
 

@@ -1,0 +1,377 @@
+//! Prometheus metrics (`GET /metrics`, port 15020 by default), in the text exposition format.
+//!
+//! Istio's TCP metrics, with the labels Istio's dashboards query, reported once per connection
+//! by the agent that proxied it (`reporter="source"` outbound, `"destination"` inbound):
+//! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+//! `istio_tcp_sent_bytes_total` (bytes the destination sent back: Istio's "response" bytes) and
+//! `istio_tcp_received_bytes_total` (bytes the source sent: "request" bytes). Byte counters move
+//! when a connection closes.
+//!
+//! Ambit's own (`ambit_*`): authorization denials by policy, enrolled pods, the eBPF programs'
+//! counters, certificate expiry, xDS pushes and NACKs, HBONE pool connections and streams, open
+//! connections. Labels name workloads, namespaces, identities and policies, never connections,
+//! so cardinality is bounded by the mesh's size.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    sync::Mutex,
+};
+
+/// The labels of Istio's TCP metrics. Workloads are `namespace/name` pods' names; `unknown`
+/// where the agent does not know (as Istio reports).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TcpLabels {
+    /// `source` (outbound, the client's agent) or `destination` (inbound).
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    /// The service's hostname when a VIP was dialed, else `unknown`.
+    pub destination_service: String,
+    /// `mutual_tls` (HBONE) or `none`.
+    pub connection_security_policy: &'static str,
+}
+
+impl TcpLabels {
+    fn pairs(&self) -> [(&'static str, &str); 10] {
+        [
+            ("reporter", self.reporter),
+            ("source_workload", &self.source_workload),
+            ("source_workload_namespace", &self.source_workload_namespace),
+            ("source_principal", &self.source_principal),
+            ("destination_workload", &self.destination_workload),
+            (
+                "destination_workload_namespace",
+                &self.destination_workload_namespace,
+            ),
+            ("destination_principal", &self.destination_principal),
+            ("destination_service", &self.destination_service),
+            ("request_protocol", "tcp"),
+            (
+                "connection_security_policy",
+                self.connection_security_policy,
+            ),
+        ]
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct TcpCounts {
+    opened: u64,
+    closed: u64,
+    /// Source to destination ("received" in Istio's terms).
+    request_bytes: u64,
+    /// Destination to source ("sent").
+    response_bytes: u64,
+}
+
+/// The agent's counters. Shared as `Arc<Metrics>`; every update is one short lock.
+#[derive(Default)]
+pub struct Metrics {
+    tcp: Mutex<HashMap<TcpLabels, TcpCounts>>,
+    /// Denials by `(direction, policy)`; the policy is `none` when no ALLOW policy matched.
+    denials: Mutex<BTreeMap<(&'static str, String), u64>>,
+}
+
+/// Values read from the rest of the agent when scraped.
+#[derive(Default)]
+pub struct Gauges {
+    pub enrolled_pods: usize,
+    /// The eBPF programs' counters (summed over CPUs), by name.
+    pub bpf: BTreeMap<String, u64>,
+    /// `(identity, seconds since the epoch when its certificate expires)`.
+    pub cert_expiry: Vec<(String, i64)>,
+    /// `(pushes, nacks, connected)` when xDS is configured.
+    pub xds: Option<(u64, u64, bool)>,
+    pub pool_connections_opened: u64,
+    pub pool_streams_opened: u64,
+    pub pool_open_connections: usize,
+    pub open_connections: usize,
+    pub workloads: usize,
+    pub services: usize,
+    pub policies: usize,
+}
+
+impl Metrics {
+    pub fn tcp_opened(&self, labels: &TcpLabels) {
+        let mut tcp = lock(&self.tcp);
+        match tcp.get_mut(labels) {
+            Some(c) => c.opened += 1,
+            None => {
+                tcp.insert(
+                    labels.clone(),
+                    TcpCounts {
+                        opened: 1,
+                        ..TcpCounts::default()
+                    },
+                );
+            }
+        }
+    }
+
+    /// A connection counted by [`Metrics::tcp_opened`] with the same labels ended, having moved
+    /// `request_bytes` from source to destination and `response_bytes` back.
+    pub fn tcp_closed(&self, labels: &TcpLabels, request_bytes: u64, response_bytes: u64) {
+        let mut tcp = lock(&self.tcp);
+        let c = tcp.entry(labels.clone()).or_default();
+        c.closed += 1;
+        c.request_bytes += request_bytes;
+        c.response_bytes += response_bytes;
+    }
+
+    /// A connection was refused by authorization; `policy` is the deciding policy, if one did.
+    pub fn denied(&self, direction: &'static str, policy: Option<&str>) {
+        *lock(&self.denials)
+            .entry((direction, policy.unwrap_or("none").to_owned()))
+            .or_default() += 1;
+    }
+
+    /// The exposition text.
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let tcp: Vec<(TcpLabels, TcpCounts)> = {
+            let mut v: Vec<_> = lock(&self.tcp)
+                .iter()
+                .map(|(l, c)| (l.clone(), *c))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        type Family = (&'static str, &'static str, fn(&TcpCounts) -> u64);
+        let families: [Family; 4] = [
+            (
+                "istio_tcp_connections_opened_total",
+                "TCP connections opened",
+                |c| c.opened,
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "TCP connections closed",
+                |c| c.closed,
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "Bytes sent by the destination back to the source (response bytes), counted when the connection closes",
+                |c| c.response_bytes,
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "Bytes received from the source for the destination (request bytes), counted when the connection closes",
+                |c| c.request_bytes,
+            ),
+        ];
+        for (name, help, value) in families {
+            header(&mut out, name, help, "counter");
+            for (labels, counts) in &tcp {
+                sample(&mut out, name, &labels.pairs(), value(counts));
+            }
+        }
+
+        let name = "ambit_authorization_denials_total";
+        header(
+            &mut out,
+            name,
+            "Connections refused by authorization policy, by direction and deciding policy (none: no ALLOW policy matched)",
+            "counter",
+        );
+        for ((direction, policy), n) in lock(&self.denials).iter() {
+            sample(
+                &mut out,
+                name,
+                &[("direction", direction), ("policy", policy)],
+                *n,
+            );
+        }
+
+        gauge(
+            &mut out,
+            "ambit_enrolled_pods",
+            "Local pods whose traffic is captured",
+            g.enrolled_pods as u64,
+        );
+        gauge(
+            &mut out,
+            "ambit_open_connections",
+            "Connections the agent proxies now",
+            g.open_connections as u64,
+        );
+        gauge(
+            &mut out,
+            "ambit_workloads",
+            "Workloads known (all sources)",
+            g.workloads as u64,
+        );
+        gauge(
+            &mut out,
+            "ambit_services",
+            "Services known (all sources)",
+            g.services as u64,
+        );
+        gauge(
+            &mut out,
+            "ambit_authorization_policies",
+            "Authorization policies held",
+            g.policies as u64,
+        );
+
+        let name = "ambit_ebpf_events_total";
+        header(
+            &mut out,
+            name,
+            "Events counted by the eBPF capture programs (redirects, passes, drops), by counter",
+            "counter",
+        );
+        for (counter, n) in &g.bpf {
+            sample(&mut out, name, &[("counter", counter)], *n);
+        }
+
+        let name = "ambit_certificate_expiry_timestamp_seconds";
+        header(
+            &mut out,
+            name,
+            "When each workload identity's current certificate expires (Unix seconds)",
+            "gauge",
+        );
+        for (identity, at) in &g.cert_expiry {
+            sample_i(&mut out, name, &[("identity", identity)], *at);
+        }
+
+        if let Some((pushes, nacks, connected)) = g.xds {
+            counter(
+                &mut out,
+                "ambit_xds_pushes_total",
+                "xDS responses applied and ACKed",
+                pushes,
+            );
+            counter(
+                &mut out,
+                "ambit_xds_nacks_total",
+                "xDS responses refused (NACKed)",
+                nacks,
+            );
+            gauge(
+                &mut out,
+                "ambit_xds_connected",
+                "1 while an xDS stream is open",
+                u64::from(connected),
+            );
+        }
+        counter(
+            &mut out,
+            "ambit_hbone_connections_opened_total",
+            "HBONE (mTLS) connections opened by the pool",
+            g.pool_connections_opened,
+        );
+        counter(
+            &mut out,
+            "ambit_hbone_streams_opened_total",
+            "HBONE CONNECT streams opened",
+            g.pool_streams_opened,
+        );
+        gauge(
+            &mut out,
+            "ambit_hbone_connections",
+            "HBONE connections open in the pool",
+            g.pool_open_connections as u64,
+        );
+        out
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Counters only ever grow by whole updates: a poisoned map is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    header(out, name, help, "gauge");
+    let _ = writeln!(out, "{name} {v}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    header(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {v}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], v: u64) {
+    labelled(out, name, labels);
+    let _ = writeln!(out, " {v}");
+}
+
+fn sample_i(out: &mut String, name: &str, labels: &[(&str, &str)], v: i64) {
+    labelled(out, name, labels);
+    let _ = writeln!(out, " {v}");
+}
+
+fn labelled(out: &mut String, name: &str, labels: &[(&str, &str)]) {
+    out.push_str(name);
+    out.push('{');
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push_str("=\"");
+        for ch in v.chars() {
+            match ch {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push('}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> TcpLabels {
+        TcpLabels {
+            reporter: "destination",
+            source_workload: "client".into(),
+            source_workload_namespace: "default".into(),
+            source_principal: "spiffe://cluster.local/ns/default/sa/client".into(),
+            destination_workload: "server".into(),
+            destination_workload_namespace: "default".into(),
+            destination_principal: "spiffe://cluster.local/ns/default/sa/server".into(),
+            destination_service: "unknown".into(),
+            connection_security_policy: "mutual_tls",
+        }
+    }
+
+    #[test]
+    fn counts_connections_and_bytes_per_label_set() {
+        let m = Metrics::default();
+        m.tcp_opened(&labels());
+        m.tcp_opened(&labels());
+        m.tcp_closed(&labels(), 100, 7);
+        m.tcp_closed(&labels(), 1, 2);
+        m.denied("inbound", Some("default/deny \"x\""));
+        let text = m.render(&Gauges::default());
+        let l = "reporter=\"destination\",source_workload=\"client\",source_workload_namespace=\"default\",source_principal=\"spiffe://cluster.local/ns/default/sa/client\",destination_workload=\"server\",destination_workload_namespace=\"default\",destination_principal=\"spiffe://cluster.local/ns/default/sa/server\",destination_service=\"unknown\",request_protocol=\"tcp\",connection_security_policy=\"mutual_tls\"";
+        for line in [
+            format!("istio_tcp_connections_opened_total{{{l}}} 2"),
+            format!("istio_tcp_connections_closed_total{{{l}}} 2"),
+            format!("istio_tcp_received_bytes_total{{{l}}} 101"),
+            format!("istio_tcp_sent_bytes_total{{{l}}} 9"),
+            "ambit_authorization_denials_total{direction=\"inbound\",policy=\"default/deny \\\"x\\\"\"} 1"
+                .to_owned(),
+            "# TYPE istio_tcp_sent_bytes_total counter".to_owned(),
+        ] {
+            assert!(text.lines().any(|t| t == line), "missing {line} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! A small stand-in for the Kubernetes API server, for tests of the agent's Kubernetes mode: it
+//! serves the real list and watch JSON of `/api/v1/namespaces` and `/api/v1/pods` (watch events
+//! as a chunked stream, replayed from the requested resource version) and applies JSON merge
+//! patches to pods. It listens on loopback inside a network namespace of the bed (where the
+//! agent runs), over plain HTTP, which the agent allows only to loopback.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow};
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct State {
+    version: u64,
+    namespaces: BTreeMap<String, Value>,
+    pods: BTreeMap<String, Value>,
+    /// `(resource version, "namespaces" | "pods", event)`, for watches to replay.
+    events: Vec<(u64, &'static str, Value)>,
+    /// Every request line and its Authorization header, in order.
+    requests: Vec<(String, Option<String>)>,
+    /// `(pod key, patch)` of every PATCH.
+    patches: Vec<(String, Value)>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+/// The fake API server. Stops (and closes its watches) when dropped.
+pub struct KubeApi {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl KubeApi {
+    /// Starts listening on 127.0.0.1 inside the netns at `netns`.
+    pub fn start_in(netns: &Path) -> Result<KubeApi> {
+        let netns = netns.to_owned();
+        let listener = std::thread::spawn(move || -> Result<TcpListener> {
+            let f = std::fs::File::open(&netns)
+                .with_context(|| format!("open netns {}", netns.display()))?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(TcpListener::bind("127.0.0.1:0")?)
+        })
+        .join()
+        .map_err(|_| anyhow!("the listener thread panicked"))??;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        listener.set_nonblocking(true)?;
+        std::thread::spawn(move || {
+            while !s.stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let s = s.clone();
+                        std::thread::spawn(move || {
+                            let _ = serve(&s, stream);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(KubeApi { addr, shared })
+    }
+
+    /// What the agent's `kubernetes.apiServer` should be.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.lock()
+    }
+
+    fn change(
+        &self,
+        kind: &'static str,
+        event: &str,
+        object: Value,
+        store: impl FnOnce(&mut State, Value),
+    ) {
+        self.shared.change(kind, event, object, store)
+    }
+
+    /// Creates or replaces namespace `name` with `labels`.
+    pub fn set_namespace(&self, name: &str, labels: Value) {
+        let exists = self.lock().namespaces.contains_key(name);
+        let object = json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "uid": format!("ns-{name}"), "labels": labels}});
+        let name = name.to_owned();
+        self.change(
+            "namespaces",
+            if exists { "MODIFIED" } else { "ADDED" },
+            object,
+            |st, o| {
+                st.namespaces.insert(name, o);
+            },
+        );
+    }
+
+    /// Creates or replaces a running pod on `node`.
+    pub fn set_pod(&self, node: &str, pod: &crate::Pod, labels: Value) {
+        let key = format!("{}/{}", pod.namespace(), pod.name());
+        let annotations = self
+            .lock()
+            .pods
+            .get(&key)
+            .map(|p| p["metadata"]["annotations"].clone())
+            .unwrap_or_else(|| json!({}));
+        let exists = self.lock().pods.contains_key(&key);
+        let object = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod.name(), "namespace": pod.namespace(),
+                         "uid": format!("uid-{}", pod.name()), "labels": labels,
+                         "annotations": annotations},
+            "spec": {"nodeName": node, "serviceAccountName": pod.service_account()},
+            "status": {"phase": "Running", "podIP": pod.ipv4().to_string(),
+                       "podIPs": [{"ip": pod.ipv4().to_string()}, {"ip": pod.ipv6().to_string()}]}});
+        self.change(
+            "pods",
+            if exists { "MODIFIED" } else { "ADDED" },
+            object,
+            |st, o| {
+                st.pods.insert(key, o);
+            },
+        );
+    }
+
+    /// The patches received, by pod key.
+    pub fn patches(&self) -> Vec<(String, Value)> {
+        self.lock().patches.clone()
+    }
+
+    /// The pod's annotation `name`, as the server holds it now.
+    pub fn annotation(&self, key: &str, name: &str) -> Option<String> {
+        self.lock().pods.get(key)?["metadata"]["annotations"][name]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Request lines received, with their Authorization header.
+    pub fn requests(&self) -> Vec<(String, Option<String>)> {
+        self.lock().requests.clone()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn change(
+        &self,
+        kind: &'static str,
+        event: &str,
+        mut object: Value,
+        store: impl FnOnce(&mut State, Value),
+    ) {
+        let mut st = self.lock();
+        st.version += 1;
+        let v = st.version;
+        object["metadata"]["resourceVersion"] = json!(v.to_string());
+        st.events
+            .push((v, kind, json!({"type": event, "object": object.clone()})));
+        store(&mut st, object);
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    fn patch(&self, key: &str, patch: Value) -> Option<Value> {
+        let mut object = self.lock().pods.get(key)?.clone();
+        merge(&mut object, &patch);
+        self.lock().patches.push((key.to_owned(), patch));
+        let k = key.to_owned();
+        self.change("pods", "MODIFIED", object.clone(), |st, o| {
+            st.pods.insert(k, o);
+        });
+        Some(object)
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.changed.notify_all();
+    }
+}
+
+/// RFC 7386 merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().expect("object");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn serve(shared: &Arc<Shared>, stream: TcpStream) -> std::io::Result<()> {
+    let api = shared;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let request = line.trim_end().to_owned();
+    let mut auth = None;
+    let mut length = 0usize;
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("authorization") {
+                auth = Some(v.trim().to_owned());
+            } else if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    api.lock().requests.push((request.clone(), auth));
+    let mut parts = request.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+    };
+    let mut out = stream;
+    let kind: &'static str = match path {
+        "/api/v1/namespaces" => "namespaces",
+        "/api/v1/pods" => "pods",
+        p if method == "PATCH" && p.starts_with("/api/v1/namespaces/") => {
+            let rest: Vec<&str> = p
+                .trim_start_matches("/api/v1/namespaces/")
+                .split('/')
+                .collect();
+            let answer = match rest.as_slice() {
+                [ns, "pods", name] => {
+                    let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    api.patch(&format!("{ns}/{name}"), patch)
+                }
+                _ => None,
+            };
+            return match answer {
+                Some(o) => respond(&mut out, 200, &o),
+                None => respond(
+                    &mut out,
+                    404,
+                    &json!({"kind": "Status", "message": "not found", "code": 404}),
+                ),
+            };
+        }
+        _ => {
+            return respond(
+                &mut out,
+                404,
+                &json!({"kind": "Status", "message": "not found", "code": 404}),
+            );
+        }
+    };
+    if param("watch").as_deref() != Some("true") {
+        let st = api.lock();
+        let items: Vec<Value> = match kind {
+            "namespaces" => st.namespaces.values().cloned().collect(),
+            _ => st.pods.values().cloned().collect(),
+        };
+        let list = json!({"apiVersion": "v1", "kind": "List",
+            "metadata": {"resourceVersion": st.version.to_string()}, "items": items});
+        drop(st);
+        return respond(&mut out, 200, &list);
+    }
+    let mut from: u64 = param("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    out.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )?;
+    loop {
+        let pending: Vec<(u64, Value)> = {
+            let mut st = api.lock();
+            loop {
+                if shared.stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let p: Vec<(u64, Value)> = st
+                    .events
+                    .iter()
+                    .filter(|(v, k, _)| *v > from && *k == kind)
+                    .map(|(v, _, e)| (*v, e.clone()))
+                    .collect();
+                if !p.is_empty() {
+                    break p;
+                }
+                st = shared
+                    .changed
+                    .wait_timeout(st, Duration::from_millis(200))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        };
+        for (v, event) in pending {
+            let text = format!("{event}\n");
+            out.write_all(format!("{:x}\r\n{text}\r\n", text.len()).as_bytes())?;
+            from = v;
+        }
+        out.flush()?;
+    }
+}
+
+fn respond(out: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()> {
+    let text = body.to_string();
+    write!(
+        out,
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    )
+}

@@ -1,0 +1,178 @@
+//! Kubernetes mode on the namespace test bed, against a stand-in API server speaking the real
+//! list/watch JSON: labelling a namespace enrolls its running pods live (found by their IPs),
+//! a pod label opts one out, unlabelling releases them, and the agent marks enrolled pods with
+//! Istio's redirection annotation and clears it when they leave.
+
+use std::time::Duration;
+
+use ambit_testbed::{Agent, LogMark, Pod, TestBed, kube_server::KubeApi, log_str, poll};
+use serde_json::{Value, json};
+
+const PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(20);
+const ANNOTATION: &str = "ambient.istio.io/redirection";
+
+fn enrolled(agent: &Agent) -> Vec<String> {
+    let list = agent
+        .ambitctl_json(&["workloads", "--local"])
+        .expect("ambitctl workloads");
+    let mut names: Vec<String> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| w["enrolled"] == true)
+        .filter_map(|w| {
+            Some(format!(
+                "{}/{}",
+                w["namespace"].as_str()?,
+                w["name"].as_str()?
+            ))
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn wait_enrolled(agent: &Agent, want: &[&str]) {
+    let got = poll(WAIT, || {
+        let now = enrolled(agent);
+        (now == want).then_some(now)
+    });
+    assert!(
+        got.is_some(),
+        "expected enrolled {want:?}, have {:?}",
+        enrolled(agent)
+    );
+}
+
+/// The outbound access log of `from`'s next connection, if the agent proxied it.
+fn captured(agent: &Agent, mark: LogMark, from: &Pod) -> Option<Value> {
+    agent
+        .wait_for_log_after(
+            mark,
+            |v| {
+                log_str(v, "target") == Some("access")
+                    && log_str(v, "direction") == Some("outbound")
+                    && log_str(v, "src.workload")
+                        == Some(&format!("{}/{}", from.namespace(), from.name()))
+            },
+            Duration::from_secs(2),
+        )
+        .ok()
+}
+
+#[test]
+fn namespace_and_pod_labels_enroll_and_release_running_pods_live() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
+    let node = bed.add_node("node-a").expect("node");
+    let client = bed
+        .add_pod_in(&node, "client", "default", "client")
+        .expect("client");
+    let server = bed
+        .add_pod_in(&node, "server", "default", "server")
+        .expect("server");
+    let other = bed
+        .add_pod_in(&node, "other", "other", "default")
+        .expect("other");
+    let _echo = server.serve(PORT).expect("echo");
+
+    // The cluster as the API shows it: pods already running, no namespace in the mesh yet.
+    let api = KubeApi::start_in(&node.netns_path()).expect("fake API server");
+    api.set_namespace("default", json!({}));
+    api.set_namespace("other", json!({}));
+    for p in [&client, &server, &other] {
+        api.set_pod("node-a", p, json!({"app": p.name()}));
+    }
+    let token = bed.tmp_dir().join("kube-token");
+    std::fs::write(&token, "test-token\n").expect("token");
+    let mut config = bed.agent_config(&node);
+    config.extra.insert(
+        "kubernetes".into(),
+        // Other beds running in parallel use the same pod IPs in their own netns.
+        json!({"apiServer": api.url(), "tokenPath": token,
+               "netnsPathPrefix": format!("/run/netns/ab-{}-", bed.id())}),
+    );
+    let agent = bed.start_agent(&config).expect("agent");
+    let status = poll(WAIT, || {
+        let s = agent.ambitctl_json(&["status"]).ok()?;
+        (s["ready"] == true).then_some(s)
+    });
+    assert!(status.is_some(), "ready once the API's lists arrived");
+    let requests = api.requests();
+    assert!(
+        requests.iter().any(|(r, auth)| r
+            .contains("/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-a")
+            && auth.as_deref() == Some("Bearer test-token")),
+        "pods of this node only, with the token: {requests:#?}"
+    );
+    assert_eq!(enrolled(&agent), Vec::<String>::new());
+    let mark = agent.mark();
+    assert!(client.connect(server.v4(PORT), 100).expect("client").ok);
+    assert!(
+        captured(&agent, mark, &client).is_none(),
+        "not in the mesh yet"
+    );
+
+    // Label the namespace: its running pods are enrolled, found by IP, and annotated.
+    api.set_namespace("default", json!({"istio.io/dataplane-mode": "ambient"}));
+    wait_enrolled(&agent, &["default/client", "default/server"]);
+    let mark = agent.mark();
+    let r = client.connect(server.v4(PORT), 1000).expect("client");
+    assert!(r.ok, "{r:#?}");
+    let log = captured(&agent, mark, &client).expect("captured after the label");
+    assert_eq!(log_str(&log, "path"), Some("hbone"), "{log}");
+    assert_eq!(
+        log_str(&log, "src.identity"),
+        Some("spiffe://cluster.local/ns/default/sa/client"),
+        "the identity comes from the pod's service account"
+    );
+    for key in ["default/client", "default/server"] {
+        let annotated = poll(WAIT, || {
+            (api.annotation(key, ANNOTATION).as_deref() == Some("enabled")).then_some(())
+        });
+        assert!(annotated.is_some(), "{key} annotated: {:#?}", api.patches());
+    }
+    assert_eq!(
+        api.annotation("other/other", ANNOTATION),
+        None,
+        "other namespace untouched"
+    );
+
+    // A pod label opts the client out: released, annotation removed.
+    api.set_pod(
+        "node-a",
+        &client,
+        json!({"app": "client", "istio.io/dataplane-mode": "none"}),
+    );
+    wait_enrolled(&agent, &["default/server"]);
+    let cleared = poll(WAIT, || {
+        api.annotation("default/client", ANNOTATION)
+            .is_none()
+            .then_some(())
+    });
+    assert!(
+        cleared.is_some(),
+        "annotation cleared: {:#?}",
+        api.patches()
+    );
+    let mark = agent.mark();
+    assert!(client.connect(server.v4(PORT), 100).expect("client").ok);
+    assert!(captured(&agent, mark, &client).is_none(), "opted out");
+
+    // Unlabel the namespace: everything released.
+    api.set_namespace("default", json!({}));
+    wait_enrolled(&agent, &[]);
+    let cleared = poll(WAIT, || {
+        api.annotation("default/server", ANNOTATION)
+            .is_none()
+            .then_some(())
+    });
+    assert!(
+        cleared.is_some(),
+        "annotation cleared: {:#?}",
+        api.patches()
+    );
+}
