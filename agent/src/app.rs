@@ -137,6 +137,8 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         kube: None,
         netns_finder: Default::default(),
         annotating: BTreeMap::new(),
+        cni_deleted: Default::default(),
+        applied: None,
         listeners: TaskTracker::new(),
         next_pod_id: 1,
     };
@@ -239,6 +241,8 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
                 error!(error = %e, "retrying enrollment failed");
             }
             admin.pods.store(Arc::new(pods.state()));
+        } else if !pods.annotating.is_empty() {
+            pods.sync_annotations();
         }
     }
 
@@ -331,6 +335,9 @@ struct ActivePod {
     cancel: CancellationToken,
 }
 
+/// How long a redirection annotation patch may take to show in the watch before it is sent again.
+const ANNOTATION_RETRY: Duration = Duration::from_secs(10);
+
 /// Keeps the served pods equal to the enrolled pods of the config.
 struct PodManager {
     redirect: Redirect,
@@ -348,8 +355,13 @@ struct PodManager {
     kube_client: Option<crate::kube::Client>,
     kube: Option<Arc<crate::kube::KubeState>>,
     netns_finder: crate::kube::NetnsFinder,
-    /// Redirection annotations being written (`namespace/name` -> enabled).
-    annotating: BTreeMap<String, bool>,
+    /// Redirection annotations being written (`namespace/name` -> enabled, when asked); asked
+    /// again after a while if the watch does not show the change (a failed patch).
+    annotating: BTreeMap<String, (bool, std::time::Instant)>,
+    /// Kubernetes pods released by a CNI DEL, kept out until the API drops them or a new ADD.
+    cni_deleted: std::collections::BTreeSet<String>,
+    /// The merged config last applied to the state (skipped when unchanged).
+    applied: Option<Arc<Config>>,
     listeners: TaskTracker,
     next_pod_id: u32,
 }
@@ -387,17 +399,23 @@ impl PodManager {
                     .filter(|ns| kube.namespace_ambient(ns))
                     .cloned(),
             );
+            self.cni_deleted.retain(|k| kube.pods.contains_key(k));
             for (key, kp) in &kube.pods {
                 if kp.ips.is_empty() || kp.host_network || kp.finished {
+                    continue;
+                }
+                if self.cni_deleted.contains(key) {
                     continue;
                 }
                 if config.pods.iter().any(|p| p.key() == *key) {
                     continue;
                 }
                 let enrolled = kube.enrolls(kp);
+                // Only pods to capture need their netns; the others are listed without one.
                 let netns = match self.cni_pods.get(key) {
                     Some(p) => Some(p.netns.path()),
-                    None => self.netns_finder.find(kp.ips[0]),
+                    None if enrolled => self.netns_finder.find(kp.ips[0]),
+                    None => Some(PathBuf::new()),
                 };
                 let Some(netns) = netns else {
                     if enrolled {
@@ -459,10 +477,15 @@ impl PodManager {
                 self.annotating.remove(key);
                 continue;
             }
-            if self.annotating.get(key) == Some(&want) {
+            if self
+                .annotating
+                .get(key)
+                .is_some_and(|(w, at)| *w == want && at.elapsed() < ANNOTATION_RETRY)
+            {
                 continue;
             }
-            self.annotating.insert(key.clone(), want);
+            self.annotating
+                .insert(key.clone(), (want, std::time::Instant::now()));
             let (client, kp) = (client.clone(), kp.clone());
             tokio::spawn(async move { crate::kube::annotate(&client, &kp, want).await });
         }
@@ -472,9 +495,18 @@ impl PodManager {
     fn apply(&mut self, config: &Config) -> anyhow::Result<()> {
         let (config, missing) = self.with_extra_pods(config);
         let config = &config;
-        self.write_cni_state(config);
+        // In Kubernetes mode the mesh's namespaces are known once the watches have synced;
+        // writing the config's (usually none) before would let the CNI plugin fail open.
+        if self.kube_client.is_none() || self.kube.as_ref().is_some_and(|k| k.synced) {
+            self.write_cni_state(config);
+        }
         // Workloads, policies and identities first: a pod enrolled below can tunnel at once.
-        self.sources.set_config(Arc::new(config.clone()));
+        // Rebuilt only when the merged config changed (Kubernetes events often change nothing).
+        if self.applied.as_deref() != Some(config) {
+            let config = Arc::new(config.clone());
+            self.sources.set_config(config.clone());
+            self.applied = Some(config);
+        }
         self.ctx
             .certs
             .set_identities(config.enrolled_pods().map(|p| p.identity.clone()));
@@ -578,6 +610,19 @@ impl PodManager {
             .kube
             .as_ref()
             .and_then(|k| Some((k.clone(), k.pods.get(&key)?.clone())));
+        // In Kubernetes mode the API decides (labels, service account): until the watch knows
+        // the pod, the runtime is asked to retry rather than guess.
+        if op == CniOp::Add && listed.is_none() && known.is_none() && self.kube_client.is_some() {
+            let why = if self.kube.as_ref().is_some_and(|k| k.synced) {
+                format!("pod {key} is not known from the Kubernetes API yet")
+            } else {
+                "the agent has not synced with the Kubernetes API yet".to_owned()
+            };
+            return Err((503, format!("{why}; retry")));
+        }
+        if op == CniOp::Add {
+            self.cni_deleted.remove(&key);
+        }
         let opted_in = match (listed, &known) {
             (Some(p), _) => p.enrolled,
             (None, Some((kube, kp))) => kube.enrolls(kp),
@@ -599,7 +644,11 @@ impl PodManager {
         };
         match op {
             CniOp::Del => {
-                if self.cni_pods.remove(&key).is_some()
+                let from_api = known.is_some();
+                if from_api {
+                    self.cni_deleted.insert(key.clone());
+                }
+                if (self.cni_pods.remove(&key).is_some() || from_api)
                     && let Err(e) = self.apply(config)
                 {
                     error!(pod = %key, error = %e, "releasing a pod on CNI DEL failed");

@@ -4,7 +4,7 @@
 //! `ambitctl` and the CNI plugin need, and nothing a peer could stretch (bounded head, body and
 //! time).
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -12,6 +12,8 @@ use tracing::debug;
 
 /// The most a request head may take (request line and headers).
 const MAX_HEAD: usize = 16 * 1024;
+/// Connections served at once by one server.
+const MAX_CONNECTIONS: usize = 64;
 /// The largest request body accepted (the CNI plugin's pod description is well below).
 const MAX_BODY: usize = 64 * 1024;
 /// How long a probe or scraper has to send its request and read the answer.
@@ -76,7 +78,9 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        403 => "Forbidden",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         413 => "Payload Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
@@ -115,7 +119,17 @@ pub async fn serve<S, A, AF, H, HF>(
     H: Fn(Request) -> HF + Clone + Send + Sync + 'static,
     HF: Future<Output = Response> + Send,
 {
+    // Bounded: a peer opening connections and sending nothing cannot take the agent's file
+    // descriptors (the data path needs them); the excess waits in the listen backlog.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = accept() => match r {
@@ -130,6 +144,7 @@ pub async fn serve<S, A, AF, H, HF>(
         let handle = handle.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(timeout, answer(stream, handle)).await;
+            drop(permit);
         });
     }
 }

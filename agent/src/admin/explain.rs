@@ -37,7 +37,9 @@ struct Source {
     workload: Option<Arc<Workload>>,
 }
 
-fn resolve_source(snapshot: &Snapshot, src: &str) -> ApiResult<Source> {
+/// The source as named: an IP, `namespace/name`, a pod name, or a SPIFFE id (its address is the
+/// one of `dst`'s family, as the data path's).
+fn resolve_source(snapshot: &Snapshot, src: &str, dst: IpAddr) -> ApiResult<Source> {
     if let Ok(ip) = src.parse::<IpAddr>() {
         let workload = snapshot.by_ip(ip).cloned();
         return Ok(Source {
@@ -75,7 +77,9 @@ fn resolve_source(snapshot: &Snapshot, src: &str) -> ApiResult<Source> {
                  or a SPIFFE id; `ambitctl workloads` lists them)"
             ),
         )),
-        [first, rest @ ..] if !rest.is_empty() && !first.local && !src.starts_with("spiffe://") => {
+        // Several pods with one name: ambiguous, unless exactly one of them is on this node.
+        // (An identity naming several pods is fine: they share it.)
+        [first, second, ..] if !src.starts_with("spiffe://") && (!first.local || second.local) => {
             Err((
                 400,
                 format!(
@@ -90,7 +94,12 @@ fn resolve_source(snapshot: &Snapshot, src: &str) -> ApiResult<Source> {
         }
         [first, ..] => Ok(Source {
             shown: first.display_name(),
-            ip: first.ips().first().copied(),
+            ip: first
+                .ips()
+                .iter()
+                .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+                .or(first.ips().first())
+                .copied(),
             workload: Some(first.clone()),
         }),
     }
@@ -107,7 +116,7 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
     let snapshot = admin.ctx.workloads.snapshot();
     let config = admin.config.load();
     let pods = admin.pods.load();
-    let source = resolve_source(&snapshot, src)?;
+    let source = resolve_source(&snapshot, src, dst.ip())?;
     let mut steps = Vec::new();
     let mut out = api::Explain {
         src: source.shown.clone(),

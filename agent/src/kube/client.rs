@@ -100,7 +100,8 @@ impl Client {
             host,
             port,
             tls,
-            token_path: Some(s.token_path.clone()).filter(|p| p.exists()),
+            // Sent when the file exists (in-cluster it always does; tests may have none).
+            token_path: Some(s.token_path.clone()),
         })
     }
 
@@ -137,12 +138,16 @@ impl Client {
             detail,
         };
         let mut stream = self.connect().await.map_err(fail)?;
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
         let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: ambit-agent/{}\r\nConnection: close\r\n",
-            self.host,
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nUser-Agent: ambit-agent/{}\r\nConnection: close\r\n",
             env!("CARGO_PKG_VERSION")
         );
-        if let Some(token_path) = &self.token_path {
+        if let Some(token_path) = self.token_path.as_ref().filter(|p| p.exists()) {
             // Re-read every time: projected tokens are rotated by the kubelet.
             let token = std::fs::read_to_string(token_path).map_err(|e| {
                 fail(format!(
@@ -267,7 +272,13 @@ impl Client {
 
     /// Starts a watch: `path` must carry `watch=true` and the resource version to start from.
     pub async fn watch(&self, path: &str) -> Result<Watch, Error> {
-        let mut r = self.send("GET", path, None, &[]).await?;
+        let mut r = tokio::time::timeout(TIMEOUT, self.send("GET", path, None, &[]))
+            .await
+            .map_err(|_| Error::Request {
+                method: "GET",
+                path: path.to_owned(),
+                detail: "timed out".to_owned(),
+            })??;
         if r.status == 410 {
             return Err(Error::Gone(path.to_owned()));
         }
@@ -413,8 +424,15 @@ impl Watch {
                     path: self.path.clone(),
                     detail: format!("a watch event is not JSON: {e}"),
                 })?;
-                if event["type"] == "ERROR" && event["object"]["code"] == 410 {
-                    return Err(Error::Gone(self.path.clone()));
+                if event["type"] == "ERROR" {
+                    if event["object"]["code"] == 410 {
+                        return Err(Error::Gone(self.path.clone()));
+                    }
+                    return Err(Error::Request {
+                        method: "GET",
+                        path: self.path.clone(),
+                        detail: format!("the watch failed: {}", event["object"]["message"]),
+                    });
                 }
                 return Ok(Some(event));
             }

@@ -144,6 +144,9 @@ impl KubeState {
     }
 }
 
+/// A watch asks the server to end it after 300 s; no byte for this long means it is dead.
+const WATCH_IDLE: Duration = Duration::from_secs(360);
+
 /// Runs the namespace and pod watches for `node` until `shutdown`, publishing into `out`.
 pub async fn run(
     client: Client,
@@ -252,9 +255,18 @@ async fn watch_list(
                 }
             };
             let ended = loop {
+                // The server ends a watch after timeoutSeconds; silence well past that is a
+                // half-open connection.
                 let event = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    e = watch.next() => e,
+                    e = tokio::time::timeout(WATCH_IDLE, watch.next()) => match e {
+                        Ok(e) => e,
+                        Err(_) => Err(client::Error::Request {
+                            method: "GET",
+                            path: watch_path.clone(),
+                            detail: "no data for longer than the watch's own timeout".to_owned(),
+                        }),
+                    },
                 };
                 match event {
                     Ok(Some(event)) => {

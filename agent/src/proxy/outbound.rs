@@ -112,7 +112,9 @@ pub async fn handle(
     let target = match &route.workload {
         Some(w) if route.hbone => w.clone(),
         _ => {
-            // Not a mesh workload: plaintext, as before capture.
+            // Not a mesh workload: plaintext, as before capture. Registered (and counted as
+            // opened) before connecting, so failed connections are counted too.
+            let _live = ctx.live.register(conn_info(Path::Passthrough, None));
             let upstream = match super::upstream_socket(&pod.netns, dst, None) {
                 Ok(s) => super::connect(s, dst).await,
                 Err(e) => Err(e),
@@ -125,7 +127,6 @@ pub async fn handle(
                     return;
                 }
             };
-            let _live = ctx.live.register(conn_info(Path::Passthrough, None));
             if let Err(e) = copy::copy_bidirectional(downstream, upstream, counts.clone()).await {
                 log.error = Some((e.side, e.to_string()));
             }
@@ -136,6 +137,9 @@ pub async fn handle(
 
     log.path = Path::Hbone;
     log.dst_identity = Some(&target.identity);
+    let _live = ctx
+        .live
+        .register(conn_info(Path::Hbone, Some(target.identity.clone())));
     let cert = match ctx.certs.get(&pod.identity, CERT_WAIT).await {
         Ok(c) => c,
         Err(e) => {
@@ -178,9 +182,6 @@ pub async fn handle(
             return;
         }
     };
-    let _live = ctx
-        .live
-        .register(conn_info(Path::Hbone, Some(target.identity.clone())));
     if let Err(e) = tunnel::pump(
         downstream,
         tunnel.send,

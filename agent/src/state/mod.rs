@@ -86,6 +86,8 @@ pub struct Workload {
     pub local: bool,
     /// Receives traffic (xDS status); unhealthy workloads are skipped as service endpoints.
     pub healthy: bool,
+    /// Shares its node's network (not indexed by IP).
+    pub host_network: bool,
     pub source: Source,
 }
 
@@ -111,6 +113,7 @@ pub struct WorkloadFields {
     pub hbone: bool,
     pub local: bool,
     pub healthy: bool,
+    pub host_network: bool,
     pub source: Source,
 }
 
@@ -146,6 +149,7 @@ impl Workload {
             hbone: f.hbone,
             local: f.local,
             healthy: f.healthy,
+            host_network: f.host_network,
             source: f.source,
         }
     }

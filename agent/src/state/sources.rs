@@ -251,6 +251,7 @@ impl Writer {
             node: self.intern.str(&x.node),
             services: self.intern.services(services),
             policies: self.intern.policies(policies),
+            host_network: x.host_network,
             uid: x.uid,
             name: x.name,
             ips: x.ips,
@@ -295,6 +296,7 @@ impl Writer {
             hbone: p.hbone,
             local: p.local,
             healthy: true,
+            host_network: false,
             source: Source::Config,
         }))
     }
@@ -330,7 +332,10 @@ pub(super) fn build_from_config(config: &Config) -> Snapshot {
 impl Snapshot {
     /// Adds `w` to the uid, IP and shadow indexes (identities and services: see `update_*`).
     fn insert(&mut self, w: Arc<Workload>, change: &mut Change) {
-        for ip in w.ips() {
+        // A host-network workload shares its node's IP: it is an endpoint, never "the workload
+        // at this IP".
+        let by_ip = if w.host_network { &[][..] } else { w.ips() };
+        for ip in by_ip {
             let ip = ip.to_canonical();
             match self.by_ip.get(&ip) {
                 // The config's view of an IP wins over xDS's.
@@ -446,8 +451,9 @@ impl Snapshot {
             let def = def_of(key);
             if let Some(old) = &old {
                 for vip in old.def.iter().flat_map(|d| d.vips.iter()) {
-                    if self.by_vip.get(vip).is_some_and(|e| Arc::ptr_eq(e, old)) {
-                        self.by_vip.remove(vip);
+                    let vip = vip.to_canonical();
+                    if self.by_vip.get(&vip).is_some_and(|e| Arc::ptr_eq(e, old)) {
+                        self.by_vip.remove(&vip);
                     }
                 }
             }

@@ -341,3 +341,45 @@ fn names_that_are_not_suffixes_of_the_uid_are_kept() {
     let w = snap.by_uid(&uid("n")).expect("by uid");
     assert_eq!((w.uid(), w.name()), (uid("n").as_str(), "other-name"));
 }
+
+#[test]
+fn host_network_workloads_back_services_but_do_not_own_their_ip() {
+    let s = sources(config(""));
+    let mut w = xw("hostnet", "10.0.0.1", "h", &[("web.default.svc", &[])]);
+    w.host_network = true;
+    s.apply_addresses(
+        vec![
+            upsert_w(w),
+            upsert_w(xw("pod", "10.2.0.1", "p", &[])),
+            upsert_s(xs("web.default.svc", "10.96.0.5", &[(80, 8080)])),
+        ],
+        Vec::new(),
+    );
+    let snap = s.snapshot();
+    assert!(
+        snap.by_ip(ip("10.0.0.1")).is_none(),
+        "the node's IP is nobody's"
+    );
+    assert!(snap.by_uid(&uid("hostnet")).is_some());
+    let svc = snap.service_by_vip(ip("10.96.0.5")).expect("service");
+    assert_eq!(svc.endpoints.len(), 1, "still an endpoint");
+}
+
+#[test]
+fn a_mapped_vip_is_forgotten_with_its_service() {
+    let s = sources(config(""));
+    s.apply_addresses(
+        vec![upsert_s(xs(
+            "web.default.svc",
+            "::ffff:10.96.0.7",
+            &[(80, 8080)],
+        ))],
+        Vec::new(),
+    );
+    assert!(s.snapshot().service_by_vip(ip("10.96.0.7")).is_some());
+    s.apply_addresses(Vec::new(), vec!["default/web.default.svc".to_owned()]);
+    assert!(
+        s.snapshot().service_by_vip(ip("10.96.0.7")).is_none(),
+        "no stale VIP left behind"
+    );
+}

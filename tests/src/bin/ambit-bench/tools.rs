@@ -254,7 +254,7 @@ impl<'a> Runner<'a> {
     /// Starts a server in `pod` and waits until something listens on TCP `port` there.
     pub fn serve(&self, pod: &Pod, args: &[String], port: u16) -> Result<Process> {
         let name = tool_name(args);
-        let (_, err_path, out, err) = self.output_files(&format!("{name}-server"))?;
+        let (out_path, err_path, out, err) = self.output_files(&format!("{name}-server"))?;
         let process = self.spawn(pod, args, out, err)?;
         let filter = format!("sport = :{port}");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -264,7 +264,14 @@ impl<'a> Runner<'a> {
                     "`{}` in pod {} exited ({status}): {}",
                     args.join(" "),
                     pod.name(),
-                    tail(&fs::read_to_string(&err_path).unwrap_or_default(), 6)
+                    tail(
+                        &format!(
+                            "{}\n{}",
+                            fs::read_to_string(&err_path).unwrap_or_default(),
+                            fs::read_to_string(&out_path).unwrap_or_default()
+                        ),
+                        6
+                    )
                 );
             }
             let listening = pod.exec(&["ss", "-Hltn", &filter])?;
