@@ -450,6 +450,7 @@ impl PodManager {
                     enrolled,
                     identity,
                     services: Vec::new(),
+                    waypoint: None,
                 });
             }
         }
@@ -705,6 +706,7 @@ impl PodManager {
                             enrolled: true,
                             identity,
                             services: Vec::new(),
+                            waypoint: None,
                         },
                     );
                 }

@@ -119,6 +119,23 @@ pub struct Peer {
     pub identity: Identity,
     /// Services it backs (`namespace/hostname`).
     pub services: Vec<String>,
+    /// The waypoint its traffic must go through.
+    pub waypoint: Option<WaypointRef>,
+}
+
+/// A waypoint (an L7 proxy reached over HBONE), named by its address as xDS's
+/// `GatewayAddress` names it. Its identity is that of the workload at the address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointRef {
+    pub address: IpAddr,
+    /// Its HBONE port. Default 15008.
+    #[serde(default = "default_hbone_port")]
+    pub port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    ambit_common::HBONE_PORT
 }
 
 /// The control plane (istiod) the agent takes workloads, services and policies from by xDS.
@@ -148,6 +165,8 @@ pub struct Service {
     pub hostname: String,
     pub vips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// The waypoint traffic to the service goes through.
+    pub waypoint: Option<WaypointRef>,
 }
 
 impl Service {
@@ -197,6 +216,8 @@ pub struct Pod {
     pub identity: Identity,
     /// Services it backs (`namespace/hostname`).
     pub services: Vec<String>,
+    /// The waypoint its inbound traffic must come through.
+    pub waypoint: Option<WaypointRef>,
 }
 
 impl Pod {
@@ -411,6 +432,8 @@ struct RawService {
     hostname: Option<String>,
     vips: Vec<IpAddr>,
     ports: Vec<ServicePort>,
+    #[serde(default)]
+    waypoint: Option<WaypointRef>,
 }
 
 #[derive(Deserialize)]
@@ -468,6 +491,8 @@ struct RawPeer {
     identity: Option<String>,
     #[serde(default)]
     services: Vec<String>,
+    #[serde(default)]
+    waypoint: Option<WaypointRef>,
 }
 
 #[derive(Deserialize)]
@@ -491,6 +516,8 @@ struct RawPod {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     services: Vec<String>,
+    #[serde(default)]
+    waypoint: Option<WaypointRef>,
 }
 
 fn default_service_account() -> String {
@@ -777,6 +804,7 @@ impl RawConfig {
                 hostname,
                 vips: sv.vips,
                 ports: sv.ports,
+                waypoint: sv.waypoint,
             });
         }
         // A workload names a service as `namespace/hostname` (as xDS does) or `namespace/name`.
@@ -881,6 +909,7 @@ impl RawConfig {
                 .is_some_and(|v| v == "none");
             let enrolled = p.enrolled.unwrap_or(ns_ambient && !pod_opted_out);
             let pod = Pod {
+                waypoint: p.waypoint,
                 services: pod_services,
                 identity,
                 namespace: p.namespace,
@@ -936,6 +965,7 @@ impl RawConfig {
                 ips: p.ips,
                 hbone: p.hbone,
                 identity,
+                waypoint: p.waypoint,
             });
         }
 

@@ -117,6 +117,8 @@ pub enum Path {
     Passthrough,
     /// Inside an HBONE tunnel (mutual TLS).
     Hbone,
+    /// Inside an HBONE tunnel to the destination's waypoint (mutual TLS), which carries it on.
+    Waypoint,
 }
 
 impl Path {
@@ -124,6 +126,7 @@ impl Path {
         match self {
             Path::Passthrough => "passthrough",
             Path::Hbone => "hbone",
+            Path::Waypoint => "waypoint",
         }
     }
 }

@@ -99,6 +99,9 @@ pub struct PodConfig {
     /// Services it backs (`namespace/name`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<String>,
+    /// The waypoint its inbound traffic must come through (`{"address": ip}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<Value>,
 }
 
 impl PodConfig {
@@ -113,6 +116,7 @@ impl PodConfig {
             enrolled: Some(enrolled),
             labels: Default::default(),
             services: Vec::new(),
+            waypoint: None,
         }
     }
 }
@@ -133,6 +137,9 @@ pub struct PeerConfig {
     /// Services it backs (`namespace/name`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<String>,
+    /// The waypoint traffic to it goes through (`{"address": ip}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<Value>,
 }
 
 impl AgentConfig {
@@ -196,6 +203,7 @@ impl AgentConfig {
             hbone,
             identity: None,
             services: Vec::new(),
+            waypoint: None,
         });
         self
     }
@@ -639,6 +647,7 @@ mod tests {
                 enrolled: Some(true),
                 labels: Default::default(),
                 services: Vec::new(),
+                waypoint: None,
             }],
             extra: serde_json::Map::new(),
             state_dir: "/tmp/x/state-node-a".into(),

@@ -20,7 +20,7 @@ use crate::{
 type ApiResult<T> = Result<T, (u16, String)>;
 
 /// A waypoint as `ip:port` or `namespace/hostname`.
-pub(super) fn gateway_name(g: &XdsGateway) -> String {
+pub fn gateway_name(g: &XdsGateway) -> String {
     match &g.destination {
         GatewayDestination::Address(ip) => SocketAddr::new(*ip, g.hbone_mtls_port).to_string(),
         GatewayDestination::Hostname {
@@ -169,7 +169,12 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
     let src_addr = SocketAddr::new(source.ip.unwrap_or(IpAddr::from([0, 0, 0, 0])), 0);
     if out.captured {
         // 2. Routing, exactly as the outbound proxy does (without moving the round robin).
-        let r = match route(&snapshot, dst, Pick::Peek) {
+        let r = match route(
+            &snapshot,
+            source.ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            dst,
+            Pick::Peek,
+        ) {
             Ok(r) => r,
             Err(e) => {
                 out.service = Some(e.service().to_owned());
@@ -180,6 +185,27 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
                 return Ok(out);
             }
         };
+        if let Some(hop) = &r.waypoint {
+            out.service = r.service.as_ref().map(|s| s.key.to_string());
+            out.dst_workload = r.workload.as_ref().map(|w| w.display_name());
+            out.dst_identity = Some(hop.identity.to_string());
+            out.path = "waypoint".to_owned();
+            steps.push(format!(
+                "{} has a waypoint: tunnelled over HBONE (mTLS) to waypoint {} at {}, expecting \
+                 identity {}, asking it for {}; the waypoint applies L7 policy and picks the \
+                 endpoint",
+                out.service
+                    .as_deref()
+                    .or(out.dst_workload.as_deref())
+                    .unwrap_or("the destination"),
+                hop.name,
+                hop.addr,
+                hop.identity,
+                hop.authority
+            ));
+            out.steps = steps;
+            return Ok(out);
+        }
         if let Some(svc) = &r.service {
             out.service = Some(svc.key.to_string());
             out.endpoint = Some(r.dst.to_string());
@@ -245,7 +271,15 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
         let target = snapshot.by_ip(dst.ip()).cloned();
         out.dst_workload = target.as_ref().map(|w| w.display_name());
         out.dst_identity = target.as_ref().map(|w| w.identity.to_string());
+        let bypass = admin.ctx.bypasses_waypoint(dst, None);
         match &target {
+            Some(w) if w.hbone && bypass.is_some() => {
+                out.verdict = "deny".to_owned();
+                steps.push(format!(
+                    "refused by the destination's agent: {}",
+                    bypass.unwrap_or_default()
+                ));
+            }
             Some(w) if w.hbone => {
                 let excluded = config.inbound_excluded_ports.contains(&dst.port())
                     || source

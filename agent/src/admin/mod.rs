@@ -3,6 +3,7 @@
 //! live state the data path uses. Wire types are in [`api`].
 
 pub mod api;
+pub use explain::gateway_name;
 pub mod client;
 mod explain;
 

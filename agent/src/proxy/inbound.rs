@@ -83,6 +83,14 @@ pub async fn handle(
         start,
     });
     // A plaintext client has no verified identity: only policies that allow that admit it.
+    if let Some(why) = ctx.bypasses_waypoint(dst, None) {
+        ctx.live
+            .metrics()
+            .denied("inbound", Some("(waypoint bypass)"));
+        log.error = Some((Side::Downstream, why));
+        log.emit();
+        return;
+    }
     let decision = ctx.authorize(&pod, None, peer, dst);
     let allowed = decision.allowed;
     log.authz = Some(decision);

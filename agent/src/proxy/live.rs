@@ -123,7 +123,7 @@ fn labels(info: &ConnInfo) -> TcpLabels {
             .map_or("unknown", |s| s.split_once('/').map_or(s, |(_, host)| host))
             .to_owned(),
         connection_security_policy: match info.path {
-            Path::Hbone => "mutual_tls",
+            Path::Hbone | Path::Waypoint => "mutual_tls",
             Path::Passthrough => "none",
         },
     }

@@ -155,6 +155,44 @@ impl ProxyContext {
         )
     }
 
+    /// Why a connection to `dst` from a client with `client` identity (none for plaintext) must
+    /// be refused because it did not come through the destination's waypoint, if it must. As
+    /// Istio does, a workload with a waypoint only takes traffic its waypoint sent.
+    pub fn bypasses_waypoint(&self, dst: SocketAddr, client: Option<&Identity>) -> Option<String> {
+        let snapshot = self.workloads.snapshot();
+        let w = snapshot.by_ip(dst.ip())?;
+        let gw = w.waypoint.as_ref()?;
+        let waypoints: Vec<&Identity> = match &gw.destination {
+            crate::xds::GatewayDestination::Address(ip) => snapshot
+                .by_ip(*ip)
+                .map(|w| &w.identity)
+                .into_iter()
+                .collect(),
+            crate::xds::GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => snapshot
+                .service(&format!("{namespace}/{hostname}"))
+                .map(|s| s.endpoints.iter().map(|e| &e.identity).collect())
+                .unwrap_or_default(),
+        };
+        if client.is_some_and(|c| waypoints.contains(&c)) {
+            return None;
+        }
+        Some(format!(
+            "{} only accepts traffic through its waypoint {} ({}); this connection came {}",
+            w.display_name(),
+            crate::admin::gateway_name(gw),
+            waypoints
+                .first()
+                .map_or_else(|| "identity unknown".to_owned(), |i| i.to_string()),
+            match client {
+                Some(c) => format!("from {c}"),
+                None => "in plaintext".to_owned(),
+            }
+        ))
+    }
+
     /// The authorization decision for a new inbound connection to `pod`, logged if a dry-run
     /// policy had an opinion.
     pub fn authorize(

@@ -5,7 +5,7 @@
 //! inside the pod's netns, with the pod's own IP.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -19,6 +19,7 @@ use super::{
     live::ConnInfo,
 };
 use crate::{
+    identity::Identity,
     state::{ServiceEntry, Snapshot, Workload},
     telemetry::{AccessLog, Path},
     tls,
@@ -26,6 +27,7 @@ use crate::{
         self, TcpSide,
         client::{PoolKey, TunnelHeaders},
     },
+    xds::{GatewayDestination, XdsGateway},
 };
 
 /// How long a new connection waits for the pod's first certificate (CA slow or down).
@@ -73,7 +75,7 @@ pub async fn handle(
     log.src = SocketAddr::new(src_ip, peer.port());
 
     let snapshot = ctx.workloads.snapshot();
-    let route = match route(&snapshot, dst, Pick::Next) {
+    let route = match route(&snapshot, src_ip, dst, Pick::Next) {
         Ok(r) => r,
         Err(e) => {
             log.dst_service = Some(e.service());
@@ -85,10 +87,15 @@ pub async fn handle(
     let service_key = route.service.as_ref().map(|s| s.key.clone());
     log.dst_service = service_key.as_deref();
     let dst = route.dst;
-    if route.service.is_some() {
+    if route.service.is_some() && route.waypoint.is_none() {
         log.dst_endpoint = Some(dst);
     }
-    let dst_name = route.workload.as_ref().map(|w| w.display_name());
+    let dst_name = match (&route.workload, &route.waypoint) {
+        (Some(w), _) => Some(w.display_name()),
+        // The waypoint picks the endpoint; the log names the service.
+        (None, Some(_)) => service_key.as_deref().map(str::to_owned),
+        (None, None) => None,
+    };
     log.dst_workload = dst_name.as_deref();
     let conn_info = |path, dst_identity| ConnInfo {
         direction: super::Direction::Outbound,
@@ -109,8 +116,20 @@ pub async fn handle(
         start,
     };
 
-    let target = match &route.workload {
-        Some(w) if route.hbone => w.clone(),
+    // Through HBONE: to the destination's waypoint, or to the destination itself.
+    let (path, tunnel_to, authority, expected_identity) = match (&route.waypoint, &route.workload) {
+        (Some(hop), _) => (
+            Path::Waypoint,
+            hop.addr,
+            hop.authority,
+            hop.identity.clone(),
+        ),
+        (None, Some(w)) if route.hbone => (
+            Path::Hbone,
+            tunnel::client::tunnel_addr(dst.ip()),
+            dst,
+            w.identity.clone(),
+        ),
         _ => {
             // Not a mesh workload: plaintext, as before capture. Registered (and counted as
             // opened) before connecting, so failed connections are counted too.
@@ -135,11 +154,12 @@ pub async fn handle(
         }
     };
 
-    log.path = Path::Hbone;
-    log.dst_identity = Some(&target.identity);
+    log.path = path;
+    // The identity the tunnel verifies: the destination's, or its waypoint's.
+    log.dst_identity = Some(&expected_identity);
     let _live = ctx
         .live
-        .register(conn_info(Path::Hbone, Some(target.identity.clone())));
+        .register(conn_info(path, Some(expected_identity.clone())));
     let cert = match ctx.certs.get(&pod.identity, CERT_WAIT).await {
         Ok(c) => c,
         Err(e) => {
@@ -156,17 +176,17 @@ pub async fn handle(
         src_identity: pod.identity.clone(),
         src_ip,
         src_serial: cert.serial.clone(),
-        dst_identity: target.identity.clone(),
-        dst: tunnel::client::tunnel_addr(dst.ip()),
+        dst_identity: expected_identity.clone(),
+        dst: tunnel_to,
     };
-    let expected = vec![target.identity.clone()];
+    let expected = vec![expected_identity.clone()];
     let tunnel = ctx
         .pool
         .connect(
             key,
             &pod.netns,
             || tls::client_config(&cert, &ctx.roots, expected),
-            dst,
+            authority,
             TunnelHeaders {
                 client_ip: src_ip,
                 traceparent: None,
@@ -177,7 +197,12 @@ pub async fn handle(
     let tunnel = match tunnel {
         Ok(t) => t,
         Err(e) => {
-            log.error = Some((Side::Upstream, e.to_string()));
+            let e = match &route.waypoint {
+                // Never a fallback around it: its L7 policy would be skipped.
+                Some(hop) => format!("waypoint {} at {} failed: {e}", hop.name, hop.addr),
+                None => e.to_string(),
+            };
+            log.error = Some((Side::Upstream, e));
             log.emit();
             return;
         }
@@ -212,12 +237,28 @@ pub enum Pick {
 pub struct Route {
     /// The service whose VIP `dst` is.
     pub service: Option<Arc<ServiceEntry>>,
-    /// The address connected to: `dst`, or the endpoint picked for a VIP.
+    /// The address connected to: `dst`, or the endpoint picked for a VIP (the VIP itself when
+    /// the service's waypoint picks).
     pub dst: SocketAddr,
     /// The workload at that address, if known.
     pub workload: Option<Arc<Workload>>,
     /// Through HBONE (the workload is in the mesh); otherwise passthrough.
     pub hbone: bool,
+    /// The waypoint the connection must go through (the service's, else the workload's).
+    pub waypoint: Option<WaypointHop>,
+}
+
+/// HBONE to a waypoint, asking it for the original destination.
+#[derive(Clone, Debug)]
+pub struct WaypointHop {
+    /// The waypoint's HBONE address.
+    pub addr: SocketAddr,
+    /// The identity it must present.
+    pub identity: Identity,
+    /// `namespace/name` of the waypoint workload.
+    pub name: String,
+    /// The CONNECT authority: the service VIP and port, or the workload's address.
+    pub authority: SocketAddr,
 }
 
 /// Why a connection to a service VIP cannot be routed.
@@ -229,12 +270,19 @@ pub enum RouteError {
         "service {service} has no healthy endpoint (no workload backs it with an address of this family)"
     )]
     NoEndpoint { service: Arc<str> },
+    /// Failing closed: going around it would skip its L7 policy.
+    #[error(
+        "the waypoint {waypoint} of {of} is not a known mesh workload, so its identity cannot be \
+         verified; refusing rather than bypassing it"
+    )]
+    UnknownWaypoint { waypoint: String, of: Arc<str> },
 }
 
 impl RouteError {
     pub fn service(&self) -> &str {
         match self {
             RouteError::NoSuchPort { service, .. } | RouteError::NoEndpoint { service } => service,
+            RouteError::UnknownWaypoint { of, .. } => of,
         }
     }
 
@@ -242,15 +290,42 @@ impl RouteError {
     pub fn side(&self) -> Side {
         match self {
             RouteError::NoSuchPort { .. } => Side::Downstream,
-            RouteError::NoEndpoint { .. } => Side::Upstream,
+            RouteError::NoEndpoint { .. } | RouteError::UnknownWaypoint { .. } => Side::Upstream,
         }
     }
 }
 
-/// Resolves `dst`: a service VIP to one of its endpoints (on the mapped port), then the
-/// workload at the address and whether it speaks HBONE.
-pub fn route(snapshot: &Snapshot, dst: SocketAddr, pick: Pick) -> Result<Route, RouteError> {
+/// Resolves `dst` for a connection from `src_ip`: a service with a waypoint goes to the
+/// waypoint (asking it for the VIP); otherwise a VIP to one of its endpoints (on the mapped port),
+/// then the workload at the address, whether it speaks HBONE, and its waypoint if it has one.
+/// A waypoint's own connections are never sent back to it.
+pub fn route(
+    snapshot: &Snapshot,
+    src_ip: IpAddr,
+    dst: SocketAddr,
+    pick: Pick,
+) -> Result<Route, RouteError> {
     let service = snapshot.service_by_vip(dst.ip()).cloned();
+    if let Some(svc) = &service
+        && let Some(gw) = svc.def.as_ref().and_then(|d| d.waypoint.as_ref())
+    {
+        if !svc.has_port(dst.port()) {
+            return Err(RouteError::NoSuchPort {
+                service: svc.key.clone(),
+                port: dst.port(),
+            });
+        }
+        let hop = waypoint_hop(snapshot, gw, dst, &svc.key, pick)?;
+        if hop.addr.ip() != src_ip {
+            return Ok(Route {
+                service,
+                dst,
+                workload: None,
+                hbone: true,
+                waypoint: Some(hop),
+            });
+        }
+    }
     let dst = match &service {
         None => dst,
         Some(svc) => {
@@ -274,10 +349,180 @@ pub fn route(snapshot: &Snapshot, dst: SocketAddr, pick: Pick) -> Result<Route, 
     };
     let workload = snapshot.by_ip(dst.ip()).cloned();
     let hbone = workload.as_ref().is_some_and(|w| w.hbone);
+    let waypoint = match workload
+        .as_ref()
+        .and_then(|w| Some((w, w.waypoint.as_ref()?)))
+    {
+        Some((w, gw)) => {
+            let of: Arc<str> = w.display_name().into();
+            Some(waypoint_hop(snapshot, gw, dst, &of, pick)?).filter(|h| h.addr.ip() != src_ip)
+        }
+        None => None,
+    };
     Ok(Route {
         service,
         dst,
         workload,
         hbone,
+        waypoint,
     })
+}
+
+/// Where waypoint `gw` is and which identity it must present.
+fn waypoint_hop(
+    snapshot: &Snapshot,
+    gw: &XdsGateway,
+    authority: SocketAddr,
+    of: &Arc<str>,
+    pick: Pick,
+) -> Result<WaypointHop, RouteError> {
+    let unknown = |waypoint: String| RouteError::UnknownWaypoint {
+        waypoint,
+        of: of.clone(),
+    };
+    let (ip, w) = match &gw.destination {
+        GatewayDestination::Address(ip) => {
+            let w = snapshot
+                .by_ip(*ip)
+                .filter(|w| w.hbone)
+                .ok_or_else(|| unknown(ip.to_string()))?;
+            (*ip, w.clone())
+        }
+        GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } => {
+            let key = format!("{namespace}/{hostname}");
+            let svc = snapshot.service(&key).ok_or_else(|| unknown(key.clone()))?;
+            let picked = match pick {
+                Pick::Next => svc.pick(authority.ip(), gw.hbone_mtls_port),
+                Pick::Peek => svc.peek(authority.ip(), gw.hbone_mtls_port),
+            };
+            let (w, addr) = picked.ok_or_else(|| unknown(key.clone()))?;
+            (addr.ip(), w)
+        }
+    };
+    Ok(WaypointHop {
+        addr: SocketAddr::new(ip, gw.hbone_mtls_port),
+        identity: w.identity.clone(),
+        name: w.display_name(),
+        authority,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::Config,
+        state::Sources,
+        xds::{AddressResource, XdsService, XdsSink, XdsWorkload},
+    };
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test IP")
+    }
+
+    fn workload(name: &str, addr: &str, waypoint: Option<&str>) -> (String, AddressResource) {
+        let uid = format!("Kubernetes//Pod/default/{name}");
+        let w = XdsWorkload {
+            uid: uid.clone(),
+            name: name.to_owned(),
+            namespace: "default".to_owned(),
+            ips: vec![ip(addr)],
+            hostname: String::new(),
+            identity: Identity::new("cluster.local", "default", name).expect("identity"),
+            hbone: true,
+            host_network: false,
+            node: "node-b".to_owned(),
+            services: Vec::new(),
+            authorization_policies: Vec::new(),
+            waypoint: waypoint.map(|a| XdsGateway {
+                destination: GatewayDestination::Address(ip(a)),
+                hbone_mtls_port: 15008,
+            }),
+            healthy: true,
+        };
+        (uid, AddressResource::Workload(w))
+    }
+
+    fn snapshot(service_waypoint: Option<&str>) -> Arc<Snapshot> {
+        let config = Config::parse("node: node-a\ncgroup: /x\n", std::path::Path::new("t.yaml"))
+            .expect("config");
+        let sources = Sources::new(Arc::new(config), |_, _| {});
+        let svc = XdsService {
+            name: "web".into(),
+            namespace: "default".into(),
+            hostname: "web.default.svc".into(),
+            vips: vec![ip("10.96.0.1")],
+            ports: vec![(80, 8080)],
+            waypoint: service_waypoint.map(|a| XdsGateway {
+                destination: GatewayDestination::Address(ip(a)),
+                hbone_mtls_port: 15008,
+            }),
+        };
+        sources.apply_addresses(
+            vec![
+                workload("server", "10.2.0.2", Some("10.2.0.9")),
+                workload("waypoint", "10.2.0.9", None),
+                (
+                    "default/web.default.svc".into(),
+                    AddressResource::Service(svc),
+                ),
+            ],
+            Vec::new(),
+        );
+        sources.snapshot()
+    }
+
+    #[test]
+    fn a_workload_with_a_waypoint_is_reached_through_it_asking_for_the_workload() {
+        let snap = snapshot(None);
+        let dst: SocketAddr = "10.2.0.2:8080".parse().expect("addr");
+        let r = route(&snap, ip("10.1.0.2"), dst, Pick::Next).expect("route");
+        let hop = r.waypoint.expect("through the waypoint");
+        assert_eq!(hop.addr, "10.2.0.9:15008".parse().expect("addr"));
+        assert_eq!(hop.authority, dst);
+        assert_eq!(hop.identity.service_account(), "waypoint");
+        // The waypoint's own connection to the workload goes straight to it.
+        let r = route(&snap, ip("10.2.0.9"), dst, Pick::Next).expect("route");
+        assert!(
+            r.waypoint.is_none() && r.hbone,
+            "no loop back to the waypoint"
+        );
+    }
+
+    #[test]
+    fn a_service_with_a_waypoint_hands_the_waypoint_the_vip() {
+        let snap = snapshot(Some("10.2.0.9"));
+        let vip: SocketAddr = "10.96.0.1:80".parse().expect("addr");
+        let r = route(&snap, ip("10.1.0.2"), vip, Pick::Next).expect("route");
+        let hop = r.waypoint.expect("through the waypoint");
+        assert_eq!(hop.authority, vip, "the waypoint picks the endpoint");
+        assert!(r.workload.is_none());
+        assert!(matches!(
+            route(
+                &snap,
+                ip("10.1.0.2"),
+                "10.96.0.1:81".parse().expect("addr"),
+                Pick::Next
+            ),
+            Err(RouteError::NoSuchPort { .. })
+        ));
+    }
+
+    #[test]
+    fn an_unknown_waypoint_is_refused_not_bypassed() {
+        let snap = snapshot(Some("10.2.0.77"));
+        let r = route(
+            &snap,
+            ip("10.1.0.2"),
+            "10.96.0.1:80".parse().expect("addr"),
+            Pick::Next,
+        );
+        assert!(
+            matches!(r, Err(RouteError::UnknownWaypoint { .. })),
+            "fail closed"
+        );
+    }
 }

@@ -14,10 +14,10 @@ use super::{
     ByUid, ServiceDef, ServiceEntry, ServiceRef, Snapshot, Source, Workload, WorkloadFields,
 };
 use crate::{
-    config::Config,
+    config::{Config, WaypointRef},
     identity::Identity,
     policy::{Policy, PolicyStore},
-    xds::{AddressResource, XdsService, XdsSink, XdsWorkload},
+    xds::{AddressResource, GatewayDestination, XdsGateway, XdsService, XdsSink, XdsWorkload},
 };
 
 /// Called with every new snapshot, and the new policy store when policies changed.
@@ -165,6 +165,7 @@ impl Writer {
                     hbone: p.enrolled,
                     local: true,
                     services: &p.services,
+                    waypoint: p.waypoint,
                 },
             );
             next.insert(w, &mut change);
@@ -187,6 +188,7 @@ impl Writer {
                     hbone: p.hbone,
                     local: false,
                     services: &p.services,
+                    waypoint: p.waypoint,
                 },
             );
             next.insert(w, &mut change);
@@ -214,7 +216,7 @@ impl Writer {
                     .iter()
                     .map(|p| (p.port, p.target_port.unwrap_or(0)))
                     .collect(),
-                waypoint: None,
+                waypoint: s.waypoint.map(gateway),
                 source: Source::Config,
             }));
         }
@@ -292,7 +294,7 @@ impl Writer {
             ips: p.ips.to_vec(),
             services: self.intern.services(services),
             policies: self.intern.policies(Vec::new()),
-            waypoint: None,
+            waypoint: p.waypoint.map(|w| Arc::new(gateway(w))),
             hbone: p.hbone,
             local: p.local,
             healthy: true,
@@ -309,6 +311,15 @@ struct PeerLike<'a> {
     hbone: bool,
     local: bool,
     services: &'a [String],
+    waypoint: Option<WaypointRef>,
+}
+
+/// A config waypoint as xDS names one.
+fn gateway(w: WaypointRef) -> XdsGateway {
+    XdsGateway {
+        destination: GatewayDestination::Address(w.address),
+        hbone_mtls_port: w.port,
+    }
 }
 
 fn service_from_xds(s: XdsService) -> ServiceDef {

@@ -249,6 +249,16 @@ async fn serve_stream(
         counts: counts.clone(),
         start,
     });
+    if let Some(why) = ctx.bypasses_waypoint(dst, Some(&client_id)) {
+        // 403, as for a policy denial: the client's agent did not route through the waypoint.
+        refuse(&mut respond, StatusCode::FORBIDDEN);
+        ctx.live
+            .metrics()
+            .denied("inbound", Some("(waypoint bypass)"));
+        log.error = Some((Side::Downstream, why));
+        log.emit();
+        return;
+    }
     let decision = ctx.authorize(&pod, Some(&client_id), peer, dst);
     let allowed = decision.allowed;
     log.authz = Some(decision);
