@@ -31,6 +31,9 @@ pub struct ConnInfo {
     /// `namespace/name`.
     pub src_workload: Option<String>,
     pub dst_workload: Option<String>,
+    /// Istio's `workload` label of each side (a Deployment's name), when known.
+    pub src_workload_name: Option<Arc<str>>,
+    pub dst_workload_name: Option<Arc<str>>,
     /// `namespace/hostname` of the service whose VIP was dialed.
     pub service: Option<String>,
     /// The destination pod's namespace (what namespace-scoped policies apply to).
@@ -93,19 +96,24 @@ impl Drop for Registration<'_> {
     }
 }
 
-/// Istio's labels for a connection: workload names and namespaces split from `namespace/name`,
-/// `unknown` where not known.
+/// Istio's labels for a connection: the workload's name (its owner's, from the control plane,
+/// else the pod's) and namespace, `unknown` where not known.
 fn labels(info: &ConnInfo) -> TcpLabels {
-    let split = |w: &Option<String>| match w.as_deref().and_then(|w| w.split_once('/')) {
-        Some((ns, name)) => (name.to_owned(), ns.to_owned()),
+    let split = |w: &Option<String>, name: &Option<Arc<str>>| match w
+        .as_deref()
+        .and_then(|w| w.split_once('/'))
+    {
+        Some((ns, pod)) => (name.as_deref().unwrap_or(pod).to_owned(), ns.to_owned()),
         None => ("unknown".to_owned(), "unknown".to_owned()),
     };
     let principal = |id: &Option<Identity>| {
         id.as_ref()
             .map_or_else(|| "unknown".to_owned(), |i| i.to_string())
     };
-    let (source_workload, source_workload_namespace) = split(&info.src_workload);
-    let (destination_workload, destination_workload_namespace) = split(&info.dst_workload);
+    let (source_workload, source_workload_namespace) =
+        split(&info.src_workload, &info.src_workload_name);
+    let (destination_workload, destination_workload_namespace) =
+        split(&info.dst_workload, &info.dst_workload_name);
     TcpLabels {
         reporter: match info.direction {
             Direction::Outbound => "source",
@@ -208,6 +216,9 @@ mod tests {
             dst_identity: None,
             src_workload: None,
             dst_workload: Some(format!("{ns}/server")),
+            src_workload_name: None,
+            // The owner's name from the control plane, not the pod's.
+            dst_workload_name: Some("server-v1".into()),
             service: None,
             dst_namespace: ns.to_owned(),
             counts: Arc::default(),
@@ -240,7 +251,7 @@ mod tests {
         assert!(live.is_empty());
         let text = live.metrics().render(&Default::default());
         assert!(
-            text.contains("istio_tcp_received_bytes_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",destination_workload=\"server\",destination_workload_namespace=\"default\""),
+            text.contains("istio_tcp_received_bytes_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",destination_workload=\"server-v1\",destination_workload_namespace=\"default\""),
             "{text}"
         );
         assert_eq!(

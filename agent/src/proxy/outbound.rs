@@ -106,6 +106,8 @@ pub async fn handle(
         dst_identity,
         src_workload: Some(pod.key.clone()),
         dst_workload: dst_name.clone(),
+        src_workload_name: snapshot.by_ip(src_ip).map(|w| w.workload_name.clone()),
+        dst_workload_name: route.workload.as_ref().map(|w| w.workload_name.clone()),
         service: service_key.as_deref().map(str::to_owned),
         dst_namespace: route
             .workload
@@ -442,6 +444,7 @@ mod tests {
                 hbone_mtls_port: 15008,
             }),
             healthy: true,
+            workload_name: name.to_owned(),
         };
         (uid, AddressResource::Workload(w))
     }

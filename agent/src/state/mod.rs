@@ -73,6 +73,8 @@ pub struct Workload {
     pub identity: Identity,
     /// The node it runs on (empty when unknown).
     pub node: Arc<str>,
+    /// Istio's `workload` metric label: the owner's name (a Deployment), else the pod's.
+    pub workload_name: Arc<str>,
     ips: Ips,
     /// Services it backs.
     pub services: Arc<[ServiceRef]>,
@@ -106,6 +108,7 @@ pub struct WorkloadFields {
     pub namespace: Arc<str>,
     pub identity: Identity,
     pub node: Arc<str>,
+    pub workload_name: Arc<str>,
     pub ips: Vec<IpAddr>,
     pub services: Arc<[ServiceRef]>,
     pub policies: Arc<[Arc<str>]>,
@@ -142,6 +145,7 @@ impl Workload {
             namespace: f.namespace,
             identity: f.identity,
             node: f.node,
+            workload_name: f.workload_name,
             ips,
             services: f.services,
             policies: f.policies,

@@ -251,6 +251,7 @@ impl Writer {
             namespace: self.intern.str(&x.namespace),
             identity: self.intern.identity(x.identity),
             node: self.intern.str(&x.node),
+            workload_name: self.intern.str(&x.workload_name),
             services: self.intern.services(services),
             policies: self.intern.policies(policies),
             host_network: x.host_network,
@@ -285,7 +286,11 @@ impl Writer {
         } else {
             self.intern.str("")
         };
+        let workload_name = self
+            .intern
+            .str(if name.is_empty() { "unknown" } else { &name });
         Arc::new(Workload::new(WorkloadFields {
+            workload_name,
             uid,
             name,
             namespace: self.intern.str(namespace),

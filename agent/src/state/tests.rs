@@ -45,6 +45,7 @@ fn xw(name: &str, addr: &str, sa: &str, services: &[(&str, &[(u16, u16)])]) -> X
         authorization_policies: Vec::new(),
         waypoint: None,
         healthy: true,
+        workload_name: name.to_owned(),
     }
 }
 

@@ -229,11 +229,13 @@ async fn serve_stream(
     }
 
     // Registered before the decision, so a policy change from here on re-judges it.
-    let src_workload = ctx
-        .workloads
-        .snapshot()
-        .by_ip(peer.ip())
-        .map(|w| w.display_name());
+    let snapshot = ctx.workloads.snapshot();
+    let src = snapshot.by_ip(peer.ip());
+    let src_workload = src.map(|w| w.display_name());
+    let metric_names = (
+        src.map(|w| w.workload_name.clone()),
+        snapshot.by_ip(dst.ip()).map(|w| w.workload_name.clone()),
+    );
     log.src_workload = src_workload.as_deref();
     let live = ctx.live.register(ConnInfo {
         direction: Direction::Inbound,
@@ -244,6 +246,8 @@ async fn serve_stream(
         dst_identity: Some(pod.identity.clone()),
         src_workload: src_workload.clone(),
         dst_workload: Some(pod.key.clone()),
+        src_workload_name: metric_names.0,
+        dst_workload_name: metric_names.1,
         service: None,
         dst_namespace: pod.identity.namespace().to_owned(),
         counts: counts.clone(),

@@ -54,6 +54,8 @@ pub struct XdsWorkload {
     pub waypoint: Option<XdsGateway>,
     /// istiod's readiness of the workload (`status == HEALTHY`).
     pub healthy: bool,
+    /// What Istio's metrics call the workload (the Deployment's name for its pods).
+    pub workload_name: String,
 }
 
 /// A service a workload backs: one entry of the workload's `services` map.
@@ -213,7 +215,15 @@ fn workload_from_proto(w: pb::Workload) -> Result<XdsWorkload, Error> {
         .waypoint
         .map(|g| gateway(g).map_err(|why| bad(format!("waypoint: {why}"))))
         .transpose()?;
+    // Istio's `workload` metric label: the owner (a Deployment's name), else the canonical name,
+    // else the pod's own.
+    let workload_name = [&w.workload_name, &w.canonical_name, &w.name]
+        .into_iter()
+        .find(|n| !n.is_empty())
+        .cloned()
+        .unwrap_or_default();
     Ok(XdsWorkload {
+        workload_name,
         uid: w.uid,
         name: w.name,
         namespace: w.namespace,
