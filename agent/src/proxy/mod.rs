@@ -126,7 +126,11 @@ impl ProxyContext {
                     dst_policies: named,
                 },
             );
-            (!d.allowed).then(|| format!("closed: no longer allowed ({})", d.describe()))
+            if d.allowed {
+                return None;
+            }
+            self.live.metrics().denied("inbound", d.policy.as_deref());
+            Some(format!("closed: no longer allowed ({})", d.describe()))
         })
     }
 
