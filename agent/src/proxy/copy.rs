@@ -63,8 +63,9 @@ pub struct CopyError {
     pub cause: io::Error,
 }
 
-/// Copies `downstream` <-> `upstream` until both directions end. Returns the first error, if any;
-/// byte counts are in `counts` either way.
+/// Copies `downstream` <-> `upstream` until both directions end, or either fails (then both
+/// connections are closed). Returns the first error, if any; byte counts are in `counts` either
+/// way.
 pub async fn copy_bidirectional<D, U>(
     downstream: D,
     upstream: U,
@@ -90,8 +91,9 @@ where
         Side::Upstream,
         Side::Downstream,
     );
-    let (a, b) = tokio::join!(forward, backward);
-    a.and(b)
+    // A failure of either direction ends both: a peer that reset its connection must not leave
+    // the other connection open, waiting for bytes that will never come.
+    tokio::try_join!(forward, backward).map(|_| ())
 }
 
 async fn pump<R, W>(
@@ -137,6 +139,45 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that resets its connection: the proxy closes the server's connection too, even
+    /// though the server never sends or closes (sockperf's server waits like that).
+    #[tokio::test]
+    async fn a_reset_on_one_side_closes_the_other() {
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let back = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (front_addr, back_addr) = (
+            front.local_addr().expect("a"),
+            back.local_addr().expect("a"),
+        );
+        let proxy = tokio::spawn(async move {
+            let (down, _) = front.accept().await.expect("accept");
+            let up = tokio::net::TcpStream::connect(back_addr)
+                .await
+                .expect("connect");
+            copy_bidirectional(down, up, Arc::default()).await
+        });
+        let client = tokio::net::TcpStream::connect(front_addr)
+            .await
+            .expect("client");
+        let (mut server, _) = back.accept().await.expect("server accept");
+        // RST instead of FIN.
+        socket2::SockRef::from(&client)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .expect("linger");
+        drop(client);
+        let mut buf = [0u8; 16];
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .expect("the server's connection is closed, not left open");
+        assert!(matches!(ended, Ok(0) | Err(_)), "{ended:?}");
+        let result = proxy.await.expect("proxy task");
+        assert!(result.is_err(), "the reset is reported");
+    }
 
     #[tokio::test]
     async fn copies_both_ways_and_counts() {

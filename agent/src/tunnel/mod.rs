@@ -48,7 +48,8 @@ pub enum TcpSide {
 }
 
 /// Copies a TCP connection <-> an HTTP/2 stream until both directions end, counting bytes from
-/// the source's point of view. An error on one side resets or shuts down the other.
+/// the source's point of view. An error on either side ends both: the stream is reset and the
+/// TCP connection closed when they are dropped.
 pub async fn pump<T>(
     tcp: T,
     mut send: SendStream<Bytes>,
@@ -145,8 +146,9 @@ where
         })
     };
 
-    let (a, b) = tokio::join!(up, down);
-    a.and(b)
+    // A failure of either direction ends both (the caller drops the TCP connection and the
+    // stream, which resets it): a reset on one side must not leave the other waiting forever.
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 fn h2_error(side: Side, op: &'static str, e: h2::Error) -> CopyError {
