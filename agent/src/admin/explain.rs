@@ -10,6 +10,7 @@ use std::{
 };
 
 use super::{Admin, api};
+use crate::policy::Decision;
 use crate::{
     identity::Identity,
     proxy::outbound::{Pick, route},
@@ -230,15 +231,14 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
                     w.identity
                 ));
                 let src_identity = source.workload.as_ref().map(|w| w.identity.clone());
-                authorize(
-                    admin,
-                    &mut out,
-                    &mut steps,
+                let d = admin.ctx.decide(
+                    &snapshot,
                     src_identity.as_ref(),
                     src_addr,
                     r.dst,
-                    w,
+                    w.identity.namespace(),
                 );
+                authorize(&mut out, &mut steps, d, w);
             }
             Some(w) => {
                 out.path = "passthrough".to_owned();
@@ -271,7 +271,7 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
         let target = snapshot.by_ip(dst.ip()).cloned();
         out.dst_workload = target.as_ref().map(|w| w.display_name());
         out.dst_identity = target.as_ref().map(|w| w.identity.to_string());
-        let bypass = admin.ctx.bypasses_waypoint(dst, None);
+        let bypass = crate::proxy::ProxyContext::bypasses_waypoint(&snapshot, dst, None);
         match &target {
             Some(w) if w.hbone && bypass.is_some() => {
                 out.verdict = "deny".to_owned();
@@ -297,7 +297,11 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
                          judges it with no client identity",
                         w.display_name()
                     ));
-                    authorize(admin, &mut out, &mut steps, None, src_addr, dst, w);
+                    let d =
+                        admin
+                            .ctx
+                            .decide(&snapshot, None, src_addr, dst, w.identity.namespace());
+                    authorize(&mut out, &mut steps, d, w);
                 }
             }
             _ => steps.push("the destination is not in the mesh: no policy applies".to_owned()),
@@ -307,19 +311,13 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
     Ok(out)
 }
 
-/// The destination's authorization decision, by the code that enforces it.
+/// Reports the destination's authorization decision `d` (made by the code that enforces it).
 fn authorize(
-    admin: &Admin,
     out: &mut api::Explain,
     steps: &mut Vec<String>,
-    src_identity: Option<&Identity>,
-    src: SocketAddr,
-    dst: SocketAddr,
+    d: Decision,
     dst_workload: &Workload,
 ) {
-    let d = admin
-        .ctx
-        .decide(src_identity, src, dst, dst_workload.identity.namespace());
     steps.push(format!(
         "authorization at {}: {}",
         dst_workload.display_name(),

@@ -11,7 +11,6 @@ use tokio::net::TcpStream;
 use super::{
     PodInfo, ProxyContext,
     copy::{self, ByteCounts, Side},
-    live::ConnInfo,
 };
 use crate::telemetry::{AccessLog, Path};
 
@@ -61,41 +60,28 @@ pub async fn handle(
         return;
     }
 
-    // Registered before the decision, so a policy change from here on re-judges it.
-    let snapshot = ctx.workloads.snapshot();
-    let src = snapshot.by_ip(peer.ip());
-    let src_workload = src.map(|w| w.display_name());
-    let metric_names = (
-        src.map(|w| w.workload_name.clone()),
-        snapshot.by_ip(dst.ip()).map(|w| w.workload_name.clone()),
-    );
-    log.src_workload = src_workload.as_deref();
-    let live = ctx.live.register(ConnInfo {
-        direction: super::Direction::Inbound,
-        path: Path::Passthrough,
-        src: peer,
-        dst,
-        src_identity: None,
-        dst_identity: Some(pod.identity.clone()),
-        src_workload: src_workload.clone(),
-        dst_workload: Some(pod.key.clone()),
-        src_workload_name: metric_names.0,
-        dst_workload_name: metric_names.1,
-        service: None,
-        dst_namespace: pod.identity.namespace().to_owned(),
-        counts: counts.clone(),
-        start,
-    });
     // A plaintext client has no verified identity: only policies that allow that admit it.
-    if let Some(why) = ctx.bypasses_waypoint(dst, None) {
-        ctx.live
-            .metrics()
-            .denied("inbound", Some("(waypoint bypass)"));
-        log.error = Some((Side::Downstream, why));
-        log.emit();
-        return;
-    }
-    let decision = ctx.authorize(&pod, None, peer, dst);
+    let admission = ctx.admit(
+        &pod,
+        super::InboundConn {
+            path: Path::Passthrough,
+            peer,
+            dst,
+            client: None,
+            counts: &counts,
+            start,
+        },
+    );
+    let live = admission.live;
+    log.src_workload = admission.src_workload.as_deref();
+    let decision = match admission.outcome {
+        Ok(d) => d,
+        Err(why) => {
+            log.error = Some((Side::Downstream, why));
+            log.emit();
+            return;
+        }
+    };
     let allowed = decision.allowed;
     log.authz = Some(decision);
     if !allowed {

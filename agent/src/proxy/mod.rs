@@ -32,7 +32,7 @@ use crate::{
     identity::{Identity, manager::CertManager},
     policy::{self, Decision, PolicyStore},
     redirect::{Netns, OrigDst, netns},
-    state::Workloads,
+    state::{Snapshot, Workloads},
     tls::TrustRoots,
     tunnel::{self, client::Pool},
 };
@@ -106,7 +106,6 @@ impl ProxyContext {
     /// decides the policies a workload names), closing the ones no longer allowed. Returns how
     /// many were closed.
     pub fn rejudge(&self) -> usize {
-        let store = self.policies.load();
         let snapshot = self.workloads.snapshot();
         self.live.close_where(|c| {
             let c = &c.info;
@@ -114,17 +113,12 @@ impl ProxyContext {
                 // Policy is enforced where the connection arrives.
                 return None;
             }
-            let named = snapshot.named_policies(c.dst.ip());
-            let d = policy::evaluate(
-                &store,
-                &policy::Connection {
-                    src_identity: c.src_identity.as_ref(),
-                    src_ip: c.src.ip(),
-                    dst_ip: c.dst.ip(),
-                    dst_port: c.dst.port(),
-                    dst_namespace: &c.dst_namespace,
-                    dst_policies: named,
-                },
+            let d = self.decide(
+                &snapshot,
+                c.src_identity.as_ref(),
+                c.src,
+                c.dst,
+                &c.dst_namespace,
             );
             if d.allowed {
                 return None;
@@ -135,19 +129,18 @@ impl ProxyContext {
     }
 
     /// The decision for a connection from `src` (with `src_identity` when it came through HBONE)
-    /// to `dst`, a workload in `dst_namespace`, by the current policies and state. What
-    /// [`ProxyContext::authorize`] enforces and what `explain` reports.
+    /// to `dst`, a workload in `dst_namespace`, by the current policies and `snapshot`. What
+    /// [`ProxyContext::admit`] enforces, what policy changes re-judge, and what `explain` reports.
     pub fn decide(
         &self,
+        snapshot: &Snapshot,
         src_identity: Option<&Identity>,
         src: SocketAddr,
         dst: SocketAddr,
         dst_namespace: &str,
     ) -> Decision {
-        let store = self.policies.load();
-        let snapshot = self.workloads.snapshot();
         policy::evaluate(
-            &store,
+            &self.policies.load(),
             &policy::Connection {
                 src_identity,
                 src_ip: src.ip(),
@@ -162,8 +155,11 @@ impl ProxyContext {
     /// Why a connection to `dst` from a client with `client` identity (none for plaintext) must
     /// be refused because it did not come through the destination's waypoint, if it must. As
     /// Istio does, a workload with a waypoint only takes traffic its waypoint sent.
-    pub fn bypasses_waypoint(&self, dst: SocketAddr, client: Option<&Identity>) -> Option<String> {
-        let snapshot = self.workloads.snapshot();
+    pub fn bypasses_waypoint(
+        snapshot: &Snapshot,
+        dst: SocketAddr,
+        client: Option<&Identity>,
+    ) -> Option<String> {
         let w = snapshot.by_ip(dst.ip())?;
         let gw = w.waypoint.as_ref()?;
         let waypoints: Vec<&Identity> = match &gw.destination {
@@ -197,32 +193,89 @@ impl ProxyContext {
         ))
     }
 
-    /// The authorization decision for a new inbound connection to `pod`, logged if a dry-run
-    /// policy had an opinion.
-    pub fn authorize(
-        &self,
-        pod: &PodInfo,
-        src_identity: Option<&Identity>,
-        src: SocketAddr,
-        dst: SocketAddr,
-    ) -> Decision {
-        let decision = self.decide(src_identity, src, dst, pod.identity.namespace());
-        if !decision.allowed {
-            self.live
-                .metrics()
-                .denied("inbound", decision.policy.as_deref());
+    /// Admits or refuses a new inbound connection to `pod` (HBONE with the client's verified
+    /// identity, or plaintext without one), from one snapshot: registers it first (so a policy
+    /// change from here on re-judges it, and the metrics count it), then refuses it if it skipped
+    /// the pod's waypoint, then asks the policies. Denials are counted; dry-run opinions logged.
+    pub fn admit(&self, pod: &PodInfo, conn: InboundConn<'_>) -> Admission<'_> {
+        let snapshot = self.workloads.snapshot();
+        let src = snapshot.by_ip(conn.peer.ip());
+        let src_workload = src.map(|w| w.display_name());
+        let live = self.live.register(live::ConnInfo {
+            direction: Direction::Inbound,
+            path: conn.path,
+            src: conn.peer,
+            dst: conn.dst,
+            src_identity: conn.client.cloned(),
+            dst_identity: Some(pod.identity.clone()),
+            src_workload: src_workload.clone(),
+            dst_workload: Some(pod.key.clone()),
+            src_workload_name: src.map(|w| w.workload_name.clone()),
+            dst_workload_name: snapshot
+                .by_ip(conn.dst.ip())
+                .map(|w| w.workload_name.clone()),
+            service: None,
+            dst_namespace: pod.identity.namespace().to_owned(),
+            counts: conn.counts.clone(),
+            start: conn.start,
+        });
+        let outcome = match Self::bypasses_waypoint(&snapshot, conn.dst, conn.client) {
+            Some(why) => {
+                self.live
+                    .metrics()
+                    .denied("inbound", Some("(waypoint bypass)"));
+                Err(why)
+            }
+            None => {
+                let d = self.decide(
+                    &snapshot,
+                    conn.client,
+                    conn.peer,
+                    conn.dst,
+                    pod.identity.namespace(),
+                );
+                if !d.allowed {
+                    self.live.metrics().denied("inbound", d.policy.as_deref());
+                }
+                for hit in &d.dry_run {
+                    tracing::info!(
+                        policy = hit.policy.as_deref().unwrap_or("(allow set)"),
+                        result = ?hit.result,
+                        src = %conn.peer,
+                        dst = %conn.dst,
+                        "dry-run authorization policy"
+                    );
+                }
+                Ok(d)
+            }
+        };
+        Admission {
+            live,
+            src_workload,
+            outcome,
         }
-        for hit in &decision.dry_run {
-            tracing::info!(
-                policy = hit.policy.as_deref().unwrap_or("(allow set)"),
-                result = ?hit.result,
-                src = %src,
-                dst = %dst,
-                "dry-run authorization policy"
-            );
-        }
-        decision
     }
+}
+
+/// A new inbound connection, as [`ProxyContext::admit`] judges it.
+pub struct InboundConn<'a> {
+    pub path: crate::telemetry::Path,
+    pub peer: SocketAddr,
+    pub dst: SocketAddr,
+    /// The client's verified identity (HBONE); `None` in plaintext.
+    pub client: Option<&'a Identity>,
+    pub counts: &'a Arc<copy::ByteCounts>,
+    pub start: Instant,
+}
+
+/// What [`ProxyContext::admit`] decided, and the connection's registration (dropping it counts
+/// the connection closed).
+pub struct Admission<'a> {
+    pub live: live::Registration<'a>,
+    /// `namespace/name` of the source, when known.
+    pub src_workload: Option<String>,
+    /// The policy decision (allowed or not), or why the connection skipped the waypoint.
+    pub outcome: Result<Decision, String>,
 }
 
 /// A pod's listeners, bound inside its netns and not yet serving.

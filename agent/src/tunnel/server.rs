@@ -21,7 +21,6 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, TcpSide};
 use crate::{
     identity::Identity,
-    proxy::live::ConnInfo,
     proxy::{
         self, Direction, PodInfo, ProxyContext,
         copy::{ByteCounts, Side},
@@ -228,42 +227,29 @@ async fn serve_stream(
         return;
     }
 
-    // Registered before the decision, so a policy change from here on re-judges it.
-    let snapshot = ctx.workloads.snapshot();
-    let src = snapshot.by_ip(peer.ip());
-    let src_workload = src.map(|w| w.display_name());
-    let metric_names = (
-        src.map(|w| w.workload_name.clone()),
-        snapshot.by_ip(dst.ip()).map(|w| w.workload_name.clone()),
+    let admission = ctx.admit(
+        &pod,
+        proxy::InboundConn {
+            path: Path::Hbone,
+            peer,
+            dst,
+            client: Some(&client_id),
+            counts: &counts,
+            start,
+        },
     );
-    log.src_workload = src_workload.as_deref();
-    let live = ctx.live.register(ConnInfo {
-        direction: Direction::Inbound,
-        path: Path::Hbone,
-        src: peer,
-        dst,
-        src_identity: Some((*client_id).clone()),
-        dst_identity: Some(pod.identity.clone()),
-        src_workload: src_workload.clone(),
-        dst_workload: Some(pod.key.clone()),
-        src_workload_name: metric_names.0,
-        dst_workload_name: metric_names.1,
-        service: None,
-        dst_namespace: pod.identity.namespace().to_owned(),
-        counts: counts.clone(),
-        start,
-    });
-    if let Some(why) = ctx.bypasses_waypoint(dst, Some(&client_id)) {
-        // 403, as for a policy denial: the client's agent did not route through the waypoint.
-        refuse(&mut respond, StatusCode::FORBIDDEN);
-        ctx.live
-            .metrics()
-            .denied("inbound", Some("(waypoint bypass)"));
-        log.error = Some((Side::Downstream, why));
-        log.emit();
-        return;
-    }
-    let decision = ctx.authorize(&pod, Some(&client_id), peer, dst);
+    let live = admission.live;
+    log.src_workload = admission.src_workload.as_deref();
+    let decision = match admission.outcome {
+        Ok(d) => d,
+        Err(why) => {
+            // 403, as for a policy denial: the client's agent did not route through the waypoint.
+            refuse(&mut respond, StatusCode::FORBIDDEN);
+            log.error = Some((Side::Downstream, why));
+            log.emit();
+            return;
+        }
+    };
     let allowed = decision.allowed;
     log.authz = Some(decision);
     if !allowed {
