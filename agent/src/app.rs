@@ -47,6 +47,13 @@ const CONFIG_POLL: Duration = Duration::from_secs(1);
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
+    if config.waypoint.is_some() {
+        anyhow::bail!(
+            "{} is a waypoint's config (it has a `waypoint:` section); run it with `ambit-agent \
+             waypoint`",
+            config_path.display()
+        );
+    }
     info!(node = %config.node, config = %config_path.display(), "starting ambit-agent");
 
     let control_tasks = TaskTracker::new();
@@ -276,7 +283,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     Ok(())
 }
 
-fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
+pub(crate) fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
     let new = Config::load(path)?;
     for (field, changed) in [
         ("node", new.node != old.node),
@@ -866,7 +873,7 @@ async fn follow_pod_cert(ctx: Arc<ProxyContext>, pod: Arc<PodInfo>, cancel: Canc
 }
 
 /// The xDS client for the configured control plane.
-fn build_xds(
+pub(crate) fn build_xds(
     x: &crate::config::XdsSettings,
     config: &Config,
     sink: Arc<Sources>,
@@ -892,7 +899,7 @@ fn build_xds(
 }
 
 /// The configured certificate authority and the mesh's trust anchors.
-fn build_ca(config: &Config) -> anyhow::Result<(Arc<dyn CaClient>, TrustRoots)> {
+pub(crate) fn build_ca(config: &Config) -> anyhow::Result<(Arc<dyn CaClient>, TrustRoots)> {
     let configured_roots =
         |default: &dyn Fn() -> anyhow::Result<TrustRoots>| match &config.trust_roots {
             Some(path) => {

@@ -285,6 +285,9 @@ pub struct Config {
     pub ambient_namespaces: std::collections::BTreeSet<String>,
     /// Kubernetes mode: watch the API for namespaces and this node's pods.
     pub kubernetes: Option<crate::kube::KubeSettings>,
+    /// Waypoint mode (`ambit-agent waypoint`): the waypoint's identity, routes and L7 policies.
+    /// A waypoint config has no `cgroup` and no `pods`: it captures nothing.
+    pub waypoint: Option<crate::waypoint::config::Waypoint>,
 }
 
 mod secs {
@@ -333,7 +336,9 @@ struct RawConfig {
     /// Default: the `NODE_NAME` environment variable (the downward API's `spec.nodeName`).
     #[serde(default)]
     node: Option<String>,
-    cgroup: PathBuf,
+    /// Required, except in a waypoint's config.
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
     #[serde(default)]
     bpf_pin_path: Option<PathBuf>,
     #[serde(default)]
@@ -378,6 +383,8 @@ struct RawConfig {
     cni_state_file: Option<PathBuf>,
     #[serde(default)]
     kubernetes: Option<RawKube>,
+    #[serde(default)]
+    waypoint: Option<crate::waypoint::config::Waypoint>,
 }
 
 #[derive(Deserialize, Default)]
@@ -529,7 +536,7 @@ fn default_true() -> bool {
 }
 
 /// Kubernetes' DNS-1123 label rule, which namespace and service account names follow.
-fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -550,7 +557,13 @@ impl RawConfig {
             field,
             message,
         };
-        let node = match self.node.take().or_else(|| std::env::var("NODE_NAME").ok()) {
+        let waypoint_name = self.waypoint.as_ref().map(|w| w.name.clone());
+        let node = match self
+            .node
+            .take()
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .or(waypoint_name)
+        {
             Some(n) => n,
             None => {
                 return Err(invalid(
@@ -600,14 +613,37 @@ impl RawConfig {
                 format!("{node:?} is not a valid node name (lowercase DNS name)"),
             ));
         }
-        if self.cgroup.as_os_str().is_empty() {
+        let cgroup = match (self.cgroup.take(), &self.waypoint) {
+            (Some(c), _) => c,
+            (None, Some(_)) => PathBuf::new(),
+            (None, None) => {
+                return Err(invalid(
+                    "cgroup".into(),
+                    "missing: name the pods' parent cgroup, e.g. /kubepods.slice".into(),
+                ));
+            }
+        };
+        if self.waypoint.is_some() {
+            if !self.pods.is_empty() {
+                return Err(invalid(
+                    "pods".into(),
+                    "a waypoint captures no pods; list the workloads it sends to under `peers`"
+                        .into(),
+                ));
+            }
+            if kubernetes.is_some() {
+                return Err(invalid(
+                    "kubernetes".into(),
+                    "a waypoint takes workloads from `peers` or xDS, not the Kubernetes API".into(),
+                ));
+            }
+        } else if cgroup.as_os_str().is_empty() {
             return Err(invalid(
                 "cgroup".into(),
                 "must name the pods' parent cgroup, e.g. /kubepods.slice".into(),
             ));
         }
-        if self
-            .cgroup
+        if cgroup
             .components()
             .any(|c| c == std::path::Component::ParentDir)
         {
@@ -1056,7 +1092,16 @@ impl RawConfig {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        let waypoint = match self.waypoint {
+            None => None,
+            Some(mut w) => {
+                w.validate(&trust_domain, &services, xds.is_some())
+                    .map_err(|(field, message)| invalid(format!("waypoint.{field}"), message))?;
+                Some(w)
+            }
+        };
         Ok(Config {
+            waypoint,
             readiness_address: self
                 .readiness_address
                 .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 15021))),
@@ -1082,7 +1127,7 @@ impl RawConfig {
             peers,
             node: node.clone(),
             kubernetes,
-            cgroup: self.cgroup,
+            cgroup,
             bpf_pin_path,
             node_addresses: self.node_addresses,
             inbound_excluded_ports: self.inbound_excluded_ports,

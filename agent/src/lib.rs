@@ -23,4 +23,5 @@ pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod tunnel;
+pub mod waypoint;
 pub mod xds;

@@ -37,6 +37,22 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Run as a waypoint: an L7 proxy that terminates HBONE, applies HTTP authorization and
+    /// routes (weighted backends, timeouts, retries, outlier ejection), and forwards each request
+    /// over HBONE to an endpoint.
+    ///
+    /// The config file is the agent's format with a `waypoint:` section (no `cgroup`, no `pods`);
+    /// run it inside the waypoint pod's network namespace. Routes and policies reload live when
+    /// the file changes or on SIGHUP. See README.md, "Waypoints".
+    Waypoint {
+        #[arg(
+            long,
+            short,
+            env = "AMBIT_CONFIG",
+            default_value = "/etc/ambit/waypoint.yaml"
+        )]
+        config: PathBuf,
+    },
     /// Check a config file and print it as the agent understands it.
     Check {
         #[arg(
@@ -103,6 +119,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .thread_name("ambit-worker")
                 .build()?;
             runtime.block_on(app::run(config, telemetry::ebpf_log_level(max_level)))
+        }
+        Command::Waypoint { config } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("ambit-waypoint")
+                .build()?;
+            runtime.block_on(ambit_agent::waypoint::run(config))
         }
         Command::Check { config } => {
             let config = ambit_agent::config::Config::load(&config)?;

@@ -282,27 +282,27 @@ impl Metrics {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Counters only ever grow by whole updates: a poisoned map is still consistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+pub(crate) fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+pub(crate) fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
     header(out, name, help, "gauge");
     let _ = writeln!(out, "{name} {v}");
 }
 
-fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+pub(crate) fn counter(out: &mut String, name: &str, help: &str, v: u64) {
     header(out, name, help, "counter");
     let _ = writeln!(out, "{name} {v}");
 }
 
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], v: u64) {
+pub(crate) fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], v: u64) {
     labelled(out, name, labels);
     let _ = writeln!(out, " {v}");
 }
@@ -312,7 +312,7 @@ fn sample_i(out: &mut String, name: &str, labels: &[(&str, &str)], v: i64) {
     let _ = writeln!(out, " {v}");
 }
 
-fn labelled(out: &mut String, name: &str, labels: &[(&str, &str)]) {
+pub(crate) fn labelled(out: &mut String, name: &str, labels: &[(&str, &str)]) {
     out.push_str(name);
     out.push('{');
     for (i, (k, v)) in labels.iter().enumerate() {

@@ -220,10 +220,31 @@ impl AgentConfig {
         self.pods.iter_mut().find(|p| p.name == name)
     }
 
-    /// The config as the agent reads it (JSON, which is valid YAML).
+    /// The config as the agent reads it (JSON, which is valid YAML). A waypoint's config (with
+    /// `waypoint` in `extra`) has no cgroup, pin path or pods: a waypoint captures nothing.
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self)
+        let mut v = serde_json::to_value(self)
+            .unwrap_or_else(|e| panic!("BUG: agent config does not serialize: {e}"));
+        if self.extra.contains_key("waypoint")
+            && let Some(map) = v.as_object_mut()
+        {
+            for key in ["cgroup", "bpfPinPath", "pods", "cniStateFile"] {
+                map.remove(key);
+            }
+        }
+        serde_json::to_string_pretty(&v)
             .unwrap_or_else(|e| panic!("BUG: agent config does not serialize: {e}"))
+    }
+
+    /// The `waypoint` section of a waypoint's config, to edit (routes, authorization, ...).
+    ///
+    /// # Panics
+    /// If this is not a waypoint's config ([`TestBed::waypoint_config`](crate::TestBed::waypoint_config)).
+    pub fn waypoint_mut(&mut self) -> &mut serde_json::Map<String, Value> {
+        self.extra
+            .get_mut("waypoint")
+            .and_then(Value::as_object_mut)
+            .expect("waypoint_mut: not a waypoint config (make it with TestBed::waypoint_config)")
     }
 
     /// Writes the config to `path` atomically (a temp file renamed over it), so the agent never
@@ -262,6 +283,61 @@ impl std::fmt::Debug for Agent {
 
 /// The agent's log filter in tests: debug for our code, info for the libraries.
 pub const TEST_LOG_FILTER: &str = "debug,aya=info,aya_obj=info,rustls=info,tonic=info,h2=info,hyper=info,hyper_util=info,tower=info";
+
+/// Starts `ambit-agent waypoint` in `pod`'s netns and cgroup with `config`, and waits until it
+/// listens and has its certificate.
+pub(crate) fn start_waypoint(shared: &Shared, pod: &Pod, config: &AgentConfig) -> Result<Agent> {
+    if !config.extra.contains_key("waypoint") {
+        bail!("start_waypoint: the config has no waypoint section (use TestBed::waypoint_config)");
+    }
+    let bin = shared.agent_bin()?;
+    let config_path = shared.tmp.join(format!("waypoint-{}.yaml", pod.name()));
+    let log_path = shared.tmp.join(format!("waypoint-{}.log", pod.name()));
+    config.write_to(&config_path)?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open waypoint log {}", log_path.display()))?;
+    let log_err = log
+        .try_clone()
+        .with_context(|| format!("cannot open waypoint log {}", log_path.display()))?;
+    let start_mark = LogMark(log.metadata().map(|m| m.len()).unwrap_or(0));
+    let mut cmd = process::command_in(&bin, &pod.netns_path(), pod.cgroup_dir())?;
+    cmd.arg("waypoint")
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--log-format", "json"])
+        .env("AMBIT_LOG", TEST_LOG_FILTER)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    let process = shared
+        .tracker
+        .spawn(&mut cmd, &format!("waypoint {}", pod.name()))?;
+    let agent = Agent {
+        node: config.node.clone(),
+        admin_socket: config.admin_socket.clone(),
+        process,
+        log_path,
+        config_path,
+    };
+    agent
+        .wait_for_log_after(
+            start_mark,
+            |v| log_message(v) == Some("waypoint certificate in place"),
+            READY_TIMEOUT,
+        )
+        .with_context(|| format!("waypoint {} did not get its certificate", pod.name()))?;
+    agent
+        .wait_for_log_after(
+            start_mark,
+            |v| log_message(v) == Some("waypoint ready"),
+            READY_TIMEOUT,
+        )
+        .with_context(|| format!("waypoint {} did not become ready", pod.name()))?;
+    Ok(agent)
+}
 
 pub(crate) fn start(shared: &Shared, node: &NodeInfo, config: &AgentConfig) -> Result<Agent> {
     start_with_log_filter(shared, node, config, TEST_LOG_FILTER)
@@ -503,7 +579,10 @@ impl Agent {
         self.process.signal(Signal::SIGHUP)?;
         self.wait_for_log_after(
             mark,
-            |v| log_message(v) == Some("config applied"),
+            |v| {
+                log_message(v)
+                    .is_some_and(|m| m == "config applied" || m == "waypoint config applied")
+            },
             RELOAD_TIMEOUT,
         )
         .with_context(|| {

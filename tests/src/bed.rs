@@ -665,6 +665,35 @@ impl TestBed {
         AgentConfig::for_node(&info, self.tmp_dir())
     }
 
+    /// A config for `ambit-agent waypoint` running in `pod` (its namespace, name and service
+    /// account), with the bed's CA and no services, peers or routes yet; edit the `waypoint`
+    /// section with [`AgentConfig::waypoint_mut`].
+    pub fn waypoint_config(&self, pod: &Pod) -> AgentConfig {
+        let mut config = self.agent_config(pod.node_name());
+        config.state_dir = self
+            .tmp_dir()
+            .join(format!("state-waypoint-{}", pod.name()));
+        config.admin_socket = self
+            .tmp_dir()
+            .join(format!("admin-waypoint-{}.sock", pod.name()));
+        config.extra.insert(
+            "waypoint".into(),
+            serde_json::json!({
+                "namespace": pod.namespace(),
+                "name": pod.name(),
+                "serviceAccount": pod.service_account(),
+            }),
+        );
+        config
+    }
+
+    /// Starts `ambit-agent waypoint` inside `pod` with `config` (see
+    /// [`TestBed::waypoint_config`]) and waits until it listens with its certificate. Its log is
+    /// read like an agent's.
+    pub fn start_waypoint(&self, pod: &Pod, config: &AgentConfig) -> Result<Agent> {
+        agent::start_waypoint(&self.shared, pod, config)
+    }
+
     /// Starts `ambit-agent run` for `config.node`, inside the node's netns and its `agent` cgroup
     /// (below the cgroup the agent attaches to, so tests show it does not capture itself), and
     /// waits up to 30 s for it to log "agent ready".

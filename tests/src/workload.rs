@@ -139,6 +139,15 @@ impl Server {
         self.port
     }
 
+    /// The requests an HTTP server ([`Pod::serve_http`]) has answered.
+    pub fn requests(&self) -> Vec<Value> {
+        self.events
+            .snapshot()
+            .into_iter()
+            .filter(|v| event_is(v, "request"))
+            .collect()
+    }
+
     /// Its process.
     pub fn process(&self) -> &Process {
         &self.process
@@ -383,12 +392,31 @@ impl Pod {
 
     /// Like [`Pod::serve`]; with `v6only`, the socket does not accept IPv4.
     pub fn serve_with(&self, port: u16, v6only: bool) -> Result<Server> {
+        let mut args = vec!["serve".to_owned(), "--port".to_owned(), port.to_string()];
+        if v6only {
+            args.push("--v6only".to_owned());
+        }
+        self.start_server(port, &args)
+    }
+
+    /// Starts an HTTP/1.1 server on `port` that answers with its pod's name (`x-served-by`);
+    /// `/status/<code>` answers that status and `/delay/<ms>` answers late. Each request is a
+    /// `request` event ([`Server::requests`]).
+    pub fn serve_http(&self, port: u16) -> Result<Server> {
+        let args = [
+            "http".to_owned(),
+            "--port".to_owned(),
+            port.to_string(),
+            "--name".to_owned(),
+            self.name().to_owned(),
+        ];
+        self.start_server(port, &args)
+    }
+
+    fn start_server(&self, port: u16, args: &[String]) -> Result<Server> {
         let bin = self.bed.testpod_bin()?;
         let mut cmd = self.try_command(&bin)?;
-        cmd.args(["serve", "--port", &port.to_string()]);
-        if v6only {
-            cmd.arg("--v6only");
-        }
+        cmd.args(args);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -404,7 +432,7 @@ impl Pod {
         if listening != Some(true) {
             let _ = process.kill();
             bail!(
-                "echo server in pod {} did not listen on port {port} within {LISTEN_TIMEOUT:?}: {}",
+                "server in pod {} did not listen on port {port} within {LISTEN_TIMEOUT:?}: {}",
                 self.name(),
                 events.stderr().trim()
             );

@@ -18,6 +18,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     // The HBONE tests use `openssl s_client` as a client without a certificate.
     "openssl",
+    // The waypoint tests make HTTP/1.1 and HTTP/2 requests from pods with curl.
+    "curl",
     // protoc and the well-known .proto files (google/protobuf/struct.proto), for ambit-proto.
     "protobuf-compiler",
     "libprotobuf-dev",

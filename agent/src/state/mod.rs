@@ -292,22 +292,40 @@ impl ServiceEntry {
         port: u16,
     ) -> Option<(Arc<Workload>, SocketAddr)> {
         let n = self.endpoints.len();
-        (0..n).find_map(|i| {
-            let w = &self.endpoints[(start + i) % n];
-            if !w.healthy {
-                return None;
-            }
-            let ip = w.ips().iter().find(|ip| ip.is_ipv4() == like.is_ipv4())?;
-            let target = w
-                .own_target_port(&self.key, port)
-                .or_else(|| {
-                    let d = self.def.as_ref()?;
-                    let (_, t) = d.ports.iter().find(|(p, _)| *p == port)?;
-                    (*t != 0).then_some(*t)
-                })
-                .unwrap_or(port);
-            Some((w.clone(), SocketAddr::new(*ip, target)))
-        })
+        (0..n).find_map(|i| self.target_of(&self.endpoints[(start + i) % n], like, port))
+    }
+
+    /// Every healthy endpoint with an address of `like`'s family, with the address to reach it
+    /// on for the service's `port` (for callers that choose themselves, like the waypoint).
+    pub fn candidates(
+        &self,
+        like: IpAddr,
+        port: u16,
+    ) -> impl Iterator<Item = (Arc<Workload>, SocketAddr)> + '_ {
+        self.endpoints
+            .iter()
+            .filter_map(move |w| self.target_of(w, like, port))
+    }
+
+    fn target_of(
+        &self,
+        w: &Arc<Workload>,
+        like: IpAddr,
+        port: u16,
+    ) -> Option<(Arc<Workload>, SocketAddr)> {
+        if !w.healthy {
+            return None;
+        }
+        let ip = w.ips().iter().find(|ip| ip.is_ipv4() == like.is_ipv4())?;
+        let target = w
+            .own_target_port(&self.key, port)
+            .or_else(|| {
+                let d = self.def.as_ref()?;
+                let (_, t) = d.ports.iter().find(|(p, _)| *p == port)?;
+                (*t != 0).then_some(*t)
+            })
+            .unwrap_or(port);
+        Some((w.clone(), SocketAddr::new(*ip, target)))
     }
 }
 

@@ -116,7 +116,15 @@ pub struct Tunnel {
     _guard: StreamGuard,
 }
 
-struct StreamGuard(Arc<AtomicUsize>);
+/// Holds a pooled connection's stream slot while the stream lives.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Tunnel {
+    /// The stream as a byte stream (for HTTP inside the tunnel), holding its pool slot.
+    pub fn into_io(self) -> super::stream::H2Stream<StreamGuard> {
+        super::stream::H2Stream::new(self.send, self.recv, self._guard)
+    }
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {

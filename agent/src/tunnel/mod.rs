@@ -14,6 +14,7 @@
 
 pub mod client;
 pub mod server;
+pub mod stream;
 
 use std::{
     future::poll_fn,

@@ -4,10 +4,13 @@
 //! ```text
 //! ambit-testpod serve --port P [--v6only]
 //! ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]
+//! ambit-testpod http --port P --name NAME
 //! ```
 //!
 //! `serve` is a dual-stack echo server on `[::]:P`; `connect` sends N bytes of a fixed pattern,
-//! reads the echo concurrently and checks it.
+//! reads the echo concurrently and checks it. `http` is a dual-stack HTTP/1.1 server (kept-alive
+//! connections) answering `NAME METHOD PATH` with `x-served-by: NAME`; `/status/<code>` answers
+//! that status and `/delay/<ms>` answers after that long. Each request is a `request` event.
 
 use std::{
     io::{self, Read, Write},
@@ -20,7 +23,8 @@ use serde_json::{Value, json};
 use socket2::{Domain, Protocol, Socket, Type};
 
 const USAGE: &str = "usage:\n  ambit-testpod serve --port P [--v6only]\n  \
-                     ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]\n\
+                     ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]\n  \
+                     ambit-testpod http --port P --name NAME\n\
                      (--hold-ms: send half the bytes, pause, send the rest)";
 
 fn main() -> ExitCode {
@@ -28,6 +32,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") => parse_serve(&args[1..]).map(serve),
         Some("connect") => parse_connect(&args[1..]).map(connect),
+        Some("http") => parse_http(&args[1..]).map(|(args, name)| http(args, name)),
         _ => Err(format!("missing or unknown subcommand\n{USAGE}")),
     };
     match result {
@@ -213,6 +218,126 @@ fn echo(mut stream: TcpStream, peer: SocketAddr) {
             "event": "closed", "peer": peer, "bytes": bytes,
             "error": kind(&e), "message": e.to_string(),
         })),
+    }
+}
+
+fn parse_http(args: &[String]) -> Result<(ServeArgs, String), String> {
+    let mut port = None;
+    let mut name = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--port" => port = Some(parse_num(flag_value(args, &mut i, "--port")?, "--port")?),
+            "--name" => name = Some(flag_value(args, &mut i, "--name")?.to_owned()),
+            other => return Err(format!("http: unexpected argument {other:?}\n{USAGE}")),
+        }
+        i += 1;
+    }
+    Ok((
+        ServeArgs {
+            port: port.ok_or_else(|| format!("http needs --port\n{USAGE}"))?,
+            v6only: false,
+        },
+        name.ok_or_else(|| format!("http needs --name\n{USAGE}"))?,
+    ))
+}
+
+fn http(args: ServeArgs, name: String) -> ExitCode {
+    let listener = match listen(&args) {
+        Ok(l) => l,
+        Err(e) => {
+            emit(error_event(
+                "listen",
+                &e,
+                &format!("cannot listen on [::]:{}", args.port),
+            ));
+            return ExitCode::FAILURE;
+        }
+    };
+    emit(json!({"event": "listening", "port": args.port}));
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                std::thread::spawn(move || http_connection(stream, peer, name));
+            }
+            Err(e) => {
+                emit(error_event("accept", &e, "accept failed"));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Serves requests on one kept-alive connection until the client closes it.
+fn http_connection(stream: TcpStream, peer: SocketAddr, name: &str) {
+    let peer = canonical(peer);
+    emit(json!({"event": "accept", "peer": peer}));
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = io::BufReader::new(stream);
+    let mut out = write_half;
+    loop {
+        let mut head = Vec::new();
+        // The head: lines up to an empty one.
+        loop {
+            let mut line = String::new();
+            match io::BufRead::read_line(&mut reader, &mut line) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            head.push(line.trim_end().to_owned());
+        }
+        let Some((method, path)) = head.first().and_then(|l| {
+            let mut parts = l.split(' ');
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        }) else {
+            return;
+        };
+        let header = |n: &str| {
+            head.iter().skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(n).then(|| v.trim().to_owned())
+            })
+        };
+        let length: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let mut status = 200u16;
+        if let Some(code) = path.strip_prefix("/status/") {
+            status = code.parse().unwrap_or(400);
+        } else if let Some(ms) = path.strip_prefix("/delay/") {
+            std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+        }
+        emit(json!({
+            "event": "request",
+            "peer": peer,
+            "method": method,
+            "path": path,
+            "host": header("host"),
+            "request_id": header("x-request-id"),
+            "body_bytes": length,
+            "status": status,
+        }));
+        let text = format!("{name} {method} {path}\n");
+        let response = format!(
+            "HTTP/1.1 {status} X\r\nx-served-by: {name}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}",
+            text.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        if out.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
     }
 }
 

@@ -1,0 +1,332 @@
+//! Waypoint mode (`ambit-agent waypoint`): Ambit as an L7 proxy for the mesh.
+//!
+//! ```text
+//! client's agent ── HBONE (CONNECT svc-vip:port) ──> waypoint :15008
+//!                                                     │ mTLS: client identity
+//!                                                     │ HTTP/1.1 or h2 inside the tunnel
+//!                                                     │ per request: L7 authz -> route -> backend
+//!                                                     │   -> endpoint (outlier-aware)
+//!                                                     └─ HBONE (CONNECT endpoint:port, as the
+//!                                                        waypoint) ──> endpoint's agent ──> app
+//! ```
+//!
+//! The same config file format as the node agent, with a `waypoint:` section instead of `cgroup`
+//! and `pods` (see [`config`]); services and workloads come from `services`/`peers` and xDS, as
+//! for the agent, so endpoints and their identities are the same data. The file is re-read when
+//! it changes (or on SIGHUP): routes, policies, outlier settings, services and peers apply to the
+//! next request; the waypoint's identity and listener need a restart.
+
+pub mod authz;
+pub mod config;
+pub mod metrics;
+pub mod routes;
+pub mod server;
+pub mod upstream;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument as _, error, info, info_span, warn};
+
+use crate::{
+    config::Config,
+    http::{Request, Response},
+    identity::manager::CertManager,
+    redirect::Netns,
+    state::{Sources, Workloads},
+    tls::{self, CertResolver},
+    tunnel::client::Pool,
+};
+
+const CONFIG_POLL: Duration = Duration::from_secs(1);
+
+/// Runs the waypoint until SIGTERM or SIGINT.
+pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&config_path)?;
+    let Some(settings) = config.waypoint.clone() else {
+        anyhow::bail!(
+            "{} has no `waypoint:` section; a waypoint needs its namespace, name and routes (see \
+             README.md, \"Waypoints\"), and a node agent runs with `ambit-agent run`",
+            config_path.display()
+        );
+    };
+    let identity = settings.identity().clone();
+    info!(
+        waypoint = %format!("{}/{}", settings.namespace, settings.name),
+        %identity,
+        listen = %settings.listen,
+        config = %config_path.display(),
+        "starting ambit waypoint"
+    );
+    let shutdown = CancellationToken::new();
+    let control = TaskTracker::new();
+    let (ca, roots) = crate::app::build_ca(&config)?;
+    let certs = CertManager::new(ca, config.cert_lifetime);
+    certs.set_identities([identity.clone()]);
+
+    let metrics = Arc::new(metrics::WaypointMetrics::default());
+    let pool = Pool::new(
+        config.hbone.max_streams_per_connection,
+        config.hbone.idle_timeout,
+    );
+    control.spawn(pool.clone().run_reaper(shutdown.clone()));
+    let netns = Netns::open(Path::new("/proc/self/ns/net"))
+        .context("cannot open the waypoint's own network namespace")?;
+    let upstream = upstream::Upstream::new(
+        pool,
+        netns,
+        certs.clone(),
+        roots.clone(),
+        identity.clone(),
+        metrics.clone(),
+    );
+    let ctx = Arc::new(server::Ctx {
+        settings: ArcSwap::from_pointee(settings.clone()),
+        state: Workloads::default(),
+        upstream,
+        metrics,
+        identity: identity.clone(),
+        tls: ArcSwapOption::empty(),
+        draining: CancellationToken::new(),
+        connections: TaskTracker::new(),
+    });
+    let sources = {
+        let ctx = ctx.clone();
+        Arc::new(Sources::new(
+            Arc::new(config.clone()),
+            move |snapshot, _policies| ctx.state.replace(snapshot),
+        ))
+    };
+    if let Some(x) = &config.xds {
+        let client = Arc::new(crate::app::build_xds(x, &config, sources.clone())?);
+        control.spawn(client.run(shutdown.clone()));
+    }
+
+    // The server certificate follows rotations; connections wait for the first one.
+    control.spawn(follow_cert(
+        ctx.clone(),
+        certs.clone(),
+        roots,
+        config.trust_domain.clone(),
+        shutdown.clone(),
+    ));
+    let listener = bind(settings.listen)
+        .with_context(|| format!("cannot listen on {} for HBONE", settings.listen))?;
+    let accept_stop = CancellationToken::new();
+    control.spawn(accept_loop(ctx.clone(), listener, accept_stop.clone()));
+    control.spawn(serve_metrics(
+        ctx.clone(),
+        config.metrics_address,
+        shutdown.clone(),
+    ));
+    info!(listen = %settings.listen, "waypoint ready");
+
+    let mut config = config;
+    let mut last_text = std::fs::read(&config_path).ok();
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(CONFIG_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = hup.recv() => true,
+            _ = tick.tick() => false,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let text = std::fs::read(&config_path).ok();
+        if !forced && text == last_text {
+            continue;
+        }
+        last_text = text;
+        match reload(&config, &config_path) {
+            Ok(new) => {
+                if let Some(w) = &new.waypoint {
+                    ctx.settings.store(Arc::new(w.clone()));
+                }
+                sources.set_config(Arc::new(new.clone()));
+                let w = ctx.settings.load();
+                info!(
+                    routes = w.routes.len(),
+                    policies = w.authorization.len(),
+                    "waypoint config applied"
+                );
+                config = new;
+            }
+            Err(e) => error!(error = %e, "config reload refused; keeping the previous config"),
+        }
+    }
+
+    info!(
+        drain_timeout_s = config.drain_timeout.as_secs_f64(),
+        "shutting down: no longer accepting; draining open connections"
+    );
+    accept_stop.cancel();
+    ctx.draining.cancel();
+    ctx.connections.close();
+    if tokio::time::timeout(config.drain_timeout, ctx.connections.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = ctx.connections.len(),
+            "drain timeout reached; closing the remaining connections"
+        );
+    }
+    shutdown.cancel();
+    certs.shutdown().await;
+    control.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), control.wait()).await;
+    info!("waypoint stopped");
+    Ok(())
+}
+
+/// The new config, if only what may change while running changed.
+fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
+    let new = crate::app::reload(old, path)?;
+    match (&old.waypoint, &new.waypoint) {
+        (Some(a), Some(b))
+            if a.namespace == b.namespace
+                && a.name == b.name
+                && a.identity == b.identity
+                && a.listen == b.listen =>
+        {
+            Ok(new)
+        }
+        (_, None) => anyhow::bail!("the `waypoint:` section is gone"),
+        _ => anyhow::bail!(
+            "waypoint.namespace, name, serviceAccount and listen cannot change while the waypoint \
+             runs; restart it to change them"
+        ),
+    }
+}
+
+/// A listener on `addr`; `[::]` accepts both families.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(
+    ctx: Arc<server::Ctx>,
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let span = info_span!("hbone_in", src = %peer);
+        ctx.connections
+            .spawn(server::serve_connection(ctx.clone(), tcp, peer).instrument(span));
+    }
+}
+
+async fn follow_cert(
+    ctx: Arc<server::Ctx>,
+    certs: Arc<CertManager>,
+    roots: tls::TrustRoots,
+    trust_domain: String,
+    shutdown: CancellationToken,
+) {
+    let Some(mut updates) = certs.subscribe(&ctx.identity) else {
+        error!(identity = %ctx.identity, "BUG: identity not registered with the certificate manager");
+        return;
+    };
+    let mut resolver: Option<Arc<CertResolver>> = None;
+    loop {
+        let cert = updates.borrow_and_update().clone();
+        if let Some(cert) = cert {
+            let result = match &resolver {
+                Some(r) => r.update(&cert),
+                None => CertResolver::new(&cert).and_then(|r| {
+                    let r = Arc::new(r);
+                    let config = tls::server_config(r.clone(), &roots, &trust_domain)?;
+                    ctx.tls.store(Some(config));
+                    resolver = Some(r);
+                    info!(identity = %ctx.identity, serial = %cert.serial, "waypoint certificate in place");
+                    Ok(())
+                }),
+            };
+            if let Err(e) = result {
+                error!(identity = %ctx.identity, error = %e, "cannot use the waypoint's new certificate");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = updates.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn serve_metrics(
+    ctx: Arc<server::Ctx>,
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let listener = match crate::http::bind_shared(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(%addr, error = %e, "cannot serve metrics (is another process using the port?)");
+            return;
+        }
+    };
+    let accept = || async { listener.accept().await.map(|(s, _)| s) };
+    let handle = move |r: Request| {
+        let response = match r.path.as_str() {
+            "/metrics" => {
+                let pool = ctx.upstream.pool.stats();
+                Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: ctx
+                        .metrics
+                        .render(&metrics::Gauges {
+                            ejected_endpoints: ctx.upstream.ejected_now(),
+                            pool_connections_opened: pool.connections_opened,
+                            pool_streams_opened: pool.streams_opened,
+                            pool_open_connections: pool.open_connections,
+                        })
+                        .into_bytes(),
+                }
+            }
+            "/healthz/ready" if ctx.tls.load().is_some() => Response::text(200, "ready\n"),
+            "/healthz/ready" => Response::text(
+                503,
+                "no certificate for the waypoint's identity yet (is the CA reachable?)\n",
+            ),
+            _ => Response::text(404, "try /metrics or /healthz/ready\n"),
+        };
+        async move { response }
+    };
+    crate::http::serve(accept, handle, crate::http::TIMEOUT, shutdown).await
+}

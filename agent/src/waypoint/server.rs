@@ -1,0 +1,852 @@
+//! The waypoint's data path: HBONE in (mutual TLS, HTTP/2 `CONNECT` to a destination that uses
+//! this waypoint), HTTP inside each tunnel (HTTP/1.1, or HTTP/2 with prior knowledge), and for
+//! each request: L7 authorization, a route, an endpoint, then HTTP/1.1 over HBONE to it, with
+//! retries, a timeout and outlier detection. One access-log line and one metrics sample per
+//! request.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
+};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use super::{
+    authz::{self, RequestAttrs},
+    config::{Retry, Waypoint as Settings},
+    metrics::{RequestLabels, WaypointMetrics},
+    routes::{self, Selection},
+    upstream::{Body, BoxError, Checkout, Failure, Upstream, backoff},
+};
+use crate::{
+    identity::Identity,
+    proxy,
+    state::{ServiceEntry, Snapshot, Workload, Workloads},
+    tunnel::{server::h2_builder, stream::H2Stream},
+    xds::GatewayDestination,
+};
+
+/// How long a client gets for the TLS and HTTP/2 handshakes.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request bodies up to this size are kept so the request can be retried.
+const MAX_RETRY_BODY: u64 = 64 * 1024;
+
+/// What every connection shares.
+pub struct Ctx {
+    pub settings: ArcSwap<Settings>,
+    pub state: Workloads,
+    pub upstream: Arc<Upstream>,
+    pub metrics: Arc<WaypointMetrics>,
+    pub identity: Identity,
+    /// Built from the waypoint's certificate once it arrives.
+    pub tls: ArcSwapOption<rustls::ServerConfig>,
+    pub draining: CancellationToken,
+    pub connections: TaskTracker,
+}
+
+/// The destination a tunnel was opened for.
+enum Target {
+    Service(Arc<ServiceEntry>),
+    Workload(Arc<Workload>),
+}
+
+/// One tunnel's facts, shared by its requests.
+struct Tunnel {
+    client: Arc<Identity>,
+    /// The HBONE client's address: the source pod (its node agent connects from the pod's IP).
+    peer: SocketAddr,
+    /// The waypoint's own address on this connection.
+    local_ip: IpAddr,
+    /// The `CONNECT` authority: service VIP:port or workload ip:port.
+    dst: SocketAddr,
+    target: Target,
+    /// The client workload, when known (`namespace`, `workload name`).
+    src_workload: Option<Arc<Workload>>,
+}
+
+/// Serves one accepted HBONE connection until it closes.
+pub async fn serve_connection(ctx: Arc<Ctx>, tcp: TcpStream, peer: SocketAddr) {
+    let peer = proxy::canonical(peer);
+    let local_ip = match tcp.local_addr() {
+        Ok(a) => proxy::canonical(a).ip(),
+        Err(e) => {
+            warn!(error = %e, "accepted socket has no local address");
+            return;
+        }
+    };
+    let Some(config) = ctx.tls.load_full() else {
+        warn!(
+            identity = %ctx.identity,
+            "refusing HBONE connection: no certificate for the waypoint's identity yet (is the CA reachable?)"
+        );
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(src.addr = %peer, error = %e, "HBONE TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            warn!(src.addr = %peer, "HBONE TLS handshake timed out");
+            return;
+        }
+    };
+    let Some(client) = crate::tls::peer_identity(tls.get_ref().1) else {
+        warn!(src.addr = %peer, "HBONE client presented no SPIFFE identity; closing");
+        return;
+    };
+    let client = Arc::new(client);
+    let mut conn = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        h2_builder().handshake::<_, Bytes>(tls),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            warn!(src.addr = %peer, error = %e, "HBONE HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            warn!(src.addr = %peer, "HBONE HTTP/2 handshake timed out");
+            return;
+        }
+    };
+    debug!(src.addr = %peer, src.identity = %client, "hbone connection accepted");
+    let mut goaway_sent = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = ctx.draining.cancelled(), if !goaway_sent => {
+                conn.graceful_shutdown();
+                goaway_sent = true;
+                continue;
+            }
+        };
+        let Some(Ok((request, respond))) = next else {
+            break;
+        };
+        let span = info_span!("waypoint", src = %peer);
+        ctx.connections.spawn(
+            serve_tunnel(
+                ctx.clone(),
+                client.clone(),
+                peer,
+                local_ip,
+                request,
+                respond,
+            )
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_tunnel(
+    ctx: Arc<Ctx>,
+    client: Arc<Identity>,
+    peer: SocketAddr,
+    local_ip: IpAddr,
+    request: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, why: &str| {
+        warn!(src.addr = %peer, src.identity = %client, %status, "waypoint refused a tunnel: {why}");
+        if let Ok(resp) = Response::builder().status(status).body(()) {
+            let _ = respond.send_response(resp, true);
+        }
+    };
+    if request.method() != Method::CONNECT {
+        refuse(
+            &mut respond,
+            StatusCode::BAD_REQUEST,
+            &format!("{} is not CONNECT", request.method()),
+        );
+        return;
+    }
+    let authority = request.uri().authority().map(|a| a.as_str().to_owned());
+    let Some(dst) = authority
+        .as_deref()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+    else {
+        refuse(
+            &mut respond,
+            StatusCode::BAD_REQUEST,
+            &format!("CONNECT authority {authority:?} is not an ip:port"),
+        );
+        return;
+    };
+    let dst = proxy::canonical(dst);
+    let snapshot = ctx.state.snapshot();
+    let target = match served_target(&snapshot, dst, local_ip) {
+        Ok(t) => t,
+        Err(why) => {
+            refuse(&mut respond, StatusCode::BAD_REQUEST, &why);
+            return;
+        }
+    };
+    let src_workload = snapshot.by_ip(peer.ip()).cloned();
+    drop(snapshot);
+    let Ok(ok) = Response::builder().status(StatusCode::OK).body(()) else {
+        return;
+    };
+    let send = match respond.send_response(ok, false) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "cannot answer CONNECT");
+            return;
+        }
+    };
+    let io = TokioIo::new(H2Stream::new(send, request.into_body(), ()));
+    let tunnel = Arc::new(Tunnel {
+        client,
+        peer,
+        local_ip,
+        dst,
+        target,
+        src_workload,
+    });
+    let service = {
+        let ctx = ctx.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let ctx = ctx.clone();
+            let tunnel = tunnel.clone();
+            async move { Ok::<_, Infallible>(handle(ctx, tunnel, req).await) }
+        })
+    };
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = ctx.draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "HTTP inside the tunnel ended with an error");
+    }
+}
+
+/// The destination of a tunnel, if it is one this waypoint serves: a service VIP (with that
+/// port) or a workload whose waypoint is this one. Anything else is refused, so the waypoint
+/// cannot be used to reach workloads as itself (its identity is trusted by their agents).
+fn served_target(snapshot: &Snapshot, dst: SocketAddr, local_ip: IpAddr) -> Result<Target, String> {
+    let is_me = |gw: &crate::xds::XdsGateway| match &gw.destination {
+        GatewayDestination::Address(ip) => *ip == local_ip,
+        GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } => snapshot
+            .service(&format!("{namespace}/{hostname}"))
+            .is_some_and(|s| s.endpoints.iter().any(|w| w.ips().contains(&local_ip))),
+    };
+    if let Some(svc) = snapshot.service_by_vip(dst.ip()) {
+        let uses_me = svc
+            .def
+            .as_ref()
+            .and_then(|d| d.waypoint.as_ref())
+            .is_some_and(is_me);
+        if !uses_me {
+            return Err(format!("service {} does not use this waypoint", svc.key));
+        }
+        if !svc.has_port(dst.port()) {
+            return Err(format!("service {} has no port {}", svc.key, dst.port()));
+        }
+        return Ok(Target::Service(svc.clone()));
+    }
+    match snapshot.by_ip(dst.ip()) {
+        Some(w) if w.waypoint.as_deref().is_some_and(is_me) => Ok(Target::Workload(w.clone())),
+        Some(w) => Err(format!(
+            "workload {} does not use this waypoint",
+            w.display_name()
+        )),
+        None => Err(format!("{dst} is not a known service or workload")),
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded. `Upgrade: h2c` is dropped with them:
+/// such a request is answered over HTTP/1.1, as RFC 9113 section 3.1 allows.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for h in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        headers.remove(h);
+    }
+    headers.remove("http2-settings");
+}
+
+/// Everything one request's access-log line and metrics need.
+struct Record {
+    start: Instant,
+    request_id: String,
+    method: String,
+    host: String,
+    path: String,
+    protocol: &'static str,
+    status: u16,
+    flags: &'static str,
+    route: Option<String>,
+    backend: Option<String>,
+    endpoint: Option<SocketAddr>,
+    dst_workload: Option<Arc<Workload>>,
+    attempts: u32,
+    authz: Option<String>,
+    error: Option<String>,
+    response_bytes: u64,
+}
+
+struct Handled {
+    response: Response<Body>,
+    record: Record,
+    checkout: Option<Checkout>,
+}
+
+async fn handle(ctx: Arc<Ctx>, tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:032x}", fastrand::u128(..)));
+    let host = req
+        .uri()
+        .host()
+        .map(str::to_owned)
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| {
+                    // Strip a port (and IPv6 brackets' port).
+                    match h.rsplit_once(':') {
+                        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+                            name.to_owned()
+                        }
+                        _ => h.to_owned(),
+                    }
+                })
+        })
+        .unwrap_or_else(|| tunnel.dst.ip().to_string())
+        .to_ascii_lowercase();
+    let record = Record {
+        start,
+        request_id: request_id.clone(),
+        method: req.method().to_string(),
+        host,
+        path: req.uri().path().to_owned(),
+        protocol: if req.version() == Version::HTTP_2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        },
+        status: 0,
+        flags: "-",
+        route: None,
+        backend: None,
+        endpoint: None,
+        dst_workload: None,
+        attempts: 0,
+        authz: None,
+        error: None,
+        response_bytes: 0,
+    };
+    let Handled {
+        response,
+        record,
+        checkout,
+    } = route_request(&ctx, &tunnel, req, record).await;
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        parts.headers.insert("x-request-id", v);
+    }
+    let on_end = {
+        let ctx = ctx.clone();
+        let tunnel = tunnel.clone();
+        move |complete: bool, bytes: u64| {
+            let mut record = record;
+            record.response_bytes = bytes;
+            if complete {
+                if let Some(c) = checkout {
+                    c.done();
+                }
+            } else if record.error.is_none() {
+                record.error = Some("response not sent to its end (client gone?)".to_owned());
+            }
+            finish(&ctx, &tunnel, &record);
+        }
+    };
+    Response::from_parts(
+        parts,
+        Tracked {
+            inner: body,
+            bytes: 0,
+            on_end: Some(Box::new(on_end)),
+        }
+        .boxed_unsync(),
+    )
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+async fn route_request(
+    ctx: &Arc<Ctx>,
+    tunnel: &Tunnel,
+    req: Request<Incoming>,
+    mut record: Record,
+) -> Handled {
+    let local = |record: Record, status: StatusCode, flags: &'static str, body: String| {
+        let mut record = record;
+        record.status = status.as_u16();
+        record.flags = flags;
+        if status != StatusCode::FORBIDDEN && record.error.is_none() {
+            record.error = Some(body.trim_end().to_owned());
+        }
+        Handled {
+            response: text(status, body),
+            record,
+            checkout: None,
+        }
+    };
+    let settings = ctx.settings.load_full();
+    let service_key = match &tunnel.target {
+        Target::Service(s) => Some(s.key.to_string()),
+        Target::Workload(_) => None,
+    };
+
+    // L7 authorization.
+    let verdict = authz::evaluate(
+        &settings.authorization,
+        &RequestAttrs {
+            principal: &tunnel.client,
+            source_ip: tunnel.peer.ip(),
+            method: req.method().as_str(),
+            path: &record.path,
+            host: &record.host,
+            headers: req.headers(),
+            destination_port: tunnel.dst.port(),
+            service: service_key.as_deref(),
+        },
+    );
+    if !verdict.allowed {
+        let reason = verdict.reason();
+        ctx.metrics
+            .denied(verdict.policy.as_deref().unwrap_or("none"));
+        record.authz = Some(reason.clone());
+        return local(
+            record,
+            StatusCode::FORBIDDEN,
+            "-",
+            format!("RBAC: access denied: {reason}\n"),
+        );
+    }
+    if verdict.policy.is_some() {
+        record.authz = Some(verdict.reason());
+    }
+
+    // Route and backend.
+    let selection = routes::select(
+        &settings.routes,
+        service_key.as_deref(),
+        tunnel.dst.port(),
+        &record.host,
+        req.method().as_str(),
+        &record.path,
+        req.headers(),
+    );
+    let default_retry = Retry::default();
+    let (backend_key, port, retry, timeout) = match selection {
+        Selection::NoMatch { routes } => {
+            let body = format!(
+                "no rule of route {} matches {} {}\n",
+                routes.join(", "),
+                record.method,
+                record.path
+            );
+            return local(record, StatusCode::NOT_FOUND, "NR", body);
+        }
+        Selection::Direct => (service_key.clone(), tunnel.dst.port(), &default_retry, None),
+        Selection::Rule { route, index, rule } => {
+            record.route = Some(format!("{route}#{index}"));
+            let Some(backend) = routes::pick_backend(rule) else {
+                return local(
+                    record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UH",
+                    "the route has no backend with weight\n".into(),
+                );
+            };
+            (
+                Some(backend.service_key().to_owned()),
+                backend.port.unwrap_or(tunnel.dst.port()),
+                rule.retry.as_ref().unwrap_or(&default_retry),
+                rule.timeouts.request.map(|d| d.duration()),
+            )
+        }
+    };
+    let snapshot = ctx.state.snapshot();
+    let candidates: Vec<(Arc<Workload>, SocketAddr)> = match (&backend_key, &tunnel.target) {
+        (Some(key), _) => match snapshot.service(key) {
+            Some(svc) => svc.candidates(tunnel.local_ip, port).collect(),
+            None => Vec::new(),
+        },
+        (None, Target::Workload(w)) => vec![(w.clone(), tunnel.dst)],
+        (None, Target::Service(_)) => Vec::new(),
+    };
+    drop(snapshot);
+    record.backend = backend_key.clone();
+    if candidates.is_empty() {
+        let body = format!(
+            "no healthy endpoint for {} port {port}\n",
+            backend_key.as_deref().unwrap_or("the destination")
+        );
+        return local(record, StatusCode::SERVICE_UNAVAILABLE, "UH", body);
+    }
+
+    // The request as the endpoint gets it: origin-form, HTTP/1.1, with Host.
+    let (mut parts, body) = req.into_parts();
+    let idempotent = is_idempotent(&parts.method);
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    if let Ok(v) = HeaderValue::from_str(&record.request_id) {
+        parts.headers.insert("x-request-id", v);
+    }
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/")
+        .parse::<Uri>()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = Version::HTTP_11;
+    // Keep small bodies so the request can be sent again.
+    let replayable = body.is_end_stream()
+        || body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= MAX_RETRY_BODY);
+    let mut stream_body = None;
+    let kept = if replayable {
+        match body.collect().await {
+            Ok(b) => Some(b.to_bytes()),
+            Err(e) => {
+                let body = format!("reading the request body failed: {e}\n");
+                return local(record, StatusCode::BAD_REQUEST, "DPE", body);
+            }
+        }
+    } else {
+        stream_body = Some(body);
+        None
+    };
+    let build = |body: Body| {
+        let mut r = Request::new(body);
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = parts.uri.clone();
+        *r.version_mut() = Version::HTTP_11;
+        *r.headers_mut() = parts.headers.clone();
+        r
+    };
+
+    let od = settings.outlier_detection.clone();
+    let addrs: Vec<SocketAddr> = candidates.iter().map(|(_, a)| *a).collect();
+    let attempts = async {
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last: Option<(StatusCode, &'static str, String)> = None;
+        for n in 0..=retry.attempts {
+            if n > 0 {
+                tokio::time::sleep(backoff(retry.backoff(), n)).await;
+                ctx.metrics.retried();
+            }
+            let Some(i) = ctx.upstream.choose(&addrs, &tried) else {
+                break;
+            };
+            let (workload, addr) = &candidates[i];
+            tried.push(*addr);
+            record.attempts = n + 1;
+            record.endpoint = Some(*addr);
+            record.dst_workload = Some(workload.clone());
+            let body: Body = match (&kept, stream_body.take()) {
+                (Some(b), _) => Full::new(b.clone())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+                (None, Some(b)) => b.map_err(BoxError::from).boxed_unsync(),
+                // A streamed body went with the first try: no more tries.
+                (None, None) => break,
+            };
+            let sent = ctx
+                .upstream
+                .send(
+                    workload,
+                    *addr,
+                    tunnel.peer.ip(),
+                    tunnel.local_ip,
+                    build(body),
+                )
+                .await;
+            match sent {
+                Ok((resp, checkout)) => {
+                    let status = resp.status();
+                    ctx.upstream
+                        .record(*addr, !status.is_server_error(), &addrs, &od);
+                    let retryable =
+                        retry.codes.contains(&status.as_u16()) && idempotent && kept.is_some();
+                    if retryable && n < retry.attempts {
+                        debug!(endpoint = %addr, %status, "retrying");
+                        last = Some((status, "URX", format!("{addr} answered {status}")));
+                        continue;
+                    }
+                    return Ok((resp, checkout));
+                }
+                Err(e) => {
+                    ctx.upstream.record(*addr, false, &addrs, &od);
+                    let (status, flags) = match e {
+                        Failure::Connect(_) => (StatusCode::SERVICE_UNAVAILABLE, "UF"),
+                        Failure::Broken(_) => (StatusCode::BAD_GATEWAY, "UC"),
+                    };
+                    let safe = matches!(e, Failure::Connect(_)) || idempotent;
+                    last = Some((status, flags, format!("{addr}: {e}")));
+                    if !(safe && kept.is_some()) {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    };
+    let outcome = match timeout {
+        Some(t) => match tokio::time::timeout(t, attempts).await {
+            Ok(r) => r,
+            Err(_) => {
+                let body = format!(
+                    "upstream request timeout: no response within {}\n",
+                    super::config::GoDuration(t)
+                );
+                return local(record, StatusCode::GATEWAY_TIMEOUT, "UT", body);
+            }
+        },
+        None => attempts.await,
+    };
+    match outcome {
+        Ok((resp, checkout)) => {
+            record.status = resp.status().as_u16();
+            let (parts, body) = resp.into_parts();
+            Handled {
+                response: Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync()),
+                record,
+                checkout: Some(checkout),
+            }
+        }
+        Err(Some((status, flags, why))) => {
+            let body = format!("upstream failed after {} tries: {why}\n", record.attempts);
+            local(record, status, flags, body)
+        }
+        Err(None) => local(
+            record,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UH",
+            "no endpoint could be tried\n".into(),
+        ),
+    }
+}
+
+/// Logs and counts a finished request.
+fn finish(ctx: &Ctx, tunnel: &Tunnel, r: &Record) {
+    let duration_ms = r.start.elapsed().as_secs_f64() * 1000.0;
+    let svc_key = match (&r.backend, &tunnel.target) {
+        (Some(b), _) => b.clone(),
+        (None, Target::Service(s)) => s.key.to_string(),
+        (None, Target::Workload(_)) => String::new(),
+    };
+    let (svc_ns, svc_host) = svc_key.split_once('/').unwrap_or(("unknown", "unknown"));
+    let svc_name = svc_host.split('.').next().unwrap_or(svc_host);
+    let unknown = || "unknown".to_owned();
+    ctx.metrics.request(
+        RequestLabels {
+            source_workload: tunnel
+                .src_workload
+                .as_ref()
+                .map_or_else(unknown, |w| w.workload_name.to_string()),
+            source_workload_namespace: tunnel.client.namespace().to_owned(),
+            source_principal: tunnel.client.to_string(),
+            destination_workload: r
+                .dst_workload
+                .as_ref()
+                .map_or_else(unknown, |w| w.workload_name.to_string()),
+            destination_workload_namespace: r
+                .dst_workload
+                .as_ref()
+                .map_or_else(unknown, |w| w.namespace.to_string()),
+            destination_principal: r
+                .dst_workload
+                .as_ref()
+                .map_or_else(unknown, |w| w.identity.to_string()),
+            destination_service: if svc_key.is_empty() {
+                unknown()
+            } else {
+                svc_host.to_owned()
+            },
+            destination_service_name: if svc_key.is_empty() {
+                unknown()
+            } else {
+                svc_name.to_owned()
+            },
+            destination_service_namespace: if svc_key.is_empty() {
+                unknown()
+            } else {
+                svc_ns.to_owned()
+            },
+            request_protocol: "http",
+            response_code: r.status,
+            response_flags: r.flags,
+        },
+        duration_ms,
+    );
+    info!(
+        target: "access",
+        direction = "waypoint",
+        src.addr = %tunnel.peer,
+        src.identity = %tunnel.client,
+        src.workload = tunnel.src_workload.as_ref().map(|w| w.display_name()),
+        dst.addr = %tunnel.dst,
+        dst.service = r.backend.as_deref(),
+        dst.endpoint = r.endpoint.map(tracing::field::display),
+        dst.workload = r.dst_workload.as_ref().map(|w| w.display_name()),
+        method = %r.method,
+        host = %r.host,
+        path = %r.path,
+        protocol = r.protocol,
+        status = r.status,
+        flags = r.flags,
+        route = r.route.as_deref(),
+        attempts = r.attempts,
+        authz = r.authz.as_deref(),
+        request_id = %r.request_id,
+        bytes_sent = r.response_bytes,
+        duration_ms = (duration_ms * 1000.0).round() / 1000.0,
+        error = r.error.as_deref(),
+        "request"
+    );
+}
+
+/// A response body that reports when it has been sent to its end (or dropped before).
+struct Tracked {
+    inner: Body,
+    bytes: u64,
+    on_end: Option<Box<dyn FnOnce(bool, u64) + Send>>,
+}
+
+impl Tracked {
+    fn end(&mut self, complete: bool) {
+        if let Some(f) = self.on_end.take() {
+            f(complete, self.bytes);
+        }
+    }
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.end(true);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.end(false);
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                this.end(true);
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let complete = self.inner.is_end_stream();
+        self.end(complete);
+    }
+}

@@ -1,0 +1,317 @@
+//! Sending requests to endpoints: HTTP/1.1 inside HBONE streams (or plain TCP to workloads
+//! outside the mesh), with kept-alive connections per endpoint on top of the shared HBONE pool,
+//! and outlier detection (an endpoint that keeps failing is skipped for a while).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use super::{config::OutlierDetection, metrics::WaypointMetrics};
+use crate::{
+    identity::{Identity, manager::CertManager},
+    proxy,
+    redirect::Netns,
+    state::Workload,
+    tls::{self, TrustRoots},
+    tunnel::client::{Pool, PoolKey, TunnelHeaders, tunnel_addr},
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Request and response bodies as the waypoint passes them on.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Idle kept-alive connections per endpoint, at most this many each.
+const MAX_IDLE_PER_ENDPOINT: usize = 32;
+
+/// Why a try failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// No connection could be opened: nothing of the request was sent.
+    Connect(String),
+    /// The connection broke while the request was in flight.
+    Broken(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect(e) => write!(f, "connect failed: {e}"),
+            Failure::Broken(e) => write!(f, "connection broke: {e}"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Outlier {
+    consecutive: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// A kept-alive connection lent to one request; give it back with [`Checkout::done`] once the
+/// response has been read to its end.
+pub struct Checkout {
+    upstream: Arc<Upstream>,
+    addr: SocketAddr,
+    sender: SendRequest<Body>,
+}
+
+impl Checkout {
+    pub fn done(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.upstream.idle);
+        let list = idle.entry(self.addr).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(self.sender);
+        }
+    }
+}
+
+/// Everything the waypoint needs to reach endpoints.
+pub struct Upstream {
+    pub pool: Arc<Pool>,
+    netns: Netns,
+    certs: Arc<CertManager>,
+    roots: TrustRoots,
+    identity: Identity,
+    metrics: Arc<WaypointMetrics>,
+    idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<Body>>>>,
+    outliers: Mutex<HashMap<SocketAddr, Outlier>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Upstream {
+    pub fn new(
+        pool: Arc<Pool>,
+        netns: Netns,
+        certs: Arc<CertManager>,
+        roots: TrustRoots,
+        identity: Identity,
+        metrics: Arc<WaypointMetrics>,
+    ) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            pool,
+            netns,
+            certs,
+            roots,
+            identity,
+            metrics,
+            idle: Mutex::default(),
+            outliers: Mutex::default(),
+        })
+    }
+
+    /// How many endpoints are ejected now.
+    pub fn ejected_now(&self) -> usize {
+        let now = Instant::now();
+        lock(&self.outliers)
+            .values()
+            .filter(|o| o.ejected_until.is_some_and(|t| t > now))
+            .count()
+    }
+
+    /// Which of `candidates` to try: not ejected and not tried yet if possible, else not tried,
+    /// else any (a service whose endpoints are all ejected still gets its traffic: "panic mode").
+    pub fn choose(&self, candidates: &[SocketAddr], tried: &[SocketAddr]) -> Option<usize> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let outliers = lock(&self.outliers);
+        let ejected = |a: &SocketAddr| {
+            outliers
+                .get(a)
+                .and_then(|o| o.ejected_until)
+                .is_some_and(|t| t > now)
+        };
+        let fresh: Vec<usize> = (0..candidates.len())
+            .filter(|i| !tried.contains(&candidates[*i]))
+            .collect();
+        let healthy: Vec<usize> = fresh
+            .iter()
+            .copied()
+            .filter(|i| !ejected(&candidates[*i]))
+            .collect();
+        let pool = if !healthy.is_empty() {
+            healthy
+        } else if !fresh.is_empty() {
+            fresh
+        } else {
+            (0..candidates.len()).collect()
+        };
+        Some(pool[fastrand::usize(0..pool.len())])
+    }
+
+    /// Records a try's outcome at `addr`, one of `peers` (the service's endpoints, for the
+    /// ejection limit). A failure streak of `od.consecutive_5xx_errors` ejects the endpoint.
+    pub fn record(&self, addr: SocketAddr, ok: bool, peers: &[SocketAddr], od: &OutlierDetection) {
+        let mut outliers = lock(&self.outliers);
+        if ok {
+            if let Some(o) = outliers.get_mut(&addr) {
+                o.consecutive = 0;
+            }
+            return;
+        }
+        let now = Instant::now();
+        let ejected_peers = peers
+            .iter()
+            .filter(|p| {
+                outliers
+                    .get(p)
+                    .and_then(|o| o.ejected_until)
+                    .is_some_and(|t| t > now)
+            })
+            .count();
+        let o = outliers.entry(addr).or_default();
+        o.consecutive += 1;
+        if od.consecutive_5xx_errors == 0 || o.consecutive < od.consecutive_5xx_errors {
+            return;
+        }
+        if o.ejected_until.is_some_and(|t| t > now) {
+            return;
+        }
+        let limit = (peers.len() * od.max_ejection_percent as usize / 100).max(1);
+        if ejected_peers >= limit {
+            debug!(endpoint = %addr, "not ejecting: the service's ejection limit is reached");
+            return;
+        }
+        o.ejections += 1;
+        o.consecutive = 0;
+        let length = od.base_ejection_time.duration() * o.ejections;
+        o.ejected_until = Some(now + length);
+        self.metrics.ejected();
+        warn!(
+            endpoint = %addr,
+            failures = od.consecutive_5xx_errors,
+            ejected_for_s = length.as_secs_f64(),
+            "endpoint ejected by outlier detection: it keeps failing"
+        );
+    }
+
+    /// Sends `req` to `workload` at `addr` on a kept-alive connection or a new one (HBONE when
+    /// the workload is in the mesh, verifying its identity). `client_ip` is the original client,
+    /// passed on in the tunnel's `Forwarded` header.
+    pub async fn send(
+        self: &Arc<Self>,
+        workload: &Workload,
+        addr: SocketAddr,
+        client_ip: IpAddr,
+        local_ip: IpAddr,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Checkout), Failure> {
+        let mut sender = match self.take_idle(addr) {
+            Some(s) => s,
+            None => self.open(workload, addr, client_ip, local_ip).await?,
+        };
+        if sender.ready().await.is_err() {
+            sender = self.open(workload, addr, client_ip, local_ip).await?;
+        }
+        match sender.send_request(req).await {
+            Ok(resp) => Ok((
+                resp,
+                Checkout {
+                    upstream: self.clone(),
+                    addr,
+                    sender,
+                },
+            )),
+            Err(e) => Err(Failure::Broken(e.to_string())),
+        }
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<Body>> {
+        let mut idle = lock(&self.idle);
+        let list = idle.get_mut(&addr)?;
+        while let Some(s) = list.pop() {
+            if !s.is_closed() && s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    async fn open(
+        &self,
+        workload: &Workload,
+        addr: SocketAddr,
+        client_ip: IpAddr,
+        local_ip: IpAddr,
+    ) -> Result<SendRequest<Body>, Failure> {
+        if !workload.hbone {
+            let socket = proxy::upstream_socket(&self.netns, addr, None)
+                .map_err(|e| Failure::Connect(format!("{addr}: {e}")))?;
+            let tcp = proxy::connect(socket, addr)
+                .await
+                .map_err(|e| Failure::Connect(format!("{addr}: {e}")))?;
+            return handshake(tcp, addr).await;
+        }
+        let cert = self.certs.current(&self.identity).ok_or_else(|| {
+            Failure::Connect(format!(
+                "no certificate for the waypoint's identity {} yet (is the CA reachable?)",
+                self.identity
+            ))
+        })?;
+        let key = PoolKey {
+            src_identity: self.identity.clone(),
+            src_ip: local_ip,
+            src_serial: cert.serial.clone(),
+            dst_identity: workload.identity.clone(),
+            dst: tunnel_addr(addr.ip()),
+        };
+        let expected = vec![workload.identity.clone()];
+        let tunnel = self
+            .pool
+            .connect(
+                key,
+                &self.netns,
+                || tls::client_config(&cert, &self.roots, expected),
+                addr,
+                TunnelHeaders {
+                    client_ip,
+                    traceparent: None,
+                    baggage: None,
+                },
+            )
+            .await
+            .map_err(|e| Failure::Connect(e.to_string()))?;
+        handshake(tunnel.into_io(), addr).await
+    }
+}
+
+async fn handshake<T>(io: T, addr: SocketAddr) -> Result<SendRequest<Body>, Failure>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| Failure::Connect(format!("HTTP/1.1 with {addr}: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(endpoint = %addr, error = %e, "upstream HTTP connection ended");
+        }
+    });
+    debug!(endpoint = %addr, "upstream HTTP connection opened");
+    Ok(sender)
+}
+
+/// How long to wait before retry `n` (1-based): the rule's backoff, doubled each time, at most
+/// one second.
+pub fn backoff(base: Duration, n: u32) -> Duration {
+    (base * 2u32.saturating_pow(n.saturating_sub(1))).min(Duration::from_secs(1))
+}

@@ -1,0 +1,549 @@
+//! Ambit as a waypoint (`ambit-agent waypoint`), on the namespace test bed: a client pod on
+//! node-a calls the `echo` service, whose waypoint runs in a pod on node-b; the waypoint applies
+//! L7 policy and routes, and sends each request over HBONE to an endpoint pod on node-b. Every hop
+//! is HBONE: client's agent -> waypoint -> server's agent. Requests are made with curl in the
+//! client pod, as a user would.
+
+use std::time::{Duration, Instant};
+
+use ambit_testbed::{Agent, AgentConfig, Pod, TestBed, log_field, log_str};
+use serde_json::{Value, json};
+
+const APP_PORT: u16 = 8080;
+const ECHO_VIP: &str = "10.96.0.20";
+const V1_VIP: &str = "10.96.0.21";
+const V2_VIP: &str = "10.96.0.22";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Two nodes; `client` on node-a, the waypoint and the `v1`/`v2` endpoints of `echo` on node-b.
+struct Mesh {
+    _bed: TestBed,
+    client: Pod,
+    v1: Pod,
+    v2: Pod,
+    waypoint_pod: Pod,
+    agent_a: Agent,
+    agent_b: Agent,
+    waypoint: Agent,
+    waypoint_config: AgentConfig,
+}
+
+fn services(waypoint_ip: &str) -> Value {
+    json!([
+        {"namespace": "default", "name": "echo", "vips": [ECHO_VIP],
+         "ports": [{"port": 80, "targetPort": APP_PORT}], "waypoint": {"address": waypoint_ip}},
+        {"namespace": "default", "name": "echo-v1", "vips": [V1_VIP],
+         "ports": [{"port": 80, "targetPort": APP_PORT}]},
+        {"namespace": "default", "name": "echo-v2", "vips": [V2_VIP],
+         "ports": [{"port": 80, "targetPort": APP_PORT}]},
+    ])
+}
+
+/// Brings the mesh up (the tests start the apps); `waypoint` edits the waypoint's section before
+/// it starts.
+fn mesh(waypoint: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Mesh {
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
+    let node_a = bed.add_node("node-a").expect("node-a");
+    let node_b = bed.add_node("node-b").expect("node-b");
+    let client = bed.add_pod(&node_a, "client").expect("client");
+    let v1 = bed
+        .add_pod_in(&node_b, "v1", "default", "echo")
+        .expect("v1");
+    let v2 = bed
+        .add_pod_in(&node_b, "v2", "default", "echo")
+        .expect("v2");
+    let waypoint_pod = bed
+        .add_pod_in(&node_b, "waypoint", "default", "waypoint")
+        .expect("waypoint pod");
+    let wp_ip = waypoint_pod.ipv4().to_string();
+    let backs = |config: &mut AgentConfig, pod: &Pod, version: &str| {
+        let services = vec!["default/echo".to_owned(), format!("default/echo-{version}")];
+        if let Some(p) = config.pods.iter_mut().find(|p| p.name == pod.name()) {
+            p.services = services;
+        } else if let Some(p) = config.peers.iter_mut().find(|p| p.name == pod.name()) {
+            p.services = services;
+        }
+    };
+
+    let mut config_a = bed.agent_config(&node_a);
+    config_a
+        .enroll(&client)
+        .add_peer(&v1)
+        .add_peer(&v2)
+        .add_peer(&waypoint_pod);
+    backs(&mut config_a, &v1, "v1");
+    backs(&mut config_a, &v2, "v2");
+    config_a.extra.insert("services".into(), services(&wp_ip));
+    let mut config_b = bed.agent_config(&node_b);
+    config_b
+        .enroll(&v1)
+        .enroll(&v2)
+        .add_pod(&waypoint_pod, false)
+        .add_peer(&client);
+    backs(&mut config_b, &v1, "v1");
+    backs(&mut config_b, &v2, "v2");
+    config_b.extra.insert("services".into(), services(&wp_ip));
+    let mut wp = bed.waypoint_config(&waypoint_pod);
+    wp.add_peer(&v1).add_peer(&v2).add_peer(&client);
+    backs(&mut wp, &v1, "v1");
+    backs(&mut wp, &v2, "v2");
+    wp.extra.insert("services".into(), services(&wp_ip));
+    waypoint(wp.waypoint_mut());
+
+    let agent_a = bed.start_agent(&config_a).expect("agent-a");
+    let agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let waypoint = bed.start_waypoint(&waypoint_pod, &wp).expect("waypoint");
+    Mesh {
+        client,
+        v1,
+        v2,
+        waypoint_pod,
+        agent_a,
+        agent_b,
+        waypoint,
+        waypoint_config: wp,
+        _bed: bed,
+    }
+}
+
+/// One response as curl reports it.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    /// Connections curl opened for this request (0: it reused the previous one).
+    new_connections: u32,
+    body: String,
+}
+
+/// Runs curl in `pod` with `args` (several requests separated by `--next`), each printing its
+/// body then a `\n@@ <code> <connects>` line.
+fn curl(pod: &Pod, args: &[&str]) -> Vec<Reply> {
+    let mut full = vec!["curl", "-sS", "--max-time", "10"];
+    let mark = "\n@@ %{http_code} %{num_connects}\n";
+    for a in args {
+        if *a == "--next" {
+            full.extend(["-w", mark, "--next", "-sS", "--max-time", "10"]);
+        } else {
+            full.push(a);
+        }
+    }
+    full.extend(["-w", mark]);
+    let out = pod.exec(&full).expect("curl runs");
+    let mut replies = Vec::new();
+    let mut body = String::new();
+    for line in out.split_inclusive('\n') {
+        if let Some(rest) = line.strip_prefix("@@ ") {
+            let mut it = rest.split_whitespace();
+            replies.push(Reply {
+                status: it.next().and_then(|s| s.parse().ok()).unwrap_or(0),
+                new_connections: it.next().and_then(|s| s.parse().ok()).unwrap_or(99),
+                body: std::mem::take(&mut body).trim_end().to_owned(),
+            });
+        } else {
+            body.push_str(line);
+        }
+    }
+    replies
+}
+
+fn metrics(pod: &Pod) -> String {
+    pod.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:15020/metrics",
+    ])
+    .expect("metrics")
+}
+
+/// The value of the first sample of `name` whose labels contain every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn requests_go_client_agent_waypoint_agent_server_all_over_hbone() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let m = mesh(|_| {});
+    let v1s = m.v1.serve_http(APP_PORT).expect("v1 app");
+    let v2s = m.v2.serve_http(APP_PORT).expect("v2 app");
+    let url = format!("http://{ECHO_VIP}/hello");
+
+    let mark_wp = m.waypoint.mark();
+    let mark_a = m.agent_a.mark();
+    let mark_b = m.agent_b.mark();
+    let replies = curl(&m.client, &["-H", "x-request-id: first-request", &url]);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0].status, 200, "{replies:?}");
+    assert!(
+        replies[0].body.ends_with("GET /hello"),
+        "an endpoint answered: {replies:?}"
+    );
+    let served_by = replies[0]
+        .body
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let server = if served_by == "v1" { &v1s } else { &v2s };
+    let seen = server.requests();
+    assert!(
+        seen.iter()
+            .any(|r| r["path"] == "/hello" && r["request_id"] == "first-request"),
+        "the server saw the request: {seen:?}"
+    );
+
+    // The waypoint's access log: who asked, what, where it went.
+    let log = m
+        .waypoint
+        .wait_for_log_after(
+            mark_wp,
+            |v| {
+                log_str(v, "target") == Some("access")
+                    && log_str(v, "request_id") == Some("first-request")
+            },
+            WAIT,
+        )
+        .expect("waypoint access log");
+    assert_eq!(
+        log_str(&log, "src.identity"),
+        Some("spiffe://cluster.local/ns/default/sa/default"),
+        "{log}"
+    );
+    assert_eq!(log_str(&log, "method"), Some("GET"), "{log}");
+    assert_eq!(log_str(&log, "path"), Some("/hello"), "{log}");
+    assert_eq!(
+        log_field(&log, "status").and_then(Value::as_u64),
+        Some(200),
+        "{log}"
+    );
+    assert_eq!(
+        log_str(&log, "dst.workload"),
+        Some(format!("default/{served_by}").as_str()),
+        "{log}"
+    );
+
+    // Hop 1: the client's agent sent it to the waypoint over HBONE.
+    let out = m
+        .agent_a
+        .wait_for_log_after(
+            mark_a,
+            |v| {
+                log_str(v, "target") == Some("access")
+                    && log_str(v, "direction") == Some("outbound")
+            },
+            WAIT,
+        )
+        .expect("client agent access log");
+    assert_eq!(log_str(&out, "path"), Some("waypoint"), "{out}");
+    assert_eq!(
+        log_str(&out, "dst.identity"),
+        Some("spiffe://cluster.local/ns/default/sa/waypoint"),
+        "{out}"
+    );
+    // Hop 2: the server's agent took it over HBONE (mutual TLS) from the waypoint's identity.
+    // (Its access line comes when the waypoint's kept-alive connection closes.)
+    let inbound = m
+        .agent_b
+        .wait_for_log_after(
+            mark_b,
+            |v| {
+                ambit_testbed::log_message(v) == Some("hbone connection accepted")
+                    && log_str(v, "src.identity")
+                        == Some("spiffe://cluster.local/ns/default/sa/waypoint")
+            },
+            WAIT,
+        )
+        .expect("server agent accepted HBONE from the waypoint");
+    assert_eq!(
+        log_str(&inbound, "dst.identity"),
+        Some("spiffe://cluster.local/ns/default/sa/echo"),
+        "{inbound}"
+    );
+
+    // HTTP/2 with prior knowledge works the same.
+    let replies = curl(&m.client, &["--http2-prior-knowledge", &url]);
+    assert_eq!(replies[0].status, 200, "{replies:?}");
+    m.waypoint
+        .wait_for_log_after(
+            mark_wp,
+            |v| log_str(v, "target") == Some("access") && log_str(v, "protocol") == Some("HTTP/2"),
+            WAIT,
+        )
+        .expect("an HTTP/2 request in the waypoint's log");
+
+    // The Istio request metrics count both.
+    let text = metrics(&m.waypoint_pod);
+    let total: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
+        .filter(|l| {
+            l.contains("reporter=\"waypoint\"") && l.contains("destination_service_name=\"echo\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(total, 2.0, "{text}");
+    assert!(
+        sample(
+            &text,
+            "istio_request_duration_milliseconds_count",
+            &["response_code=\"200\""]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn l7_policy_denies_by_path_and_method_on_a_live_connection() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let mut m = mesh(|_| {});
+    let v1s = m.v1.serve_http(APP_PORT).expect("v1 app");
+    let v2s = m.v2.serve_http(APP_PORT).expect("v2 app");
+    let base = format!("http://{ECHO_VIP}");
+
+    // No policy yet: /admin passes.
+    let r = curl(&m.client, &[&format!("{base}/admin/users")]);
+    assert_eq!(r[0].status, 200, "{r:?}");
+
+    // Reloaded live: deny /admin* and DELETE.
+    m.waypoint_config.waypoint_mut().insert(
+        "authorization".into(),
+        json!([{
+            "name": "no-admin-no-delete",
+            "action": "DENY",
+            "rules": [
+                {"to": [{"operation": {"paths": ["/admin*"]}}]},
+                {"to": [{"operation": {"methods": ["DELETE"]}}]},
+            ],
+        }]),
+    );
+    m.waypoint.reload(&m.waypoint_config).expect("reload");
+
+    let replies = curl(
+        &m.client,
+        &[
+            &format!("{base}/items/1"),
+            "--next",
+            &format!("{base}/admin/users"),
+            "--next",
+            "-X",
+            "DELETE",
+            &format!("{base}/items/1"),
+            "--next",
+            "-X",
+            "PUT",
+            &format!("{base}/items/1"),
+        ],
+    );
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 403, 403, 200], "{replies:?}");
+    assert!(
+        replies[1..].iter().all(|r| r.new_connections == 0),
+        "all on the first request's connection: {replies:?}"
+    );
+    assert!(
+        replies[1].body.contains("default/no-admin-no-delete")
+            && replies[1].body.contains("rule 0"),
+        "the 403 names the policy and rule: {replies:?}"
+    );
+    assert!(replies[2].body.contains("rule 1"), "{replies:?}");
+    // Nothing denied reached an app.
+    let seen: Vec<Value> = [&v1s, &v2s].iter().flat_map(|s| s.requests()).collect();
+    assert!(
+        !seen.iter().any(|r| r["method"] == "DELETE"),
+        "a denied request reached an app: {seen:?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|r| r["path"] == "/admin/users").count(),
+        1,
+        "only the request from before the policy: {seen:?}"
+    );
+    let text = metrics(&m.waypoint_pod);
+    assert_eq!(
+        sample(
+            &text,
+            "ambit_waypoint_denied_requests_total",
+            &["policy=\"default/no-admin-no-delete\""]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "istio_requests_total", &["response_code=\"403\""]).is_some(),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_90_10_split_sends_about_90_percent_to_v1() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let m = mesh(|w| {
+        w.insert(
+            "routes".into(),
+            json!([{
+                "name": "echo-split",
+                "parentRefs": [{"name": "echo"}],
+                "rules": [{
+                    "backendRefs": [
+                        {"name": "echo-v1", "port": 80, "weight": 90},
+                        {"name": "echo-v2", "port": 80, "weight": 10},
+                    ],
+                }],
+            }]),
+        );
+    });
+    let v1 = m.v1.serve_http(APP_PORT).expect("v1 app");
+    let v2 = m.v2.serve_http(APP_PORT).expect("v2 app");
+    // 1000 requests on kept connections (curl's URL globbing).
+    let out = m
+        .client
+        .exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "120",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            &format!("http://{ECHO_VIP}/split/[1-1000]"),
+        ])
+        .expect("curl");
+    let ok = out.lines().filter(|l| *l == "200").count();
+    assert_eq!(ok, 1000, "every request succeeded: {out}");
+    let wait_total = Instant::now();
+    let (mut n1, mut n2) = (0, 0);
+    while wait_total.elapsed() < WAIT {
+        n1 = v1.requests().len();
+        n2 = v2.requests().len();
+        if n1 + n2 >= 1000 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(n1 + n2, 1000, "v1 {n1} + v2 {n2}");
+    // Binomial(1000, 0.9): standard deviation ~9.5; 850..=950 is over 5 of them either way.
+    assert!(
+        (850..=950).contains(&n1),
+        "about 90% to v1 (tolerance 85-95%): v1 {n1}, v2 {n2}"
+    );
+}
+
+#[test]
+fn a_failing_endpoint_is_retried_then_ejected_and_a_slow_one_times_out() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let m = mesh(|w| {
+        w.insert(
+            "outlierDetection".into(),
+            json!({"consecutive5xxErrors": 2, "baseEjectionTime": "60s", "maxEjectionPercent": 50}),
+        );
+        w.insert(
+            "routes".into(),
+            json!([{
+                "name": "echo",
+                "parentRefs": [{"name": "echo"}],
+                "rules": [
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/delay"}}],
+                     "backendRefs": [{"name": "echo"}],
+                     "timeouts": {"request": "500ms"}},
+                    {"backendRefs": [{"name": "echo"}],
+                     "retry": {"attempts": 2, "codes": [503]}},
+                ],
+            }]),
+        );
+    });
+    // v2's app is down: its agent refuses the tunnel (503); v1 answers.
+    let v1 = m.v1.serve_http(APP_PORT).expect("v1 app");
+    let mark = m.waypoint.mark();
+    let urls: Vec<String> = (0..20)
+        .map(|i| format!("http://{ECHO_VIP}/try/{i}"))
+        .collect();
+    let mut args: Vec<&str> = Vec::new();
+    for (i, u) in urls.iter().enumerate() {
+        if i > 0 {
+            args.push("--next");
+        }
+        args.push(u);
+    }
+    let replies = curl(&m.client, &args);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 200 && r.body.starts_with("v1 ")),
+        "every request answered by v1, retried where v2 was tried: {replies:?}"
+    );
+    assert_eq!(v1.requests().len(), 20);
+
+    let ejected = m
+        .waypoint
+        .wait_for_log_after(
+            mark,
+            |v| {
+                ambit_testbed::log_message(v)
+                    == Some("endpoint ejected by outlier detection: it keeps failing")
+            },
+            WAIT,
+        )
+        .expect("v2 ejected");
+    let v2_addr = format!("{}:{APP_PORT}", m.v2.ipv4());
+    assert_eq!(
+        log_str(&ejected, "endpoint"),
+        Some(v2_addr.as_str()),
+        "{ejected}"
+    );
+    let logs: Vec<Value> = m
+        .waypoint
+        .access_logs()
+        .into_iter()
+        .filter(|v| log_str(v, "path").is_some_and(|p| p.starts_with("/try/")))
+        .collect();
+    assert_eq!(logs.len(), 20, "{logs:#?}");
+    let attempts = |v: &Value| log_field(v, "attempts").and_then(Value::as_u64);
+    assert!(
+        logs.iter().any(|v| attempts(v) == Some(2)),
+        "some requests were retried: {logs:#?}"
+    );
+    // Once ejected, v2 is not tried: the last requests went straight to v1.
+    assert!(
+        logs[logs.len() - 5..]
+            .iter()
+            .all(|v| attempts(v) == Some(1)),
+        "after the ejection no request tries v2: {logs:#?}"
+    );
+    let text = metrics(&m.waypoint_pod);
+    assert_eq!(
+        sample(&text, "ambit_waypoint_ejections_total", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "ambit_waypoint_ejected_endpoints", &[]),
+        Some(1.0),
+        "{text}"
+    );
+
+    // A slow answer: 504 at the route's 500 ms timeout, not the app's 3 s.
+    let start = Instant::now();
+    let replies = curl(&m.client, &[&format!("http://{ECHO_VIP}/delay/3000")]);
+    let took = start.elapsed();
+    assert_eq!(replies[0].status, 504, "{replies:?}");
+    assert!(
+        replies[0].body.contains("upstream request timeout"),
+        "{replies:?}"
+    );
+    assert!(took < Duration::from_millis(2500), "answered in {took:?}");
+}
