@@ -1290,4 +1290,112 @@ pods:
         let e = error_of("cgroup: /x\n");
         assert!(e.contains("node"), "{e}");
     }
+
+    const WAYPOINT: &str = "\
+services:
+  - {namespace: default, name: echo, vips: [10.96.0.20], ports: [{port: 80, targetPort: 8080}]}
+  - {namespace: default, name: echo-v1, vips: [10.96.0.21], ports: [{port: 80}]}
+waypoint:
+  namespace: default
+  name: waypoint
+  routes:
+    - name: split
+      parentRefs: [{name: echo}]
+      rules:
+        - matches: [{path: {type: PathPrefix, value: /api}, method: GET}]
+          backendRefs: [{name: echo-v1, port: 80, weight: 90}, {name: echo, weight: 10}]
+          timeouts: {request: 2s}
+          retry: {attempts: 3, codes: [503]}
+  authorization:
+    - name: no-admin
+      action: DENY
+      rules:
+        - to: [{operation: {paths: [/admin*]}}]
+          when: [{key: 'request.headers[x-user]', values: [guest]}]
+";
+
+    #[test]
+    fn a_waypoint_config_needs_no_cgroup_and_resolves_services() {
+        let c = parse(WAYPOINT).expect("waypoint config");
+        assert!(c.cgroup.as_os_str().is_empty());
+        assert_eq!(
+            c.node, "waypoint",
+            "the node name defaults to the waypoint's"
+        );
+        let w = c.waypoint.expect("waypoint section");
+        assert_eq!(
+            w.identity().to_string(),
+            "spiffe://cluster.local/ns/default/sa/waypoint",
+            "the service account defaults to the waypoint's name"
+        );
+        let rule = &w.routes[0].rules[0];
+        assert_eq!(
+            rule.backend_refs[0].service_key(),
+            "default/echo-v1.default.svc.cluster.local"
+        );
+        assert_eq!(
+            rule.timeouts.request.map(|d| d.duration()),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(w.authorization[0].key(), "default/no-admin");
+        // An agent config still needs its cgroup.
+        let e = error_of("node: n\n");
+        assert!(e.contains("cgroup"), "{e}");
+    }
+
+    #[test]
+    fn names_the_field_of_a_bad_waypoint_setting() {
+        let cases = [
+            (
+                "name: echo-v1, port: 80, weight: 90",
+                "name: nope, port: 80, weight: 90",
+                "waypoint.routes[0].rules[0].backendRefs[0]",
+            ),
+            (
+                "type: PathPrefix",
+                "type: RegularExpression",
+                "waypoint.routes[0].rules[0].matches[0].path.type",
+            ),
+            (
+                "method: GET",
+                "method: get",
+                "waypoint.routes[0].rules[0].matches[0].method",
+            ),
+            (
+                "request: 2s",
+                "request: 2 seconds",
+                "waypoint.routes[0].rules[0].timeouts.request",
+            ),
+            (
+                "codes: [503]",
+                "codes: [200]",
+                "waypoint.routes[0].rules[0].retry.codes",
+            ),
+            (
+                "key: 'request.headers[x-user]'",
+                "key: 'request.auth.claims[iss]'",
+                "waypoint.authorization[0].rules[0].when[0].key",
+            ),
+            (
+                "action: DENY",
+                "action: AUDIT",
+                "waypoint.authorization[0].action",
+            ),
+            (
+                "parentRefs: [{name: echo}]",
+                "parentRefs: []",
+                "waypoint.routes[0].parentRefs",
+            ),
+        ];
+        for (from, to, field) in cases {
+            assert!(WAYPOINT.contains(from), "{from}");
+            let e = error_of(&WAYPOINT.replace(from, to));
+            assert!(e.contains(field), "{to}: {e}");
+        }
+        let e = error_of(&format!("{WAYPOINT}pods: []\ncgroup: /x\n").replace(
+            "pods: []",
+            "pods: [{namespace: a, name: b, ips: [10.0.0.1], pid: 1}]",
+        ));
+        assert!(e.contains("pods") && e.contains("captures no pods"), "{e}");
+    }
 }

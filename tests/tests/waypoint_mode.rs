@@ -112,6 +112,8 @@ struct Reply {
     status: u16,
     /// Connections curl opened for this request (0: it reused the previous one).
     new_connections: u32,
+    /// `1.1` or `2`.
+    http_version: String,
     body: String,
 }
 
@@ -119,7 +121,7 @@ struct Reply {
 /// body then a `\n@@ <code> <connects>` line.
 fn curl(pod: &Pod, args: &[&str]) -> Vec<Reply> {
     let mut full = vec!["curl", "-sS", "--max-time", "10"];
-    let mark = "\n@@ %{http_code} %{num_connects}\n";
+    let mark = "\n@@ %{http_code} %{num_connects} %{http_version}\n";
     for a in args {
         if *a == "--next" {
             full.extend(["-w", mark, "--next", "-sS", "--max-time", "10"]);
@@ -137,6 +139,7 @@ fn curl(pod: &Pod, args: &[&str]) -> Vec<Reply> {
             replies.push(Reply {
                 status: it.next().and_then(|s| s.parse().ok()).unwrap_or(0),
                 new_connections: it.next().and_then(|s| s.parse().ok()).unwrap_or(99),
+                http_version: it.next().unwrap_or_default().to_owned(),
                 body: std::mem::take(&mut body).trim_end().to_owned(),
             });
         } else {
@@ -268,9 +271,17 @@ fn requests_go_client_agent_waypoint_agent_server_all_over_hbone() {
         "{inbound}"
     );
 
-    // HTTP/2 with prior knowledge works the same.
+    // HTTP/2 with prior knowledge, and by upgrade from HTTP/1.1 (h2c), work the same.
     let replies = curl(&m.client, &["--http2-prior-knowledge", &url]);
     assert_eq!(replies[0].status, 200, "{replies:?}");
+    assert_eq!(replies[0].http_version, "2", "{replies:?}");
+    let replies = curl(&m.client, &["--http2", &format!("{url}?upgraded=1")]);
+    assert_eq!(replies[0].status, 200, "{replies:?}");
+    assert_eq!(replies[0].http_version, "2", "upgraded to h2c: {replies:?}");
+    assert!(
+        replies[0].body.ends_with("GET /hello?upgraded=1"),
+        "{replies:?}"
+    );
     m.waypoint
         .wait_for_log_after(
             mark_wp,
@@ -289,7 +300,7 @@ fn requests_go_client_agent_waypoint_agent_server_all_over_hbone() {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert_eq!(total, 2.0, "{text}");
+    assert_eq!(total, 3.0, "{text}");
     assert!(
         sample(
             &text,

@@ -18,6 +18,7 @@
 
 pub mod authz;
 pub mod config;
+pub mod h2c;
 pub mod metrics;
 pub mod routes;
 pub mod server;

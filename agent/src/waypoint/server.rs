@@ -1,5 +1,6 @@
 //! The waypoint's data path: HBONE in (mutual TLS, HTTP/2 `CONNECT` to a destination that uses
-//! this waypoint), HTTP inside each tunnel (HTTP/1.1, or HTTP/2 with prior knowledge), and for
+//! this waypoint), HTTP inside each tunnel (HTTP/1.1, HTTP/2 with prior knowledge or by h2c
+//! upgrade), and for
 //! each request: L7 authorization, a route, an endpoint, then HTTP/1.1 over HBONE to it, with
 //! retries, a timeout and outlier detection. One access-log line and one metrics sample per
 //! request.
@@ -26,6 +27,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use super::{
     authz::{self, RequestAttrs},
     config::{Retry, Waypoint as Settings},
+    h2c,
     metrics::{RequestLabels, WaypointMetrics},
     routes::{self, Selection},
     upstream::{Body, BoxError, Checkout, Failure, Upstream, backoff},
@@ -221,14 +223,24 @@ async fn serve_tunnel(
     });
     let service = {
         let ctx = ctx.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
+        hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let ctx = ctx.clone();
             let tunnel = tunnel.clone();
-            async move { Ok::<_, Infallible>(handle(ctx, tunnel, req).await) }
+            async move {
+                if h2c::is_upgrade(&req)
+                    && let Some(stream1) = h2c::headers_frame(&req)
+                {
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    ctx.connections
+                        .spawn(serve_h2c(ctx.clone(), tunnel, upgrade, stream1).in_current_span());
+                    return Ok::<_, Infallible>(switching_to_h2c());
+                }
+                Ok::<_, Infallible>(handle(ctx, tunnel, req).await)
+            }
         })
     };
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(io, service);
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -239,6 +251,64 @@ async fn serve_tunnel(
     };
     if let Err(e) = result {
         debug!(error = %e, "HTTP inside the tunnel ended with an error");
+    }
+}
+
+fn switching_to_h2c() -> Response<Body> {
+    let mut r = Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    r.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+    r
+}
+
+/// HTTP/2 on a tunnel upgraded from HTTP/1.1; the upgrade request is stream 1 (see [`h2c`]).
+async fn serve_h2c(
+    ctx: Arc<Ctx>,
+    tunnel: Arc<Tunnel>,
+    upgrade: hyper::upgrade::OnUpgrade,
+    stream1: Bytes,
+) {
+    let mut io = match upgrade.await {
+        Ok(u) => TokioIo::new(u),
+        Err(e) => {
+            debug!(error = %e, "h2c upgrade did not complete");
+            return;
+        }
+    };
+    let opening = match h2c::opening(&mut io, &stream1).await {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(src.addr = %tunnel.peer, error = %e, "h2c upgrade failed");
+            return;
+        }
+    };
+    let service = {
+        let ctx = ctx.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let ctx = ctx.clone();
+            let tunnel = tunnel.clone();
+            async move { Ok::<_, Infallible>(handle(ctx, tunnel, req).await) }
+        })
+    };
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(h2c::Rewind::new(opening, io)), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = ctx.draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "HTTP/2 after an h2c upgrade ended with an error");
     }
 }
 
@@ -279,8 +349,8 @@ fn served_target(snapshot: &Snapshot, dst: SocketAddr, local_ip: IpAddr) -> Resu
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded. `Upgrade: h2c` is dropped with them:
-/// such a request is answered over HTTP/1.1, as RFC 9113 section 3.1 allows.
+/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded (an `Upgrade: h2c` the waypoint did not
+/// take, e.g. with a body, is answered over HTTP/1.1, as RFC 7540 section 3.2 allows).
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
