@@ -286,7 +286,12 @@ pub const TEST_LOG_FILTER: &str = "debug,aya=info,aya_obj=info,rustls=info,tonic
 
 /// Starts `ambit-agent waypoint` in `pod`'s netns and cgroup with `config`, and waits until it
 /// listens and has its certificate.
-pub(crate) fn start_waypoint(shared: &Shared, pod: &Pod, config: &AgentConfig) -> Result<Agent> {
+pub(crate) fn start_waypoint(
+    shared: &Shared,
+    pod: &Pod,
+    config: &AgentConfig,
+    log_filter: &str,
+) -> Result<Agent> {
     if !config.extra.contains_key("waypoint") {
         bail!("start_waypoint: the config has no waypoint section (use TestBed::waypoint_config)");
     }
@@ -308,7 +313,7 @@ pub(crate) fn start_waypoint(shared: &Shared, pod: &Pod, config: &AgentConfig) -
         .arg("--config")
         .arg(&config_path)
         .args(["--log-format", "json"])
-        .env("AMBIT_LOG", TEST_LOG_FILTER)
+        .env("AMBIT_LOG", log_filter)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);

@@ -691,7 +691,17 @@ impl TestBed {
     /// [`TestBed::waypoint_config`]) and waits until it listens with its certificate. Its log is
     /// read like an agent's.
     pub fn start_waypoint(&self, pod: &Pod, config: &AgentConfig) -> Result<Agent> {
-        agent::start_waypoint(&self.shared, pod, config)
+        agent::start_waypoint(&self.shared, pod, config, crate::TEST_LOG_FILTER)
+    }
+
+    /// Like [`TestBed::start_waypoint`], logging at `log_filter` (benchmarks: `info`).
+    pub fn start_waypoint_with_log_filter(
+        &self,
+        pod: &Pod,
+        config: &AgentConfig,
+        log_filter: &str,
+    ) -> Result<Agent> {
+        agent::start_waypoint(&self.shared, pod, config, log_filter)
     }
 
     /// Starts `ambit-agent run` for `config.node`, inside the node's netns and its `agent` cgroup

@@ -143,6 +143,21 @@ fn bench_quick_measures_every_path_and_reports_sane_figures() {
             );
         }
     }
+    // The waypoint path carries the HTTP scenarios, compared with the direct cross-node path.
+    for figure in &http {
+        let m = median(figure, "waypoint");
+        assert!(
+            m > 0.0 && m.is_finite(),
+            "{} on waypoint: {m}",
+            figure["id"]
+        );
+        assert!(
+            figure["paths"]["waypoint"]["ratio_to_direct"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0),
+            "{figure}"
+        );
+    }
     for figure in &latency {
         assert!(
             figure["paths"]["cross-node"]["added_over_direct"].is_number(),

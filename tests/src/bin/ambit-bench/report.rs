@@ -358,9 +358,9 @@ pub fn build(inputs: &Inputs) -> Report {
     if let Some(traffic) = inputs.traffic {
         let _ = writeln!(
             table,
-            "| figure | direct, same node | same-node | × direct | direct, cross node | cross-node | × direct | target (cross-node) |"
+            "| figure | direct, same node | same-node | × direct | direct, cross node | cross-node | × direct | waypoint | × direct | target (cross-node) |"
         );
-        let _ = writeln!(table, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
         for f in figures(traffic) {
             let stats: BTreeMap<PathId, Option<Stat>> =
                 f.values.iter().map(|(p, v)| (*p, Stat::of(v))).collect();
@@ -410,7 +410,7 @@ pub fn build(inputs: &Inputs) -> Report {
             }
             let _ = writeln!(
                 table,
-                "| {} ({}) | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 f.label,
                 f.unit,
                 cell(stat(PathId::DirectSame)),
@@ -419,6 +419,8 @@ pub fn build(inputs: &Inputs) -> Report {
                 cell(stat(PathId::DirectCross)),
                 cell(stat(PathId::Cross)),
                 ratio_cell(PathId::Cross),
+                cell(stat(PathId::Waypoint)),
+                ratio_cell(PathId::Waypoint),
                 target_cell
             );
             let paths: serde_json::Map<String, Value> = PathId::ALL

@@ -33,14 +33,18 @@ pub enum PathId {
     DirectCross,
     #[serde(rename = "cross-node")]
     Cross,
+    /// HTTP only: client's agent -> waypoint (`ambit-agent waypoint`) -> server's agent.
+    #[serde(rename = "waypoint")]
+    Waypoint,
 }
 
 impl PathId {
-    pub const ALL: [PathId; 4] = [
+    pub const ALL: [PathId; 5] = [
         PathId::DirectSame,
         PathId::Same,
         PathId::DirectCross,
         PathId::Cross,
+        PathId::Waypoint,
     ];
     const DIRECT: [PathId; 2] = [PathId::DirectSame, PathId::DirectCross];
     const MESH: [PathId; 2] = [PathId::Same, PathId::Cross];
@@ -51,6 +55,7 @@ impl PathId {
             PathId::Same => "same-node",
             PathId::DirectCross => "direct-cross-node",
             PathId::Cross => "cross-node",
+            PathId::Waypoint => "waypoint",
         }
     }
 
@@ -58,7 +63,7 @@ impl PathId {
     pub fn reference(self) -> Option<PathId> {
         match self {
             PathId::Same => Some(PathId::DirectSame),
-            PathId::Cross => Some(PathId::DirectCross),
+            PathId::Cross | PathId::Waypoint => Some(PathId::DirectCross),
             _ => None,
         }
     }
@@ -80,6 +85,11 @@ impl PathId {
             }
             PathId::Cross => {
                 "the same pods, both enrolled: through both agents and HBONE mTLS between nodes"
+            }
+            PathId::Waypoint => {
+                "HTTP only: the client pod calls a service VIP whose waypoint (ambit-agent waypoint, \
+                 in a pod on node-b) routes each request to the server pod on node-b; HBONE on \
+                 every hop"
             }
         }
     }
@@ -123,6 +133,11 @@ pub const SCENARIOS: [Scenario; 7] = [
 ];
 
 impl Scenario {
+    /// Whether the waypoint path runs it (an L7 proxy carries HTTP).
+    fn is_http(self) -> bool {
+        matches!(self, Scenario::Wrk | Scenario::Hey)
+    }
+
     pub fn key(self) -> String {
         match self {
             Scenario::Iperf { streams, reverse } => format!(
@@ -181,7 +196,8 @@ pub struct Run {
     pub scenario: String,
     pub round: usize,
     pub command: String,
-    /// CPU seconds (user + system) both agents used during the run; none on direct paths.
+    /// CPU seconds (user + system) both agents (and the waypoint, on its path) used during the
+    /// run; none on direct paths.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_cpu_seconds: Option<f64>,
     /// The part of it spent in the kernel (system time).
@@ -224,11 +240,22 @@ struct Topology {
     server_b: Pod,
 }
 
+/// The service whose waypoint the waypoint path goes through (backed by server-b).
+const WAYPOINT_VIP: &str = "10.96.0.80";
+
 impl Topology {
     fn server(&self, path: PathId) -> &Pod {
         match path {
             PathId::DirectSame | PathId::Same => &self.server_a,
-            PathId::DirectCross | PathId::Cross => &self.server_b,
+            PathId::DirectCross | PathId::Cross | PathId::Waypoint => &self.server_b,
+        }
+    }
+
+    /// The address the client dials on `path`.
+    fn target(&self, path: PathId) -> String {
+        match path {
+            PathId::Waypoint => WAYPOINT_VIP.to_owned(),
+            _ => self.server(path).ipv4().to_string(),
         }
     }
 }
@@ -242,7 +269,8 @@ pub fn run(bed: &TestBed, runner: &Runner, settings: &Settings) -> Result<Traffi
         server_a: bed.add_pod_in(&node_a, "server-a", "bench", "server")?,
         server_b: bed.add_pod_in(&node_b, "server-b", "bench", "server")?,
     };
-    for pod in [&topo.client, &topo.server_a, &topo.server_b] {
+    let waypoint_pod = bed.add_pod_in(&node_b, "waypoint", "bench", "waypoint")?;
+    for pod in [&topo.client, &topo.server_a, &topo.server_b, &waypoint_pod] {
         step(&format!(
             "{:<9} on {}  {}",
             pod.name(),
@@ -262,13 +290,37 @@ pub fn run(bed: &TestBed, runner: &Runner, settings: &Settings) -> Result<Traffi
     measure(runner, settings, &topo, &PathId::DIRECT, &[], &mut runs)?;
 
     header("bench: starting both agents and enrolling the pods");
+    let services = serde_json::json!([{
+        "namespace": "bench", "name": "web", "vips": [WAYPOINT_VIP],
+        "ports": [{"port": HTTP_PORT}],
+        "waypoint": {"address": waypoint_pod.ipv4()},
+    }]);
+    let backs_web = |peers: &mut Vec<ambit_testbed::PeerConfig>| {
+        for p in peers.iter_mut().filter(|p| p.name == topo.server_b.name()) {
+            p.services = vec!["bench/web".to_owned()];
+        }
+    };
     let mut config_a = bed.agent_config(&node_a);
     config_a
         .enroll(&topo.client)
         .enroll(&topo.server_a)
-        .add_peer(&topo.server_b);
+        .add_peer(&topo.server_b)
+        .add_peer(&waypoint_pod);
+    backs_web(&mut config_a.peers);
+    config_a.extra.insert("services".into(), services.clone());
     let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&topo.server_b).add_peer(&topo.client);
+    config_b
+        .enroll(&topo.server_b)
+        .add_pod(&waypoint_pod, false)
+        .add_peer(&topo.client);
+    if let Some(p) = config_b.pod_mut(topo.server_b.name()) {
+        p.services = vec!["bench/web".to_owned()];
+    }
+    config_b.extra.insert("services".into(), services.clone());
+    let mut config_w = bed.waypoint_config(&waypoint_pod);
+    config_w.add_peer(&topo.server_b).add_peer(&topo.client);
+    backs_web(&mut config_w.peers);
+    config_w.extra.insert("services".into(), services);
     let agent_a = bed
         .start_agent_with_log_filter(&config_a, AGENT_LOG)
         .context("the agent on node-a did not start")?;
@@ -294,6 +346,25 @@ pub fn run(bed: &TestBed, runner: &Runner, settings: &Settings) -> Result<Traffi
     header("bench: through the agents");
     warm_up(runner, &topo, &PathId::MESH)?;
     measure(runner, settings, &topo, &PathId::MESH, &agents, &mut runs)?;
+
+    header("bench: through a waypoint (HTTP)");
+    let waypoint = bed
+        .start_waypoint_with_log_filter(&waypoint_pod, &config_w, AGENT_LOG)
+        .context("the waypoint did not start")?;
+    step(&format!(
+        "waypoint ready (pid {}) in pod {}, for service bench/web {WAYPOINT_VIP}:{HTTP_PORT}",
+        waypoint.pid(),
+        waypoint_pod.name()
+    ));
+    warm_up(runner, &topo, &[PathId::Waypoint])?;
+    measure(
+        runner,
+        settings,
+        &topo,
+        &[PathId::Waypoint],
+        &[&agent_a, &agent_b, &waypoint],
+        &mut runs,
+    )?;
     for agent in agents {
         if !agent.is_running() {
             bail!(
@@ -438,10 +509,10 @@ fn strings(args: &[&str]) -> Vec<String> {
 fn client_command(
     settings: &Settings,
     scenario: Scenario,
-    server: &Pod,
+    ip: &str,
     sockperf_port: u16,
 ) -> Vec<String> {
-    let ip = server.ipv4().to_string();
+    let ip = ip.to_owned();
     let secs = settings.seconds.to_string();
     let conns = settings.http_connections.to_string();
     let url = format!("http://{ip}:{HTTP_PORT}/");
@@ -516,7 +587,7 @@ fn warm_up(runner: &Runner, topo: &Topology, paths: &[PathId]) -> Result<()> {
     for &path in paths {
         let server = topo.server(path);
         runner.check_target(server.ipv4().into())?;
-        let url = format!("http://{}:{HTTP_PORT}/", server.ipv4());
+        let url = format!("http://{}:{HTTP_PORT}/", topo.target(path));
         let args = strings(&["hey", "-n", "400", "-c", "4", "-t", "5", &url]);
         let out = runner
             .run(&topo.client, &args, TOOL_GRACE)
@@ -550,11 +621,15 @@ fn measure(
     for round in 0..settings.runs {
         for scenario in SCENARIOS {
             for &path in paths {
+                if path == PathId::Waypoint && !scenario.is_http() {
+                    continue;
+                }
                 os::check_stop()?;
+                // The load ends at a pod of this bed (a VIP leads to one).
                 let server = topo.server(path);
                 runner.check_target(server.ipv4().into())?;
                 let sockperf_port = SOCKPERF_PORT + sockperf_runs % 1000;
-                let args = client_command(settings, scenario, server, sockperf_port);
+                let args = client_command(settings, scenario, &topo.target(path), sockperf_port);
                 let sockperf_server = match scenario {
                     Scenario::Sockperf => {
                         sockperf_runs += 1;
