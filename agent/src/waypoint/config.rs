@@ -110,7 +110,8 @@ pub struct RouteRule {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Timeouts {
-    /// The whole request, retries included; past it the client gets 504.
+    /// How long to wait for the response to start, retries included; past it the client gets
+    /// 504.
     #[serde(default)]
     pub request: Option<GoDuration>,
 }

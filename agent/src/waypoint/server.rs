@@ -316,8 +316,14 @@ async fn serve_h2c(
 /// port) or a workload whose waypoint is this one. Anything else is refused, so the waypoint
 /// cannot be used to reach workloads as itself (its identity is trusted by their agents).
 fn served_target(snapshot: &Snapshot, dst: SocketAddr, local_ip: IpAddr) -> Result<Target, String> {
+    // Named by any of this waypoint's addresses (clients may reach it on another family).
     let is_me = |gw: &crate::xds::XdsGateway| match &gw.destination {
-        GatewayDestination::Address(ip) => *ip == local_ip,
+        GatewayDestination::Address(ip) => {
+            *ip == local_ip
+                || snapshot
+                    .by_ip(*ip)
+                    .is_some_and(|w| w.ips().contains(&local_ip))
+        }
         GatewayDestination::Hostname {
             namespace,
             hostname,

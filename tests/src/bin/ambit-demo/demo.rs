@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: a two-node cluster on the test bed with agents on both nodes, real echo
 //! traffic (same node and across nodes, IPv4 and IPv6, and from a pod outside the mesh), and a
-//! report of which connections went through which agent, from the agents' access logs.
+//! report of which connections went through which agent, from the agents' access logs; then HTTP
+//! through an Ambit waypoint (a weighted split and an L7 denial).
 
 use std::{
     net::SocketAddr,
@@ -15,6 +16,8 @@ use serde_json::Value;
 use crate::{header, sigint, step};
 
 const PORT: u16 = 8080;
+/// The virtual IP of service `web`, which has a waypoint.
+const WEB_VIP: &str = "10.96.0.20";
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -80,25 +83,85 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
     let outsider = bed.add_pod(&node_a, "outsider")?;
     let client_b = bed.add_pod(&node_b, "client-b")?;
     let server_b = bed.add_pod(&node_b, "server-b")?;
+    // The L7 part: service `web` (two versions, one per node) behind a waypoint on node-b.
+    let web_v1 = bed.add_pod_in(&node_a, "web-v1", "default", "web")?;
+    let web_v2 = bed.add_pod_in(&node_b, "web-v2", "default", "web")?;
+    let waypoint = bed.add_pod_in(&node_b, "waypoint", "default", "waypoint")?;
     check_interrupt()?;
+    let services = serde_json::json!([
+        {"namespace": "default", "name": "web", "vips": [WEB_VIP],
+         "ports": [{"port": 80, "targetPort": PORT}], "waypoint": {"address": waypoint.ipv4()}},
+        {"namespace": "default", "name": "web-v1", "vips": ["10.96.0.21"],
+         "ports": [{"port": 80, "targetPort": PORT}]},
+        {"namespace": "default", "name": "web-v2", "vips": ["10.96.0.22"],
+         "ports": [{"port": 80, "targetPort": PORT}]},
+    ]);
+    let backs_web = |config: &mut ambit_testbed::AgentConfig| {
+        for (pod, version) in [(&web_v1, "web-v1"), (&web_v2, "web-v2")] {
+            let list = vec!["default/web".to_owned(), format!("default/{version}")];
+            if let Some(p) = config.pods.iter_mut().find(|p| p.name == pod.name()) {
+                p.services = list.clone();
+            }
+            if let Some(p) = config.peers.iter_mut().find(|p| p.name == pod.name()) {
+                p.services = list;
+            }
+        }
+        config.extra.insert("services".into(), services.clone());
+    };
 
     let mut config_a = bed.agent_config(&node_a);
     config_a
         .enroll(&client_a)
         .enroll(&server_a)
+        .enroll(&web_v1)
         .add_pod(&outsider, false);
     // Each node knows the other's mesh pods: where HBONE applies and which identity to expect.
-    config_a.add_peer(&client_b).add_peer(&server_b);
+    config_a
+        .add_peer(&client_b)
+        .add_peer(&server_b)
+        .add_peer(&web_v2)
+        .add_peer(&waypoint);
+    backs_web(&mut config_a);
     let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&client_b).enroll(&server_b);
-    config_b.add_peer(&client_a).add_peer(&server_a);
+    config_b
+        .enroll(&client_b)
+        .enroll(&server_b)
+        .enroll(&web_v2)
+        .add_pod(&waypoint, false);
+    config_b
+        .add_peer(&client_a)
+        .add_peer(&server_a)
+        .add_peer(&web_v1);
+    backs_web(&mut config_b);
+    let mut config_w = bed.waypoint_config(&waypoint);
+    config_w
+        .add_peer(&web_v1)
+        .add_peer(&web_v2)
+        .add_peer(&client_a)
+        .add_peer(&client_b);
+    backs_web(&mut config_w);
+    config_w.waypoint_mut().extend([
+        (
+            "routes".to_owned(),
+            serde_json::json!([{"name": "web", "parentRefs": [{"name": "web"}], "rules": [{
+                "backendRefs": [{"name": "web-v1", "port": 80, "weight": 80},
+                                {"name": "web-v2", "port": 80, "weight": 20}]}]}]),
+        ),
+        (
+            "authorization".to_owned(),
+            serde_json::json!([{"name": "no-admin", "action": "DENY",
+                "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]}]),
+        ),
+    ]);
 
     eprintln!(
         "    {:<10} {:<8} {:<12} {:<14} in the mesh",
         "pod", "node", "IPv4", "IPv6"
     );
-    for pod in [&client_a, &server_a, &outsider, &client_b, &server_b] {
-        let enrolled = pod.name() != outsider.name();
+    for pod in [
+        &client_a, &server_a, &outsider, &web_v1, &client_b, &server_b, &web_v2, &waypoint,
+    ] {
+        let enrolled = pod.name() != outsider.name() && pod.name() != waypoint.name();
         eprintln!(
             "    {:<10} {:<8} {:<12} {:<14} {}",
             pod.name(),
@@ -248,6 +311,9 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         None => eprintln!("\n  (no packet capture: tcpdump unavailable)"),
     }
 
+    check_interrupt()?;
+    waypoint_scene(&bed, &client_a, [&web_v1, &web_v2], &waypoint, &config_w)?;
+
     if options.hold {
         header("demo: holding the cluster (Ctrl-C to tear down)");
         for name in bed.netns_names() {
@@ -264,6 +330,86 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         ));
     }
     header("demo: tearing down");
+    Ok(())
+}
+
+/// HTTP through the waypoint: an 80/20 split between web-v1 and web-v2, and an L7 denial.
+fn waypoint_scene(
+    bed: &TestBed,
+    client: &Pod,
+    web: [&Pod; 2],
+    waypoint_pod: &Pod,
+    config: &ambit_testbed::AgentConfig,
+) -> Result<()> {
+    header(&format!(
+        "demo: HTTP to service web ({WEB_VIP}:80) through a waypoint: 80/20 split, /admin denied"
+    ));
+    let servers = [web[0].serve_http(PORT)?, web[1].serve_http(PORT)?];
+    let waypoint = bed
+        .start_waypoint(waypoint_pod, config)
+        .context("the waypoint did not start")?;
+    step(&format!(
+        "waypoint ready in pod {} (pid {}, log {})",
+        waypoint_pod.name(),
+        waypoint.pid(),
+        waypoint.log_path().display()
+    ));
+    let out = client.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "30",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        &format!("http://{WEB_VIP}/hello/[1-50]"),
+    ])?;
+    let ok = out.lines().filter(|l| *l == "200").count();
+    let denied = client.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        " (HTTP %{http_code})",
+        &format!("http://{WEB_VIP}/admin/users"),
+    ])?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while servers.iter().map(|s| s.requests().len()).sum::<usize>() < ok
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    step(&format!(
+        "client-a: 50 requests to http://{WEB_VIP}/hello/N: {ok} answered 200; web-v1 (node-a) \
+         served {}, web-v2 (node-b) served {}",
+        servers[0].requests().len(),
+        servers[1].requests().len()
+    ));
+    step(&format!(
+        "client-a: GET /admin/users -> {}",
+        denied.replace('\n', "")
+    ));
+    if let Some(line) = waypoint
+        .access_logs()
+        .iter()
+        .rev()
+        .find(|v| log_field(v, "path").and_then(Value::as_str) == Some("/hello/50"))
+    {
+        let text = |f: &str| log_field(line, f).map(|v| v.to_string().trim_matches('"').to_owned());
+        step(&format!(
+            "waypoint access log, last request: {} {} from {} -> {} ({}) route {} status {} in {} ms",
+            text("method").unwrap_or_default(),
+            text("path").unwrap_or_default(),
+            text("src.identity").unwrap_or_default(),
+            text("dst.endpoint").unwrap_or_default(),
+            text("dst.workload").unwrap_or_default(),
+            text("route").unwrap_or_default(),
+            text("status").unwrap_or_default(),
+            text("duration_ms").unwrap_or_default(),
+        ));
+    }
     Ok(())
 }
 
