@@ -87,6 +87,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let pool = Pool::new(
         config.hbone.max_streams_per_connection,
+        config.hbone.parallel_connections,
         config.hbone.idle_timeout,
     );
     control_tasks.spawn(pool.clone().run_reaper(shutdown.clone()));

@@ -98,6 +98,9 @@ pub enum CaConfig {
 pub struct HboneConfig {
     /// Streams one pooled HTTP/2 connection carries before another is opened. Default 100.
     pub max_streams_per_connection: usize,
+    /// Connections to one destination that concurrent streams are spread over before two share
+    /// one (each TLS connection is driven by one task, so one core). Default 4.
+    pub parallel_connections: usize,
     /// A pooled connection without streams for this long is closed. Default 60 s.
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
@@ -480,6 +483,8 @@ struct RawHbone {
     #[serde(default)]
     max_streams_per_connection: Option<usize>,
     #[serde(default)]
+    parallel_connections: Option<usize>,
+    #[serde(default)]
     idle_timeout_seconds: Option<f64>,
 }
 
@@ -769,6 +774,16 @@ impl RawConfig {
                     ));
                 }
                 Some(n) => n,
+            },
+            parallel_connections: match self.hbone.parallel_connections {
+                None => 4,
+                Some(n) if (1..=64).contains(&n) => n,
+                Some(n) => {
+                    return Err(invalid(
+                        "hbone.parallelConnections".into(),
+                        format!("{n} is not between 1 and 64"),
+                    ));
+                }
             },
             idle_timeout: match self.hbone.idle_timeout_seconds {
                 None => Duration::from_secs(60),

@@ -348,7 +348,7 @@ fn connections_share_pooled_hbone_connections_up_to_the_stream_limit() {
         return;
     }
     let mut m = Mesh::new();
-    m.config_a.hbone = Some(json!({"maxStreamsPerConnection": 2}));
+    m.config_a.hbone = Some(json!({"maxStreamsPerConnection": 2, "parallelConnections": 1}));
     let (agent_a, agent_b) = m.start();
     let dst = m.server.v4(PORT);
 
@@ -376,6 +376,42 @@ fn connections_share_pooled_hbone_connections_up_to_the_stream_limit() {
     }
     assert_eq!(count_logs(&agent_a, "hbone connection opened"), 2);
     assert_eq!(count_logs(&agent_b, "hbone connection accepted"), 2);
+}
+
+#[test]
+fn concurrent_flows_are_spread_over_parallel_connections_then_share() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let mut m = Mesh::new();
+    m.config_a.hbone = Some(json!({"parallelConnections": 2}));
+    let (agent_a, agent_b) = m.start();
+    let dst = m.server.v4(PORT);
+
+    // Three flows at once: the first two get a TLS connection each, the third shares one.
+    let run_three = || {
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                m.client
+                    .spawn_connect(dst, 10_000, 1500, 10_000)
+                    .expect("start client")
+            })
+            .collect();
+        for c in clients {
+            assert_echoed(&c.wait().expect("client"), 10_000);
+        }
+    };
+    run_three();
+    assert_eq!(count_logs(&agent_a, "hbone connection opened"), 2);
+    assert_eq!(count_logs(&agent_b, "hbone connection accepted"), 2);
+    // The same again: the two pooled connections (idle now) take them; nothing new opens.
+    run_three();
+    assert_eq!(count_logs(&agent_a, "hbone connection opened"), 2);
+    // One at a time: an idle pooled connection each time.
+    for _ in 0..3 {
+        assert_echoed(&m.client.connect(dst, 1000).expect("run client"), 1000);
+    }
+    assert_eq!(count_logs(&agent_a, "hbone connection opened"), 2);
 }
 
 #[test]

@@ -5,8 +5,12 @@
 //! workload's identity, its IP (the TCP connection is made from inside that pod's netns, so it
 //! carries that IP), the serial of the certificate it presented (after a rotation new streams
 //! open a connection with the new certificate; old ones drain), the identity the destination must
-//! present, and the destination address. Up to `max_streams` streams share one connection; past
-//! that a new one is opened. Connections without streams for `idle_timeout` are closed.
+//! present, and the destination address. Streams are spread over up to `parallel` connections
+//! per key first (an idle connection is preferred, then a new one while there are fewer than
+//! `parallel`): one TLS connection is driven by one task, so flows that all shared one would queue
+//! behind one core's encryption. Past that, the least-loaded connection with fewer than
+//! `max_streams` streams takes the next one, else a new one is opened. Connections without streams
+//! for `idle_timeout` are closed.
 
 use std::{
     collections::HashMap,
@@ -98,8 +102,11 @@ pub struct PoolStats {
 
 /// The pool of HBONE connections of one agent.
 pub struct Pool {
-    conns: Mutex<HashMap<PoolKey, Vec<PooledConn>>>,
+    conns: Mutex<HashMap<PoolKey, Slot>>,
+    /// Woken when a connection finishes opening (or fails to), for streams waiting for one.
+    opened: tokio::sync::Notify,
     max_streams: usize,
+    parallel: usize,
     idle_timeout: Duration,
     next_id: AtomicU64,
     connections_opened: AtomicU64,
@@ -114,6 +121,59 @@ pub struct Tunnel {
     pub connection_id: u64,
     /// Released when the stream ends, so the pool knows the connection has room again.
     _guard: StreamGuard,
+}
+
+/// The connections of one pool key, and how many are being opened.
+#[derive(Default)]
+struct Slot {
+    conns: Vec<PooledConn>,
+    opening: usize,
+}
+
+impl Slot {
+    fn is_empty(&self) -> bool {
+        self.conns.is_empty() && self.opening == 0
+    }
+}
+
+enum Decision<'a> {
+    Reuse(SendRequest<Bytes>, u64, StreamGuard),
+    Open(Opening<'a>),
+    Wait,
+}
+
+/// A connection being opened for `key`: counted in its slot's `opening` until pooled or dropped.
+struct Opening<'a> {
+    pool: &'a Pool,
+    key: PoolKey,
+    pooled: bool,
+}
+
+impl Opening<'_> {
+    /// The connection is pooled (the caller holds the pool lock and the slot, and wakes the
+    /// waiters once it lets go of the lock).
+    fn done(mut self, slot: &mut Slot) {
+        slot.opening = slot.opening.saturating_sub(1);
+        self.pooled = true;
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if self.pooled {
+            return;
+        }
+        {
+            let mut conns = self.pool.lock();
+            if let Some(slot) = conns.get_mut(&self.key) {
+                slot.opening = slot.opening.saturating_sub(1);
+                if slot.is_empty() {
+                    conns.remove(&self.key);
+                }
+            }
+        }
+        self.pool.opened.notify_waiters();
+    }
 }
 
 /// Holds a pooled connection's stream slot while the stream lives.
@@ -143,10 +203,12 @@ pub struct TunnelHeaders<'a> {
 }
 
 impl Pool {
-    pub fn new(max_streams: usize, idle_timeout: Duration) -> Arc<Pool> {
+    pub fn new(max_streams: usize, parallel: usize, idle_timeout: Duration) -> Arc<Pool> {
         Arc::new(Pool {
             conns: Mutex::new(HashMap::new()),
+            opened: tokio::sync::Notify::new(),
             max_streams: max_streams.max(1),
+            parallel: parallel.max(1),
             idle_timeout,
             next_id: AtomicU64::new(1),
             connections_opened: AtomicU64::new(0),
@@ -155,7 +217,7 @@ impl Pool {
     }
 
     pub fn stats(&self) -> PoolStats {
-        let open = self.lock().values().map(Vec::len).sum();
+        let open = self.lock().values().map(|s| s.conns.len()).sum();
         PoolStats {
             connections_opened: self.connections_opened.load(Ordering::Relaxed),
             streams_opened: self.streams_opened.load(Ordering::Relaxed),
@@ -163,27 +225,59 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<PooledConn>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Slot>> {
         // A panic while holding the lock cannot leave the map inconsistent (every update is a
         // single push/retain), so a poisoned lock is still usable.
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A stream slot on an existing connection for `key`, if one has room.
-    fn reuse(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, u64, StreamGuard)> {
+    /// Where the next stream for `key` goes (see the module docs): a pooled connection, a new
+    /// one (counted as opening until it is pooled or fails), or wait for one being opened.
+    fn decide(&self, key: &PoolKey) -> Decision<'_> {
         let mut conns = self.lock();
-        let list = conns.get_mut(key)?;
+        if !conns.contains_key(key) {
+            conns.insert(key.clone(), Slot::default());
+        }
+        let Some(slot) = conns.get_mut(key) else {
+            return Decision::Wait;
+        };
+        let list = &mut slot.conns;
         list.retain(|c| !c.closed.is_cancelled());
-        let conn = list
-            .iter_mut()
-            .find(|c| c.active.load(Ordering::Acquire) < self.max_streams)?;
+        let idle = list
+            .iter()
+            .position(|c| c.active.load(Ordering::Acquire) == 0);
+        let pick = match idle {
+            Some(i) => Some(i),
+            None if list.len() + slot.opening < self.parallel => None,
+            None => list
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.active.load(Ordering::Acquire), i))
+                .filter(|(active, _)| *active < self.max_streams)
+                .min()
+                .map(|(_, i)| i),
+        };
+        let Some(pick) = pick else {
+            if list.len() + slot.opening >= self.parallel && slot.opening > 0 {
+                // Every connection is full or still handshaking: wait for one to be ready
+                // rather than start yet another handshake.
+                return Decision::Wait;
+            }
+            slot.opening += 1;
+            return Decision::Open(Opening {
+                pool: self,
+                key: key.clone(),
+                pooled: false,
+            });
+        };
+        let conn = &mut list[pick];
         conn.active.fetch_add(1, Ordering::AcqRel);
         conn.last_used = Instant::now();
-        Some((
+        Decision::Reuse(
             conn.sender.clone(),
             conn.id,
             StreamGuard(conn.active.clone()),
-        ))
+        )
     }
 
     /// Opens a `CONNECT` stream for `authority` (the original destination) to `key.dst`,
@@ -196,27 +290,38 @@ impl Pool {
         authority: SocketAddr,
         headers: TunnelHeaders<'_>,
     ) -> Result<Tunnel, Error> {
-        if let Some((sender, id, guard)) = self.reuse(&key) {
-            match request(sender, key.dst, authority, &headers).await {
-                Ok((send, recv)) => {
-                    self.streams_opened.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Tunnel {
-                        send,
-                        recv,
-                        connection_id: id,
-                        _guard: guard,
-                    });
+        let opening = loop {
+            let notified = self.opened.notified();
+            tokio::pin!(notified);
+            // Registered before deciding, so an opening that finishes in between still wakes us.
+            notified.as_mut().enable();
+            match self.decide(&key) {
+                Decision::Reuse(sender, id, guard) => {
+                    match request(sender, key.dst, authority, &headers).await {
+                        Ok((send, recv)) => {
+                            self.streams_opened.fetch_add(1, Ordering::Relaxed);
+                            return Ok(Tunnel {
+                                send,
+                                recv,
+                                connection_id: id,
+                                _guard: guard,
+                            });
+                        }
+                        // The pooled connection died (GOAWAY, peer closed it while idle): nothing
+                        // was sent for this stream yet, so forget that connection and try again.
+                        Err(Error::H2 { cause, .. }) => {
+                            debug!(connection = id, error = %cause, "pooled HBONE connection unusable; opening a new one");
+                            self.evict(&key, id);
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                // The pooled connection died (GOAWAY, peer closed it while idle): nothing was
-                // sent for this stream yet, so forget that connection and use a fresh one.
-                Err(Error::H2 { cause, .. }) => {
-                    debug!(connection = id, error = %cause, "pooled HBONE connection unusable; opening a new one");
-                    self.evict(&key, id);
-                }
-                Err(e) => return Err(e),
+                Decision::Open(opening) => break opening,
+                Decision::Wait => notified.await,
             }
-        }
-        let (sender, id, guard) = self.open(&key, netns, tls_config()?).await?;
+        };
+        let config = tls_config()?;
+        let (sender, id, guard) = self.open(&key, netns, config, opening).await?;
         self.streams_opened.fetch_add(1, Ordering::Relaxed);
         let (send, recv) = request(sender, key.dst, authority, &headers).await?;
         Ok(Tunnel {
@@ -230,19 +335,22 @@ impl Pool {
     /// Drops connection `id` of `key` from the pool.
     fn evict(&self, key: &PoolKey, id: u64) {
         let mut conns = self.lock();
-        if let Some(list) = conns.get_mut(key) {
-            list.retain(|c| c.id != id);
-            if list.is_empty() {
+        if let Some(slot) = conns.get_mut(key) {
+            slot.conns.retain(|c| c.id != id);
+            if slot.is_empty() {
                 conns.remove(key);
             }
         }
     }
 
+    /// Opens and pools a connection for `key`; `opening` is released either way (dropped on an
+    /// error, which wakes the streams waiting for it to try themselves).
     async fn open(
         &self,
         key: &PoolKey,
         netns: &Netns,
         config: Arc<rustls::ClientConfig>,
+        opening: Opening<'_>,
     ) -> Result<(SendRequest<Bytes>, u64, StreamGuard), Error> {
         let addr = key.dst;
         let socket = proxy::upstream_socket(netns, addr, None)
@@ -276,16 +384,20 @@ impl Pool {
         );
 
         let active = Arc::new(AtomicUsize::new(1));
-        self.lock()
-            .entry(key.clone())
-            .or_default()
-            .push(PooledConn {
+        {
+            let mut conns = self.lock();
+            let slot = conns.entry(key.clone()).or_default();
+            slot.conns.push(PooledConn {
                 id,
                 sender: sender.clone(),
                 active: active.clone(),
                 last_used: Instant::now(),
                 closed,
             });
+            // Pooled: it no longer counts as opening.
+            opening.done(slot);
+        }
+        self.opened.notify_waiters();
         Ok((sender, id, StreamGuard(active)))
     }
 
@@ -293,8 +405,8 @@ impl Pool {
     pub fn reap_idle(&self) {
         let now = Instant::now();
         let mut conns = self.lock();
-        for list in conns.values_mut() {
-            list.retain(|c| {
+        for slot in conns.values_mut() {
+            slot.conns.retain(|c| {
                 let idle = c.active.load(Ordering::Acquire) == 0
                     && now.duration_since(c.last_used) >= self.idle_timeout;
                 if idle {
@@ -304,7 +416,7 @@ impl Pool {
                 !idle && !c.closed.is_cancelled()
             });
         }
-        conns.retain(|_, l| !l.is_empty());
+        conns.retain(|_, slot| !slot.is_empty());
     }
 
     /// Runs [`Pool::reap_idle`] until `shutdown`.

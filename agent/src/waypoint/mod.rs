@@ -75,6 +75,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::WaypointMetrics::default());
     let pool = Pool::new(
         config.hbone.max_streams_per_connection,
+        config.hbone.parallel_connections,
         config.hbone.idle_timeout,
     );
     control.spawn(pool.clone().run_reaper(shutdown.clone()));
