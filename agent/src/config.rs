@@ -1401,6 +1401,16 @@ waypoint:
                 "parentRefs: []",
                 "waypoint.routes[0].parentRefs",
             ),
+            (
+                "parentRefs: [{name: echo}]",
+                "parentRefs: [{name: echo}]\n      hostnames: [\"\u{fc}.example\"]",
+                "waypoint.routes[0].hostnames[0]",
+            ),
+            (
+                "key: 'request.headers[x-user]', values: [guest]",
+                "key: source.ip, values: [10.0.0.0/33]",
+                "waypoint.authorization[0].rules[0].when[0].values",
+            ),
         ];
         for (from, to, field) in cases {
             assert!(WAYPOINT.contains(from), "{from}");

@@ -335,6 +335,7 @@ fn l7_policy_denies_by_path_and_method_on_a_live_connection() {
             "rules": [
                 {"to": [{"operation": {"paths": ["/admin*"]}}]},
                 {"to": [{"operation": {"methods": ["DELETE"]}}]},
+                {"to": [{"operation": {"hosts": ["admin.internal"]}}]},
             ],
         }]),
     );
@@ -354,10 +355,35 @@ fn l7_policy_denies_by_path_and_method_on_a_live_connection() {
             "-X",
             "PUT",
             &format!("{base}/items/1"),
+            // Ways around a path rule: dot segments and escapes are judged as the app resolves
+            // them; an escaped slash is refused outright.
+            "--next",
+            "--path-as-is",
+            &format!("{base}/public/../admin/users"),
+            "--next",
+            &format!("{base}/%61dmin/users"),
+            "--next",
+            &format!("{base}/admin%2Fusers"),
+            // The Host header is judged, and the app sees the host that was judged.
+            "--next",
+            "-H",
+            "Host: admin.internal",
+            &format!("{base}/items/2"),
+            "--next",
+            "--request-target",
+            "http://public.example/items/3",
+            "-H",
+            "Host: admin.internal",
+            &format!("{base}/"),
         ],
     );
     let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [200, 403, 403, 200], "{replies:?}");
+    assert_eq!(
+        statuses,
+        [200, 403, 403, 200, 403, 403, 400, 403, 200],
+        "{replies:?}"
+    );
+    assert!(replies[8].body.ends_with("GET /items/3"), "{replies:?}");
     assert!(
         replies[1..].iter().all(|r| r.new_connections == 0),
         "all on the first request's connection: {replies:?}"
@@ -379,6 +405,15 @@ fn l7_policy_denies_by_path_and_method_on_a_live_connection() {
         1,
         "only the request from before the policy: {seen:?}"
     );
+    assert!(
+        !seen.iter().any(|r| r["host"] == "admin.internal"),
+        "the app never saw the denied host: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|r| r["path"] == "/items/3" && r["host"] == "public.example"),
+        "the app saw the host the policy judged: {seen:?}"
+    );
     let text = metrics(&m.waypoint_pod);
     assert_eq!(
         sample(
@@ -386,7 +421,7 @@ fn l7_policy_denies_by_path_and_method_on_a_live_connection() {
             "ambit_waypoint_denied_requests_total",
             &["policy=\"default/no-admin-no-delete\""]
         ),
-        Some(2.0),
+        Some(5.0),
         "{text}"
     );
     assert!(

@@ -191,7 +191,19 @@ fn operation_matches(op: &Operation, req: &RequestAttrs<'_>) -> bool {
         && field_matches(&op.ports, &op.not_ports, &port)
 }
 
+/// `source.ip` values are addresses or CIDR blocks (checked when the config is loaded).
+fn ip_matches(patterns: &[String], ip: IpAddr) -> bool {
+    patterns.iter().any(|p| {
+        p.parse::<crate::policy::Cidr>()
+            .is_ok_and(|c| c.contains(ip))
+    })
+}
+
 fn condition_matches(c: &Condition, req: &RequestAttrs<'_>, principal: &str) -> bool {
+    if matches!(ConditionKey::parse(&c.key), Some(ConditionKey::SourceIp)) {
+        return (c.values.is_empty() || ip_matches(&c.values, req.source_ip))
+            && !ip_matches(&c.not_values, req.source_ip);
+    }
     let values: Vec<String> = match ConditionKey::parse(&c.key) {
         Some(ConditionKey::Header(name)) => req
             .headers
@@ -202,7 +214,7 @@ fn condition_matches(c: &Condition, req: &RequestAttrs<'_>, principal: &str) -> 
             .collect(),
         Some(ConditionKey::SourcePrincipal) => vec![principal.to_owned()],
         Some(ConditionKey::SourceNamespace) => vec![req.principal.namespace().to_owned()],
-        Some(ConditionKey::SourceIp) => vec![req.source_ip.to_string()],
+        Some(ConditionKey::SourceIp) => return false,
         Some(ConditionKey::DestinationPort) => vec![req.destination_port.to_string()],
         // Refused when the config is loaded; never matches if it got here.
         None => return false,
@@ -303,6 +315,25 @@ mod tests {
         assert!(!evaluate(&ps, &attrs(&client, "POST", "/index.html", &blue)).allowed);
         assert!(!evaluate(&ps, &attrs(&client, "GET", "/index.json", &blue)).allowed);
         assert!(!evaluate(&ps, &attrs(&blocked, "GET", "/index.html", &blue)).allowed);
+    }
+
+    #[test]
+    fn source_ip_conditions_take_cidrs() {
+        let p = policy(
+            "name: p\naction: DENY\nrules:\n- when:\n  - key: source.ip\n    values: [\"10.0.0.0/16\", \"fd00::1\"]\n",
+        );
+        let id = Identity::new("cluster.local", "default", "client").expect("id");
+        let h = HeaderMap::new();
+        let mut a = attrs(&id, "GET", "/", &h);
+        let ps = [p];
+        assert!(!evaluate(&ps, &a).allowed, "10.0.0.1 is in 10.0.0.0/16");
+        a.source_ip = "10.1.0.1".parse().expect("ip");
+        assert!(evaluate(&ps, &a).allowed);
+        a.source_ip = "fd00:0::1".parse().expect("ip");
+        assert!(
+            !evaluate(&ps, &a).allowed,
+            "the same IPv6 address written another way"
+        );
     }
 
     #[test]

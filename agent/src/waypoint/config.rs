@@ -501,10 +501,21 @@ impl Waypoint {
             }
             for (j, h) in route.hostnames.iter_mut().enumerate() {
                 *h = h.to_ascii_lowercase();
-                if h.is_empty() || h[1..].contains('*') {
+                let name = h.strip_prefix("*.").unwrap_or(h);
+                let valid = !name.is_empty()
+                    && name.split('.').all(|label| {
+                        !label.is_empty()
+                            && label
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    });
+                if !valid {
                     return err(
                         format!("{f}.hostnames[{j}]"),
-                        format!("{h:?}: a hostname may only start with a `*.` wildcard"),
+                        format!(
+                            "{h:?} is not a DNS name (lowercase letters, digits, `-`, dots; only \
+                             a leading `*.` wildcard)"
+                        ),
                     );
                 }
             }
@@ -665,6 +676,20 @@ impl Waypoint {
                         return err(
                             format!("{rf}.when[{k}].key"),
                             format!("{:?} is not supported; use one of {CONDITION_KEYS}", c.key),
+                        );
+                    }
+                    if matches!(
+                        super::authz::ConditionKey::parse(&c.key),
+                        Some(super::authz::ConditionKey::SourceIp)
+                    ) && let Some(v) = c
+                        .values
+                        .iter()
+                        .chain(&c.not_values)
+                        .find(|v| v.parse::<crate::policy::Cidr>().is_err())
+                    {
+                        return err(
+                            format!("{rf}.when[{k}].values"),
+                            format!("{v:?} is not an IP address or CIDR block"),
                         );
                     }
                     if c.values.is_empty() && c.not_values.is_empty() {

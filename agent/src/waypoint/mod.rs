@@ -88,7 +88,9 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         roots.clone(),
         identity.clone(),
         metrics.clone(),
+        config.hbone.idle_timeout,
     );
+    control.spawn(upstream.clone().run_reaper(shutdown.clone()));
     let ctx = Arc::new(server::Ctx {
         settings: ArcSwap::from_pointee(settings.clone()),
         state: Workloads::default(),

@@ -44,6 +44,8 @@ use crate::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request bodies up to this size are kept so the request can be retried.
 const MAX_RETRY_BODY: u64 = 64 * 1024;
+/// How long a client gets to send a request's head, or a body the waypoint keeps.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every connection shares.
 pub struct Ctx {
@@ -239,7 +241,11 @@ async fn serve_tunnel(
             }
         })
     };
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_READ_TIMEOUT);
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -282,7 +288,14 @@ async fn serve_h2c(
             return;
         }
     };
-    let opening = match h2c::opening(&mut io, &stream1).await {
+    let opening = match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2c::opening(&mut io, &stream1))
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no HTTP/2 preface in time after the h2c upgrade",
+            ))
+        }) {
         Ok(b) => b,
         Err(e) => {
             warn!(src.addr = %tunnel.peer, error = %e, "h2c upgrade failed");
@@ -386,6 +399,65 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(h);
     }
     headers.remove("http2-settings");
+}
+
+/// The path as an endpoint will resolve it (RFC 3986 dot segments removed, repeated slashes
+/// merged, unreserved characters decoded, other escapes in upper case), so policies and routes
+/// judge what the endpoint will serve. Escaped slashes and backslashes, and backslashes, are
+/// refused: endpoints disagree on what they mean.
+fn normalize_path(raw: &str) -> Result<String, &'static str> {
+    if raw == "*" {
+        return Ok(raw.to_owned());
+    }
+    if !raw.starts_with('/') {
+        return Err("it does not start with /");
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or("a truncated %-escape")?;
+                let hex = std::str::from_utf8(hex).map_err(|_| "a bad %-escape")?;
+                let v = u8::from_str_radix(hex, 16).map_err(|_| "a bad %-escape")?;
+                if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
+                    decoded.push(char::from(v));
+                } else if v == b'/' || v == b'\\' {
+                    return Err("an escaped slash or backslash (%2F, %5C)");
+                } else {
+                    decoded.push('%');
+                    decoded.push_str(&hex.to_ascii_uppercase());
+                }
+                i += 3;
+            }
+            b'\\' => return Err("a backslash"),
+            b => {
+                decoded.push(char::from(b));
+                i += 1;
+            }
+        }
+    }
+    let ends_in_dir = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for s in &segments {
+        path.push('/');
+        path.push_str(s);
+    }
+    if path.is_empty() || ends_in_dir {
+        path.push('/');
+    }
+    Ok(path)
 }
 
 /// Everything one request's access-log line and metrics need.
@@ -541,6 +613,14 @@ async fn route_request(
             checkout: None,
         }
     };
+    // Judge and route the path the endpoint will see: `/a/../admin` and `/%61dmin` are `/admin`.
+    match normalize_path(req.uri().path()) {
+        Ok(p) => record.path = p,
+        Err(why) => {
+            let body = format!("bad request path {:?}: {why}\n", req.uri().path());
+            return local(record, StatusCode::BAD_REQUEST, "-", body);
+        }
+    }
     let settings = ctx.settings.load_full();
     let service_key = match &tunnel.target {
         Target::Service(s) => Some(s.key.to_string()),
@@ -620,7 +700,7 @@ async fn route_request(
     let snapshot = ctx.state.snapshot();
     let candidates: Vec<(Arc<Workload>, SocketAddr)> = match (&backend_key, &tunnel.target) {
         (Some(key), _) => match snapshot.service(key) {
-            Some(svc) => svc.candidates(tunnel.local_ip, port).collect(),
+            Some(svc) => svc.candidates(tunnel.dst.ip(), port).collect(),
             None => Vec::new(),
         },
         (None, Target::Workload(w)) => vec![(w.clone(), tunnel.dst)],
@@ -639,8 +719,9 @@ async fn route_request(
     // The request as the endpoint gets it: origin-form, HTTP/1.1, with Host.
     let (mut parts, body) = req.into_parts();
     let idempotent = is_idempotent(&parts.method);
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(a) = parts.uri.authority()
+    // The authority the request was judged and routed by is the Host the endpoint sees (a
+    // differing Host header would otherwise pick another virtual host behind the policy's back).
+    if let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         parts.headers.insert(header::HOST, v);
@@ -649,11 +730,23 @@ async fn route_request(
     if let Ok(v) = HeaderValue::from_str(&record.request_id) {
         parts.headers.insert("x-request-id", v);
     }
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
+    let client = tunnel.peer.ip().to_string();
+    let forwarded_for = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(earlier) => format!("{earlier}, {client}"),
+        None => client,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    let target = match parts.uri.query() {
+        Some(q) => format!("{}?{q}", record.path),
+        None => record.path.clone(),
+    };
+    parts.uri = target
         .parse::<Uri>()
         .unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = Version::HTTP_11;
@@ -665,11 +758,18 @@ async fn route_request(
             .is_some_and(|n| n <= MAX_RETRY_BODY);
     let mut stream_body = None;
     let kept = if replayable {
-        match body.collect().await {
-            Ok(b) => Some(b.to_bytes()),
-            Err(e) => {
+        match tokio::time::timeout(REQUEST_READ_TIMEOUT, body.collect()).await {
+            Ok(Ok(b)) => Some(b.to_bytes()),
+            Ok(Err(e)) => {
                 let body = format!("reading the request body failed: {e}\n");
                 return local(record, StatusCode::BAD_REQUEST, "DPE", body);
+            }
+            Err(_) => {
+                let body = format!(
+                    "the request body did not arrive within {}s\n",
+                    REQUEST_READ_TIMEOUT.as_secs()
+                );
+                return local(record, StatusCode::REQUEST_TIMEOUT, "DPE", body);
             }
         }
     } else {
@@ -713,13 +813,7 @@ async fn route_request(
             };
             let sent = ctx
                 .upstream
-                .send(
-                    workload,
-                    *addr,
-                    tunnel.peer.ip(),
-                    tunnel.local_ip,
-                    build(body),
-                )
+                .send(workload, *addr, tunnel.local_ip, build(body))
                 .await;
             match sent {
                 Ok((resp, checkout)) => {
@@ -732,6 +826,10 @@ async fn route_request(
                         debug!(endpoint = %addr, %status, "retrying");
                         last = Some((status, "URX", format!("{addr} answered {status}")));
                         continue;
+                    }
+                    if retryable && n > 0 {
+                        // Every try answered a retryable error: the last answer goes back.
+                        record.flags = "URX";
                     }
                     return Ok((resp, checkout));
                 }
@@ -924,5 +1022,39 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         let complete = self.inner.is_end_stream();
         self.end(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_path;
+
+    #[test]
+    fn paths_are_judged_as_endpoints_resolve_them() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/b/", "/a/b/"),
+            ("/public/../admin/users", "/admin/users"),
+            ("/%61dmin/users", "/admin/users"),
+            ("//admin///users", "/admin/users"),
+            ("/./admin/.", "/admin/"),
+            ("/../../admin", "/admin"),
+            ("/a/..", "/"),
+            ("/a%20b", "/a%20b"),
+            ("/a%3fb", "/a%3Fb"),
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+        for bad in [
+            "/admin%2Fusers",
+            "/a%5cb",
+            "/a\\b",
+            "/a%2",
+            "/a%zz",
+            "admin",
+        ] {
+            assert!(normalize_path(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -32,6 +32,10 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Idle kept-alive connections per endpoint, at most this many each.
 const MAX_IDLE_PER_ENDPOINT: usize = 32;
+/// The longest an endpoint is ejected, however often it was before (as Envoy's default).
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Outlier state of an endpoint that has been healthy this long is forgotten.
+const OUTLIER_MEMORY: Duration = Duration::from_secs(600);
 
 /// Why a try failed.
 #[derive(Debug)]
@@ -58,6 +62,12 @@ struct Outlier {
     ejected_until: Option<Instant>,
 }
 
+/// A kept-alive HTTP/1.1 connection waiting for the next request to its endpoint.
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
 /// A kept-alive connection lent to one request; give it back with [`Checkout::done`] once the
 /// response has been read to its end.
 pub struct Checkout {
@@ -74,7 +84,10 @@ impl Checkout {
         let mut idle = lock(&self.upstream.idle);
         let list = idle.entry(self.addr).or_default();
         if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push(self.sender);
+            list.push(Idle {
+                sender: self.sender,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -87,7 +100,9 @@ pub struct Upstream {
     roots: TrustRoots,
     identity: Identity,
     metrics: Arc<WaypointMetrics>,
-    idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<Body>>>>,
+    /// Kept-alive connections unused this long are closed (each holds an HBONE stream).
+    idle_timeout: Duration,
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     outliers: Mutex<HashMap<SocketAddr, Outlier>>,
 }
 
@@ -103,6 +118,7 @@ impl Upstream {
         roots: TrustRoots,
         identity: Identity,
         metrics: Arc<WaypointMetrics>,
+        idle_timeout: Duration,
     ) -> Arc<Upstream> {
         Arc::new(Upstream {
             pool,
@@ -111,9 +127,39 @@ impl Upstream {
             roots,
             identity,
             metrics,
+            idle_timeout,
             idle: Mutex::default(),
             outliers: Mutex::default(),
         })
+    }
+
+    /// Closes kept-alive connections idle past the timeout and forgets endpoints that have
+    /// long been healthy (endpoints come and go). Run periodically.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        {
+            let mut idle = lock(&self.idle);
+            for list in idle.values_mut() {
+                list.retain(|i| {
+                    !i.sender.is_closed() && now.duration_since(i.since) < self.idle_timeout
+                });
+            }
+            idle.retain(|_, list| !list.is_empty());
+        }
+        lock(&self.outliers).retain(|_, o| {
+            o.consecutive > 0 || o.ejected_until.is_some_and(|t| t + OUTLIER_MEMORY > now)
+        });
+    }
+
+    /// Runs [`Upstream::reap`] until `shutdown`.
+    pub async fn run_reaper(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.reap(),
+            }
+        }
     }
 
     /// How many endpoints are ejected now.
@@ -192,7 +238,8 @@ impl Upstream {
         }
         o.ejections += 1;
         o.consecutive = 0;
-        let length = od.base_ejection_time.duration() * o.ejections;
+        let base = od.base_ejection_time.duration();
+        let length = (base * o.ejections).min(MAX_EJECTION.max(base));
         o.ejected_until = Some(now + length);
         self.metrics.ejected();
         warn!(
@@ -204,42 +251,72 @@ impl Upstream {
     }
 
     /// Sends `req` to `workload` at `addr` on a kept-alive connection or a new one (HBONE when
-    /// the workload is in the mesh, verifying its identity). `client_ip` is the original client,
-    /// passed on in the tunnel's `Forwarded` header.
+    /// the workload is in the mesh, verifying its identity). A kept-alive connection the
+    /// endpoint closed before the request went out is replaced by a new one, transparently.
+    /// Tunnels are shared by clients, so their `Forwarded` header names the waypoint (`local_ip`);
+    /// the request itself carries the client in `x-forwarded-for`.
     pub async fn send(
         self: &Arc<Self>,
         workload: &Workload,
         addr: SocketAddr,
-        client_ip: IpAddr,
         local_ip: IpAddr,
         req: Request<Body>,
     ) -> Result<(Response<Incoming>, Checkout), Failure> {
-        let mut sender = match self.take_idle(addr) {
-            Some(s) => s,
-            None => self.open(workload, addr, client_ip, local_ip).await?,
+        let (mut sender, pooled) = match self.take_idle(addr) {
+            Some(s) => (s, true),
+            None => (self.open(workload, addr, local_ip).await?, false),
         };
-        if sender.ready().await.is_err() {
-            sender = self.open(workload, addr, client_ip, local_ip).await?;
+        let req = match sender.try_send_request(req).await {
+            Ok(resp) => return Ok(self.checkout(resp, addr, sender)),
+            Err(mut e) => match e.take_message() {
+                // Not sent: the kept-alive connection was closed under us. Try a fresh one.
+                Some(req) if pooled => req,
+                _ => return Err(Failure::Broken(e.into_error().to_string())),
+            },
+        };
+        let mut sender = self.open(workload, addr, local_ip).await?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(self.checkout(resp, addr, sender)),
+            Err(mut e) => {
+                let unsent = e.take_message().is_some();
+                let cause = e.into_error();
+                Err(if unsent {
+                    Failure::Connect(format!(
+                        "{addr} closed a new connection before the request: {cause}"
+                    ))
+                } else {
+                    Failure::Broken(cause.to_string())
+                })
+            }
         }
-        match sender.send_request(req).await {
-            Ok(resp) => Ok((
-                resp,
-                Checkout {
-                    upstream: self.clone(),
-                    addr,
-                    sender,
-                },
-            )),
-            Err(e) => Err(Failure::Broken(e.to_string())),
-        }
+    }
+
+    fn checkout(
+        self: &Arc<Self>,
+        resp: Response<Incoming>,
+        addr: SocketAddr,
+        sender: SendRequest<Body>,
+    ) -> (Response<Incoming>, Checkout) {
+        (
+            resp,
+            Checkout {
+                upstream: self.clone(),
+                addr,
+                sender,
+            },
+        )
     }
 
     fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<Body>> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(&addr)?;
-        while let Some(s) = list.pop() {
-            if !s.is_closed() && s.is_ready() {
-                return Some(s);
+        let now = Instant::now();
+        while let Some(i) = list.pop() {
+            if !i.sender.is_closed()
+                && i.sender.is_ready()
+                && now.duration_since(i.since) < self.idle_timeout
+            {
+                return Some(i.sender);
             }
         }
         None
@@ -249,7 +326,6 @@ impl Upstream {
         &self,
         workload: &Workload,
         addr: SocketAddr,
-        client_ip: IpAddr,
         local_ip: IpAddr,
     ) -> Result<SendRequest<Body>, Failure> {
         if !workload.hbone {
@@ -282,7 +358,7 @@ impl Upstream {
                 || tls::client_config(&cert, &self.roots, expected),
                 addr,
                 TunnelHeaders {
-                    client_ip,
+                    client_ip: local_ip,
                     traceparent: None,
                     baggage: None,
                 },
