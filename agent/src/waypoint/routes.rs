@@ -1,7 +1,7 @@
 //! Which route rule a request takes, with the Gateway API's precedence: among the routes attached
 //! to the destination Service (and its port) whose hostnames match, the most specific match wins:
-//! an exact path, then the longest path prefix, then a method, then the most header matches, then
-//! the order in the config. Then one backend is picked by weight.
+//! the route whose matching hostname is exact, then the longest wildcard, then an exact path, the
+//! longest path prefix, a method, the most header matches, then the order in the config. Then one backend is picked by weight.
 
 use http::HeaderMap;
 
@@ -48,11 +48,23 @@ pub fn select<'a>(
     if attached.is_empty() {
         return Selection::Direct;
     }
-    let mut best: Option<(Rank, &HttpRoute, usize)> = None;
+    let mut best: Option<(((u8, usize), Rank), &HttpRoute, usize)> = None;
     for route in &attached {
-        if !route.hostnames.is_empty() && !route.hostnames.iter().any(|h| host_matches(h, host)) {
-            continue;
-        }
+        // How specifically the route names this host: exact (2), by wildcard (1), any (0).
+        let host_rank = if route.hostnames.is_empty() {
+            (0, 0)
+        } else {
+            match route
+                .hostnames
+                .iter()
+                .filter(|h| host_matches(h, host))
+                .map(|h| (if h.starts_with('*') { 1 } else { 2 }, h.len()))
+                .max()
+            {
+                Some(r) => r,
+                None => continue,
+            }
+        };
         for (i, rule) in route.rules.iter().enumerate() {
             let default = [RouteMatch::default()];
             let matches: &[RouteMatch] = if rule.matches.is_empty() {
@@ -64,7 +76,7 @@ pub fn select<'a>(
                 if !match_applies(m, method, path, headers) {
                     continue;
                 }
-                let rank = specificity(m);
+                let rank = (host_rank, specificity(m));
                 // Strictly better only: earlier routes and rules win ties.
                 if best.as_ref().is_none_or(|(b, _, _)| rank > *b) {
                     best = Some((rank, route, i));
@@ -239,6 +251,33 @@ mod tests {
             select(&rs, SVC, 8080, "a.example.com", "GET", "/", &h),
             Selection::Direct
         ));
+    }
+
+    #[test]
+    fn an_exact_hostname_beats_a_wildcard_and_any() {
+        let rs = routes(
+            r#"
+- name: any
+  parentRefs: [{name: echo}]
+  rules: [{matches: [{path: {type: Exact, value: /x}}], backendRefs: [{name: v1}]}]
+- name: wild
+  parentRefs: [{name: echo}]
+  hostnames: ["*.example.com"]
+  rules: [{backendRefs: [{name: v2}]}]
+- name: exact
+  parentRefs: [{name: echo}]
+  hostnames: ["a.example.com"]
+  rules: [{backendRefs: [{name: v3}]}]
+"#,
+        );
+        let h = HeaderMap::new();
+        let route_of = |host: &str| match select(&rs, SVC, 80, host, "GET", "/x", &h) {
+            Selection::Rule { route, .. } => route,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(route_of("a.example.com"), "default/exact");
+        assert_eq!(route_of("b.example.com"), "default/wild");
+        assert_eq!(route_of("other"), "default/any");
     }
 
     #[test]
