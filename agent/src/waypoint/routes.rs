@@ -48,7 +48,7 @@ pub fn select<'a>(
     if attached.is_empty() {
         return Selection::Direct;
     }
-    let mut best: Option<(((u8, usize), Rank), &HttpRoute, usize)> = None;
+    let mut best: Option<((HostRank, Rank), &HttpRoute, usize)> = None;
     for route in &attached {
         // How specifically the route names this host: exact (2), by wildcard (1), any (0).
         let host_rank = if route.hostnames.is_empty() {
@@ -102,6 +102,10 @@ pub fn select<'a>(
         },
     }
 }
+
+/// How specifically a route names the request's host: exact (2), by wildcard (1), any (0), then
+/// the length of the name.
+type HostRank = (u8, usize);
 
 /// How specific a match is: path kind (2 exact, 1 prefix), prefix length, has a method, header
 /// matches. Compared as a tuple.
