@@ -290,7 +290,31 @@ fn requests_go_client_agent_waypoint_agent_server_all_over_hbone() {
         )
         .expect("an HTTP/2 request in the waypoint's log");
 
-    // The Istio request metrics count both.
+    // A client that gives up before the answer is still in the log (Envoy's flag DC, code 0).
+    let gave_up = m.client.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "0.5",
+        &format!("http://{ECHO_VIP}/delay/2000"),
+    ]);
+    assert!(gave_up.is_err(), "curl gave up: {gave_up:?}");
+    let log = m
+        .waypoint
+        .wait_for_log_after(
+            mark_wp,
+            |v| log_str(v, "target") == Some("access") && log_str(v, "path") == Some("/delay/2000"),
+            WAIT,
+        )
+        .expect("an access line for the abandoned request");
+    assert_eq!(log_str(&log, "flags"), Some("DC"), "{log}");
+    assert_eq!(
+        log_field(&log, "status").and_then(Value::as_u64),
+        Some(0),
+        "{log}"
+    );
+
+    // The Istio request metrics count the three answered ones.
     let text = metrics(&m.waypoint_pod);
     let total: f64 = text
         .lines()

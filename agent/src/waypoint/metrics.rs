@@ -28,7 +28,8 @@ pub struct RequestLabels {
     pub request_protocol: &'static str,
     pub response_code: u16,
     /// Envoy's short flags: `-`, `UF` (upstream connect failure), `UH` (no healthy upstream),
-    /// `UT` (timeout), `NR` (no route), `URX` (retries exhausted), `UC` (upstream reset).
+    /// `UT` (timeout), `NR` (no route), `URX` (retries exhausted), `UC` (upstream reset), `DC`
+    /// (the client went away before the response; code 0).
     pub response_flags: &'static str,
 }
 

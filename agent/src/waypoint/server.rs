@@ -245,6 +245,9 @@ async fn serve_tunnel(
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
+        // No half-close: the end of a tunnel's client side is the client going away (a
+        // `CONNECT` stream cannot tell a shutdown from a close), and its request is abandoned,
+        // as Envoy does.
         .header_read_timeout(REQUEST_READ_TIMEOUT);
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
@@ -482,8 +485,26 @@ struct Record {
 
 struct Handled {
     response: Response<Body>,
-    record: Record,
     checkout: Option<Checkout>,
+}
+
+/// A request in flight: if hyper drops it (the client went away before the response), the
+/// request is still logged and counted, as Envoy does (`response_code` 0, flag `DC`).
+struct InFlight {
+    ctx: Arc<Ctx>,
+    tunnel: Arc<Tunnel>,
+    record: Option<Record>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            r.status = 0;
+            r.flags = "DC";
+            r.error = Some("the client went away before the response".to_owned());
+            finish(&self.ctx, &self.tunnel, &r);
+        }
+    }
 }
 
 async fn handle(ctx: Arc<Ctx>, tunnel: Arc<Tunnel>, req: Request<Incoming>) -> Response<Body> {
@@ -536,11 +557,18 @@ async fn handle(ctx: Arc<Ctx>, tunnel: Arc<Tunnel>, req: Request<Incoming>) -> R
         error: None,
         response_bytes: 0,
     };
-    let Handled {
-        response,
-        record,
-        checkout,
-    } = route_request(&ctx, &tunnel, req, record).await;
+    let mut in_flight = InFlight {
+        ctx: ctx.clone(),
+        tunnel: tunnel.clone(),
+        record: Some(record),
+    };
+    let Some(record) = in_flight.record.as_mut() else {
+        unreachable!("the record was just put in");
+    };
+    let Handled { response, checkout } = route_request(&ctx, &tunnel, req, record).await;
+    let Some(record) = in_flight.record.take() else {
+        unreachable!("only the drop takes the record");
+    };
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -598,10 +626,9 @@ async fn route_request(
     ctx: &Arc<Ctx>,
     tunnel: &Tunnel,
     req: Request<Incoming>,
-    mut record: Record,
+    record: &mut Record,
 ) -> Handled {
-    let local = |record: Record, status: StatusCode, flags: &'static str, body: String| {
-        let mut record = record;
+    let local = |record: &mut Record, status: StatusCode, flags: &'static str, body: String| {
         record.status = status.as_u16();
         record.flags = flags;
         if status != StatusCode::FORBIDDEN && record.error.is_none() {
@@ -609,7 +636,6 @@ async fn route_request(
         }
         Handled {
             response: text(status, body),
-            record,
             checkout: None,
         }
     };
@@ -868,7 +894,6 @@ async fn route_request(
             let (parts, body) = resp.into_parts();
             Handled {
                 response: Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync()),
-                record,
                 checkout: Some(checkout),
             }
         }
