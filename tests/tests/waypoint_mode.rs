@@ -17,7 +17,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// Two nodes; `client` on node-a, the waypoint and the `v1`/`v2` endpoints of `echo` on node-b.
 struct Mesh {
-    _bed: TestBed,
+    bed: TestBed,
     client: Pod,
     v1: Pod,
     v2: Pod,
@@ -102,7 +102,7 @@ fn mesh(waypoint: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Mesh {
         agent_b,
         waypoint,
         waypoint_config: wp,
-        _bed: bed,
+        bed,
     }
 }
 
@@ -616,4 +616,81 @@ fn a_failing_endpoint_is_retried_then_ejected_and_a_slow_one_times_out() {
         "{replies:?}"
     );
     assert!(took < Duration::from_millis(2500), "answered in {took:?}");
+}
+
+#[test]
+fn grpc_is_carried_over_http2_end_to_end() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let m = mesh(|w| {
+        w.insert(
+            "routes".into(),
+            json!([{"name": "to-v1", "parentRefs": [{"name": "echo"}],
+                    "rules": [{"backendRefs": [{"name": "echo-v1", "port": 80}]}]}]),
+        );
+    });
+    // An HTTP/2-only (h2c) server in v1, as a gRPC server is: it refuses HTTP/1.1.
+    let dir = m.bed.tmp_dir().join("nginx-h2");
+    std::fs::create_dir_all(&dir).expect("nginx dir");
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;\n\
+             error_log stderr warn; events {{ worker_connections 64; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+             server {{ listen {APP_PORT} http2; location / {{ default_type text/plain;\n\
+             return 200 \"served over $server_protocol\\n\"; }} }} }}\n"
+        ),
+    )
+    .expect("nginx config");
+    let mut cmd = m.v1.command("nginx");
+    cmd.args([
+        "-p",
+        &d.to_string(),
+        "-c",
+        &conf.display().to_string(),
+        "-e",
+        "stderr",
+    ]);
+    let _nginx = m.v1.spawn(&mut cmd).expect("nginx");
+    let local = format!("http://127.0.0.1:{APP_PORT}/");
+    let up = ambit_testbed::poll(WAIT, || {
+        m.v1.exec(&["curl", "-sS", "--http2-prior-knowledge", &local])
+            .ok()
+    });
+    assert!(up.is_some(), "nginx (h2c) did not come up in v1");
+
+    let replies = curl(
+        &m.client,
+        &[
+            "--http2-prior-knowledge",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/grpc",
+            "--data-binary",
+            "",
+            &format!("http://{ECHO_VIP}/echo.Echo/Say"),
+        ],
+    );
+    assert_eq!(replies[0].status, 200, "{replies:?}");
+    assert_eq!(
+        replies[0].body, "served over HTTP/2.0",
+        "the endpoint got HTTP/2: {replies:?}"
+    );
+    let log = m
+        .waypoint
+        .wait_for_log(
+            |v| {
+                log_str(v, "target") == Some("access")
+                    && log_str(v, "path") == Some("/echo.Echo/Say")
+            },
+            WAIT,
+        )
+        .expect("waypoint access log");
+    assert_eq!(log_str(&log, "dst.workload"), Some("default/v1"), "{log}");
 }

@@ -745,6 +745,26 @@ async fn route_request(
     // The request as the endpoint gets it: origin-form, HTTP/1.1, with Host.
     let (mut parts, body) = req.into_parts();
     let idempotent = is_idempotent(&parts.method);
+    // gRPC needs HTTP/2 (and trailers) end to end; everything else goes to endpoints as
+    // HTTP/1.1, which every HTTP server speaks.
+    let grpc = parts.version == Version::HTTP_2
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("application/grpc"));
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| tunnel.dst.to_string());
     // The authority the request was judged and routed by is the Host the endpoint sees (a
     // differing Host header would otherwise pick another virtual host behind the policy's back).
     if let Some(a) = parts.uri.authority()
@@ -753,6 +773,13 @@ async fn route_request(
         parts.headers.insert(header::HOST, v);
     }
     strip_hop_by_hop(&mut parts.headers);
+    if grpc {
+        // The one TE value HTTP/2 allows, and gRPC requires.
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+        parts.headers.remove(header::HOST);
+    }
     if let Ok(v) = HeaderValue::from_str(&record.request_id) {
         parts.headers.insert("x-request-id", v);
     }
@@ -768,14 +795,22 @@ async fn route_request(
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         parts.headers.insert("x-forwarded-for", v);
     }
-    let target = match parts.uri.query() {
+    let mut target = match parts.uri.query() {
         Some(q) => format!("{}?{q}", record.path),
         None => record.path.clone(),
     };
+    if grpc {
+        // HTTP/2 carries the authority in the URI (`:authority`), not in Host.
+        target = format!("http://{authority}{target}");
+    }
     parts.uri = target
         .parse::<Uri>()
         .unwrap_or_else(|_| Uri::from_static("/"));
-    parts.version = Version::HTTP_11;
+    parts.version = if grpc {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     // Keep small bodies so the request can be sent again.
     let replayable = body.is_end_stream()
         || body
@@ -806,7 +841,7 @@ async fn route_request(
         let mut r = Request::new(body);
         *r.method_mut() = parts.method.clone();
         *r.uri_mut() = parts.uri.clone();
-        *r.version_mut() = Version::HTTP_11;
+        *r.version_mut() = parts.version;
         *r.headers_mut() = parts.headers.clone();
         r
     };
@@ -837,10 +872,17 @@ async fn route_request(
                 // A streamed body went with the first try: no more tries.
                 (None, None) => break,
             };
-            let sent = ctx
-                .upstream
-                .send(workload, *addr, tunnel.local_ip, build(body))
-                .await;
+            let sent = if grpc {
+                ctx.upstream
+                    .send_h2(workload, *addr, tunnel.local_ip, build(body))
+                    .await
+                    .map(|resp| (resp, None))
+            } else {
+                ctx.upstream
+                    .send(workload, *addr, tunnel.local_ip, build(body))
+                    .await
+                    .map(|(resp, checkout)| (resp, Some(checkout)))
+            };
             match sent {
                 Ok((resp, checkout)) => {
                     let status = resp.status();
@@ -894,7 +936,7 @@ async fn route_request(
             let (parts, body) = resp.into_parts();
             Handled {
                 response: Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync()),
-                checkout: Some(checkout),
+                checkout,
             }
         }
         Err(Some((status, flags, why))) => {

@@ -103,8 +103,14 @@ pub struct Upstream {
     /// Kept-alive connections unused this long are closed (each holds an HBONE stream).
     idle_timeout: Duration,
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// One multiplexed HTTP/2 connection per endpoint, for gRPC.
+    h2: Mutex<HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Body>>>,
     outliers: Mutex<HashMap<SocketAddr, Outlier>>,
 }
+
+/// A byte stream to an endpoint: an HBONE stream, or TCP for workloads outside the mesh.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -129,6 +135,7 @@ impl Upstream {
             metrics,
             idle_timeout,
             idle: Mutex::default(),
+            h2: Mutex::default(),
             outliers: Mutex::default(),
         })
     }
@@ -146,6 +153,7 @@ impl Upstream {
             }
             idle.retain(|_, list| !list.is_empty());
         }
+        lock(&self.h2).retain(|_, s| !s.is_closed());
         lock(&self.outliers).retain(|_, o| {
             o.consecutive > 0 || o.ejected_until.is_some_and(|t| t + OUTLIER_MEMORY > now)
         });
@@ -328,13 +336,66 @@ impl Upstream {
         addr: SocketAddr,
         local_ip: IpAddr,
     ) -> Result<SendRequest<Body>, Failure> {
+        let io = self.connect_io(workload, addr, local_ip).await?;
+        handshake(io, addr).await
+    }
+
+    /// Sends a gRPC request (HTTP/2 end to end) to `workload` at `addr`, on the endpoint's one
+    /// multiplexed HTTP/2 connection (opened on first use, inside HBONE as for HTTP/1.1).
+    pub async fn send_h2(
+        &self,
+        workload: &Workload,
+        addr: SocketAddr,
+        local_ip: IpAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Failure> {
+        let existing = lock(&self.h2)
+            .get(&addr)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match existing {
+            Some(s) => s,
+            None => {
+                let io = self.connect_io(workload, addr, local_ip).await?;
+                let (sender, conn) =
+                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .handshake(TokioIo::new(io))
+                        .await
+                        .map_err(|e| Failure::Connect(format!("HTTP/2 with {addr}: {e}")))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(endpoint = %addr, error = %e, "upstream HTTP/2 connection ended");
+                    }
+                });
+                lock(&self.h2).insert(addr, sender.clone());
+                sender
+            }
+        };
+        if sender.ready().await.is_err() {
+            lock(&self.h2).remove(&addr);
+            return Err(Failure::Connect(format!(
+                "the HTTP/2 connection to {addr} closed"
+            )));
+        }
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| Failure::Broken(e.to_string()))
+    }
+
+    async fn connect_io(
+        &self,
+        workload: &Workload,
+        addr: SocketAddr,
+        local_ip: IpAddr,
+    ) -> Result<Box<dyn Io>, Failure> {
         if !workload.hbone {
             let socket = proxy::upstream_socket(&self.netns, addr, None)
                 .map_err(|e| Failure::Connect(format!("{addr}: {e}")))?;
             let tcp = proxy::connect(socket, addr)
                 .await
                 .map_err(|e| Failure::Connect(format!("{addr}: {e}")))?;
-            return handshake(tcp, addr).await;
+            return Ok(Box::new(tcp));
         }
         let cert = self.certs.current(&self.identity).ok_or_else(|| {
             Failure::Connect(format!(
@@ -365,14 +426,11 @@ impl Upstream {
             )
             .await
             .map_err(|e| Failure::Connect(e.to_string()))?;
-        handshake(tunnel.into_io(), addr).await
+        Ok(Box::new(tunnel.into_io()))
     }
 }
 
-async fn handshake<T>(io: T, addr: SocketAddr) -> Result<SendRequest<Body>, Failure>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+async fn handshake(io: Box<dyn Io>, addr: SocketAddr) -> Result<SendRequest<Body>, Failure> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await
