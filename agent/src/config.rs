@@ -319,10 +319,16 @@ impl Config {
                 p if p == "." => "(top level)".to_owned(),
                 p => p,
             };
+            // The YAML parser's message may already start with the field's path.
+            let message = err.into_inner().to_string();
+            let message = match message.strip_prefix(&format!("{field}: ")) {
+                Some(rest) => rest.to_owned(),
+                None => message,
+            };
             Error::Parse {
                 path: path.to_owned(),
                 field,
-                message: err.into_inner().to_string(),
+                message,
             }
         })?;
         raw.validate(path)
@@ -1206,6 +1212,7 @@ pods:
         let e = error_of(&GOOD.replace("10.1.0.3", "10.1.0.300"));
         assert!(e.contains("pods[1].ips[0]"), "{e}");
         assert!(e.contains("invalid IP address"), "{e}");
+        assert_eq!(e.matches("pods[1].ips[0]").count(), 1, "named once: {e}");
     }
 
     #[test]
