@@ -36,7 +36,7 @@ use crate::{
     readiness::{self, Readiness},
     redirect::{self, CaptureOptions, Netns, Redirect, routing},
     state::{Sources, Workloads},
-    tls::{self, CertResolver, TrustRoots},
+    tls::{self, TrustRoots},
     tunnel::client::Pool,
     xds::{NodeInfo, XdsClient, XdsConfig},
 };
@@ -841,36 +841,17 @@ impl PodManager {
     }
 }
 
-/// Keeps a pod's HBONE server certificate current: built when the identity's first certificate
-/// arrives, updated in place on every rotation (new handshakes get the new one at once).
+/// Keeps a pod's HBONE server certificate current (see [`tls::follow_server_config`]).
 async fn follow_pod_cert(ctx: Arc<ProxyContext>, pod: Arc<PodInfo>, cancel: CancellationToken) {
-    let Some(mut updates) = ctx.certs.subscribe(&pod.identity) else {
-        error!(pod = %pod.key, identity = %pod.identity, "BUG: identity not registered with the certificate manager");
-        return;
-    };
-    let mut resolver: Option<Arc<CertResolver>> = None;
-    loop {
-        let cert = updates.borrow_and_update().clone();
-        if let Some(cert) = cert {
-            let result = match &resolver {
-                Some(r) => r.update(&cert),
-                None => CertResolver::new(&cert).and_then(|r| {
-                    let r = Arc::new(r);
-                    let config = tls::server_config(r.clone(), &ctx.roots, &ctx.trust_domain)?;
-                    pod.hbone_tls.store(Some(config));
-                    resolver = Some(r);
-                    Ok(())
-                }),
-            };
-            if let Err(e) = result {
-                error!(pod = %pod.key, identity = %pod.identity, error = %e, "cannot use the pod's new certificate");
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = updates.changed() => if changed.is_err() { return },
-        }
-    }
+    tls::follow_server_config(
+        &ctx.certs,
+        &pod.identity,
+        &ctx.roots,
+        &ctx.trust_domain,
+        &pod.hbone_tls,
+        cancel,
+    )
+    .await
 }
 
 /// The xDS client for the configured control plane.

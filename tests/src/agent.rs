@@ -284,6 +284,64 @@ impl std::fmt::Debug for Agent {
 /// The agent's log filter in tests: debug for our code, info for the libraries.
 pub const TEST_LOG_FILTER: &str = "debug,aya=info,aya_obj=info,rustls=info,tonic=info,h2=info,hyper=info,hyper_util=info,tower=info";
 
+/// How to launch one `ambit-agent` process under test.
+struct Launch<'a> {
+    /// `run` or `waypoint`.
+    subcommand: &'a str,
+    /// Config and log file stem in the bed's dir, e.g. `agent-node-a`.
+    stem: String,
+    netns: PathBuf,
+    cgroup: PathBuf,
+    /// How errors name it, e.g. `node node-a`.
+    label: String,
+    /// Log messages that must all appear before it counts as started.
+    ready: &'a [&'a str],
+}
+
+/// Writes `config`, starts the agent with its log in the bed's dir, and waits for `ready`.
+fn launch(shared: &Shared, config: &AgentConfig, log_filter: &str, l: Launch<'_>) -> Result<Agent> {
+    let bin = shared.agent_bin()?;
+    let config_path = shared.tmp.join(format!("{}.yaml", l.stem));
+    let log_path = shared.tmp.join(format!("{}.log", l.stem));
+    config.write_to(&config_path)?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open log {}", log_path.display()))?;
+    let log_err = log
+        .try_clone()
+        .with_context(|| format!("cannot open log {}", log_path.display()))?;
+    let start_mark = LogMark(log.metadata().map(|m| m.len()).unwrap_or(0));
+    let mut cmd = process::command_in(&bin, &l.netns, &l.cgroup)?;
+    cmd.arg(l.subcommand)
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--log-format", "json"])
+        .env("AMBIT_LOG", log_filter)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    let process = shared.tracker.spawn(&mut cmd, &l.label)?;
+    let agent = Agent {
+        node: config.node.clone(),
+        admin_socket: config.admin_socket.clone(),
+        process,
+        log_path,
+        config_path,
+    };
+    for message in l.ready {
+        agent
+            .wait_for_log_after(
+                start_mark,
+                |v| log_message(v) == Some(message),
+                READY_TIMEOUT,
+            )
+            .with_context(|| format!("{} did not log {message:?}", l.label))?;
+    }
+    Ok(agent)
+}
+
 /// Starts `ambit-agent waypoint` in `pod`'s netns and cgroup with `config`, and waits until it
 /// listens and has its certificate.
 pub(crate) fn start_waypoint(
@@ -295,109 +353,46 @@ pub(crate) fn start_waypoint(
     if !config.extra.contains_key("waypoint") {
         bail!("start_waypoint: the config has no waypoint section (use TestBed::waypoint_config)");
     }
-    let bin = shared.agent_bin()?;
-    let config_path = shared.tmp.join(format!("waypoint-{}.yaml", pod.name()));
-    let log_path = shared.tmp.join(format!("waypoint-{}.log", pod.name()));
-    config.write_to(&config_path)?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("cannot open waypoint log {}", log_path.display()))?;
-    let log_err = log
-        .try_clone()
-        .with_context(|| format!("cannot open waypoint log {}", log_path.display()))?;
-    let start_mark = LogMark(log.metadata().map(|m| m.len()).unwrap_or(0));
-    let mut cmd = process::command_in(&bin, &pod.netns_path(), pod.cgroup_dir())?;
-    cmd.arg("waypoint")
-        .arg("--config")
-        .arg(&config_path)
-        .args(["--log-format", "json"])
-        .env("AMBIT_LOG", log_filter)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err);
-    let process = shared
-        .tracker
-        .spawn(&mut cmd, &format!("waypoint {}", pod.name()))?;
-    let agent = Agent {
-        node: config.node.clone(),
-        admin_socket: config.admin_socket.clone(),
-        process,
-        log_path,
-        config_path,
-    };
-    agent
-        .wait_for_log_after(
-            start_mark,
-            |v| log_message(v) == Some("waypoint certificate in place"),
-            READY_TIMEOUT,
-        )
-        .with_context(|| format!("waypoint {} did not get its certificate", pod.name()))?;
-    agent
-        .wait_for_log_after(
-            start_mark,
-            |v| log_message(v) == Some("waypoint ready"),
-            READY_TIMEOUT,
-        )
-        .with_context(|| format!("waypoint {} did not become ready", pod.name()))?;
-    Ok(agent)
+    launch(
+        shared,
+        config,
+        log_filter,
+        Launch {
+            subcommand: "waypoint",
+            stem: format!("waypoint-{}", pod.name()),
+            netns: pod.netns_path(),
+            cgroup: pod.cgroup_dir().to_owned(),
+            label: format!("waypoint {}", pod.name()),
+            ready: &["HBONE server certificate in place", "waypoint ready"],
+        },
+    )
 }
 
 pub(crate) fn start(shared: &Shared, node: &NodeInfo, config: &AgentConfig) -> Result<Agent> {
     start_with_log_filter(shared, node, config, TEST_LOG_FILTER)
 }
 
+/// Starts `ambit-agent run` for `node` (in its netns, in the cgroup below the one the agent
+/// attaches to) and waits for "agent ready".
 pub(crate) fn start_with_log_filter(
     shared: &Shared,
     node: &NodeInfo,
     config: &AgentConfig,
     log_filter: &str,
 ) -> Result<Agent> {
-    let bin = shared.agent_bin()?;
-    let config_path = shared.tmp.join(format!("agent-{}.yaml", node.name));
-    let log_path = shared.tmp.join(format!("agent-{}.log", node.name));
-    config.write_to(&config_path)?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("cannot open agent log {}", log_path.display()))?;
-    let log_err = log
-        .try_clone()
-        .with_context(|| format!("cannot open agent log {}", log_path.display()))?;
-    let start_mark = LogMark(log.metadata().map(|m| m.len()).unwrap_or(0));
-    let mut cmd = process::command_in(
-        &bin,
-        &Path::new("/run/netns").join(&node.netns),
-        &node.cgroup_dir.join("agent"),
-    )?;
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .args(["--log-format", "json"])
-        .env("AMBIT_LOG", log_filter)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err);
-    let process = shared
-        .tracker
-        .spawn(&mut cmd, &format!("node {}", node.name))?;
-    let agent = Agent {
-        node: node.name.clone(),
-        admin_socket: config.admin_socket.clone(),
-        process,
-        log_path,
-        config_path,
-    };
-    agent
-        .wait_for_log_after(
-            start_mark,
-            |v| log_message(v) == Some("agent ready"),
-            READY_TIMEOUT,
-        )
-        .with_context(|| format!("agent on node {} did not become ready", agent.node))?;
-    Ok(agent)
+    launch(
+        shared,
+        config,
+        log_filter,
+        Launch {
+            subcommand: "run",
+            stem: format!("agent-{}", node.name),
+            netns: Path::new("/run/netns").join(&node.netns),
+            cgroup: node.cgroup_dir.join("agent"),
+            label: format!("node {}", node.name),
+            ready: &["agent ready"],
+        },
+    )
 }
 
 impl Agent {

@@ -278,3 +278,43 @@ fn check_trust_domain(trust_domain: &str) -> Result<(), Error> {
         }),
     }
 }
+
+/// Keeps `slot` holding the HBONE server config for `identity` until `cancel`: built when the
+/// identity's first certificate arrives, then updated in place on every rotation (new handshakes
+/// get the new certificate at once). Shared by pods' 15008 listeners and the waypoint.
+pub async fn follow_server_config(
+    certs: &crate::identity::manager::CertManager,
+    identity: &Identity,
+    roots: &TrustRoots,
+    trust_domain: &str,
+    slot: &arc_swap::ArcSwapOption<rustls::ServerConfig>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let Some(mut updates) = certs.subscribe(identity) else {
+        tracing::error!(%identity, "BUG: identity not registered with the certificate manager");
+        return;
+    };
+    let mut resolver: Option<Arc<CertResolver>> = None;
+    loop {
+        let cert = updates.borrow_and_update().clone();
+        if let Some(cert) = cert {
+            let result = match &resolver {
+                Some(r) => r.update(&cert),
+                None => CertResolver::new(&cert).and_then(|r| {
+                    let r = Arc::new(r);
+                    slot.store(Some(server_config(r.clone(), roots, trust_domain)?));
+                    resolver = Some(r);
+                    tracing::info!(%identity, serial = %cert.serial, "HBONE server certificate in place");
+                    Ok(())
+                }),
+            };
+            if let Err(e) = result {
+                tracing::error!(%identity, error = %e, "cannot use the new certificate; check what the CA issued");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = updates.changed() => if changed.is_err() { return },
+        }
+    }
+}

@@ -48,75 +48,11 @@ pub async fn serve_connection(
         );
         return;
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            // The common case of a refused peer: wrong CA, no certificate, wrong trust domain.
-            warn!(src.addr = %peer, error = %e, "HBONE TLS handshake refused");
-            return;
-        }
-        Err(_) => {
-            warn!(src.addr = %peer, "HBONE TLS handshake timed out");
-            return;
-        }
-    };
-    let (_, session) = tls.get_ref();
-    let Some(client_id) = tls::peer_identity(session) else {
-        // The verifier already insists on a SPIFFE id; this is a belt-and-braces check.
-        warn!(src.addr = %peer, "HBONE client presented no SPIFFE identity; closing");
+    let Some(accepted) = accept(config, tcp, peer, &pod.identity).await else {
         return;
     };
-    let serial = session
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(crate::identity::ca::serial_hex)
-        .unwrap_or_default();
-    info!(
-        src.addr = %peer,
-        src.identity = %client_id,
-        src.serial = %serial,
-        dst.identity = %pod.identity,
-        "hbone connection accepted"
-    );
-
-    let mut conn = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        h2_builder().handshake::<_, Bytes>(tls),
-    )
-    .await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            warn!(src.addr = %peer, error = %e, "HBONE HTTP/2 handshake failed");
-            return;
-        }
-        Err(_) => {
-            warn!(src.addr = %peer, "HBONE HTTP/2 handshake timed out");
-            return;
-        }
-    };
-    let client_id = Arc::new(client_id);
-    let mut goaway_sent = false;
-    loop {
-        let next = tokio::select! {
-            next = conn.accept() => next,
-            // Draining: GOAWAY tells the client to open new streams elsewhere; the streams in
-            // flight finish, then the connection closes.
-            _ = ctx.draining.cancelled(), if !goaway_sent => {
-                conn.graceful_shutdown();
-                goaway_sent = true;
-                continue;
-            }
-        };
-        let Some(next) = next else { break };
-        let (request, respond) = match next {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(error = %e, "HBONE connection ended");
-                break;
-            }
-        };
+    let client_id = Arc::new(accepted.client);
+    accept_streams(accepted.conn, &ctx.draining, |request, respond| {
         let span = info_span!("hbone_inbound", pod = %pod.key, src = %peer);
         ctx.connections.spawn(
             serve_stream(
@@ -129,6 +65,96 @@ pub async fn serve_connection(
             )
             .instrument(span),
         );
+    })
+    .await;
+}
+
+/// An HBONE connection after its TLS and HTTP/2 handshakes.
+pub struct Accepted {
+    /// The client's verified SPIFFE identity.
+    pub client: Identity,
+    pub conn: h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+}
+
+/// The TLS (client certificate required, `config`) and HTTP/2 handshakes of an accepted HBONE
+/// connection to `local` (the identity served, for the log), each bounded in time. Refusals are
+/// logged with the reason and give `None`.
+pub async fn accept(
+    config: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: &Identity,
+) -> Option<Accepted> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            // The common case of a refused peer: wrong CA, no certificate, wrong trust domain.
+            warn!(src.addr = %peer, error = %e, "HBONE TLS handshake refused");
+            return None;
+        }
+        Err(_) => {
+            warn!(src.addr = %peer, "HBONE TLS handshake timed out");
+            return None;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let Some(client) = tls::peer_identity(session) else {
+        // The verifier already insists on a SPIFFE id; this is a belt-and-braces check.
+        warn!(src.addr = %peer, "HBONE client presented no SPIFFE identity; closing");
+        return None;
+    };
+    let serial = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::identity::ca::serial_hex)
+        .unwrap_or_default();
+    info!(
+        src.addr = %peer,
+        src.identity = %client,
+        src.serial = %serial,
+        dst.identity = %local,
+        "hbone connection accepted"
+    );
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2_builder().handshake::<_, Bytes>(tls)).await {
+        Ok(Ok(conn)) => Some(Accepted { client, conn }),
+        Ok(Err(e)) => {
+            warn!(src.addr = %peer, error = %e, "HBONE HTTP/2 handshake failed");
+            None
+        }
+        Err(_) => {
+            warn!(src.addr = %peer, "HBONE HTTP/2 handshake timed out");
+            None
+        }
+    }
+}
+
+/// Hands every stream of `conn` to `on_stream` until the connection ends. When `draining` fires,
+/// GOAWAY tells the client to open new streams elsewhere; the streams in flight finish, then the
+/// connection closes.
+pub async fn accept_streams(
+    mut conn: h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+    draining: &tokio_util::sync::CancellationToken,
+    mut on_stream: impl FnMut(Request<h2::RecvStream>, SendResponse<Bytes>),
+) {
+    let mut goaway_sent = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = draining.cancelled(), if !goaway_sent => {
+                conn.graceful_shutdown();
+                goaway_sent = true;
+                continue;
+            }
+        };
+        match next {
+            Some(Ok((request, respond))) => on_stream(request, respond),
+            Some(Err(e)) => {
+                debug!(error = %e, "HBONE connection ended");
+                break;
+            }
+            None => break,
+        }
     }
 }
 

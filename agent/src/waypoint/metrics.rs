@@ -13,7 +13,7 @@ const BUCKETS_MS: [f64; 19] = [
 ];
 
 /// The labels of one request's metrics; `unknown` where the waypoint does not know.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestLabels {
     pub source_workload: String,
     pub source_workload_namespace: String,
@@ -95,7 +95,7 @@ impl WaypointMetrics {
         let mut out = String::new();
         let requests = lock(&self.requests);
         let mut rows: Vec<(&RequestLabels, &Histogram)> = requests.iter().collect();
-        rows.sort_by(|a, b| format!("{:?}", a.0).cmp(&format!("{:?}", b.0)));
+        rows.sort_by(|a, b| a.0.cmp(b.0));
         header(
             &mut out,
             "istio_requests_total",

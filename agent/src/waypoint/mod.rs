@@ -42,7 +42,7 @@ use crate::{
     identity::manager::CertManager,
     redirect::Netns,
     state::{Sources, Workloads},
-    tls::{self, CertResolver},
+    tls,
     tunnel::client::Pool,
 };
 
@@ -114,13 +114,22 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     }
 
     // The server certificate follows rotations; connections wait for the first one.
-    control.spawn(follow_cert(
-        ctx.clone(),
-        certs.clone(),
-        roots,
-        config.trust_domain.clone(),
-        shutdown.clone(),
-    ));
+    {
+        let ctx = ctx.clone();
+        let (certs, shutdown) = (certs.clone(), shutdown.clone());
+        let trust_domain = config.trust_domain.clone();
+        control.spawn(async move {
+            tls::follow_server_config(
+                &certs,
+                &ctx.identity,
+                &roots,
+                &trust_domain,
+                &ctx.tls,
+                shutdown,
+            )
+            .await
+        });
+    }
     let listener = bind(settings.listen)
         .with_context(|| format!("cannot listen on {} for HBONE", settings.listen))?;
     let accept_stop = CancellationToken::new();
@@ -252,43 +261,6 @@ async fn accept_loop(
         let span = info_span!("hbone_in", src = %peer);
         ctx.connections
             .spawn(server::serve_connection(ctx.clone(), tcp, peer).instrument(span));
-    }
-}
-
-async fn follow_cert(
-    ctx: Arc<server::Ctx>,
-    certs: Arc<CertManager>,
-    roots: tls::TrustRoots,
-    trust_domain: String,
-    shutdown: CancellationToken,
-) {
-    let Some(mut updates) = certs.subscribe(&ctx.identity) else {
-        error!(identity = %ctx.identity, "BUG: identity not registered with the certificate manager");
-        return;
-    };
-    let mut resolver: Option<Arc<CertResolver>> = None;
-    loop {
-        let cert = updates.borrow_and_update().clone();
-        if let Some(cert) = cert {
-            let result = match &resolver {
-                Some(r) => r.update(&cert),
-                None => CertResolver::new(&cert).and_then(|r| {
-                    let r = Arc::new(r);
-                    let config = tls::server_config(r.clone(), &roots, &trust_domain)?;
-                    ctx.tls.store(Some(config));
-                    resolver = Some(r);
-                    info!(identity = %ctx.identity, serial = %cert.serial, "waypoint certificate in place");
-                    Ok(())
-                }),
-            };
-            if let Err(e) = result {
-                error!(identity = %ctx.identity, error = %e, "cannot use the waypoint's new certificate");
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = updates.changed() => if changed.is_err() { return },
-        }
     }
 }
 

@@ -36,7 +36,7 @@ use crate::{
     identity::Identity,
     proxy,
     state::{ServiceEntry, Snapshot, Workload, Workloads},
-    tunnel::{server::h2_builder, stream::H2Stream},
+    tunnel::{server as tunnel_server, stream::H2Stream},
     xds::GatewayDestination,
 };
 
@@ -97,53 +97,11 @@ pub async fn serve_connection(ctx: Arc<Ctx>, tcp: TcpStream, peer: SocketAddr) {
         );
         return;
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            warn!(src.addr = %peer, error = %e, "HBONE TLS handshake refused");
-            return;
-        }
-        Err(_) => {
-            warn!(src.addr = %peer, "HBONE TLS handshake timed out");
-            return;
-        }
-    };
-    let Some(client) = crate::tls::peer_identity(tls.get_ref().1) else {
-        warn!(src.addr = %peer, "HBONE client presented no SPIFFE identity; closing");
+    let Some(accepted) = tunnel_server::accept(config, tcp, peer, &ctx.identity).await else {
         return;
     };
-    let client = Arc::new(client);
-    let mut conn = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        h2_builder().handshake::<_, Bytes>(tls),
-    )
-    .await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            warn!(src.addr = %peer, error = %e, "HBONE HTTP/2 handshake failed");
-            return;
-        }
-        Err(_) => {
-            warn!(src.addr = %peer, "HBONE HTTP/2 handshake timed out");
-            return;
-        }
-    };
-    debug!(src.addr = %peer, src.identity = %client, "hbone connection accepted");
-    let mut goaway_sent = false;
-    loop {
-        let next = tokio::select! {
-            next = conn.accept() => next,
-            _ = ctx.draining.cancelled(), if !goaway_sent => {
-                conn.graceful_shutdown();
-                goaway_sent = true;
-                continue;
-            }
-        };
-        let Some(Ok((request, respond))) = next else {
-            break;
-        };
+    let client = Arc::new(accepted.client);
+    tunnel_server::accept_streams(accepted.conn, &ctx.draining, |request, respond| {
         let span = info_span!("waypoint", src = %peer);
         ctx.connections.spawn(
             serve_tunnel(
@@ -156,7 +114,8 @@ pub async fn serve_connection(ctx: Arc<Ctx>, tcp: TcpStream, peer: SocketAddr) {
             )
             .instrument(span),
         );
-    }
+    })
+    .await;
 }
 
 async fn serve_tunnel(
@@ -560,11 +519,9 @@ async fn handle(ctx: Arc<Ctx>, tunnel: Arc<Tunnel>, req: Request<Incoming>) -> R
     let mut in_flight = InFlight {
         ctx: ctx.clone(),
         tunnel: tunnel.clone(),
-        record: Some(record),
+        record: None,
     };
-    let Some(record) = in_flight.record.as_mut() else {
-        unreachable!("the record was just put in");
-    };
+    let record = in_flight.record.insert(record);
     let Handled { response, checkout } = route_request(&ctx, &tunnel, req, record).await;
     let Some(record) = in_flight.record.take() else {
         unreachable!("only the drop takes the record");
