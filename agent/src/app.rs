@@ -5,7 +5,6 @@
 //! only writer. Connection handlers only read (the original-destination map, their pod's netns).
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
     sync::atomic::AtomicBool,
@@ -20,23 +19,24 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 
 use crate::{
-    admin::{Admin, CniOp, CniRequest, EnrolledPod, PodsState},
-    config::{CaConfig, Config, Pod},
+    admin::{Admin, CniRequest},
+    config::{CaConfig, Config},
     identity::{
         CaClient,
         builtin::BuiltinCa,
         istio::{IstioCa, IstioCaConfig},
         manager::CertManager,
     },
+    pods::PodManager,
     policy::PolicyStore,
-    proxy::{self, PodInfo, PodListeners, ProxyContext},
+    proxy::{self, ProxyContext},
     readiness::{self, Readiness},
-    redirect::{self, CaptureOptions, Netns, Redirect, routing},
+    redirect::{self, Netns, Redirect, routing},
     state::{Sources, Workloads},
-    tls::{self, TrustRoots},
+    tls::TrustRoots,
     tunnel::client::Pool,
     xds::{NodeInfo, XdsClient, XdsConfig},
 };
@@ -67,6 +67,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         certs: certs.clone(),
         xds: std::sync::OnceLock::new(),
         kube: std::sync::OnceLock::new(),
+        pods: Arc::default(),
     });
     control_tasks.spawn(readiness::serve(
         config.readiness_address,
@@ -133,42 +134,34 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
             info!(address = %ready.status().address, "xDS ready: first full state applied");
         });
     }
-    let mut pods = PodManager {
-        sources,
+    let mut kube_rx = None;
+    let mut kube_client = None;
+    let mut netns_finder = crate::kube::NetnsFinder::default();
+    if let Some(k) = &config.kubernetes {
+        let client = crate::kube::Client::new(k).context("kubernetes")?;
+        let (tx, rx) = tokio::sync::watch::channel(Arc::default());
+        control_tasks.spawn(crate::kube::run(
+            client.clone(),
+            config.node.clone(),
+            tx,
+            shutdown.clone(),
+        ));
+        info!(api_server = %k.api_server, "Kubernetes mode: watching namespaces and this node's pods");
+        kube_client = Some(client);
+        netns_finder = crate::kube::NetnsFinder::new(k.netns_path_prefix.clone());
+        let _ = readiness.kube.set(rx.clone());
+        kube_rx = Some(rx);
+    }
+    let mut pods = PodManager::new(
         redirect,
-        ctx: ctx.clone(),
-        active: BTreeMap::new(),
-        failed: BTreeMap::new(),
-        cni_pods: BTreeMap::new(),
-        cni_state: None,
-        kube_client: None,
-        kube: None,
-        netns_finder: Default::default(),
-        annotating: BTreeMap::new(),
-        cni_deleted: Default::default(),
-        applied: None,
-        listeners: TaskTracker::new(),
-        next_pod_id: 1,
-    };
-    let mut kube_rx = match &config.kubernetes {
-        None => None,
-        Some(k) => {
-            let client = crate::kube::Client::new(k).context("kubernetes")?;
-            let (tx, rx) = tokio::sync::watch::channel(Arc::default());
-            control_tasks.spawn(crate::kube::run(
-                client.clone(),
-                config.node.clone(),
-                tx,
-                shutdown.clone(),
-            ));
-            info!(api_server = %k.api_server, "Kubernetes mode: watching namespaces and this node's pods");
-            pods.kube_client = Some(client);
-            pods.netns_finder = crate::kube::NetnsFinder::new(k.netns_path_prefix.clone());
-            let _ = readiness.kube.set(rx.clone());
-            Some(rx)
-        }
-    };
+        sources,
+        ctx.clone(),
+        &config,
+        kube_client,
+        netns_finder,
+    );
     pods.apply(&config)?;
+    readiness.pods.store(Arc::new(pods.state()));
     let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<CniRequest>(64);
     let admin = Arc::new(Admin {
         started: std::time::Instant::now(),
@@ -177,7 +170,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         ctx: ctx.clone(),
         readiness: readiness.clone(),
         certs: certs.clone(),
-        pods: ArcSwap::from_pointee(pods.state()),
+        pods: readiness.pods.clone(),
         cni: cni_tx,
     });
     control_tasks.spawn(
@@ -193,7 +186,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     readiness
         .started
         .store(true, std::sync::atomic::Ordering::Release);
-    info!(node = %config.node, pods = pods.active.len(), "agent ready");
+    info!(node = %config.node, pods = pods.active_count(), "agent ready");
 
     let mut config = config;
     let mut last_text = std::fs::read(&config_path).ok();
@@ -210,7 +203,9 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
                     None => std::future::pending().await,
                 }
             } => {
-                pods.kube = kube_rx.as_mut().map(|rx| rx.borrow_and_update().clone());
+                if let Some(rx) = kube_rx.as_mut() {
+                    pods.set_kube(rx.borrow_and_update().clone());
+                }
                 if let Err(e) = pods.apply(&config) {
                     error!(error = %e, "applying the Kubernetes state failed");
                 }
@@ -237,19 +232,19 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
                     if let Err(e) = pods.apply(&config) {
                         error!(error = %e, "applying the new config failed");
                     }
-                    info!(pods = pods.active.len(), "config applied");
+                    info!(pods = pods.active_count(), "config applied");
                 }
                 Err(e) => error!(error = %e, "config reload refused; keeping the previous config"),
             }
             admin.config.store(Arc::new(config.clone()));
             admin.pods.store(Arc::new(pods.state()));
-        } else if !pods.failed.is_empty() {
+        } else if pods.has_failed() {
             // Pods whose netns was not ready yet: try again.
             if let Err(e) = pods.apply(&config) {
                 error!(error = %e, "retrying enrollment failed");
             }
             admin.pods.store(Arc::new(pods.state()));
-        } else if !pods.annotating.is_empty() {
+        } else if pods.annotating() {
             pods.sync_annotations();
         }
     }
@@ -258,7 +253,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         drain_timeout_s = config.drain_timeout.as_secs_f64(),
         "shutting down: no longer accepting; draining open connections"
     );
-    let counters = pods.redirect.counters();
+    let counters = pods.counters();
     pods.stop_listening().await;
     ctx.draining.cancel();
     ctx.connections.close();
@@ -334,524 +329,6 @@ async fn forward_bpf_logs(
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
-}
-
-/// A pod the agent is serving.
-struct ActivePod {
-    pod: Pod,
-    info: Arc<PodInfo>,
-    cancel: CancellationToken,
-}
-
-/// How long a redirection annotation patch may take to show in the watch before it is sent again.
-const ANNOTATION_RETRY: Duration = Duration::from_secs(10);
-
-/// Keeps the served pods equal to the enrolled pods of the config.
-struct PodManager {
-    redirect: Redirect,
-    /// Merges the config and xDS into the data path's state.
-    sources: Arc<Sources>,
-    ctx: Arc<ProxyContext>,
-    active: BTreeMap<String, ActivePod>,
-    /// Pods that could not be enrolled, with the last error (retried on every tick).
-    failed: BTreeMap<String, String>,
-    /// Pods the CNI plugin announced (not in the config), by `namespace/name`.
-    cni_pods: BTreeMap<String, Pod>,
-    /// What was last written to the CNI state file.
-    cni_state: Option<crate::admin::api::CniState>,
-    /// Kubernetes mode: the API client, what the watches know, and where pods' netns are.
-    kube_client: Option<crate::kube::Client>,
-    kube: Option<Arc<crate::kube::KubeState>>,
-    netns_finder: crate::kube::NetnsFinder,
-    /// Redirection annotations being written (`namespace/name` -> enabled, when asked); asked
-    /// again after a while if the watch does not show the change (a failed patch).
-    annotating: BTreeMap<String, (bool, std::time::Instant)>,
-    /// Kubernetes pods released by a CNI DEL, kept out until the API drops them or a new ADD.
-    cni_deleted: std::collections::BTreeSet<String>,
-    /// The merged config last applied to the state (skipped when unchanged).
-    applied: Option<Arc<Config>>,
-    listeners: TaskTracker,
-    next_pod_id: u32,
-}
-
-impl PodManager {
-    /// What the admin API shows of the pods.
-    fn state(&self) -> PodsState {
-        PodsState {
-            enrolled: self
-                .active
-                .iter()
-                .map(|(key, a)| EnrolledPod {
-                    key: key.clone(),
-                    netns_cookie: a.info.netns.cookie(),
-                    ips: a.pod.ips.clone(),
-                })
-                .collect(),
-            failed: self
-                .failed
-                .iter()
-                .map(|(k, e)| (k.clone(), e.clone()))
-                .collect(),
-        }
-    }
-
-    /// The config with the pods the Kubernetes API and the CNI plugin announced added (the
-    /// config's own entries win), and the errors of Kubernetes pods whose netns is not found.
-    fn with_extra_pods(&mut self, config: &Config) -> (Config, Vec<(String, String)>) {
-        let mut c = config.clone();
-        let mut missing = Vec::new();
-        if let Some(kube) = self.kube.clone() {
-            c.ambient_namespaces.extend(
-                kube.namespaces
-                    .keys()
-                    .filter(|ns| kube.namespace_ambient(ns))
-                    .cloned(),
-            );
-            self.cni_deleted.retain(|k| kube.pods.contains_key(k));
-            for (key, kp) in &kube.pods {
-                if kp.ips.is_empty() || kp.host_network || kp.finished {
-                    continue;
-                }
-                if self.cni_deleted.contains(key) {
-                    continue;
-                }
-                if config.pods.iter().any(|p| p.key() == *key) {
-                    continue;
-                }
-                let enrolled = kube.enrolls(kp);
-                // Only pods to capture need their netns; the others are listed without one.
-                let netns = match self.cni_pods.get(key) {
-                    Some(p) => Some(p.netns.path()),
-                    None if enrolled => self.netns_finder.find(kp.ips[0]),
-                    None => Some(PathBuf::new()),
-                };
-                let Some(netns) = netns else {
-                    if enrolled {
-                        missing.push((
-                            key.clone(),
-                            format!(
-                                "no network namespace on this node holds the pod's IP {}",
-                                kp.ips[0]
-                            ),
-                        ));
-                    }
-                    continue;
-                };
-                let identity = match crate::identity::Identity::new(
-                    c.trust_domain.clone(),
-                    kp.namespace.clone(),
-                    kp.service_account.clone(),
-                ) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        missing.push((key.clone(), e.to_string()));
-                        continue;
-                    }
-                };
-                c.pods.push(Pod {
-                    namespace: kp.namespace.clone(),
-                    name: kp.name.clone(),
-                    uid: Some(kp.uid.clone()),
-                    service_account: kp.service_account.clone(),
-                    ips: kp.ips.clone(),
-                    netns: crate::config::NetnsRef::Path(netns),
-                    enrolled,
-                    identity,
-                    services: Vec::new(),
-                    waypoint: None,
-                });
-            }
-        }
-        for (key, pod) in &self.cni_pods {
-            if !c.pods.iter().any(|p| p.key() == *key) {
-                c.pods.push(pod.clone());
-            }
-        }
-        (c, missing)
-    }
-
-    /// Sets the redirection annotation on the Kubernetes pods that are enrolled, and clears it
-    /// on those that are not (in the background; the watch shows when it is done).
-    fn sync_annotations(&mut self) {
-        let (Some(client), Some(kube)) = (&self.kube_client, &self.kube) else {
-            return;
-        };
-        for (key, kp) in &kube.pods {
-            let want = self.active.contains_key(key);
-            let has = kp
-                .annotations
-                .get(crate::kube::REDIRECTION_ANNOTATION)
-                .is_some_and(|v| v == "enabled");
-            if want == has {
-                self.annotating.remove(key);
-                continue;
-            }
-            if self
-                .annotating
-                .get(key)
-                .is_some_and(|(w, at)| *w == want && at.elapsed() < ANNOTATION_RETRY)
-            {
-                continue;
-            }
-            self.annotating
-                .insert(key.clone(), (want, std::time::Instant::now()));
-            let (client, kp) = (client.clone(), kp.clone());
-            tokio::spawn(async move { crate::kube::annotate(&client, &kp, want).await });
-        }
-        self.annotating.retain(|k, _| kube.pods.contains_key(k));
-    }
-
-    fn apply(&mut self, config: &Config) -> anyhow::Result<()> {
-        let (config, missing) = self.with_extra_pods(config);
-        let config = &config;
-        // In Kubernetes mode the mesh's namespaces are known once the watches have synced;
-        // writing the config's (usually none) before would let the CNI plugin fail open.
-        if self.kube_client.is_none() || self.kube.as_ref().is_some_and(|k| k.synced) {
-            self.write_cni_state(config);
-        }
-        // Workloads, policies and identities first: a pod enrolled below can tunnel at once.
-        // Rebuilt only when the merged config changed (Kubernetes events often change nothing).
-        if self.applied.as_deref() != Some(config) {
-            let config = Arc::new(config.clone());
-            self.sources.set_config(config.clone());
-            self.applied = Some(config);
-        }
-        self.ctx
-            .certs
-            .set_identities(config.enrolled_pods().map(|p| p.identity.clone()));
-        self.redirect
-            .set_options(&CaptureOptions {
-                node_addresses: &config.node_addresses,
-                inbound_excluded_ports: &config.inbound_excluded_ports,
-                outbound_excluded_ports: &config.outbound_excluded_ports,
-            })
-            .context("cannot write capture options to the eBPF maps")?;
-
-        let desired: BTreeMap<String, &Pod> =
-            config.enrolled_pods().map(|p| (p.key(), p)).collect();
-        let stale: Vec<String> = self
-            .active
-            .iter()
-            .filter(|(k, a)| desired.get(*k).is_none_or(|p| **p != a.pod))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in stale {
-            self.unenroll(&key);
-        }
-        self.failed.retain(|k, _| desired.contains_key(k));
-        for (key, pod) in desired {
-            if self.active.contains_key(&key) {
-                continue;
-            }
-            match self.enroll(pod) {
-                Ok(()) => {
-                    self.failed.remove(&key);
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    if self.failed.get(&key) != Some(&msg) {
-                        error!(pod = %key, error = %msg, "cannot enroll pod; will retry");
-                    }
-                    self.failed.insert(key, msg);
-                }
-            }
-        }
-        let keep: Vec<u64> = self
-            .active
-            .values()
-            .map(|a| a.info.netns.cookie())
-            .collect();
-        let pruned = self.redirect.prune(&keep)?;
-        if !pruned.is_empty() {
-            info!(?pruned, "released netns left enrolled by an earlier agent");
-        }
-        for (key, error) in missing {
-            if self.failed.get(&key) != Some(&error) {
-                warn!(pod = %key, error = %error, "cannot enroll pod yet; will retry");
-            }
-            self.failed.insert(key, error);
-        }
-        self.sync_annotations();
-        Ok(())
-    }
-
-    /// Leaves the mesh's namespaces where the CNI plugin looks when the agent is unreachable.
-    fn write_cni_state(&mut self, config: &Config) {
-        let state = crate::admin::api::CniState {
-            ambient_namespaces: config.ambient_namespaces.iter().cloned().collect(),
-            socket: config.admin_socket.display().to_string(),
-        };
-        if self.cni_state.as_ref() == Some(&state) {
-            return;
-        }
-        let path = &config.cni_state_file;
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
-            std::fs::rename(&tmp, path)
-        };
-        match write() {
-            Ok(()) => self.cni_state = Some(state),
-            Err(e) => warn!(
-                file = %path.display(),
-                error = %e,
-                "cannot write the CNI state file; with the agent down, the CNI plugin cannot tell mesh pods from others"
-            ),
-        }
-    }
-
-    /// Answers a CNI call: a pod of an opted-in namespace is enrolled before the answer.
-    fn cni(
-        &mut self,
-        config: &Config,
-        op: CniOp,
-        pod: &crate::admin::api::CniPod,
-    ) -> Result<crate::admin::api::CniAnswer, (u16, String)> {
-        use crate::admin::api::CniAnswer;
-        let key = format!("{}/{}", pod.namespace, pod.name);
-        let answer = |enrolled: bool, reason: String| Ok(CniAnswer { enrolled, reason });
-        // The config's own entry decides for a pod it lists; otherwise the namespace label.
-        let listed = config.pods.iter().find(|p| p.key() == key);
-        let known = self
-            .kube
-            .as_ref()
-            .and_then(|k| Some((k.clone(), k.pods.get(&key)?.clone())));
-        // In Kubernetes mode the API decides (labels, service account): until the watch knows
-        // the pod, the runtime is asked to retry rather than guess.
-        if op == CniOp::Add && listed.is_none() && known.is_none() && self.kube_client.is_some() {
-            let why = if self.kube.as_ref().is_some_and(|k| k.synced) {
-                format!("pod {key} is not known from the Kubernetes API yet")
-            } else {
-                "the agent has not synced with the Kubernetes API yet".to_owned()
-            };
-            return Err((503, format!("{why}; retry")));
-        }
-        if op == CniOp::Add {
-            self.cni_deleted.remove(&key);
-        }
-        let opted_in = match (listed, &known) {
-            (Some(p), _) => p.enrolled,
-            (None, Some((kube, kp))) => kube.enrolls(kp),
-            (None, None) => {
-                config.ambient_namespaces.contains(&pod.namespace)
-                    || self
-                        .kube
-                        .as_ref()
-                        .is_some_and(|k| k.namespace_ambient(&pod.namespace))
-            }
-        };
-        let why_not = || match listed {
-            Some(_) => format!("pod {key} is configured not to be enrolled"),
-            None => format!(
-                "namespace {} is not labelled {}=ambient",
-                pod.namespace,
-                crate::config::DATAPLANE_MODE_LABEL
-            ),
-        };
-        match op {
-            CniOp::Del => {
-                let from_api = known.is_some();
-                if from_api {
-                    self.cni_deleted.insert(key.clone());
-                }
-                if (self.cni_pods.remove(&key).is_some() || from_api)
-                    && let Err(e) = self.apply(config)
-                {
-                    error!(pod = %key, error = %e, "releasing a pod on CNI DEL failed");
-                }
-                answer(false, format!("pod {key} released"))
-            }
-            CniOp::Check => match (opted_in, self.active.contains_key(&key)) {
-                (true, true) => answer(true, format!("pod {key} is enrolled")),
-                (true, false) => Err((
-                    409,
-                    format!(
-                        "pod {key} should be enrolled and is not{}",
-                        self.failed
-                            .get(&key)
-                            .map(|e| format!(": {e}"))
-                            .unwrap_or_default()
-                    ),
-                )),
-                (false, _) => answer(false, why_not()),
-            },
-            CniOp::Add if !opted_in => answer(false, why_not()),
-            CniOp::Add => {
-                if listed.is_none() {
-                    let ips = pod
-                        .ips
-                        .iter()
-                        .map(|ip| ip.parse::<std::net::IpAddr>())
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| (400, format!("invalid pod IP in {:?}: {e}", pod.ips)))?;
-                    if pod.netns.is_empty() {
-                        return Err((400, "ADD without a netns path".to_owned()));
-                    }
-                    // The service account comes from the Kubernetes API in Kubernetes mode;
-                    // standalone, the CNI call does not carry it.
-                    let service_account = known
-                        .as_ref()
-                        .map_or("default", |(_, kp)| kp.service_account.as_str())
-                        .to_owned();
-                    let identity = crate::identity::Identity::new(
-                        config.trust_domain.clone(),
-                        pod.namespace.clone(),
-                        service_account.clone(),
-                    )
-                    .map_err(|e| (400, e.to_string()))?;
-                    self.cni_pods.insert(
-                        key.clone(),
-                        Pod {
-                            namespace: pod.namespace.clone(),
-                            name: pod.name.clone(),
-                            uid: (!pod.uid.is_empty()).then(|| pod.uid.clone()),
-                            service_account,
-                            ips,
-                            netns: crate::config::NetnsRef::Path(pod.netns.clone().into()),
-                            enrolled: true,
-                            identity,
-                            services: Vec::new(),
-                            waypoint: None,
-                        },
-                    );
-                }
-                // A pod re-added with a new sandbox replaces its old entry.
-                self.unenroll_if_changed(&key);
-                if let Err(e) = self.apply(config) {
-                    error!(pod = %key, error = %e, "applying a CNI pod failed");
-                }
-                if self.active.contains_key(&key) {
-                    info!(pod = %key, "pod enrolled at CNI ADD");
-                    answer(true, format!("pod {key} enrolled"))
-                } else {
-                    let error = self
-                        .failed
-                        .get(&key)
-                        .cloned()
-                        .unwrap_or_else(|| "not enrolled".to_owned());
-                    // Not kept: the runtime retries the ADD, with a netns that works.
-                    self.cni_pods.remove(&key);
-                    self.failed.remove(&key);
-                    Err((503, format!("cannot enroll pod {key}: {error}")))
-                }
-            }
-        }
-    }
-
-    /// Drops an active pod whose CNI entry changed (a new sandbox for the same pod).
-    fn unenroll_if_changed(&mut self, key: &str) {
-        let changed = match (self.active.get(key), self.cni_pods.get(key)) {
-            (Some(a), Some(p)) => a.pod != *p,
-            _ => false,
-        };
-        if changed {
-            self.unenroll(key);
-        }
-    }
-
-    fn enroll(&mut self, pod: &Pod) -> anyhow::Result<()> {
-        let key = pod.key();
-        let netns = Netns::open(&pod.netns.path())?;
-        if let Some(other) = self
-            .active
-            .values()
-            .find(|a| a.info.netns.cookie() == netns.cookie())
-        {
-            anyhow::bail!(
-                "netns {} is already used by pod {}; each pod needs its own network namespace",
-                pod.netns,
-                other.pod.key()
-            );
-        }
-        let listeners = netns.run(|| -> anyhow::Result<PodListeners> {
-            routing::install()
-                .context("cannot set up the pod's return route for transparent connections")?;
-            Ok(PodListeners::bind()?)
-        })??;
-        let pod_id = self.next_pod_id;
-        self.next_pod_id += 1;
-        self.redirect
-            .enroll(&netns, pod_id, &pod.ips, &listeners.inbound)
-            .context("cannot register the pod with the eBPF programs")?;
-        let cookie = netns.cookie();
-        let info = Arc::new(PodInfo {
-            key: key.clone(),
-            identity: pod.identity.clone(),
-            ips: pod.ips.clone(),
-            netns,
-            // W3C baggage naming the source pod, as Istio's data plane sends it.
-            baggage: format!(
-                "k8s.namespace.name={},k8s.pod.name={}",
-                pod.namespace, pod.name
-            ),
-            hbone_tls: ArcSwapOption::empty(),
-        });
-        let cancel = CancellationToken::new();
-        self.listeners.spawn(follow_pod_cert(
-            self.ctx.clone(),
-            info.clone(),
-            cancel.clone(),
-        ));
-        if let Err(e) = proxy::serve_pod(
-            self.ctx.clone(),
-            info.clone(),
-            listeners,
-            cancel.clone(),
-            &self.listeners,
-        ) {
-            let _ = self.redirect.unenroll(cookie, &pod.ips);
-            return Err(e).context("cannot serve the pod's listeners");
-        }
-        info!(pod = %key, netns_cookie = cookie, ips = ?pod.ips, "pod enrolled");
-        self.active.insert(
-            key,
-            ActivePod {
-                pod: pod.clone(),
-                info,
-                cancel,
-            },
-        );
-        Ok(())
-    }
-
-    /// Capture off first, then the listeners close; open connections finish on their own.
-    fn unenroll(&mut self, key: &str) {
-        let Some(active) = self.active.remove(key) else {
-            return;
-        };
-        if let Err(e) = self
-            .redirect
-            .unenroll(active.info.netns.cookie(), &active.pod.ips)
-        {
-            error!(pod = %key, error = %e, "releasing the pod from capture failed");
-        }
-        active.cancel.cancel();
-        info!(pod = %key, "pod unenrolled; its traffic flows directly again");
-    }
-
-    async fn stop_listening(&mut self) {
-        for a in self.active.values() {
-            a.cancel.cancel();
-        }
-        self.listeners.close();
-        self.listeners.wait().await;
-    }
-}
-
-/// Keeps a pod's HBONE server certificate current (see [`tls::follow_server_config`]).
-async fn follow_pod_cert(ctx: Arc<ProxyContext>, pod: Arc<PodInfo>, cancel: CancellationToken) {
-    tls::follow_server_config(
-        &ctx.certs,
-        &pod.identity,
-        &ctx.roots,
-        &ctx.trust_domain,
-        &pod.hbone_tls,
-        cancel,
-    )
-    .await
 }
 
 /// The xDS client for the configured control plane.

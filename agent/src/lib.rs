@@ -15,6 +15,7 @@ pub mod http;
 pub mod identity;
 pub mod kube;
 pub mod metrics;
+pub mod pods;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;

@@ -29,24 +29,41 @@ pub struct Readiness {
     pub xds: std::sync::OnceLock<Arc<XdsClient>>,
     /// Kubernetes mode: the watches' state (ready once both lists have arrived).
     pub kube: std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<crate::kube::KubeState>>>,
+    /// The pods' side, published by the pod manager (what stays captured while a source is
+    /// away).
+    pub pods: Arc<arc_swap::ArcSwap<crate::admin::PodsState>>,
 }
 
 impl Readiness {
     /// `Ok` when ready, else what is missing.
-    pub fn check(&self) -> Result<(), Vec<&'static str>> {
+    pub fn check(&self) -> Result<(), Vec<String>> {
         let mut missing = Vec::new();
         if !self.started.load(Ordering::Acquire) {
-            missing.push("eBPF capture not attached or first config not applied yet");
+            missing.push("eBPF capture not attached or first config not applied yet".to_owned());
         }
         if self.kube.get().is_some_and(|k| !k.borrow().synced) {
-            missing.push("no namespaces and pods from the Kubernetes API yet");
+            let pods = self.pods.load();
+            let adopted = pods.enrolled.iter().filter(|p| p.adopted).count();
+            let held = pods.held_netns.len();
+            let mut why = "no namespaces and pods from the Kubernetes API yet (is the API server \
+                           reachable?)"
+                .to_owned();
+            if adopted + held > 0 {
+                why.push_str(&format!(
+                    "; the {} pods an earlier agent enrolled stay captured until it answers \
+                     ({adopted} served as they were, {held} without a record refuse connections)",
+                    adopted + held
+                ));
+            }
+            missing.push(why);
         }
         if self.xds.get().is_some_and(|x| !x.is_ready()) {
-            missing.push("no full state from the xDS control plane yet");
+            missing.push("no full state from the xDS control plane yet".to_owned());
         }
         if !self.certs.all_ready() {
             missing.push(
-                "certificates missing for some local workload identities (is the CA reachable?)",
+                "certificates missing for some local workload identities (is the CA reachable?)"
+                    .to_owned(),
             );
         }
         if missing.is_empty() {

@@ -36,6 +36,8 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
+    /// An outage: connections are closed unanswered and open watches end.
+    down: AtomicBool,
 }
 
 /// The fake API server. Stops (and closes its watches) when dropped.
@@ -61,12 +63,14 @@ impl KubeApi {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            down: AtomicBool::new(false),
         });
         let s = shared.clone();
         listener.set_nonblocking(true)?;
         std::thread::spawn(move || {
             while !s.stop.load(Ordering::SeqCst) {
                 match listener.accept() {
+                    Ok((stream, _)) if s.down.load(Ordering::SeqCst) => drop(stream),
                     Ok((stream, _)) => {
                         let s = s.clone();
                         std::thread::spawn(move || {
@@ -78,6 +82,13 @@ impl KubeApi {
             }
         });
         Ok(KubeApi { addr, shared })
+    }
+
+    /// Simulates an outage (`true`) or its end: while down, every connection is closed without
+    /// an answer and open watches are cut, as when the API server is unreachable.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, Ordering::SeqCst);
+        self.shared.changed.notify_all();
     }
 
     /// What the agent's `kubernetes.apiServer` should be.
@@ -311,7 +322,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) -> std::io::Result<()> {
         let pending: Vec<(u64, Value)> = {
             let mut st = api.lock();
             loop {
-                if shared.stop.load(Ordering::SeqCst) {
+                if shared.stop.load(Ordering::SeqCst) || shared.down.load(Ordering::SeqCst) {
                     return Ok(());
                 }
                 let p: Vec<(u64, Value)> = st

@@ -42,6 +42,7 @@ mod workload;
 use std::time::Duration;
 
 pub mod kube_server;
+pub mod wire;
 pub mod xds_server;
 
 pub use agent::{Agent, AgentConfig, LogMark, PeerConfig, PodConfig, TEST_LOG_FILTER};

@@ -261,6 +261,9 @@ fn routes(method: &str, target: &str) -> Reply {
             config_file: "/etc/ambit/config.yaml".into(),
             trust_domain: "cluster.local".into(),
             enrolled_pods: 1,
+            adopted_pods: vec!["default/web".into()],
+            held_netns: vec![4242],
+            waiting_for: Some("kubernetes".into()),
             failed_pods: vec![api::FailedPod {
                 pod: "default/broken".into(),
                 error: "network namespace not found".into(),
@@ -643,6 +646,9 @@ fn status_shows_what_is_wrong() {
         "0/1 certificates ready",
         "1 FAILED",
         "default/broken: network namespace not found",
+        "waiting for the kubernetes source to sync",
+        "served as the earlier agent left them: default/web",
+        "1 netns captured without a record (connections refused): cookies 4242",
     ] {
         assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
     }

@@ -660,3 +660,89 @@ fn a_pod_added_through_the_chain_is_captured_from_its_first_connection() {
         .del(&stranger_att, Some(&stranger_result[1]))
         .unwrap_or_else(|f| panic!("DEL of the pod outside the mesh: {f:#?}"));
 }
+
+/// The netns cookies enrolled in the agent's pinned maps.
+fn enrolled_cookies(agent: &Agent) -> Vec<u64> {
+    let bpf = agent.ambitctl_json(&["bpf"]).expect("ambitctl bpf");
+    bpf["enrolled"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["netnsCookie"].as_u64())
+        .collect()
+}
+
+#[test]
+fn a_restart_keeps_cni_pods_captured_and_served() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("create bed");
+    let node_a = bed.add_node("node-a").expect("node-a");
+    let node_b = bed.add_node("node-b").expect("node-b");
+    let server = bed
+        .add_pod_in(&node_b, "server", "default", "server")
+        .expect("server");
+    let _echo = server.serve(PORT).expect("echo");
+    let dst = server.v4(PORT);
+    let mut config_b = bed.agent_config(&node_b);
+    config_b.enroll(&server);
+    let _agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let mut config_a = bed.agent_config(&node_a);
+    config_a.add_peer(&server);
+    config_a.extra.insert(
+        "namespaces".into(),
+        json!({"default": {"labels": {"istio.io/dataplane-mode": "ambient"}}}),
+    );
+    let old = bed.start_agent(&config_a).expect("agent-a");
+
+    // A pod of the mesh, known only from the CNI plugin (the config does not list it).
+    let dir = bed.tmp_dir().join("cni");
+    std::fs::create_dir_all(&dir).expect("cni dir");
+    let runtime = Runtime::new(
+        &node_a,
+        &dir,
+        "10.1.128.0/24",
+        json!({"agentSocket": old.admin_socket(), "stateFile": dir.join("cni-state.json"),
+               "timeoutSeconds": 30}),
+    );
+    let web = bare_pod(&bed, &node_a, "web", "default");
+    let att = Attachment::new(web.netns_path(), "default", "web");
+    runtime
+        .add(&att)
+        .unwrap_or_else(|f| panic!("ADD of a mesh pod: {f:#?}"));
+    // node-b reaches the CNI subnet through node-a, as a cluster's routes would.
+    node_b
+        .exec(&["ip", "route", "add", "10.1.128.0/24", "via", "10.0.0.1"])
+        .expect("route to the CNI subnet");
+    let tunnelled = |agent: &Agent, when: &str| {
+        let mark = agent.mark();
+        let report = web.connect(dst, 4096).expect("run client");
+        assert!(report.ok, "{when}: {report:#?}");
+        let log = agent
+            .wait_for_connection_log(mark, "outbound", dst, WAIT)
+            .unwrap_or_else(|e| panic!("{when}: {e:#}"));
+        assert_eq!(log_str(&log, "path"), Some("hbone"), "{when}: {log}");
+    };
+    tunnelled(&old, "before the restart");
+    let before = enrolled_cookies(&old);
+    assert_eq!(before.len(), 1, "the CNI pod is enrolled");
+
+    let capture = ambit_testbed::wire::Capture::start(&bed, &node_a).expect("capture");
+    old.stop().expect("the old agent stops");
+    // While no agent runs, the pod stays captured: refused, never direct.
+    let report = web.connect_with(dst, 4096, 0, 2000).expect("run client");
+    assert!(!report.ok, "no agent, no connection: {report:#?}");
+    let new = bed.start_agent(&config_a).expect("the new agent");
+    assert_eq!(enrolled_cookies(&new), before, "the same netns, never released");
+    let status = new.ambitctl_json(&["status"]).expect("status");
+    assert_eq!(status["enrolledPods"], 1, "reloaded from the records: {status:#}");
+    tunnelled(&new, "after the restart");
+    let (_, raw) = capture.stop().expect("stop capture");
+    for window in [0..64, 1000..1064] {
+        assert!(
+            !ambit_testbed::wire::contains(&raw, &ambit_testbed::wire::pattern(window.clone())),
+            "the pod's payload {window:?} is visible on the wire"
+        );
+    }
+}

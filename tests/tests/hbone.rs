@@ -6,11 +6,14 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
-use ambit_testbed::{Agent, AgentConfig, Node, Pod, TestBed, log_field, log_message, log_str};
+use ambit_testbed::{
+    Agent, AgentConfig, Node, Pod, TestBed, log_field, log_message, log_str,
+    wire::{Capture, contains, pattern},
+};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
@@ -100,56 +103,6 @@ fn count_logs(agent: &Agent, message: &str) -> usize {
         .count()
 }
 
-/// The test workload's payload: byte `i` of a connection is `(i * 31 + 7) % 251`.
-fn pattern(range: std::ops::Range<u64>) -> Vec<u8> {
-    range.map(|i| ((i * 31 + 7) % 251) as u8).collect()
-}
-
-/// A packet capture on a node's underlay link, running until stopped.
-struct Capture {
-    process: ambit_testbed::Process,
-    file: std::path::PathBuf,
-}
-
-impl Capture {
-    fn start(bed: &TestBed, node: &Node) -> Capture {
-        let file = bed.tmp_dir().join(format!("{}.pcap", node.name()));
-        let mut cmd = node.command("tcpdump");
-        cmd.args(["-i", "eth0", "--immediate-mode", "-U", "-s", "0", "-w"])
-            .arg(&file)
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let process = bed.spawn(&mut cmd).expect("start tcpdump");
-        // tcpdump says "listening on eth0" on stderr once it captures.
-        let mut stderr = process.take_stderr().expect("tcpdump stderr");
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut stderr), &mut line)
-            .expect("read tcpdump stderr");
-        assert!(line.contains("listening"), "tcpdump did not start: {line}");
-        Capture { process, file }
-    }
-
-    /// Stops the capture and returns the packet summaries and the raw capture.
-    fn stop(self) -> (String, Vec<u8>) {
-        self.process
-            .signal(nix::sys::signal::Signal::SIGINT)
-            .expect("stop tcpdump");
-        let _ = self.process.wait_timeout(Duration::from_secs(5));
-        let raw = std::fs::read(&self.file).expect("read capture");
-        let out = Command::new("tcpdump")
-            .args(["-nn", "-r"])
-            .arg(&self.file)
-            .output()
-            .expect("read capture with tcpdump");
-        (String::from_utf8_lossy(&out.stdout).into_owned(), raw)
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn cross_node_traffic_is_mutual_tls_on_15008_with_identities_and_no_plaintext_on_the_wire() {
     if !ambit_testbed::privileged() {
@@ -158,7 +111,7 @@ fn cross_node_traffic_is_mutual_tls_on_15008_with_identities_and_no_plaintext_on
     let m = Mesh::new();
     let (agent_a, agent_b) = m.start();
     for dst in [m.server.v4(PORT), m.server.v6(PORT)] {
-        let capture = Capture::start(&m.bed, &m.node_a);
+        let capture = Capture::start(&m.bed, &m.node_a).expect("capture");
         let (mark_a, mark_b) = (agent_a.mark(), agent_b.mark());
         let bytes = 300_000;
         let report = m.client.connect(dst, bytes).expect("run client");
@@ -200,7 +153,7 @@ fn cross_node_traffic_is_mutual_tls_on_15008_with_identities_and_no_plaintext_on
         assert_eq!(peers.last().map(|p| p.ip()), Some(client_ip));
 
         // On the wire between the nodes: TLS to 15008, never port 8080, never the payload.
-        let (summary, raw) = capture.stop();
+        let (summary, raw) = capture.stop().expect("stop capture");
         assert!(
             summary.contains(".15008"),
             "no HBONE packets captured:\n{summary}"

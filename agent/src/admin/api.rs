@@ -50,6 +50,17 @@ pub struct Status {
     pub trust_domain: String,
     /// Enrolled (captured) local pods.
     pub enrolled_pods: usize,
+    /// Enrolled pods served from the record an earlier agent saved, because the source that
+    /// claims them (`waiting_for`) has not synced yet.
+    #[serde(default)]
+    pub adopted_pods: Vec<String>,
+    /// Netns an earlier agent enrolled that stay captured but unserved (no usable record) until
+    /// every source has synced: their connections are refused, never sent in plaintext.
+    #[serde(default)]
+    pub held_netns: Vec<u64>,
+    /// A pod source that has not synced yet (`kubernetes`): nothing pinned is released before.
+    #[serde(default)]
+    pub waiting_for: Option<String>,
     /// Local pods that should be enrolled but could not be, with the error.
     pub failed_pods: Vec<FailedPod>,
     /// Known workloads and services (all sources), and policies.

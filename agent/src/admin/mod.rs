@@ -38,6 +38,10 @@ pub struct EnrolledPod {
     pub key: String,
     pub netns_cookie: u64,
     pub ips: Vec<std::net::IpAddr>,
+    /// The source that claims it: `config`, `kubernetes` or `cni`.
+    pub origin: &'static str,
+    /// Served from the record an earlier agent saved, because its source has not synced yet.
+    pub adopted: bool,
 }
 
 /// The pods' side of the agent, published by the pod manager after every change.
@@ -46,6 +50,12 @@ pub struct PodsState {
     pub enrolled: Vec<EnrolledPod>,
     /// `(namespace/name, error)` of pods that should be enrolled and could not be.
     pub failed: Vec<(String, String)>,
+    /// Netns an earlier agent left enrolled that stay captured, unserved (no usable record),
+    /// until every pod source has synced: their new connections are refused.
+    pub held_netns: Vec<u64>,
+    /// The pod source that has not synced yet (`kubernetes`), if any: nothing an earlier agent
+    /// left is released before it has.
+    pub waiting_for: Option<&'static str>,
 }
 
 /// What the admin API reads.
@@ -57,7 +67,8 @@ pub struct Admin {
     pub ctx: Arc<ProxyContext>,
     pub readiness: Arc<Readiness>,
     pub certs: Arc<CertManager>,
-    pub pods: ArcSwap<PodsState>,
+    /// Shared with readiness.
+    pub pods: Arc<ArcSwap<PodsState>>,
     /// CNI calls, answered by the pod manager.
     pub cni: tokio::sync::mpsc::Sender<CniRequest>,
 }
@@ -194,7 +205,7 @@ impl Admin {
         let certs = self.certs.status();
         let not_ready = match self.readiness.check() {
             Ok(()) => Vec::new(),
-            Err(missing) => missing.into_iter().map(str::to_owned).collect(),
+            Err(missing) => missing,
         };
         let (kind, location) = match &config.ca {
             CaConfig::Builtin { dir, cert_file, .. } => (
@@ -213,6 +224,14 @@ impl Admin {
             config_file: self.config_path.display().to_string(),
             trust_domain: config.trust_domain.clone(),
             enrolled_pods: pods.enrolled.len(),
+            adopted_pods: pods
+                .enrolled
+                .iter()
+                .filter(|p| p.adopted)
+                .map(|p| p.key.clone())
+                .collect(),
+            held_netns: pods.held_netns.clone(),
+            waiting_for: pods.waiting_for.map(str::to_owned),
             failed_pods: pods
                 .failed
                 .iter()

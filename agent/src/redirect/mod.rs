@@ -326,6 +326,13 @@ impl Redirect {
         Ok(())
     }
 
+    /// Forgets the inbound listeners of `ips` (a pod re-enrolled without them).
+    pub fn unregister_inbound(&mut self, ips: &[IpAddr]) {
+        for ip in ips {
+            let _ = self.inbound.remove(&IpKey { ip: ip_words(*ip) });
+        }
+    }
+
     /// Cookies currently in the enrollment map (including ones left by an earlier agent).
     pub fn enrolled_cookies(&self) -> Vec<u64> {
         self.enrolled.keys().filter_map(Result::ok).collect()

@@ -85,6 +85,16 @@ pub fn install() -> Result<(), Error> {
             "/proc/sys/net/ipv6/fwmark_reflect",
             false,
         ),
+        // When a pod is re-enrolled in place, or a new agent takes over (surge upgrade), its
+        // listeners bind next to the old ones (`SO_REUSEPORT`); this hands connections still
+        // queued on a closing listener to the new one instead of resetting them (kernel 5.14+;
+        // the IPv4 knob covers IPv6 too). Not required: without it a few queued connections
+        // may be reset, never leaked.
+        (
+            "net.ipv4.tcp_migrate_req",
+            "/proc/sys/net/ipv4/tcp_migrate_req",
+            false,
+        ),
     ] {
         match write_sysctl(path) {
             Ok(()) => {}

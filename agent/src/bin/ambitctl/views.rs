@@ -77,6 +77,30 @@ pub fn status(s: api::Status, p: Painter) -> String {
         ca_text.push_str("\n`ambitctl certificates` shows which and why");
     }
     let mut pods = format!("{} enrolled", s.enrolled_pods);
+    if let Some(source) = &s.waiting_for {
+        let waiting = format!("waiting for the {source} source to sync");
+        pods.push_str(&format!(
+            "; {}: nothing an earlier agent enrolled is released before",
+            p.paint(&waiting, Style::Warn)
+        ));
+        if !s.adopted_pods.is_empty() {
+            pods.push_str(&format!(
+                "\n- served as the earlier agent left them: {}",
+                s.adopted_pods.join(", ")
+            ));
+        }
+        if !s.held_netns.is_empty() {
+            pods.push_str(&format!(
+                "\n- {} netns captured without a record (connections refused): cookies {}",
+                s.held_netns.len(),
+                s.held_netns
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
     if !s.failed_pods.is_empty() {
         let failed = format!("{} FAILED", s.failed_pods.len());
         pods.push_str(&format!(", {}:", p.paint(&failed, Style::Bad)));

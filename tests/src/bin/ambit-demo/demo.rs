@@ -482,10 +482,7 @@ fn matching_entries(
 }
 
 /// A tcpdump capture on a node's underlay link, to show what crosses between nodes.
-struct Capture {
-    process: ambit_testbed::Process,
-    file: std::path::PathBuf,
-}
+struct Capture(ambit_testbed::wire::Capture);
 
 /// What the capture saw.
 struct Wire {
@@ -496,39 +493,20 @@ struct Wire {
 
 impl Capture {
     fn start(bed: &TestBed, node: &ambit_testbed::Node) -> Option<Capture> {
-        let file = bed.tmp_dir().join(format!("{}.pcap", node.name()));
-        let mut cmd = node.command("tcpdump");
-        cmd.args(["-i", "eth0", "--immediate-mode", "-U", "-s", "0", "-w"])
-            .arg(&file)
-            .arg("tcp")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        let process = bed.spawn(&mut cmd).ok()?;
-        let mut stderr = process.take_stderr()?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut stderr), &mut line).ok()?;
-        line.contains("listening")
-            .then_some(Capture { process, file })
+        ambit_testbed::wire::Capture::start(bed, node)
+            .ok()
+            .map(Capture)
     }
 
     fn stop(self) -> Option<Wire> {
-        self.process.signal(nix::sys::signal::Signal::SIGINT).ok()?;
-        let _ = self.process.wait_timeout(Duration::from_secs(5));
-        let raw = std::fs::read(&self.file).ok()?;
-        let out = std::process::Command::new("tcpdump")
-            .args(["-nn", "-r"])
-            .arg(&self.file)
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        // The test workload's bytes: byte i is (i * 31 + 7) % 251.
-        let payload: Vec<u8> = (1000u64..1064)
-            .map(|i| ((i * 31 + 7) % 251) as u8)
-            .collect();
+        let (text, raw) = self.0.stop().ok()?;
         Some(Wire {
             hbone_packets: text.lines().filter(|l| l.contains(".15008")).count(),
             plaintext_packets: text.lines().filter(|l| l.contains(".8080")).count(),
-            payload_visible: raw.windows(payload.len()).any(|w| w == payload.as_slice()),
+            payload_visible: ambit_testbed::wire::contains(
+                &raw,
+                &ambit_testbed::wire::pattern(1000..1064),
+            ),
         })
     }
 }
