@@ -415,6 +415,20 @@ pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
             warn!(pod = %pod.key(), error = %e, "could not remove the pod's return route");
         }
     }
+    // Nothing is captured any more: the CNI plugin (if still chained) must let every pod start,
+    // and no later agent should adopt pods from the records.
+    let released = crate::admin::api::CniState {
+        ambient_namespaces: Vec::new(),
+        socket: config.admin_socket.display().to_string(),
+    };
+    if config.cni_state_file.exists()
+        && let Err(e) = serde_json::to_vec_pretty(&released)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&config.cni_state_file, b))
+    {
+        warn!(file = %config.cni_state_file.display(), error = %e, "cannot clear the CNI state file");
+    }
+    let _ = std::fs::remove_file(crate::pods::records::path(&config.state_dir));
     info!(
         removed,
         pin_path = %config.bpf_pin_path.display(),

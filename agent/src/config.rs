@@ -281,7 +281,8 @@ pub struct Config {
     /// The admin API's unix socket (root-only). Default `/run/ambit/admin.sock`.
     pub admin_socket: PathBuf,
     /// Where the agent tells the CNI plugin which namespaces are in the mesh, for when the
-    /// agent cannot be reached. Default `/run/ambit/cni-state.json`.
+    /// agent cannot be reached. Default `/var/lib/ambit/cni-state.json` (persistent, so that it
+    /// outlives a reboot).
     pub cni_state_file: PathBuf,
     /// Namespaces labelled `istio.io/dataplane-mode=ambient` (from `namespaces`): pods the CNI
     /// plugin announces in them are enrolled.
@@ -434,7 +435,8 @@ struct RawNamespace {
 }
 
 /// Where the agent leaves the mesh's namespaces for the CNI plugin by default.
-pub const DEFAULT_CNI_STATE_FILE: &str = "/run/ambit/cni-state.json";
+/// On persistent storage: after a reboot the plugin must still know the mesh's namespaces.
+pub const DEFAULT_CNI_STATE_FILE: &str = "/var/lib/ambit/cni-state.json";
 
 /// The label that opts a namespace into the mesh (`ambient`) and a pod out of it (`none`).
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";

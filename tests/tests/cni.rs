@@ -490,14 +490,33 @@ fn without_the_agent_a_mesh_pod_fails_with_try_again_and_others_start() {
         .del(&mesh, None)
         .unwrap_or_else(|f| panic!("DEL after a failed ADD: {f:#?}"));
 
-    // Without a state file the mesh never ran on this node: the same pod starts.
+    // Without a state file (a node rebooted before its agent is back, a lost file) nothing is
+    // known, so every pod waits for the agent, in the mesh's namespaces or not.
     std::fs::remove_file(&state).expect("remove state file");
+    let stranger_ns = ScratchNetns::new(&bed, "stranger");
+    let stranger = Attachment::new(stranger_ns.path(), "other", "stranger");
+    for att in [&mesh, &stranger] {
+        let failed = runtime
+            .add(att)
+            .expect_err("ADD with no state file and no agent fails");
+        assert_eq!(failed.error["code"], 11, "{failed:#?}");
+        assert!(
+            failed.error["details"]
+                .as_str()
+                .is_some_and(|d| d.contains("no state file")),
+            "{failed:#?}"
+        );
+        runtime.del(att, None).expect("DEL after a failed ADD");
+    }
+
+    // The state `ambit-agent cleanup` leaves (no namespace in the mesh): pods start.
+    write_state(&state, &[], &socket);
     let results = runtime
         .add(&mesh)
-        .unwrap_or_else(|f| panic!("ADD with no state file must succeed: {f:#?}"));
+        .unwrap_or_else(|f| panic!("ADD with the mesh released must succeed: {f:#?}"));
     runtime
         .check(&mesh, &results[1])
-        .unwrap_or_else(|f| panic!("CHECK with no state file: {f:#?}"));
+        .unwrap_or_else(|f| panic!("CHECK with the mesh released: {f:#?}"));
     runtime.del(&mesh, Some(&results[1])).expect("DEL");
     runtime
         .del(&mesh, Some(&results[1]))

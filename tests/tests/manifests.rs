@@ -578,7 +578,7 @@ fn every_path_of_the_agent_config_is_mounted() {
             .unwrap_or_else(|| panic!("{path} is not on a hostPath volume"));
         Path::new(host).join(rest)
     };
-    for key in ["adminSocket", "cniStateFile", "bpfPinPath"] {
+    for key in ["adminSocket", "cniStateFile", "bpfPinPath", "stateDir"] {
         let path = config[key].as_str().unwrap_or_else(|| panic!("{key}"));
         assert_eq!(host_path(path), Path::new(path), "{key}");
     }
@@ -754,7 +754,7 @@ impl CniNode {
             .arg("--plugin")
             .arg(self.dir.path().join("ambit-cni"))
             .args(["--agent-socket", "/run/ambit/admin.sock"])
-            .args(["--state-file", "/run/ambit/cni-state.json"])
+            .args(["--state-file", "/var/lib/ambit/cni-state.json"])
             .args(args)
             .env_remove("CNI_BIN_DIR")
             .env_remove("CNI_CONF_DIR")
@@ -813,7 +813,7 @@ fn cni_install_chains_the_plugin_once_and_uninstall_restores_the_config() {
         vec![&json!({
             "type": "ambit-cni",
             "agentSocket": "/run/ambit/admin.sock",
-            "stateFile": "/run/ambit/cni-state.json"
+            "stateFile": "/var/lib/ambit/cni-state.json"
         })]
     );
     // Appended: the others keep their order and content.
@@ -854,7 +854,7 @@ fn cni_install_updates_an_existing_entry_in_place() {
     assert_eq!(plugins.len(), 3, "{chained}");
     assert_eq!(plugins[1]["type"], "ambit-cni");
     assert_eq!(plugins[1]["agentSocket"], "/run/ambit/admin.sock");
-    assert_eq!(plugins[1]["stateFile"], "/run/ambit/cni-state.json");
+    assert_eq!(plugins[1]["stateFile"], "/var/lib/ambit/cni-state.json");
 }
 
 #[test]

@@ -16,7 +16,7 @@ pub const LATEST_VERSION: &str = "1.1.0";
 /// The default of `agentSocket`.
 pub const DEFAULT_AGENT_SOCKET: &str = api::DEFAULT_SOCKET;
 /// The default of `stateFile`.
-pub const DEFAULT_STATE_FILE: &str = "/run/ambit/cni-state.json";
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/ambit/cni-state.json";
 /// The default of `timeoutSeconds`: how long an ADD waits for the pod's enrollment.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The largest `timeoutSeconds` accepted: beyond it the kubelet has given up on the sandbox
@@ -549,7 +549,7 @@ mod tests {
     fn netconf_defaults_and_our_fields() {
         let c = conf(base(), Command::Add).expect("valid");
         assert_eq!(c.agent_socket, PathBuf::from("/run/ambit/admin.sock"));
-        assert_eq!(c.state_file, PathBuf::from("/run/ambit/cni-state.json"));
+        assert_eq!(c.state_file, PathBuf::from("/var/lib/ambit/cni-state.json"));
         assert_eq!(c.timeout, Duration::from_secs(60));
         assert_eq!(c.log_file, None);
         assert_eq!(c.prev_result, None);

@@ -11,7 +11,7 @@
 //! the log.
 //!
 //! Network config fields of ours: `agentSocket` (default `/run/ambit/admin.sock`), `stateFile`
-//! (default `/run/ambit/cni-state.json`), `timeoutSeconds` (default 60: how long an ADD waits
+//! (default `/var/lib/ambit/cni-state.json`, persistent: it must outlive a reboot), `timeoutSeconds` (default 60: how long an ADD waits
 //! for enrollment), `logFile` (optional).
 
 mod cni;

@@ -4,7 +4,7 @@
 //!
 //! | command | agent answers | agent unreachable |
 //! |---|---|---|
-//! | ADD | enrolled or not opted in: print `prevResult`; error status: fail (100, or 11 if 503) | namespace in the state file: fail (11); else, or no file: print `prevResult` |
+//! | ADD | enrolled or not opted in: print `prevResult`; error status: fail (100, or 11 if 503) | namespace in the state file, or no state file: fail (11); else print `prevResult` |
 //! | CHECK | ok: nothing; error status (409: opted in, not captured): fail (100) | as ADD, with no output |
 //! | DEL | anything: succeed | succeed (logged) |
 //! | GC, STATUS | not asked | succeed |
@@ -240,7 +240,8 @@ fn agent_failed(
 /// What the agent left on disk for us.
 #[derive(Debug)]
 pub enum StateFile {
-    /// No file: the mesh has never run on this node.
+    /// No file: the agent has not run on this node since the plugin was installed (or its state
+    /// was lost): which namespaces are in the mesh is unknown.
     Missing,
     Found(CniState),
     /// There is a file, and it cannot be read or parsed.
@@ -268,12 +269,17 @@ pub enum Fallback {
 }
 
 /// Without the agent, a pod may start only when the agent's last word says its namespace is not
-/// in the mesh, or when the mesh never ran here. A state file we cannot read fails closed.
+/// in the mesh. No state file, or one we cannot read, fails closed: the plugin is installed, so
+/// the mesh runs on this node, and a pod of a mesh namespace must not start uncaptured (after a
+/// reboot, say, before the agent is back). The agent writes the file as soon as it knows the
+/// mesh's namespaces, and keeps it on persistent storage (`/var/lib/ambit` by default).
 pub fn decide(namespace: &str, state: &StateFile, path: &Path) -> Fallback {
     let path = path.display();
     match state {
-        StateFile::Missing => Fallback::Allow(format!(
-            "no state file {path}: the mesh has never run on this node, so the pod starts uncaptured"
+        StateFile::Missing => Fallback::Refuse(format!(
+            "no state file {path}: the agent has not said which namespaces are in the mesh since \
+             the plugin was installed (if the mesh is not meant to run on this node, remove \
+             ambit-cni from the CNI config list)"
         )),
         StateFile::Found(s) if s.ambient_namespaces.iter().any(|n| n == namespace) => {
             Fallback::Refuse(format!(
@@ -375,7 +381,7 @@ mod tests {
 
     #[test]
     fn decisions_without_the_agent() {
-        let path = Path::new("/run/ambit/cni-state.json");
+        let path = Path::new("/var/lib/ambit/cni-state.json");
         let state = StateFile::Found(CniState {
             ambient_namespaces: vec!["shop".into(), "default".into()],
             socket: String::new(),
@@ -389,8 +395,8 @@ mod tests {
             Fallback::Allow(_)
         ));
         assert!(matches!(
-            decide("default", &StateFile::Missing, path),
-            Fallback::Allow(why) if why.contains("never run")
+            decide("kube-system", &StateFile::Missing, path),
+            Fallback::Refuse(why) if why.contains("no state file")
         ));
         assert!(matches!(
             decide("other", &StateFile::Unreadable("bad".into()), path),
@@ -440,15 +446,14 @@ mod tests {
             log.lines()
         );
 
-        // No state file at all: the mesh never ran here.
+        // No state file at all (a reboot before the agent is back, a lost file): unknown, so
+        // every pod waits for the agent.
         std::fs::remove_file(dir.0.join("cni-state.json")).expect("rm");
-        let mut log = Log::capture();
-        run(&env("ADD", Some("default")), &stdin, &mut log).expect("starts");
-        assert!(
-            log.lines().iter().any(|l| l.contains("never run")),
-            "{:?}",
-            log.lines()
-        );
+        for ns in ["default", "other"] {
+            let e = run(&env("ADD", Some(ns)), &stdin, &mut Log::capture()).expect_err("refused");
+            assert_eq!(e.code, code::TRY_AGAIN_LATER);
+            assert!(e.details.contains("no state file"), "{e:?}");
+        }
 
         // CHECK decides the same way; DEL never fails for a missing agent.
         write_state(&dir, &["default"]);
