@@ -103,6 +103,10 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         policies: arc_swap::ArcSwap::from_pointee(PolicyStore::new()),
         live: proxy::live::LiveConns::new(metrics.clone()),
         draining: CancellationToken::new(),
+        gate: match &config.xds {
+            Some(x) => proxy::gate::SyncGate::closed(x.sync_hold, x.max_held_connections),
+            None => proxy::gate::SyncGate::open(),
+        },
     });
     let sources = {
         let ctx = ctx.clone();
@@ -129,9 +133,11 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         let _ = readiness.xds.set(client.clone());
         control_tasks.spawn(client.clone().run(shutdown.clone()));
         let ready = client.clone();
+        let ctx = ctx.clone();
         control_tasks.spawn(async move {
             ready.wait_ready().await;
-            info!(address = %ready.status().address, "xDS ready: first full state applied");
+            ctx.gate.set_open();
+            info!(address = %ready.status().address, "xDS ready: first full state applied; held connections go on");
         });
     }
     let mut kube_rx = None;

@@ -156,6 +156,12 @@ pub struct XdsSettings {
     /// How the agent introduces itself (Istio node-agent metadata).
     pub pod_name: String,
     pub pod_namespace: String,
+    /// How long an enrolled pod's new connection waits for the control plane's first full state
+    /// before it is refused (nothing is sent or admitted before). Default 10 s.
+    #[serde(with = "secs")]
+    pub sync_hold: Duration,
+    /// Connections that may wait so at once; more are refused at once. Default 1024.
+    pub max_held_connections: usize,
 }
 
 /// A service: virtual IPs whose connections the agent spreads over the workloads that back it.
@@ -425,6 +431,10 @@ struct RawXds {
     pod_name: Option<String>,
     #[serde(default)]
     pod_namespace: Option<String>,
+    #[serde(default)]
+    sync_hold_seconds: Option<f64>,
+    #[serde(default)]
+    max_held_connections: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -538,6 +548,23 @@ struct RawPod {
     services: Vec<String>,
     #[serde(default)]
     waypoint: Option<WaypointRef>,
+}
+
+/// A duration given in seconds: `default` when absent, else within `range`.
+fn seconds(
+    field: &str,
+    value: Option<f64>,
+    default: f64,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<Duration, (String, String)> {
+    match value {
+        None => Ok(Duration::from_secs_f64(default)),
+        Some(s) if s.is_finite() && range.contains(&s) => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err((
+            field.to_owned(),
+            format!("{s} is not between {} and {}", range.start(), range.end()),
+        )),
+    }
 }
 
 fn default_service_account() -> String {
@@ -695,16 +722,13 @@ impl RawConfig {
                 "the agent's own ports 15001 and 15006 cannot be excluded".into(),
             ));
         }
-        let drain_timeout = match self.drain_timeout_seconds {
-            None => Duration::from_secs(5),
-            Some(s) if s.is_finite() && (0.0..=3600.0).contains(&s) => Duration::from_secs_f64(s),
-            Some(s) => {
-                return Err(invalid(
-                    "drainTimeoutSeconds".into(),
-                    format!("{s} is not between 0 and 3600"),
-                ));
-            }
-        };
+        let drain_timeout = seconds(
+            "drainTimeoutSeconds",
+            self.drain_timeout_seconds,
+            5.0,
+            0.0..=3600.0,
+        )
+        .map_err(|(f, m)| invalid(f, m))?;
 
         let trust_domain = self
             .trust_domain
@@ -1101,6 +1125,23 @@ impl RawConfig {
                         .pod_namespace
                         .or_else(|| std::env::var("POD_NAMESPACE").ok())
                         .unwrap_or_else(|| "istio-system".to_owned()),
+                    sync_hold: seconds(
+                        "xds.syncHoldSeconds",
+                        x.sync_hold_seconds,
+                        10.0,
+                        0.0..=600.0,
+                    )
+                    .map_err(|(f, m)| invalid(f, m))?,
+                    max_held_connections: match x.max_held_connections {
+                        None => 1024,
+                        Some(n) if (1..=1_000_000).contains(&n) => n,
+                        Some(n) => {
+                            return Err(invalid(
+                                "xds.maxHeldConnections".into(),
+                                format!("{n} is not between 1 and 1000000"),
+                            ));
+                        }
+                    },
                 })
             }
         };

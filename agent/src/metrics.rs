@@ -75,6 +75,8 @@ pub struct Metrics {
     tcp: Mutex<HashMap<TcpLabels, TcpCounts>>,
     /// Denials by `(direction, policy)`; the policy is `none` when no ALLOW policy matched.
     denials: Mutex<BTreeMap<(&'static str, String), u64>>,
+    /// Connections refused by a limit or a missing state, by `(direction, reason)`.
+    refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 /// Values read from the rest of the agent when scraped.
@@ -91,6 +93,8 @@ pub struct Gauges {
     pub pool_streams_opened: u64,
     pub pool_open_connections: usize,
     pub open_connections: usize,
+    /// Connections waiting for the control plane's first full state.
+    pub held_connections: usize,
     pub workloads: usize,
     pub services: usize,
     pub policies: usize,
@@ -128,6 +132,12 @@ impl Metrics {
         *lock(&self.denials)
             .entry((direction, policy.unwrap_or("none").to_owned()))
             .or_default() += 1;
+    }
+
+    /// A connection was refused before it was judged: a limit was hit, or the state it needs
+    /// is missing (`reason` names which, as the access log's `limit` does).
+    pub fn refused(&self, direction: &'static str, reason: &'static str) {
+        *lock(&self.refusals).entry((direction, reason)).or_default() += 1;
     }
 
     /// The exposition text.
@@ -186,6 +196,28 @@ impl Metrics {
                 *n,
             );
         }
+
+        let name = "ambit_connections_refused_total";
+        header(
+            &mut out,
+            name,
+            "Connections refused before a byte was sent because a limit was hit or the state they need was missing, by direction and reason",
+            "counter",
+        );
+        for ((direction, reason), n) in lock(&self.refusals).iter() {
+            sample(
+                &mut out,
+                name,
+                &[("direction", direction), ("reason", reason)],
+                *n,
+            );
+        }
+        gauge(
+            &mut out,
+            "ambit_held_connections",
+            "New connections waiting for the control plane's first full state",
+            g.held_connections as u64,
+        );
 
         gauge(
             &mut out,

@@ -148,6 +148,9 @@ pub struct AccessLog<'a> {
     pub counts: &'a ByteCounts,
     pub start: Instant,
     pub error: Option<(Side, String)>,
+    /// The limit or missing state that refused the connection (as the `reason` of
+    /// `ambit_connections_refused_total`).
+    pub limit: Option<&'static str>,
     /// The authorization decision, for inbound connections.
     pub authz: Option<crate::policy::Decision>,
 }
@@ -178,6 +181,7 @@ impl AccessLog<'_> {
             duration_ms,
             fault,
             error,
+            limit = self.limit,
             authz.policy = self.authz.as_ref().and_then(|d| d.policy.as_deref()),
             authz.decision = self.authz.as_ref().map(|d| tracing::field::display(d.describe())),
             "connection complete"

@@ -42,6 +42,7 @@ mod workload;
 use std::time::Duration;
 
 pub mod kube_server;
+pub mod metrics;
 pub mod wire;
 pub mod xds_server;
 

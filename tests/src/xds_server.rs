@@ -110,19 +110,50 @@ impl AggregatedDiscoveryService for Ads {
     }
 }
 
-/// The running server. Dropping it stops it.
+/// The server (listening once [`XdsServer::serve_in`] ran). Dropping it stops it.
 pub struct XdsServer {
     addr: SocketAddr,
     cert_pem: String,
+    key_pem: String,
     ads: Ads,
-    _runtime: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl XdsServer {
     /// Starts a server on `addr` inside the network namespace at `netns` (e.g. a node's), with a
     /// self-signed certificate for `addr`'s IP.
     pub fn start_in_netns(netns: &Path, addr: SocketAddr) -> Result<XdsServer> {
+        let server = XdsServer::unstarted(addr)?;
+        server.serve_in(netns)?;
+        Ok(server)
+    }
+
+    /// A server for `addr` that does not listen yet (a control plane that is down): its
+    /// certificate is known, pushes are remembered for the streams it will serve.
+    pub fn unstarted(addr: SocketAddr) -> Result<XdsServer> {
+        let cert = rcgen::generate_simple_self_signed(vec![addr.ip().to_string()])
+            .context("self-signed certificate")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let (pushes, _) = broadcast::channel(64);
+        Ok(XdsServer {
+            addr,
+            cert_pem: cert.cert.pem(),
+            key_pem: cert.signing_key.serialize_pem(),
+            ads: Ads {
+                state: Arc::default(),
+                pushes,
+            },
+            runtime,
+        })
+    }
+
+    /// Starts listening on the server's address inside the network namespace at `netns`.
+    pub fn serve_in(&self, netns: &Path) -> Result<()> {
         let netns = netns.to_owned();
+        let addr = self.addr;
         // Sockets belong to the netns of the thread that creates them.
         let std_listener = std::thread::spawn(move || -> Result<std::net::TcpListener> {
             let f =
@@ -134,22 +165,9 @@ impl XdsServer {
         })
         .join()
         .map_err(|_| anyhow!("listener thread panicked"))??;
-        let cert = rcgen::generate_simple_self_signed(vec![addr.ip().to_string()])
-            .context("self-signed certificate")?;
-        let cert_pem = cert.cert.pem();
-        let identity =
-            tonic::transport::Identity::from_pem(cert.cert.pem(), cert.signing_key.serialize_pem());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
-        let (pushes, _) = broadcast::channel(64);
-        let ads = Ads {
-            state: Arc::default(),
-            pushes,
-        };
-        let service = AggregatedDiscoveryServiceServer::new(ads.clone());
-        runtime.block_on(async {
+        let identity = tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem);
+        let service = AggregatedDiscoveryServiceServer::new(self.ads.clone());
+        self.runtime.block_on(async {
             let listener = tokio::net::TcpListener::from_std(std_listener)?;
             let server = tonic::transport::Server::builder()
                 .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
@@ -160,12 +178,6 @@ impl XdsServer {
                 );
             tokio::spawn(server);
             anyhow::Ok(())
-        })?;
-        Ok(XdsServer {
-            addr,
-            cert_pem,
-            ads,
-            _runtime: runtime,
         })
     }
 

@@ -3,14 +3,11 @@
 //! Prometheus endpoint's counters against the exact connections and bytes sent.
 
 use std::{
-    collections::HashMap,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    path::Path,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use ambit_testbed::{Agent, Node, Pod, TestBed, log_str, poll};
+use ambit_testbed::{Agent, Node, Pod, TestBed, log_str, metrics::sum, poll};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
@@ -421,113 +418,6 @@ fn explain_agrees_with_the_data_path() {
     );
 }
 
-/// `GET path` on `addr` from inside the network namespace at `netns` (a thread of our own
-/// joins it, so the test's other threads stay where they are).
-fn http_get_in(netns: &Path, addr: SocketAddr, path: &str) -> String {
-    let netns = netns.to_owned();
-    let path = path.to_owned();
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&netns).expect("open netns");
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let mut s = TcpStream::connect_timeout(&addr, WAIT).expect("connect to metrics");
-        s.set_read_timeout(Some(WAIT)).expect("timeout");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        out
-    })
-    .join()
-    .expect("metrics thread")
-}
-
-/// Parses Prometheus text exposition strictly enough to catch a malformed line: every sample's
-/// family was declared with `# TYPE` before it, label values are quoted and escaped, values
-/// are numbers. Returns `name{labels}` -> value.
-fn parse_exposition(text: &str) -> HashMap<String, f64> {
-    let mut typed: HashMap<String, String> = HashMap::new();
-    let mut samples = HashMap::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
-            assert!(
-                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
-                "{line}"
-            );
-            assert!(
-                typed.insert(name.to_owned(), kind.to_owned()).is_none(),
-                "twice: {line}"
-            );
-            continue;
-        }
-        if line.starts_with("# HELP ") || line.is_empty() {
-            continue;
-        }
-        assert!(!line.starts_with('#'), "unknown comment: {line}");
-        let (series, value) = line.rsplit_once(' ').expect("series value");
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value: {line}"));
-        let name = series.split('{').next().expect("name");
-        assert!(
-            name.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "{line}"
-        );
-        assert!(typed.contains_key(name), "sample before its TYPE: {line}");
-        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
-            let inner = labels
-                .strip_prefix('{')
-                .and_then(|l| l.strip_suffix('}'))
-                .unwrap_or_else(|| panic!("labels: {line}"));
-            // key="value" pairs with \" \\ \n escapes.
-            let mut chars = inner.chars().peekable();
-            while chars.peek().is_some() {
-                let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-                assert!(
-                    !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                    "{line}"
-                );
-                assert_eq!(chars.next(), Some('"'), "{line}");
-                loop {
-                    match chars.next() {
-                        Some('\\') => {
-                            assert!(matches!(chars.next(), Some('"' | '\\' | 'n')), "{line}")
-                        }
-                        Some('"') => break,
-                        Some(_) => {}
-                        None => panic!("unterminated label value: {line}"),
-                    }
-                }
-                match chars.next() {
-                    Some(',') | None => {}
-                    Some(c) => panic!("unexpected {c:?}: {line}"),
-                }
-            }
-        }
-        assert!(
-            samples.insert(series.to_owned(), value).is_none(),
-            "duplicate: {line}"
-        );
-    }
-    samples
-}
-
-/// The sum of the samples of `name` whose labels include all of `labels`.
-fn sum(samples: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|(series, _)| {
-            series.split('{').next() == Some(name)
-                && labels
-                    .iter()
-                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|(_, v)| v)
-        .sum()
-}
-
 #[test]
 fn metrics_parse_and_move_by_exactly_what_was_sent() {
     if !ambit_testbed::privileged() {
@@ -535,17 +425,7 @@ fn metrics_parse_and_move_by_exactly_what_was_sent() {
     }
     let m = mesh();
     let echo = m.server.serve(PORT).expect("echo");
-    let metrics_of = |node: &Node| {
-        let raw = http_get_in(
-            &node.netns_path(),
-            "127.0.0.1:15020".parse().expect("addr"),
-            "/metrics",
-        );
-        let (head, body) = raw.split_once("\r\n\r\n").expect("http answer");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-        parse_exposition(body)
-    };
+    let metrics_of = ambit_testbed::metrics::of_node;
     let metrics = || metrics_of(&m.node_b);
     let redirected = [("counter", "connect4_redirected")];
     let redirected_before = sum(

@@ -753,9 +753,16 @@ fn a_restart_keeps_cni_pods_captured_and_served() {
     let report = web.connect_with(dst, 4096, 0, 2000).expect("run client");
     assert!(!report.ok, "no agent, no connection: {report:#?}");
     let new = bed.start_agent(&config_a).expect("the new agent");
-    assert_eq!(enrolled_cookies(&new), before, "the same netns, never released");
+    assert_eq!(
+        enrolled_cookies(&new),
+        before,
+        "the same netns, never released"
+    );
     let status = new.ambitctl_json(&["status"]).expect("status");
-    assert_eq!(status["enrolledPods"], 1, "reloaded from the records: {status:#}");
+    assert_eq!(
+        status["enrolledPods"], 1,
+        "reloaded from the records: {status:#}"
+    );
     tunnelled(&new, "after the restart");
     let (_, raw) = capture.stop().expect("stop capture");
     for window in [0..64, 1000..1064] {

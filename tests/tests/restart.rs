@@ -127,7 +127,11 @@ fn restart_keeps_pods_captured(api_down: bool) {
         if api_down {
             let status = new.ambitctl_json(&["status"]).expect("status");
             assert_eq!(status["waitingFor"], "kubernetes", "{status:#}");
-            assert_eq!(status["adoptedPods"], json!(["default/client"]), "{status:#}");
+            assert_eq!(
+                status["adoptedPods"],
+                json!(["default/client"]),
+                "{status:#}"
+            );
             assert_eq!(status["ready"], false, "{status:#}");
             let why = status["notReady"].to_string();
             assert!(
@@ -155,7 +159,11 @@ fn restart_keeps_pods_captured(api_down: bool) {
             )
         });
         assert_eq!(status["adoptedPods"], json!([]), "{status:#}");
-        assert_eq!(enrolled_cookies(&new), before, "the same netns, never released");
+        assert_eq!(
+            enrolled_cookies(&new),
+            before,
+            "the same netns, never released"
+        );
         assert_tunnelled(&new, &client, dst, "after the API answered again");
         stop.store(true, Ordering::SeqCst);
         streaming.join().expect("streaming thread");

@@ -14,6 +14,9 @@ use ambit_proto::{
 };
 use ambit_testbed::{
     Pod, TestBed, log_message, log_str,
+    metrics::sum,
+    poll,
+    wire::{Capture, contains, pattern},
     xds_server::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, XdsServer},
 };
 use serde_json::json;
@@ -209,4 +212,187 @@ fn a_control_plane_drives_tunnels_and_policy_and_a_bad_push_is_nacked() {
     assert!(detail.message.contains("curl"), "{}", detail.message);
     let report = curl.connect(dst, 1000).expect("run client");
     assert!(report.ok, "the previous state keeps serving: {report:#?}");
+}
+
+#[test]
+fn before_the_control_plane_has_spoken_connections_are_held_never_leaked_nor_admitted() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
+    let node_a = bed.add_node("node-a").expect("node-a");
+    let node_b = bed.add_node("node-b").expect("node-b");
+    let sleep = bed
+        .add_pod_in(&node_a, "sleep", "default", "sleep")
+        .expect("sleep");
+    let curl = bed
+        .add_pod_in(&node_a, "curl", "default", "curl")
+        .expect("curl");
+    let server = bed
+        .add_pod_in(&node_b, "server", "default", "server")
+        .expect("server");
+    let echo = server.serve(PORT).expect("echo");
+    let dst = server.v4(PORT);
+
+    // The control plane is down when both agents start: it will send the workloads (the agents'
+    // files name no peers) and a DENY for curl.
+    let xds_addr = std::net::SocketAddr::new(node_a.underlay_v4().into(), 15010);
+    let xds = XdsServer::unstarted(xds_addr).expect("xDS server");
+    xds.push(
+        ADDRESS_TYPE_URL,
+        vec![
+            workload(&sleep, "node-a", None),
+            workload(&curl, "node-a", None),
+            workload(&server, "node-b", None),
+        ],
+        Vec::new(),
+    );
+    xds.push(
+        AUTHORIZATION_TYPE_URL,
+        vec![deny_principal(
+            "deny-curl",
+            "cluster.local/ns/default/sa/curl",
+        )],
+        Vec::new(),
+    );
+    let root = bed.tmp_dir().join("xds-root.pem");
+    std::fs::write(&root, xds.cert_pem()).expect("write root");
+    let xds_section =
+        json!({"address": format!("https://{xds_addr}"), "rootCert": root, "syncHoldSeconds": 60});
+    let mut config_a = bed.agent_config(&node_a);
+    config_a.enroll(&sleep).enroll(&curl);
+    config_a.node_addresses = vec![node_a.underlay_v4().into()];
+    config_a.extra.insert("xds".into(), xds_section.clone());
+    let mut config_b = bed.agent_config(&node_b);
+    config_b.enroll(&server);
+    config_b.node_addresses = vec![node_b.underlay_v4().into()];
+    config_b.extra.insert("xds".into(), xds_section);
+    let agent_a = bed.start_agent(&config_a).expect("agent-a");
+    let agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let capture = Capture::start(&bed, &node_a).expect("capture");
+
+    // Without the control plane the destination is not known to be in the mesh: it would leave
+    // as plaintext passthrough, and node-b has not heard of the DENY. Both are held instead.
+    let allowed = sleep
+        .spawn_connect(dst, 4096, 0, 60_000)
+        .expect("sleep's client");
+    let denied = curl
+        .spawn_connect(dst, 4096, 0, 60_000)
+        .expect("curl's client");
+    let held = poll(WAIT, || {
+        let m = ambit_testbed::metrics::of_node(&node_a);
+        (sum(&m, "ambit_held_connections", &[]) == 2.0).then_some(())
+    });
+    assert!(held.is_some(), "both connections are held at node-a");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        echo.accepted_peers().is_empty(),
+        "nothing reached the app before the control plane spoke"
+    );
+    let status = agent_a.ambitctl_json(&["status"]).expect("status");
+    assert_eq!(status["ready"], false, "{status:#}");
+
+    // The control plane comes up: the same connections go on, judged on its state.
+    let mark_a = agent_a.mark();
+    let mark_b = agent_b.mark();
+    xds.serve_in(&node_a.netns_path())
+        .expect("the xDS server listens");
+    let report = allowed.wait().expect("sleep's client");
+    assert!(report.ok, "the held connection succeeds: {report:#?}");
+    let out = agent_a
+        .wait_for_connection_log(mark_a, "outbound", dst, WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(log_str(&out, "path"), Some("hbone"), "{out}");
+    let report = denied.wait().expect("curl's client");
+    assert!(
+        !report.ok,
+        "the DENY holds from the first connection: {report:#?}"
+    );
+    let inbound = agent_b
+        .wait_for_log_after(
+            mark_b,
+            |v| {
+                log_str(v, "target") == Some("access")
+                    && log_str(v, "src.identity")
+                        == Some("spiffe://cluster.local/ns/default/sa/curl")
+            },
+            WAIT,
+        )
+        .expect("curl's connection at node-b");
+    assert_eq!(
+        log_str(&inbound, "authz.policy"),
+        Some("default/deny-curl"),
+        "{inbound}"
+    );
+    assert_eq!(
+        echo.accepted_peers().len(),
+        1,
+        "only sleep's connection reached the app"
+    );
+    let (summary, raw) = capture.stop().expect("stop capture");
+    assert!(
+        !summary.contains(&format!("{}.{PORT}", server.ipv4())),
+        "no plaintext to the server:\n{summary}"
+    );
+    assert!(
+        !contains(&raw, &pattern(0..64)),
+        "the payload is not visible on the wire"
+    );
+}
+
+#[test]
+fn a_connection_held_longer_than_the_sync_hold_is_refused_with_the_reason() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
+    let node = bed.add_node("node-a").expect("node-a");
+    let client = bed.add_pod(&node, "client").expect("client");
+    let server = bed.add_pod(&node, "server").expect("server");
+    let echo = server.serve(PORT).expect("echo");
+    // A control plane that never answers.
+    let xds_addr = std::net::SocketAddr::new(node.underlay_v4().into(), 15010);
+    let xds = XdsServer::unstarted(xds_addr).expect("xDS server");
+    let root = bed.tmp_dir().join("xds-root.pem");
+    std::fs::write(&root, xds.cert_pem()).expect("write root");
+    let mut config = bed.agent_config(&node);
+    config.enroll(&client).enroll(&server);
+    config.node_addresses = vec![node.underlay_v4().into()];
+    config.extra.insert(
+        "xds".into(),
+        json!({"address": format!("https://{xds_addr}"), "rootCert": root,
+               "syncHoldSeconds": 1, "maxHeldConnections": 4}),
+    );
+    let agent = bed.start_agent(&config).expect("agent");
+    let mark = agent.mark();
+    let report = client
+        .connect_with(server.v4(PORT), 100, 0, 10_000)
+        .expect("client");
+    assert!(!report.ok, "{report:#?}");
+    let log = agent
+        .wait_for_connection_log(mark, "outbound", server.v4(PORT), WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        log_str(&log, "limit"),
+        Some("control_plane_not_synced"),
+        "{log}"
+    );
+    assert_eq!(log_str(&log, "fault"), Some("internal"), "{log}");
+    assert!(
+        log_str(&log, "error").is_some_and(|e| e.contains("istiod")),
+        "the error says what to check: {log}"
+    );
+    assert!(echo.accepted_peers().is_empty());
+    let m = ambit_testbed::metrics::of_node(&node);
+    assert_eq!(
+        sum(
+            &m,
+            "ambit_connections_refused_total",
+            &[
+                ("direction", "outbound"),
+                ("reason", "control_plane_not_synced")
+            ]
+        ),
+        1.0
+    );
 }

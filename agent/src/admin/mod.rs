@@ -440,6 +440,7 @@ impl Admin {
             pool_streams_opened: pool.streams_opened,
             pool_open_connections: pool.open_connections,
             open_connections: self.ctx.live.len(),
+            held_connections: self.ctx.gate.held(),
             workloads: snapshot.workload_count(),
             services: snapshot.service_count(),
             policies: self.ctx.policies.load().len(),

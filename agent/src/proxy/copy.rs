@@ -44,6 +44,8 @@ pub enum Side {
     Downstream,
     /// The connection to the destination.
     Upstream,
+    /// Neither end: the agent itself, or its control plane (not synced yet, a limit).
+    Internal,
 }
 
 impl Side {
@@ -51,6 +53,7 @@ impl Side {
         match self {
             Side::Downstream => "downstream",
             Side::Upstream => "upstream",
+            Side::Internal => "internal",
         }
     }
 }

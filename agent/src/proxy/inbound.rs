@@ -36,6 +36,7 @@ pub async fn handle(
         counts: &counts,
         start,
         error: None,
+        limit: None,
         authz: None,
     };
     let dst = match downstream.local_addr() {
@@ -60,6 +61,13 @@ pub async fn handle(
         return;
     }
 
+    // Judged only on synced policy.
+    if let Err(e) = ctx.wait_synced(super::Direction::Inbound).await {
+        log.error = Some((Side::Internal, e.to_string()));
+        log.limit = Some(e.reason());
+        log.emit();
+        return;
+    }
     // A plaintext client has no verified identity: only policies that allow that admit it.
     let admission = ctx.admit(
         &pod,

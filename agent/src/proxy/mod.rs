@@ -10,6 +10,7 @@
 //! programs skip, so the agent never captures itself.
 
 pub mod copy;
+pub mod gate;
 pub mod inbound;
 pub mod live;
 pub mod outbound;
@@ -92,9 +93,21 @@ pub struct ProxyContext {
     pub live: live::LiveConns,
     /// Fired when the agent starts draining: HBONE connections send GOAWAY.
     pub draining: CancellationToken,
+    /// Holds new connections until the control plane's first full state is applied.
+    pub gate: gate::SyncGate,
 }
 
 impl ProxyContext {
+    /// Holds a new connection until the state is synced (see [`gate`]); a refusal is counted
+    /// and returned, for the caller's access log.
+    pub async fn wait_synced(&self, direction: Direction) -> Result<(), gate::NotSynced> {
+        let r = self.gate.pass().await;
+        if let Err(e) = r {
+            self.live.metrics().refused(direction.as_str(), e.reason());
+        }
+        r
+    }
+
     /// Installs new policies: new connections are judged by them at once, and open inbound
     /// connections they no longer allow are closed. Returns how many were closed.
     pub fn set_policies(&self, store: PolicyStore) -> usize {

@@ -55,6 +55,7 @@ pub async fn handle(
         counts: &counts,
         start,
         error: None,
+        limit: None,
         authz: None,
     };
     let Some(dst) = ctx.orig_dst.lookup(pod.netns.cookie(), peer) else {
@@ -73,6 +74,13 @@ pub async fn handle(
     // pod's own address, which is what the destination sees.
     let src_ip = pod.ip_like(dst.ip()).unwrap_or(peer.ip());
     log.src = SocketAddr::new(src_ip, peer.port());
+    // Where it goes (HBONE or passthrough) is known only on synced state.
+    if let Err(e) = ctx.wait_synced(super::Direction::Outbound).await {
+        log.error = Some((Side::Internal, e.to_string()));
+        log.limit = Some(e.reason());
+        log.emit();
+        return;
+    }
 
     let snapshot = ctx.workloads.snapshot();
     let route = match route(&snapshot, src_ip, dst, Pick::Next) {

@@ -209,6 +209,7 @@ async fn serve_stream(
         counts: &counts,
         start,
         error: None,
+        limit: None,
         authz: None,
     };
     let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
@@ -253,6 +254,14 @@ async fn serve_stream(
         return;
     }
 
+    // Judged only on synced policy.
+    if let Err(e) = ctx.wait_synced(Direction::Inbound).await {
+        refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        log.error = Some((Side::Internal, e.to_string()));
+        log.limit = Some(e.reason());
+        log.emit();
+        return;
+    }
     let admission = ctx.admit(
         &pod,
         proxy::InboundConn {
