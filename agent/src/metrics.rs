@@ -87,8 +87,8 @@ pub struct Gauges {
     pub bpf: BTreeMap<String, u64>,
     /// `(identity, seconds since the epoch when its certificate expires)`.
     pub cert_expiry: Vec<(String, i64)>,
-    /// `(pushes, nacks, connected)` when xDS is configured.
-    pub xds: Option<(u64, u64, bool)>,
+    /// The xDS client's counters, when xDS is configured.
+    pub xds: Option<crate::xds::XdsStatus>,
     pub pool_connections_opened: u64,
     pub pool_streams_opened: u64,
     pub pool_open_connections: usize,
@@ -272,24 +272,34 @@ impl Metrics {
             sample_i(&mut out, name, &[("identity", identity)], *at);
         }
 
-        if let Some((pushes, nacks, connected)) = g.xds {
+        if let Some(x) = &g.xds {
             counter(
                 &mut out,
                 "ambit_xds_pushes_total",
-                "xDS responses applied and ACKed",
-                pushes,
+                "xDS responses processed (every valid resource applied)",
+                x.pushes,
             );
             counter(
                 &mut out,
                 "ambit_xds_nacks_total",
-                "xDS responses refused (NACKed)",
-                nacks,
+                "xDS responses NACKed because at least one resource was rejected",
+                x.nacks,
             );
+            let name = "ambit_xds_rejected_resources_total";
+            header(
+                &mut out,
+                name,
+                "xDS resources rejected (each alone; the rest of their response applied), by type",
+                "counter",
+            );
+            for (kind, n) in &x.rejected {
+                sample(&mut out, name, &[("type", kind)], *n);
+            }
             gauge(
                 &mut out,
                 "ambit_xds_connected",
                 "1 while an xDS stream is open",
-                u64::from(connected),
+                u64::from(x.connected),
             );
         }
         counter(

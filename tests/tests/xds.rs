@@ -396,3 +396,172 @@ fn a_connection_held_longer_than_the_sync_hold_is_refused_with_the_reason() {
         1.0
     );
 }
+
+/// A synthetic workload on another node (no pod behind it): state only.
+fn synthetic(i: u32) -> Resource {
+    let w = Workload {
+        uid: format!("Kubernetes//Pod/default/synthetic-{i}"),
+        name: format!("synthetic-{i}"),
+        namespace: "default".into(),
+        addresses: vec![vec![10, 9, (i / 250) as u8, (i % 250 + 1) as u8]],
+        tunnel_protocol: TunnelProtocol::Hbone.into(),
+        service_account: "synthetic".into(),
+        node: "node-c".into(),
+        ..Default::default()
+    };
+    Resource {
+        name: w.uid.clone(),
+        version: "1".into(),
+        resource: Some(
+            Any::from_msg(&Address {
+                r#type: Some(address::Type::Workload(w)),
+            })
+            .expect("encode"),
+        ),
+        ..Default::default()
+    }
+}
+
+fn xds_workloads(agent: &ambit_testbed::Agent) -> usize {
+    agent
+        .ambitctl_json(&["workloads"])
+        .expect("workloads")
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|w| {
+                    w["uid"]
+                        .as_str()
+                        .is_some_and(|u| u.starts_with("Kubernetes//"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
+    let node_a = bed.add_node("node-a").expect("node-a");
+    let node_b = bed.add_node("node-b").expect("node-b");
+    let sleep = bed
+        .add_pod_in(&node_a, "sleep", "default", "sleep")
+        .expect("sleep");
+    let server = bed
+        .add_pod_in(&node_b, "server", "default", "server")
+        .expect("server");
+    let _echo = server.serve(PORT).expect("echo");
+    let dst = server.v4(PORT);
+
+    // 100 workloads, one of which does not validate (a 5-byte address).
+    let odd = Workload {
+        uid: "Kubernetes//Pod/default/odd".into(),
+        name: "odd".into(),
+        namespace: "default".into(),
+        addresses: vec![vec![10, 9, 9, 9, 9]],
+        tunnel_protocol: TunnelProtocol::Hbone.into(),
+        service_account: "odd".into(),
+        node: "node-c".into(),
+        ..Default::default()
+    };
+    let odd_resource = |w: &Workload, version: &str| Resource {
+        name: w.uid.clone(),
+        version: version.into(),
+        resource: Some(
+            Any::from_msg(&Address {
+                r#type: Some(address::Type::Workload(w.clone())),
+            })
+            .expect("encode"),
+        ),
+        ..Default::default()
+    };
+    let mut state = vec![
+        odd_resource(&odd, "1"),
+        workload(&sleep, "node-a", None),
+        workload(&server, "node-b", None),
+    ];
+    state.extend((0..97).map(synthetic));
+    let xds_addr = std::net::SocketAddr::new(node_a.underlay_v4().into(), 15010);
+    let xds = XdsServer::start_in_netns(&node_a.netns_path(), xds_addr).expect("xDS server");
+    xds.push(ADDRESS_TYPE_URL, state, Vec::new());
+    let root = bed.tmp_dir().join("xds-root.pem");
+    std::fs::write(&root, xds.cert_pem()).expect("write root");
+    let xds_section = json!({"address": format!("https://{xds_addr}"), "rootCert": root});
+    let mut config_a = bed.agent_config(&node_a);
+    config_a.enroll(&sleep);
+    config_a.node_addresses = vec![node_a.underlay_v4().into()];
+    config_a.extra.insert("xds".into(), xds_section.clone());
+    let mut config_b = bed.agent_config(&node_b);
+    config_b.enroll(&server);
+    config_b.node_addresses = vec![node_b.underlay_v4().into()];
+    config_b.extra.insert("xds".into(), xds_section);
+    let _agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let agent_a = bed.start_agent(&config_a).expect("agent-a");
+
+    let ready = |agent: &ambit_testbed::Agent| {
+        poll(WAIT, || {
+            let s = agent.ambitctl_json(&["status"]).ok()?;
+            (s["ready"] == true).then_some(s)
+        })
+    };
+    let status = ready(&agent_a).expect("ready: the first full state was processed");
+    assert_eq!(status["xds"]["rejected"]["address"], 1, "{status:#}");
+    let nack = xds
+        .requests()
+        .into_iter()
+        .find(|r| r.type_url == ADDRESS_TYPE_URL && r.error_detail.is_some())
+        .expect("the response was NACKed");
+    let message = nack.error_detail.expect("detail").message;
+    assert!(message.contains("default/odd"), "{message}");
+    assert!(
+        !message.contains("synthetic"),
+        "only the bad one is named: {message}"
+    );
+    assert_eq!(
+        xds_workloads(&agent_a),
+        99,
+        "the 99 valid workloads applied"
+    );
+    let m = ambit_testbed::metrics::of_node(&node_a);
+    assert_eq!(
+        sum(
+            &m,
+            "ambit_xds_rejected_resources_total",
+            &[("type", "address")]
+        ),
+        1.0
+    );
+
+    // Traffic to a valid workload of that push goes over HBONE.
+    let tunnelled = |agent: &ambit_testbed::Agent| {
+        let mark = agent.mark();
+        let report = sleep.connect(dst, 1000).expect("client");
+        assert!(report.ok, "{report:#?}");
+        let out = agent
+            .wait_for_connection_log(mark, "outbound", dst, WAIT)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(log_str(&out, "path"), Some("hbone"), "{out}");
+    };
+    tunnelled(&agent_a);
+
+    // A later fix of the bad one applies it.
+    let mut fixed = odd.clone();
+    fixed.addresses = vec![vec![10, 9, 9, 9]];
+    let nonce = xds.push(
+        ADDRESS_TYPE_URL,
+        vec![odd_resource(&fixed, "2")],
+        Vec::new(),
+    );
+    let reply = xds.wait_reply(&nonce, WAIT).expect("reply to the fix");
+    assert!(reply.error_detail.is_none(), "ACK: {reply:?}");
+    assert_eq!(xds_workloads(&agent_a), 100);
+
+    // A restart with the same state is ready again, and tunnels.
+    agent_a.stop().expect("stop agent-a");
+    let agent_a = bed.start_agent(&config_a).expect("agent-a again");
+    ready(&agent_a).expect("ready after the restart");
+    tunnelled(&agent_a);
+}

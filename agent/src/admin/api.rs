@@ -106,6 +106,12 @@ pub struct XdsView {
     pub streams: u64,
     pub pushes: u64,
     pub nacks: u64,
+    /// Resources rejected so far (each alone), by type (`address`, `authorization`).
+    #[serde(default)]
+    pub rejected: std::collections::BTreeMap<String, u64>,
+    /// The most recent rejections, `name: reason`, newest last.
+    #[serde(default)]
+    pub last_rejected: Vec<String>,
     /// When the last push was applied, RFC 3339.
     pub last_push: Option<String>,
     /// The last connection failure or NACK reason.

@@ -259,6 +259,8 @@ impl Admin {
                     streams: s.connections,
                     pushes: s.pushes,
                     nacks: s.nacks,
+                    rejected: s.rejected,
+                    last_rejected: s.last_rejected,
                     last_push: s.last_push_unix_ms.map(|ms| {
                         crate::identity::manager::rfc3339(
                             std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
@@ -432,10 +434,7 @@ impl Admin {
                 .into_iter()
                 .filter_map(|c| Some((c.identity, c.not_after_unix?)))
                 .collect(),
-            xds: self.readiness.xds.get().map(|x| {
-                let s = x.status();
-                (s.pushes, s.nacks, s.connected)
-            }),
+            xds: self.readiness.xds.get().map(|x| x.status()),
             pool_connections_opened: pool.connections_opened,
             pool_streams_opened: pool.streams_opened,
             pool_open_connections: pool.open_connections,

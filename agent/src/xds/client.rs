@@ -3,14 +3,18 @@
 //! ```text
 //! connect (TLS to the configured root, bearer token re-read per connection)
 //!   -> DeltaAggregatedResources: one initial request per type (node, initial_resource_versions)
-//!   <- response: decode + validate all ──ok──> sink.apply_*, remember versions, ACK (nonce)
-//!                                       └bad─> NACK (nonce, google.rpc.Status code 3), apply nothing
+//!   <- response: decode + validate each resource; apply the valid ones and the removals,
+//!      remember their versions; ACK (nonce), or NACK (nonce, google.rpc.Status code 3) naming
+//!      only the rejected resources, whose last good version (if any) stays in force
 //! stream ends or fails -> backoff 100 ms..15 s, jittered (reset once a connection delivered
 //! something) -> reconnect, telling the server which resources (name -> version) it holds
 //! ```
 //!
-//! Ready once a response of each type has been applied (istiod sends an empty one when there is
-//! nothing); it stays ready across reconnects, because the state it built is still served.
+//! Resources are judged one by one, as ztunnel does: istiod does not resend after a NACK (it waits
+//! for the next change), so refusing a whole response for one odd resource would leave the node
+//! without the mesh's state. Ready once a response of each type has been processed (istiod sends
+//! an empty one when there is nothing), whether or not every resource in it was accepted; it
+//! stays ready across reconnects, because the state it built is still served.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -122,10 +126,17 @@ pub struct XdsStatus {
     pub ready: bool,
     /// Streams opened so far.
     pub connections: u64,
-    /// Responses applied (ACKed).
+    /// Responses processed (ACKed, or applied but for the resources a NACK named).
     pub pushes: u64,
-    /// Responses refused (NACKed).
+    /// Responses NACKed (at least one resource rejected).
     pub nacks: u64,
+    /// Resources rejected so far, by type ([`type_label`]: `address` for workloads and
+    /// services, `authorization` for policies).
+    #[serde(default)]
+    pub rejected: BTreeMap<String, u64>,
+    /// The most recent rejections, newest last (at most [`MAX_NACK_ERRORS`]): `name: reason`.
+    #[serde(default)]
+    pub last_rejected: Vec<String>,
     /// When the last response was applied, milliseconds since the Unix epoch.
     pub last_push_unix_ms: Option<u64>,
     /// The last connection failure or NACK reason; never cleared (read it with the counters).
@@ -345,38 +356,60 @@ impl XdsClient {
             ..
         } = response;
         let (upserts, removes) = (resources.len(), removed_resources.len());
-        let result = match type_url.as_str() {
-            ADDRESS_TYPE_URL => decode_all(ADDRESS_TYPE_URL, resources, |name, a: Address| {
-                address_from_proto(name, a)
-            })
-            .map(|decoded| self.apply_addresses(decoded, removed_resources)),
-            AUTHORIZATION_TYPE_URL => decode_all(
-                AUTHORIZATION_TYPE_URL,
-                resources,
-                |name, a: Authorization| policy_from_proto(name, a),
-            )
-            .map(|decoded| self.apply_policies(decoded, removed_resources)),
-            other => Err(vec![format!(
+        // Each valid resource and every removal is applied; the rejected ones are named.
+        let rejected = match type_url.as_str() {
+            ADDRESS_TYPE_URL => {
+                let (decoded, rejected) =
+                    decode_each(ADDRESS_TYPE_URL, resources, |name, a: Address| {
+                        address_from_proto(name, a)
+                    });
+                self.apply_addresses(decoded, removed_resources);
+                rejected
+            }
+            AUTHORIZATION_TYPE_URL => {
+                let (decoded, rejected) = decode_each(
+                    AUTHORIZATION_TYPE_URL,
+                    resources,
+                    |name, a: Authorization| policy_from_proto(name, a),
+                );
+                self.apply_policies(decoded, removed_resources);
+                rejected
+            }
+            other => vec![format!(
                 "type {other:?} was not subscribed to (only {ADDRESS_TYPE_URL} and {AUTHORIZATION_TYPE_URL})"
-            )]),
+            )],
         };
-        let error_detail = match result {
-            Ok(()) => {
-                info!(type_url, nonce, upserts, removes, "xDS push applied (ACK)");
-                None
-            }
-            Err(errors) => {
-                let message = nack_message(&errors);
-                warn!(type_url, nonce, error = %message, "xDS push refused (NACK); keeping the previous state");
-                let mut inner = self.lock();
-                inner.status.nacks += 1;
-                inner.status.last_error = Some(format!("NACK {type_url}: {message}"));
-                Some(Status {
-                    code: INVALID_ARGUMENT,
-                    message,
-                    details: Vec::new(),
-                })
-            }
+        let error_detail = if rejected.is_empty() {
+            info!(type_url, nonce, upserts, removes, "xDS push applied (ACK)");
+            None
+        } else {
+            let message = nack_message(&rejected);
+            warn!(
+                type_url,
+                nonce,
+                upserts,
+                removes,
+                rejected = rejected.len(),
+                error = %message,
+                "xDS push applied but for the resources named (NACK); their last good version, if any, stays"
+            );
+            let mut inner = self.lock();
+            inner.status.nacks += 1;
+            *inner
+                .status
+                .rejected
+                .entry(type_label(&type_url).to_owned())
+                .or_default() += rejected.len() as u64;
+            let last = &mut inner.status.last_rejected;
+            last.extend(rejected.iter().rev().take(MAX_NACK_ERRORS).rev().cloned());
+            let excess = last.len().saturating_sub(MAX_NACK_ERRORS);
+            last.drain(..excess);
+            inner.status.last_error = Some(format!("NACK {type_url}: {message}"));
+            Some(Status {
+                code: INVALID_ARGUMENT,
+                message,
+                details: Vec::new(),
+            })
         };
         if upserts + removes >= LARGE_PUSH {
             release_free_memory();
@@ -476,13 +509,23 @@ impl XdsClient {
     }
 }
 
-/// Decodes and converts every resource; `Err` lists every bad one (a NACK names them all).
+/// The `type` label of the rejection metric for a type URL.
+pub fn type_label(type_url: &str) -> &'static str {
+    match type_url {
+        ADDRESS_TYPE_URL => "address",
+        AUTHORIZATION_TYPE_URL => "authorization",
+        _ => "other",
+    }
+}
+
+/// Decodes and converts each resource: the good ones `(name, version, value)`, and why each bad
+/// one was rejected (a NACK names them all).
 #[allow(clippy::type_complexity)]
-fn decode_all<T: Message + Default, U>(
+fn decode_each<T: Message + Default, U>(
     type_url: &str,
     resources: Vec<ambit_proto::envoy::service::discovery::v3::Resource>,
     convert: impl Fn(&str, T) -> Result<U, Error>,
-) -> Result<Vec<(String, String, U)>, Vec<String>> {
+) -> (Vec<(String, String, U)>, Vec<String>) {
     let mut ok = Vec::with_capacity(resources.len());
     let mut errors = Vec::new();
     for r in resources {
@@ -500,11 +543,7 @@ fn decode_all<T: Message + Default, U>(
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        Ok(ok)
-    } else {
-        Err(errors)
-    }
+    (ok, errors)
 }
 
 fn nack_message(errors: &[String]) -> String {

@@ -552,24 +552,10 @@ async fn sends_node_and_auth_then_applies_and_acks_pushes() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn invalid_push_is_nacked_and_applies_nothing() {
-    let tls = Tls::new();
-    let mut server = TestServer::start(&tls, localhost()).await;
-    let c = Running::start(&tls, server.addr);
-    let mut conn = server.next_conn().await;
-    conn.subscriptions().await;
-    conn.push_and_reply(response(
-        ADDRESS_TYPE_URL,
-        "a1",
-        vec![workload("sleep", [10, 0, 0, 7])],
-        &[],
-    ))
-    .await;
-    let calls = c.sink.calls();
-
-    // A good workload, a 5-byte address and a removal in one response: none of it applies.
-    let mut bad = workload("bad", [10, 0, 0, 9]);
+/// A workload resource whose second address is 5 bytes long: invalid.
+fn bad_workload(name: &str, ip: [u8; 4], version: &str) -> Resource {
+    let mut bad = workload(name, ip);
+    bad.version = version.into();
     let mut a: Address = bad
         .resource
         .as_ref()
@@ -580,26 +566,64 @@ async fn invalid_push_is_nacked_and_applies_nothing() {
         w.addresses.push(vec![1, 2, 3, 4, 5]);
     }
     bad.resource = Some(Any::from_msg(&a).expect("encode"));
+    bad
+}
+
+#[tokio::test]
+async fn a_push_applies_its_valid_resources_and_nacks_only_the_bad_ones() {
+    let tls = Tls::new();
+    let mut server = TestServer::start(&tls, localhost()).await;
+    let c = Running::start(&tls, server.addr);
+    let mut conn = server.next_conn().await;
+    conn.subscriptions().await;
+    conn.push_and_reply(response(
+        ADDRESS_TYPE_URL,
+        "a1",
+        vec![
+            workload("sleep", [10, 0, 0, 7]),
+            workload("kept", [10, 0, 0, 8]),
+        ],
+        &[],
+    ))
+    .await;
+
+    // A good workload, a bad one, a bad new version of one already held, and a removal in one
+    // response: everything valid applies, the NACK names exactly the two bad ones.
     let reply = conn
         .push_and_reply(response(
             ADDRESS_TYPE_URL,
             "a2",
-            vec![workload("good", [10, 0, 0, 10]), bad],
+            vec![
+                workload("good", [10, 0, 0, 10]),
+                bad_workload("bad", [10, 0, 0, 9], "v1"),
+                bad_workload("kept", [10, 0, 0, 8], "v2"),
+            ],
             &["Kubernetes//Pod/default/sleep"],
         ))
         .await;
     let detail = reply.error_detail.expect("NACK");
     assert_eq!(detail.code, 3);
-    assert!(
-        detail
-            .message
-            .contains("workload default/bad (uid \"Kubernetes//Pod/default/bad\"): addresses[1] is 5 bytes, not 4 or 16"),
-        "{}",
-        detail.message
-    );
+    for name in ["default/bad", "default/kept"] {
+        assert!(
+            detail.message.contains(&format!(
+                "workload {name} (uid \"Kubernetes//Pod/{name}\"): addresses[1] is 5 bytes, not 4 or 16"
+            )),
+            "{}",
+            detail.message
+        );
+    }
     assert!(!detail.message.contains("good"), "{}", detail.message);
+    assert_eq!(
+        c.sink.address_names(),
+        vec![
+            "Kubernetes//Pod/default/good",
+            "Kubernetes//Pod/default/kept"
+        ],
+        "good applied, sleep removed, bad refused, kept's last good version kept"
+    );
+    assert!(!c.client.is_ready(), "no policies yet");
 
-    // A policy with a bad CIDR, and a resource whose body does not decode.
+    // A policy with a bad CIDR and a resource whose body does not decode, next to a good one.
     let garbage = Resource {
         name: "default/garbage".into(),
         version: "v1".into(),
@@ -630,17 +654,16 @@ async fn invalid_push_is_nacked_and_applies_nothing() {
         "{}",
         detail.message
     );
-
-    // Nothing reached the sink; the last good state stands and the client is not ready.
-    assert_eq!(c.sink.calls(), calls);
-    assert_eq!(
-        c.sink.address_names(),
-        vec!["Kubernetes//Pod/default/sleep"]
+    assert_eq!(c.sink.policy_names(), vec!["default/ok"]);
+    assert!(
+        c.client.is_ready(),
+        "the first full state was processed, rejections or not"
     );
-    assert!(c.sink.policy_names().is_empty());
-    assert!(!c.client.is_ready(), "a NACKed response does not count");
     let status = c.client.status();
-    assert_eq!((status.pushes, status.nacks), (1, 2));
+    assert_eq!((status.pushes, status.nacks), (3, 2));
+    assert_eq!(status.rejected.get("address"), Some(&2));
+    assert_eq!(status.rejected.get("authorization"), Some(&2));
+    assert_eq!(status.last_rejected.len(), 4);
     assert!(
         status
             .last_error
@@ -648,18 +671,34 @@ async fn invalid_push_is_nacked_and_applies_nothing() {
             .is_some_and(|e| e.contains("NACK"))
     );
 
-    // The stream goes on: a corrected push is applied.
+    // A later fix of the bad one applies it.
     let reply = conn
         .push_and_reply(response(
             AUTHORIZATION_TYPE_URL,
             "p2",
-            vec![policy("ok", 8)],
+            vec![policy("wide", 16)],
             &[],
         ))
         .await;
     assert!(reply.error_detail.is_none());
-    assert_eq!(c.sink.policy_names(), vec!["default/ok"]);
-    assert!(c.client.is_ready());
+    assert_eq!(c.sink.policy_names(), vec!["default/ok", "default/wide"]);
+
+    // On reconnect the server is told the versions held: kept is still at v1.
+    drop(conn);
+    let mut conn = server.next_conn().await;
+    let [addresses, _] = conn.subscriptions().await;
+    assert_eq!(
+        addresses
+            .initial_resource_versions
+            .get("Kubernetes//Pod/default/kept")
+            .map(String::as_str),
+        Some("v1")
+    );
+    assert!(
+        !addresses
+            .initial_resource_versions
+            .contains_key("Kubernetes//Pod/default/bad")
+    );
 
     drop(conn);
     c.stop().await;

@@ -38,7 +38,20 @@ pub fn status(s: api::Status, p: Painter) -> String {
                 Some(ts) => when(ts),
                 None => "never".to_owned(),
             };
-            let nacks = format!("NACKs {}", x.nacks);
+            let rejected: u64 = x.rejected.values().sum();
+            let nacks = if rejected > 0 {
+                format!(
+                    "NACKs {} ({rejected} resources rejected: {})",
+                    x.nacks,
+                    x.rejected
+                        .iter()
+                        .map(|(t, n)| format!("{n} {t}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            } else {
+                format!("NACKs {}", x.nacks)
+            };
             let nacks = p.paint(
                 &nacks,
                 if x.nacks > 0 {
@@ -55,6 +68,12 @@ pub fn status(s: api::Status, p: Painter) -> String {
             if let Some(e) = &x.last_error {
                 let style = if x.connected { Style::Warn } else { Style::Bad };
                 text.push_str(&format!("\nlast error: {}", p.paint(e, style)));
+            }
+            if !x.last_rejected.is_empty() {
+                text.push_str("\nrejected (the rest of their push applied):");
+                for r in &x.last_rejected {
+                    text.push_str(&format!("\n- {r}"));
+                }
             }
             text
         }
