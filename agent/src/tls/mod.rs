@@ -87,7 +87,7 @@ pub enum Error {
     )]
     UnexpectedIdentity { presented: String, expected: String },
     #[error(
-        "peer certificate has no spiffe:// identity in its uri san (uris: {uris}); check it was issued by the mesh certificate authority"
+        "peer certificate must carry exactly one uri san, a spiffe:// identity (uris: {uris}); check it was issued by the mesh certificate authority"
     )]
     NoPeerIdentity { uris: String },
     #[error(
@@ -227,10 +227,12 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The SPIFFE identity in a certificate's URI SAN (the first `spiffe://` URI that parses).
+/// The SPIFFE identity of a certificate: its URI SAN, which must be the only one and a
+/// `spiffe://` id that parses (an X.509-SVID carries exactly one URI SAN; with two, which one
+/// names the peer would be the verifier's guess).
 pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
     let cert = webpki::EndEntityCert::try_from(cert).ok()?;
-    first_identity(&cert)
+    sole_identity(&cert)
 }
 
 /// The verified peer's identity after a handshake (from `conn.peer_certificates()`).
@@ -245,10 +247,13 @@ fn provider() -> Arc<CryptoProvider> {
     PROVIDER.clone()
 }
 
-fn first_identity(cert: &webpki::EndEntityCert<'_>) -> Option<Identity> {
-    cert.valid_uri_names()
-        .filter(|uri| uri.starts_with("spiffe://"))
-        .find_map(|uri| uri.parse().ok())
+fn sole_identity(cert: &webpki::EndEntityCert<'_>) -> Option<Identity> {
+    let mut uris = cert.valid_uri_names();
+    let uri = uris.next()?;
+    if uris.next().is_some() || !uri.starts_with("spiffe://") {
+        return None;
+    }
+    uri.parse().ok()
 }
 
 /// Our own certificate must be presentable: a chain, and a leaf that carries our identity.

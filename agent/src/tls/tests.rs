@@ -287,15 +287,9 @@ async fn client_from_another_trust_domain_is_refused() {
     assert!(err.contains("not in trust domain cluster.local"), "{err}");
 }
 
-#[tokio::test]
-async fn client_without_a_spiffe_identity_is_refused() {
-    let ca = TestCa::new("root");
-    let (_, server_cfg) = server(&ca, SERVER);
-    // A mesh-signed certificate whose SAN is not a SPIFFE id; built by hand since `client_config`
-    // refuses to present a certificate that does not carry its identity.
-    let cert = ca.issue_with(CLIENT, |p| {
-        p.subject_alt_names = vec![SanType::DnsName("sleep.default".try_into().expect("dns"))]
-    });
+/// A client that presents `cert` as it is (built by hand: `client_config` refuses to present a
+/// certificate that does not carry its identity), expecting the server to be `SERVER`.
+fn presenting(ca: &TestCa, cert: WorkloadCert) -> Arc<rustls::ClientConfig> {
     let provider = provider();
     let verifier = Arc::new(verify::ServerVerifier {
         roots: ca.roots(),
@@ -310,11 +304,39 @@ async fn client_without_a_spiffe_identity_is_refused() {
         .with_client_auth_cert(cert.chain, cert.key)
         .expect("client cert");
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
+#[tokio::test]
+async fn client_without_a_spiffe_identity_is_refused() {
+    let ca = TestCa::new("root");
+    let (_, server_cfg) = server(&ca, SERVER);
+    // A mesh-signed certificate whose SAN is not a SPIFFE id; built by hand since `client_config`
+    // refuses to present a certificate that does not carry its identity.
+    let cert = ca.issue_with(CLIENT, |p| {
+        p.subject_alt_names = vec![SanType::DnsName("sleep.default".try_into().expect("dns"))]
+    });
     assert_server_refuses(
-        handshake(Arc::new(cfg), server_cfg).await,
-        "no spiffe:// identity",
+        handshake(presenting(&ca, cert), server_cfg).await,
+        "exactly one uri san",
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_client_with_two_uri_sans_is_refused() {
+    let ca = TestCa::new("root");
+    let (_, server_cfg) = server(&ca, SERVER);
+    // Signed by the mesh CA, but which of the two names the client would be a guess.
+    let cert = ca.issue_with(CLIENT, |p| {
+        p.subject_alt_names = vec![uri_san(CLIENT), uri_san(SERVER)]
+    });
+    let err = assert_server_refuses(
+        handshake(presenting(&ca, cert), server_cfg).await,
+        "exactly one uri san",
+    )
+    .await;
+    assert!(err.contains(SERVER), "the error lists the URIs: {err}");
 }
 
 #[tokio::test]
@@ -457,18 +479,27 @@ fn trust_roots_from_pem() {
 }
 
 #[test]
-fn identity_is_the_first_spiffe_uri_that_parses() {
+fn identity_is_the_one_and_only_uri_san() {
     let ca = TestCa::new("root");
-    let cert = ca.issue_with(CLIENT, |p| {
+    let one = ca.issue_with(CLIENT, |p| {
         p.subject_alt_names = vec![
             SanType::DnsName("sleep.default".try_into().expect("dns")),
-            uri_san("https://example.com/x"),
-            uri_san("spiffe://cluster.local/not/istio"),
             uri_san(CLIENT),
-            uri_san(SERVER),
         ]
     });
-    assert_eq!(identity_of(&cert.chain[0]), Some(id(CLIENT)));
+    assert_eq!(
+        identity_of(&one.chain[0]),
+        Some(id(CLIENT)),
+        "DNS SANs do not count"
+    );
+    for sans in [
+        vec![uri_san(CLIENT), uri_san(SERVER)],
+        vec![uri_san("https://example.com/x"), uri_san(CLIENT)],
+        vec![uri_san("spiffe://cluster.local/not/istio")],
+    ] {
+        let cert = ca.issue_with(CLIENT, |p| p.subject_alt_names = sans.clone());
+        assert_eq!(identity_of(&cert.chain[0]), None, "{sans:?}");
+    }
     assert_eq!(identity_of(&a_root_without_sans()), None);
     assert_eq!(identity_of(&CertificateDer::from(vec![0u8; 4])), None);
 }

@@ -13,7 +13,7 @@ use rustls::{
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
 
-use super::{Error, TrustRoots, first_identity};
+use super::{Error, TrustRoots, sole_identity};
 use crate::identity::Identity;
 
 /// Verifies the server of an outbound HBONE connection.
@@ -178,7 +178,7 @@ fn verify_chain(
         None,
     )
     .map_err(pki_error)?;
-    first_identity(&cert).ok_or_else(|| {
+    sole_identity(&cert).ok_or_else(|| {
         let uris: Vec<&str> = cert.valid_uri_names().collect();
         rejected(Error::NoPeerIdentity {
             uris: if uris.is_empty() {
