@@ -367,6 +367,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// merged, unreserved characters decoded, other escapes in upper case), so policies and routes
 /// judge what the endpoint will serve. Escaped slashes and backslashes, and backslashes, are
 /// refused: endpoints disagree on what they mean.
+///
+/// Path parameters (`;` in a segment, RFC 3986 3.3) are removed from every segment before the dot
+/// segments are resolved, and the path is forwarded as judged: servlet containers and other
+/// lenient servers drop them (`/admin;x` serves `/admin`, `/a/..;/b` serves `/b`) while strict
+/// ones do not, so judging one reading and forwarding the other would let an exact-path DENY be
+/// bypassed. An escaped `%3B` is data, not a parameter, and stays.
 fn normalize_path(raw: &str) -> Result<String, &'static str> {
     if raw == "*" {
         return Ok(raw.to_owned());
@@ -400,9 +406,11 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
             }
         }
     }
-    let ends_in_dir = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
     let mut segments: Vec<&str> = Vec::new();
+    let mut ends_in_dir = false;
     for seg in decoded.split('/') {
+        let seg = seg.split(';').next().unwrap_or_default();
+        ends_in_dir = matches!(seg, "" | "." | "..");
         match seg {
             "" | "." => {}
             ".." => {
@@ -420,6 +428,28 @@ fn normalize_path(raw: &str) -> Result<String, &'static str> {
         path.push('/');
     }
     Ok(path)
+}
+
+/// `host[:port]` with a trailing dot removed from the host (`example.com.:80` is
+/// `example.com:80`); IP literals and bracketed IPv6 are left as they are.
+fn without_trailing_dot(authority: &str) -> String {
+    let (host, port) = match authority.rsplit_once(':') {
+        // A port after a name or a bracketed IPv6 literal (a bare IPv6 literal has colons too).
+        Some((h, p))
+            if p.bytes().all(|b| b.is_ascii_digit()) && (h.ends_with(']') || !h.contains(':')) =>
+        {
+            (h, Some(p))
+        }
+        _ => (authority, None),
+    };
+    let host = match host.strip_suffix('.') {
+        Some(h) if !h.is_empty() && !h.starts_with('[') => h,
+        _ => host,
+    };
+    match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    }
 }
 
 /// Everything one request's access-log line and metrics need.
@@ -494,6 +524,11 @@ async fn handle(ctx: Arc<Ctx>, tunnel: Arc<Tunnel>, req: Request<Incoming>) -> R
         })
         .unwrap_or_else(|| tunnel.dst.ip().to_string())
         .to_ascii_lowercase();
+    // `example.com.` is `example.com` (a fully qualified name): judged and routed as one.
+    let host = match host.strip_suffix('.') {
+        Some(h) if !h.is_empty() => h.to_owned(),
+        _ => host,
+    };
     let record = Record {
         start,
         request_id: request_id.clone(),
@@ -722,11 +757,11 @@ async fn route_request(
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| tunnel.dst.to_string());
+    let authority = without_trailing_dot(&authority);
     // The authority the request was judged and routed by is the Host the endpoint sees (a
-    // differing Host header would otherwise pick another virtual host behind the policy's back).
-    if let Some(a) = parts.uri.authority()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
+    // differing Host header would otherwise pick another virtual host behind the policy's back),
+    // without a trailing dot, as it was judged.
+    if let Ok(v) = HeaderValue::from_str(&authority) {
         parts.headers.insert(header::HOST, v);
     }
     strip_hop_by_hop(&mut parts.headers);
@@ -1067,8 +1102,25 @@ mod tests {
             ("/a/..", "/"),
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
+            // Path parameters are dropped before dot segments, as lenient servers do.
+            ("/admin;jsessionid=1", "/admin"),
+            ("/admin;x/users", "/admin/users"),
+            ("/public/..;/admin", "/admin"),
+            ("/public/.;x/admin", "/public/admin"),
+            ("/a;/", "/a/"),
+            ("/a%3Bb", "/a%3Bb"),
         ] {
             assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+        for (raw, want) in [
+            ("example.com.", "example.com"),
+            ("example.com.:8080", "example.com:8080"),
+            ("example.com:8080", "example.com:8080"),
+            ("10.0.0.1:80", "10.0.0.1:80"),
+            ("[fd00::1]:80", "[fd00::1]:80"),
+            (".", "."),
+        ] {
+            assert_eq!(super::without_trailing_dot(raw), want, "{raw}");
         }
         for bad in [
             "/admin%2Fusers",
