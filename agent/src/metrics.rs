@@ -10,13 +10,69 @@
 //! Ambit's own (`ambit_*`): authorization denials by policy, enrolled pods, the eBPF programs'
 //! counters, certificate expiry, xDS pushes and NACKs, HBONE pool connections and streams, open
 //! connections. Labels name workloads, namespaces, identities and policies, never connections,
-//! so cardinality is bounded by the mesh's size.
+//! so cardinality is bounded by the mesh's size; and a label set idle for [`SERIES_TTL`] (no
+//! connection open, none opened or closed) is dropped, so peers that came and went do not
+//! accumulate ([`Series`]; `ambit_metric_series_expired_total` counts them). Prometheus reads a
+//! series that reappears later as a counter reset, which `rate()` handles.
 
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
+    hash::Hash,
     sync::Mutex,
+    time::{Duration, Instant},
 };
+
+/// How long a label set may stay idle before it is dropped.
+pub const SERIES_TTL: Duration = Duration::from_secs(10 * 60);
+
+/// Label sets and their values, each with when it last changed. Idle ones expire.
+pub(crate) struct Series<K, V> {
+    map: HashMap<K, (V, Instant)>,
+    ttl: Duration,
+    expired: u64,
+}
+
+impl<K: Hash + Eq + Clone, V: Default> Series<K, V> {
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Series {
+            map: HashMap::new(),
+            ttl,
+            expired: 0,
+        }
+    }
+
+    /// The value of `key` (created at its default), marked as changed now.
+    pub(crate) fn touch(&mut self, key: &K) -> &mut V {
+        let now = Instant::now();
+        if !self.map.contains_key(key) {
+            self.map.insert(key.clone(), (V::default(), now));
+        }
+        let slot = self
+            .map
+            .get_mut(key)
+            .expect("BUG: the entry was inserted above");
+        slot.1 = now;
+        &mut slot.0
+    }
+
+    /// Drops the series unchanged for the TTL, except those `in_use` says are still live.
+    pub(crate) fn expire(&mut self, in_use: impl Fn(&V) -> bool) {
+        let (ttl, before) = (self.ttl, self.map.len());
+        self.map
+            .retain(|_, (v, at)| in_use(v) || at.elapsed() < ttl);
+        self.expired += (before - self.map.len()) as u64;
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.map.iter().map(|(k, (v, _))| (k, v))
+    }
+
+    /// Series dropped so far.
+    pub(crate) fn expired(&self) -> u64 {
+        self.expired
+    }
+}
 
 /// The labels of Istio's TCP metrics. Workloads are `namespace/name` pods' names; `unknown`
 /// where the agent does not know (as Istio reports).
@@ -70,9 +126,8 @@ struct TcpCounts {
 }
 
 /// The agent's counters. Shared as `Arc<Metrics>`; every update is one short lock.
-#[derive(Default)]
 pub struct Metrics {
-    tcp: Mutex<HashMap<TcpLabels, TcpCounts>>,
+    tcp: Mutex<Series<TcpLabels, TcpCounts>>,
     /// Denials by `(direction, policy)`; the policy is `none` when no ALLOW policy matched.
     denials: Mutex<BTreeMap<(&'static str, String), u64>>,
     /// Connections refused by a limit or a missing state, by `(direction, reason)`.
@@ -100,28 +155,31 @@ pub struct Gauges {
     pub policies: usize,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::with_series_ttl(SERIES_TTL)
+    }
+}
+
 impl Metrics {
-    pub fn tcp_opened(&self, labels: &TcpLabels) {
-        let mut tcp = lock(&self.tcp);
-        match tcp.get_mut(labels) {
-            Some(c) => c.opened += 1,
-            None => {
-                tcp.insert(
-                    labels.clone(),
-                    TcpCounts {
-                        opened: 1,
-                        ..TcpCounts::default()
-                    },
-                );
-            }
+    /// Label sets idle for `ttl` expire (see [`SERIES_TTL`]).
+    pub fn with_series_ttl(ttl: Duration) -> Metrics {
+        Metrics {
+            tcp: Mutex::new(Series::new(ttl)),
+            denials: Mutex::default(),
+            refusals: Mutex::default(),
         }
+    }
+
+    pub fn tcp_opened(&self, labels: &TcpLabels) {
+        lock(&self.tcp).touch(labels).opened += 1;
     }
 
     /// A connection counted by [`Metrics::tcp_opened`] with the same labels ended, having moved
     /// `request_bytes` from source to destination and `response_bytes` back.
     pub fn tcp_closed(&self, labels: &TcpLabels, request_bytes: u64, response_bytes: u64) {
         let mut tcp = lock(&self.tcp);
-        let c = tcp.entry(labels.clone()).or_default();
+        let c = tcp.touch(labels);
         c.closed += 1;
         c.request_bytes += request_bytes;
         c.response_bytes += response_bytes;
@@ -143,13 +201,13 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
-        let tcp: Vec<(TcpLabels, TcpCounts)> = {
-            let mut v: Vec<_> = lock(&self.tcp)
-                .iter()
-                .map(|(l, c)| (l.clone(), *c))
-                .collect();
+        let (tcp, expired): (Vec<(TcpLabels, TcpCounts)>, u64) = {
+            let mut series = lock(&self.tcp);
+            // A label set with a connection still open stays, however long it has been.
+            series.expire(|c| c.opened > c.closed);
+            let mut v: Vec<_> = series.iter().map(|(l, c)| (l.clone(), *c)).collect();
             v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
+            (v, series.expired())
         };
         type Family = (&'static str, &'static str, fn(&TcpCounts) -> u64);
         let families: [Family; 4] = [
@@ -180,6 +238,13 @@ impl Metrics {
                 sample(&mut out, name, &labels.pairs(), value(counts));
             }
         }
+
+        counter(
+            &mut out,
+            "ambit_metric_series_expired_total",
+            "Label sets of istio_tcp_* dropped after being idle for 10 minutes (no connection open or changed)",
+            expired,
+        );
 
         let name = "ambit_authorization_denials_total";
         header(
@@ -415,5 +480,30 @@ mod tests {
         ] {
             assert!(text.lines().any(|t| t == line), "missing {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn idle_label_sets_expire_but_not_while_a_connection_is_open() {
+        let m = Metrics::with_series_ttl(Duration::ZERO);
+        let mut open = labels();
+        open.source_workload = "still-connected".into();
+        m.tcp_opened(&labels());
+        m.tcp_closed(&labels(), 1, 1);
+        m.tcp_opened(&open);
+        let text = m.render(&Gauges::default());
+        assert!(!text.contains("source_workload=\"client\""), "{text}");
+        assert!(
+            text.contains("source_workload=\"still-connected\""),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "ambit_metric_series_expired_total 1"),
+            "{text}"
+        );
+        // Back again: a new series from zero.
+        m.tcp_opened(&labels());
+        let text = m.render(&Gauges::default());
+        assert!(text.contains("source_workload=\"client\""), "{text}");
     }
 }

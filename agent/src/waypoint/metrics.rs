@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, fmt::Write as _, sync::Mutex};
 
-use crate::metrics::{counter, gauge, header, labelled, lock, sample};
+use crate::metrics::{SERIES_TTL, Series, counter, gauge, header, labelled, lock, sample};
 
 /// Istio's default request-duration buckets, in milliseconds.
 const BUCKETS_MS: [f64; 19] = [
@@ -41,11 +41,19 @@ struct Histogram {
     buckets: [u64; BUCKETS_MS.len()],
 }
 
-/// Shared as `Arc<WaypointMetrics>`.
-#[derive(Default)]
+/// Shared as `Arc<WaypointMetrics>`. Request label sets idle for [`SERIES_TTL`] expire.
 pub struct WaypointMetrics {
-    requests: Mutex<HashMap<RequestLabels, Histogram>>,
+    requests: Mutex<Series<RequestLabels, Histogram>>,
     counters: Mutex<Counters>,
+}
+
+impl Default for WaypointMetrics {
+    fn default() -> Self {
+        WaypointMetrics {
+            requests: Mutex::new(Series::new(SERIES_TTL)),
+            counters: Mutex::default(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -67,7 +75,7 @@ impl WaypointMetrics {
     /// One finished request.
     pub fn request(&self, labels: RequestLabels, duration_ms: f64) {
         let mut requests = lock(&self.requests);
-        let h = requests.entry(labels).or_default();
+        let h = requests.touch(&labels);
         h.count += 1;
         h.sum_ms += duration_ms;
         if let Some(i) = BUCKETS_MS.iter().position(|b| duration_ms <= *b) {
@@ -93,7 +101,8 @@ impl WaypointMetrics {
 
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::new();
-        let requests = lock(&self.requests);
+        let mut requests = lock(&self.requests);
+        requests.expire(|_| false);
         let mut rows: Vec<(&RequestLabels, &Histogram)> = requests.iter().collect();
         rows.sort_by(|a, b| a.0.cmp(b.0));
         header(
