@@ -307,7 +307,7 @@ impl BuiltinCa {
                 when: manager::rfc3339(root_not_after),
             });
         }
-        let root_pem = pem_encode("CERTIFICATE", &root_der);
+        let root_pem = super::pem_encode("CERTIFICATE", &root_der);
         let issuer = Issuer::from_ca_cert_der(&root_der, key).map_err(|e| bad(e.to_string()))?;
         Ok(BuiltinCa {
             root_der,
@@ -471,31 +471,6 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
 
 fn unix_time(secs: i64) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
-}
-
-fn pem_encode(label: &str, der: &[u8]) -> String {
-    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(char::from(B64[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 #[cfg(test)]
@@ -735,7 +710,10 @@ mod tests {
         let cert = CertificateParams::default()
             .self_signed(&key)
             .expect("cert");
-        assert_eq!(pem_encode("CERTIFICATE", cert.der()), cert.pem());
+        assert_eq!(
+            super::super::pem_encode("CERTIFICATE", cert.der()),
+            cert.pem()
+        );
         for (data, b64) in [
             ("f", "Zg=="),
             ("fo", "Zm8="),
@@ -743,7 +721,7 @@ mod tests {
             ("foob", "Zm9vYg=="),
         ] {
             assert_eq!(
-                pem_encode("X", data.as_bytes()),
+                super::super::pem_encode("X", data.as_bytes()),
                 format!("-----BEGIN X-----\n{b64}\n-----END X-----\n")
             );
         }

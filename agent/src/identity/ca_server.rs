@@ -143,9 +143,15 @@ impl Signer {
             }
         }
         Ok(Response::new(IstioCertificateResponse {
-            cert_chain: chain.iter().map(|c| der_to_pem(c)).collect(),
+            cert_chain: chain
+                .iter()
+                .map(|c| super::pem_encode("CERTIFICATE", c))
+                .collect(),
             root_cert: (!roots.is_empty()).then(|| Roots {
-                ca_cert: roots.iter().map(|c| der_to_pem(c)).collect(),
+                ca_cert: roots
+                    .iter()
+                    .map(|c| super::pem_encode("CERTIFICATE", c))
+                    .collect(),
             }),
         }))
     }
@@ -263,32 +269,6 @@ fn csr_sans(pem: &str) -> Result<Vec<San>, Status> {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// PEM `CERTIFICATE` block for `der`, lines of 64 base64 characters.
-fn der_to_pem(der: &CertificateDer<'_>) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 0x3f) as usize]));
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    pem
 }
 
 /// Accepted connections, TLS handshakes done concurrently (a slow client does not hold up the
@@ -742,7 +722,7 @@ mod tests {
         for len in [0usize, 1, 2, 3, 4, 47, 48, 49, 100] {
             let der =
                 CertificateDer::from((0..len).map(|i| (i * 37 % 256) as u8).collect::<Vec<u8>>());
-            let pem = der_to_pem(&der);
+            let pem = crate::identity::pem_encode("CERTIFICATE", &der);
             let back = CertificateDer::from_pem_slice(pem.as_bytes()).expect("decodes");
             assert_eq!(back.as_ref(), der.as_ref(), "len {len}");
             assert!(pem.lines().all(|l| l.len() <= 64));

@@ -16,6 +16,15 @@ use std::{fmt, str::FromStr};
 
 pub use ca::{CaClient, WorkloadCert};
 
+/// `der` as a PEM block labelled `label` (`CERTIFICATE`, ...): 64-character lines, `\n` line
+/// endings, as rcgen writes them.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(label, der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
 /// A SPIFFE identity in Istio's form: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 ///
 /// One pointer wide and cheap to clone: the data path copies identities into pool keys, access
