@@ -447,12 +447,21 @@ pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
 /// by the built-in CA, for standalone meshes of several nodes and for tests. The CA's root goes
 /// to `<dir>/ca-cert.pem` (the mesh trust anchor); the server's own TLS certificate, self-signed
 /// for the listen address, to `<dir>/server-cert.pem` (the `ca.istio.rootCert` of agents).
+/// Who may ask for what is `config.callers` (see [`crate::identity::ca_access`]).
 pub async fn run_ca_server(
-    dir: PathBuf,
-    trust_domain: String,
-    listen: std::net::SocketAddr,
-    token: Option<String>,
+    config: crate::identity::ca_access::CaServerConfig,
 ) -> anyhow::Result<()> {
+    let crate::identity::ca_access::CaServerConfig {
+        dir,
+        trust_domain,
+        listen,
+        callers,
+    } = config;
+    if callers.is_open() && !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve unauthenticated callers on {listen}: other hosts can reach it;              give --config with every node's tokenFile, or listen on loopback"
+        );
+    }
     let ca = BuiltinCa::load_or_create(&dir, &trust_domain)?;
     let mut names = vec!["localhost".to_owned(), "ambit-ca".to_owned()];
     if !listen.ip().is_unspecified() {
@@ -506,8 +515,14 @@ pub async fn run_ca_server(
             _ = int.recv() => {},
         }
     };
-    crate::identity::ca_server::serve(listener, Arc::new(tls), Arc::new(ca), token, shutdown)
-        .await?;
+    crate::identity::ca_server::serve(
+        listener,
+        Arc::new(tls),
+        Arc::new(ca),
+        Arc::new(callers),
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

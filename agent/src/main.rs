@@ -65,23 +65,32 @@ enum Command {
     },
     /// Serve Istio's CA API from a built-in CA (for standalone meshes of several nodes).
     ///
-    /// Agents point `ca.istio.address` at it, with `ca.istio.rootCert: <dir>/server-cert.pem`
-    /// and `trustRoots: <dir>/ca-cert.pem`.
+    /// Agents point `ca.istio.address` at it, with `ca.istio.rootCert: <dir>/server-cert.pem`,
+    /// `trustRoots: <dir>/ca-cert.pem`, and `ca.istio.tokenPath` holding their node's token.
+    /// With `--config`, each node is authenticated by its own token and gets certificates only
+    /// for its workloads' identities (the file's `nodes`); without it, the server takes callers
+    /// without a token and so only listens on loopback.
+    #[command(
+        after_help = "Example config (--config):\n\n  dir: /var/lib/ambit/ca\n  \
+        trustDomain: cluster.local\n  listen: 0.0.0.0:15012\n  maxCertLifetimeSeconds: 86400\n  \
+        nodes:\n    - name: node-a\n      tokenFile: /etc/ambit/ca/node-a.token\n      \
+        agentConfig: /etc/ambit/node-a.yaml   # its enrolled pods are its workloads\n      \
+        identities: []                       # and these\n"
+    )]
     CaServer {
-        /// Where the CA's root certificate and key live (created on first start).
+        /// The CA server's config: dir, trustDomain, listen, maxCertLifetimeSeconds and every
+        /// node's tokenFile and workloads.
+        #[arg(long, conflicts_with_all = ["dir", "trust_domain", "listen"])]
+        config: Option<PathBuf>,
+        /// Without --config: where the CA's root certificate and key live (created on first start).
+        #[arg(long, required_unless_present = "config")]
+        dir: Option<PathBuf>,
+        /// Without --config: the trust domain.
         #[arg(long)]
-        dir: PathBuf,
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:15012")]
-        listen: std::net::SocketAddr,
-        /// Bearer token clients must present.
-        #[arg(long, conflicts_with = "token_file")]
-        token: Option<String>,
-        /// File holding the bearer token clients must present.
+        trust_domain: Option<String>,
+        /// Without --config: the address to listen on (loopback only: no caller is authenticated).
         #[arg(long)]
-        token_file: Option<PathBuf>,
+        listen: Option<std::net::SocketAddr>,
     },
     /// Remove this node's pinned eBPF programs and maps: every pod of the node is released and
     /// its traffic flows directly. Use when uninstalling; a running agent must be stopped first.
@@ -147,25 +156,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cleanup { config } => app::cleanup(&config),
         Command::CaServer {
+            config,
             dir,
             trust_domain,
             listen,
-            token,
-            token_file,
         } => {
-            let token = match token_file {
-                Some(f) => Some(
-                    std::fs::read_to_string(&f)
-                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?
-                        .trim()
-                        .to_owned(),
-                ),
-                None => token,
+            use ambit_agent::identity::ca_access::{CaServerConfig, Callers, DEFAULT_MAX_LIFETIME};
+            let config = match (config, dir) {
+                (Some(path), _) => CaServerConfig::load(&path)?,
+                (None, Some(dir)) => CaServerConfig {
+                    dir,
+                    trust_domain: trust_domain.unwrap_or_else(|| "cluster.local".to_owned()),
+                    listen: listen.unwrap_or_else(|| ([127, 0, 0, 1], 15012).into()),
+                    callers: Callers::open(DEFAULT_MAX_LIFETIME),
+                },
+                (None, None) => anyhow::bail!("give --config FILE, or --dir DIR (loopback only)"),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(app::run_ca_server(dir, trust_domain, listen, token))
+            runtime.block_on(app::run_ca_server(config))
         }
     }
 }

@@ -436,14 +436,28 @@ except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
-/// `ambit-agent ca-server` in node-a's netns, serving Istio's CA API from a built-in CA.
+/// `ambit-agent ca-server` in node-a's netns, serving Istio's CA API from a built-in CA to the
+/// bed's two nodes, each with its own token (`<tmp>/token-<node>`) and its agent config's pods
+/// as its workloads.
 fn start_ca_server(bed: &TestBed, node: &Node, dir: &Path) -> ambit_testbed::Process {
+    let nodes: Vec<Value> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| {
+            json!({"name": n, "tokenFile": bed.tmp_dir().join(format!("token-{n}")),
+                   "agentConfig": bed.tmp_dir().join(format!("agent-{n}.yaml"))})
+        })
+        .collect();
+    let config = bed.tmp_dir().join("ca-server.yaml");
+    std::fs::write(
+        &config,
+        json!({"dir": dir, "listen": format!("{}:15012", node.underlay_v4()), "nodes": nodes})
+            .to_string(),
+    )
+    .expect("write the CA server's config");
     let agent = ambit_testbed::agent_bin().expect("ambit-agent binary");
     let mut cmd = node.command(agent);
-    cmd.args(["ca-server", "--dir"])
-        .arg(dir)
-        .args(["--listen", &format!("{}:15012", node.underlay_v4())])
-        .args(["--token", "s3cret"])
+    cmd.args(["ca-server", "--config"])
+        .arg(&config)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     bed.spawn(&mut cmd).expect("start ca-server")
@@ -456,15 +470,15 @@ fn istio_ca_backend_gets_certificates_and_survives_the_ca_being_down_at_start() 
     }
     let mut m = Mesh::new();
     let dir = m.bed.tmp_dir().join("istio-ca");
-    let token = m.bed.tmp_dir().join("token");
-    std::fs::write(&token, "s3cret").expect("write token");
-    let istio = json!({"istio": {
-        "address": format!("https://{}:15012", m.node_a.underlay_v4()),
-        "rootCert": dir.join("server-cert.pem"),
-        "tokenPath": token,
-    }});
     for c in [&mut m.config_a, &mut m.config_b] {
-        c.ca = istio.clone();
+        // Each node its own credential.
+        let token = m.bed.tmp_dir().join(format!("token-{}", c.node));
+        std::fs::write(&token, format!("secret-of-{}", c.node)).expect("write token");
+        c.ca = json!({"istio": {
+            "address": format!("https://{}:15012", m.node_a.underlay_v4()),
+            "rootCert": dir.join("server-cert.pem"),
+            "tokenPath": token,
+        }});
         c.trust_roots = Some(dir.join("ca-cert.pem"));
     }
     // The CA server creates its files; start it once so they exist, then stop it: the agents

@@ -4,9 +4,13 @@
 //! it to exercise that client.
 //!
 //! ```text
-//! IstioCa ──TLS (h2)──> serve(): bearer token? ──> identity = ImpersonatedIdentity | CSR URI SAN
-//!                                ──> every CSR SAN == identity? ──> ca.sign() ──> PEM chain
+//! IstioCa ──TLS (h2)──> serve(): which node's token? ──> identity = ImpersonatedIdentity | CSR URI SAN
+//!          ──> every CSR SAN == identity? ──> a workload of that node? ──> lifetime capped
+//!          ──> ca.sign() ──> PEM chain
 //! ```
+//!
+//! Who may ask for what is [`super::ca_access`]'s: per-node tokens, the node's workloads'
+//! identities only, a maximum lifetime; without tokens only on loopback.
 
 use std::{
     future::Future,
@@ -36,17 +40,15 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 // tonic's server takes a `Stream` of connections; tonic re-exports the trait for generated code.
 use tonic::codegen::tokio_stream::Stream;
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::{
     Identity,
     ca::{self, CaClient},
-    istio::{AUTHORIZATION_HEADER, IMPERSONATED_IDENTITY},
+    ca_access::Callers,
+    istio::IMPERSONATED_IDENTITY,
 };
-
-/// Lifetime of a certificate when the request does not ask for one (istiod's default).
-const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error such as EMFILE, instead of spinning.
@@ -60,16 +62,16 @@ pub enum Error {
 
 /// Serves `IstioCertificateService` on `listener` (already bound) over TLS with `tls` (the server
 /// certificate and key; `h2` is added to its ALPN protocols if missing, as gRPC needs HTTP/2),
-/// signing with `ca`. When `token` is `Some`, requests must carry `authorization: Bearer
-/// <token>`. The identity signed for is `ImpersonatedIdentity` from the request metadata, else
-/// the CSR's URI SAN; the request is refused (PermissionDenied) unless every SAN of the CSR is
-/// that identity. Runs until `shutdown` resolves, then stops accepting and waits for open
-/// connections to finish.
+/// signing with `ca` for the callers `callers` allows. The identity signed for is
+/// `ImpersonatedIdentity` from the request metadata, else the CSR's URI SAN; the request is
+/// refused (PermissionDenied) unless every SAN of the CSR is that identity and the caller's node
+/// has a workload with it. Runs until `shutdown` resolves, then stops accepting and waits for
+/// open connections to finish.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     ca: Arc<dyn CaClient>,
-    token: Option<String>,
+    callers: Arc<Callers>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let mut tls = (*tls).clone();
@@ -77,17 +79,14 @@ pub async fn serve(
         tls.alpn_protocols.push(b"h2".to_vec());
     }
     let local = listener.local_addr().ok();
-    info!(addr = ?local, ca = %ca.describe(), token = token.is_some(), "CA server listening");
+    info!(addr = ?local, ca = %ca.describe(), authenticated = !callers.is_open(), "CA server listening");
     let incoming = TlsIncoming {
         listener,
         acceptor: TlsAcceptor::from(Arc::new(tls)),
         handshakes: JoinSet::new(),
         pause: None,
     };
-    let signer = Signer {
-        ca,
-        bearer: token.map(|t| format!("Bearer {t}")),
-    };
+    let signer = Signer { ca, callers };
     tonic::transport::Server::builder()
         .serve_with_incoming_shutdown(
             IstioCertificateServiceServer::new(signer),
@@ -102,8 +101,7 @@ pub async fn serve(
 
 struct Signer {
     ca: Arc<dyn CaClient>,
-    /// The whole expected `authorization` value.
-    bearer: Option<String>,
+    callers: Arc<Callers>,
 }
 
 #[tonic::async_trait]
@@ -126,7 +124,14 @@ impl Signer {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let result = self.sign(request).await;
         match &result {
-            Ok((id, _)) => info!(peer = ?peer, identity = %id, "signed a workload certificate"),
+            Ok(s) => info!(
+                peer = ?peer,
+                node = %s.node,
+                identity = %s.identity,
+                lifetime_s = s.lifetime.as_secs(),
+                capped = s.capped,
+                "signed a workload certificate"
+            ),
             Err(status) => warn!(
                 peer = ?peer,
                 code = ?status.code(),
@@ -134,7 +139,7 @@ impl Signer {
                 "refused a certificate request"
             ),
         }
-        let (_, mut chain) = result?;
+        let mut chain = result?.chain;
         // Like istiod: the chain ends with the root, and the roots are also sent on their own.
         let roots = self.ca.roots();
         for root in &roots {
@@ -156,11 +161,8 @@ impl Signer {
         }))
     }
 
-    async fn sign(
-        &self,
-        request: Request<IstioCertificateRequest>,
-    ) -> Result<(Identity, Vec<CertificateDer<'static>>), Status> {
-        self.authenticate(request.metadata())?;
+    async fn sign(&self, request: Request<IstioCertificateRequest>) -> Result<Signed, Status> {
+        let caller = self.callers.authenticate(request.metadata())?;
         let req = request.into_inner();
         let impersonated = impersonated_identity(&req)?;
         let sans = csr_sans(&req.csr)?;
@@ -184,10 +186,12 @@ impl Signer {
                 "the CSR asks for {sans:?}, but the request is for {want} only"
             )));
         }
-        let ttl = u64::try_from(req.validity_duration)
+        self.callers.authorize(caller, &identity)?;
+        let requested = u64::try_from(req.validity_duration)
             .ok()
             .filter(|s| *s > 0)
-            .map_or(DEFAULT_TTL, Duration::from_secs);
+            .map(Duration::from_secs);
+        let (ttl, capped) = self.callers.lifetime(requested);
         let chain = self
             .ca
             .sign(&identity, &req.csr, ttl)
@@ -198,22 +202,24 @@ impl Signer {
                 ca::Error::Csr(m) => Status::invalid_argument(m),
                 ca::Error::BadResponse(m) => Status::internal(m),
             })?;
-        Ok((identity, chain))
+        Ok(Signed {
+            node: caller.name().to_owned(),
+            identity,
+            lifetime: ttl,
+            capped,
+            chain,
+        })
     }
+}
 
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<(), Status> {
-        let Some(want) = &self.bearer else {
-            return Ok(());
-        };
-        let got = metadata.get(AUTHORIZATION_HEADER).ok_or_else(|| {
-            Status::unauthenticated("missing token: send authorization: Bearer <token>")
-        })?;
-        if constant_time_eq(got.as_bytes(), want.as_bytes()) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("invalid token"))
-        }
-    }
+/// A signed certificate, and what the log says of it.
+struct Signed {
+    node: String,
+    identity: Identity,
+    lifetime: Duration,
+    /// The request asked for longer than the maximum.
+    capped: bool,
+    chain: Vec<CertificateDer<'static>>,
 }
 
 fn impersonated_identity(req: &IstioCertificateRequest) -> Result<Option<Identity>, Status> {
@@ -265,10 +271,6 @@ fn csr_sans(pem: &str) -> Result<Vec<San>, Status> {
         }
     }
     Ok(sans)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Accepted connections, TLS handshakes done concurrently (a slow client does not hold up the
@@ -344,12 +346,16 @@ mod tests {
     use tokio::{sync::oneshot, task::JoinHandle};
 
     use super::*;
-    use crate::identity::istio::{IstioCa, IstioCaConfig};
+    use crate::identity::{
+        ca_access::NodeCaller,
+        istio::{IstioCa, IstioCaConfig},
+    };
 
     /// A CA for tests: signs any CSR with an rcgen root and returns leaf and root (as istiod
-    /// does), or fails as told.
+    /// does); remembers the lifetime it was asked for.
     struct TestCa {
         root: CertifiedIssuer<'static, KeyPair>,
+        asked: std::sync::Mutex<Option<Duration>>,
     }
 
     impl TestCa {
@@ -359,6 +365,7 @@ mod tests {
             let key = KeyPair::generate().expect("key");
             TestCa {
                 root: CertifiedIssuer::self_signed(params, key).expect("root"),
+                asked: std::sync::Mutex::new(None),
             }
         }
     }
@@ -368,8 +375,9 @@ mod tests {
             &'a self,
             _identity: &'a Identity,
             csr_pem: &'a str,
-            _ttl: Duration,
+            ttl: Duration,
         ) -> ca::BoxFuture<'a, Result<Vec<CertificateDer<'static>>, ca::Error>> {
+            *self.asked.lock().expect("lock") = Some(ttl);
             Box::pin(async move {
                 let csr = CertificateSigningRequestParams::from_pem(csr_pem)
                     .map_err(|e| ca::Error::Csr(e.to_string()))?;
@@ -393,12 +401,29 @@ mod tests {
         task: JoinHandle<Result<(), Error>>,
     }
 
+    /// Callers: node-a (token file `token`) may get `sleep`'s identity; without a token file,
+    /// anyone may get anything (a loopback server).
+    fn callers(token: Option<&TokenFile>) -> Callers {
+        match token {
+            None => Callers::open(Duration::from_secs(24 * 3600)),
+            Some(t) => Callers::nodes(
+                vec![NodeCaller::new(
+                    "node-a".into(),
+                    t.0.clone(),
+                    None,
+                    vec![id("sleep")],
+                )],
+                Duration::from_secs(24 * 3600),
+            ),
+        }
+    }
+
     impl Server {
-        async fn start(token: Option<&str>) -> Server {
-            Server::start_with(Arc::new(TestCa::new()), token).await
+        async fn start(callers: Callers) -> Server {
+            Server::start_with(Arc::new(TestCa::new()), callers).await
         }
 
-        async fn start_with(ca: Arc<dyn CaClient>, token: Option<&str>) -> Server {
+        async fn start_with(ca: Arc<dyn CaClient>, callers: Callers) -> Server {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("local addr");
             let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])
@@ -419,7 +444,7 @@ mod tests {
                 listener,
                 Arc::new(tls),
                 ca,
-                token.map(str::to_owned),
+                Arc::new(callers),
                 async {
                     let _ = stopped.await;
                 },
@@ -520,8 +545,8 @@ mod tests {
 
     #[tokio::test]
     async fn signs_for_the_impersonated_identity() {
-        let server = Server::start(Some("s3cret")).await;
         let token = TokenFile::new("s3cret");
+        let server = Server::start(callers(Some(&token))).await;
         let ca = server.client(Some(token.0.clone()));
         let me = id("sleep");
         let chain = ca
@@ -544,8 +569,8 @@ mod tests {
         let builtin = crate::identity::builtin::BuiltinCa::load_or_create(&dir, "cluster.local")
             .expect("builtin CA");
         let root = builtin.root_cert();
-        let server = Server::start_with(Arc::new(builtin), Some("s3cret")).await;
         let token = TokenFile::new("s3cret");
+        let server = Server::start_with(Arc::new(builtin), callers(Some(&token))).await;
         let me = id("sleep");
         let chain = server
             .client(Some(token.0.clone()))
@@ -562,7 +587,8 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_or_missing_token_is_rejected_and_the_token_is_reread() {
-        let server = Server::start(Some("s3cret")).await;
+        let node_token = TokenFile::new("s3cret");
+        let server = Server::start(callers(Some(&node_token))).await;
         let me = id("sleep");
         let csr = csr_for(&me.to_string());
         let ttl = Duration::from_secs(3600);
@@ -585,8 +611,17 @@ mod tests {
             "{e}"
         );
 
-        // The token rotates: the next request reads the new one.
+        // The client's token is fixed: the next request reads the new one.
         token.write("s3cret");
+        ca.sign(&me, &csr, ttl)
+            .await
+            .expect("signed with the right token");
+        // The node's token rotates on the server's side too: read again when it changes.
+        std::thread::sleep(Duration::from_millis(20));
+        node_token.write("rotated");
+        let e = ca.sign(&me, &csr, ttl).await.expect_err("the old token");
+        assert!(matches!(&e, ca::Error::Rejected(_)), "{e}");
+        token.write("rotated");
         ca.sign(&me, &csr, ttl)
             .await
             .expect("signed with the rotated token");
@@ -601,8 +636,99 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_node_gets_certificates_only_for_its_own_workloads() {
+        let token_a = TokenFile::new("token-of-node-a");
+        let token_b = TokenFile::new("token-of-node-b");
+        // node-a's workloads come from its agent config (an enrolled pod), node-b's from its
+        // identities list.
+        let dir = temp_dir();
+        let config_a = dir.join("node-a.yaml");
+        std::fs::write(
+            &config_a,
+            "node: node-a\ncgroup: /x\npods:\n- {namespace: default, name: sleep-0, \
+             serviceAccount: sleep, ips: [10.1.0.2], netns: /run/netns/sleep, enrolled: true}\n",
+        )
+        .expect("write agent config");
+        let nodes = vec![
+            NodeCaller::new(
+                "node-a".into(),
+                token_a.0.clone(),
+                Some(config_a),
+                Vec::new(),
+            ),
+            NodeCaller::new(
+                "node-b".into(),
+                token_b.0.clone(),
+                None,
+                vec![id("httpbin")],
+            ),
+        ];
+        let server = Server::start(Callers::nodes(nodes, Duration::from_secs(3600))).await;
+        let ttl = Duration::from_secs(600);
+        let (sleep, httpbin) = (id("sleep"), id("httpbin"));
+        let a = server.client(Some(token_a.0.clone()));
+        let b = server.client(Some(token_b.0.clone()));
+        a.sign(&sleep, &csr_for(&sleep.to_string()), ttl)
+            .await
+            .expect("node-a's own workload");
+        b.sign(&httpbin, &csr_for(&httpbin.to_string()), ttl)
+            .await
+            .expect("node-b's own workload");
+        let e = a
+            .sign(&httpbin, &csr_for(&httpbin.to_string()), ttl)
+            .await
+            .expect_err("node-a asks for node-b's workload");
+        assert!(
+            matches!(&e, ca::Error::Rejected(m) if m.contains("node node-a may not obtain a certificate for spiffe://cluster.local/ns/default/sa/httpbin")),
+            "{e}"
+        );
+        let e = b
+            .sign(&sleep, &csr_for(&sleep.to_string()), ttl)
+            .await
+            .expect_err("and the other way");
+        assert!(
+            matches!(&e, ca::Error::Rejected(m) if m.contains("node node-b")),
+            "{e}"
+        );
+        let e = server
+            .client(None)
+            .sign(&sleep, &csr_for(&sleep.to_string()), ttl)
+            .await
+            .expect_err("no credential");
+        assert!(matches!(&e, ca::Error::Rejected(_)), "{e}");
+        server.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_lifetime_above_the_maximum_is_cut_to_it() {
+        let test_ca = Arc::new(TestCa::new());
+        let max = Duration::from_secs(24 * 3600);
+        let server = Server::start_with(test_ca.clone(), Callers::open(max)).await;
+        let me = id("sleep");
+        let ten_years = Duration::from_secs(10 * 365 * 24 * 3600);
+        server
+            .client(None)
+            .sign(&me, &csr_for(&me.to_string()), ten_years)
+            .await
+            .expect("signed");
+        assert_eq!(*test_ca.asked.lock().expect("lock"), Some(max));
+        server
+            .client(None)
+            .sign(&me, &csr_for(&me.to_string()), Duration::from_secs(600))
+            .await
+            .expect("signed");
+        assert_eq!(
+            *test_ca.asked.lock().expect("lock"),
+            Some(Duration::from_secs(600)),
+            "shorter ones as asked"
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
     async fn csr_for_another_identity_is_rejected() {
-        let server = Server::start(None).await;
+        let server = Server::start(callers(None)).await;
         let ca = server.client(None);
         let csr = csr_for(&id("other").to_string());
         let e = ca
@@ -652,7 +778,7 @@ mod tests {
 
     #[tokio::test]
     async fn untrusted_server_certificate_is_unavailable() {
-        let server = Server::start(None).await;
+        let server = Server::start(callers(None)).await;
         let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
         let ca = IstioCa::new(IstioCaConfig {
             address: format!("https://{}", server.addr),
@@ -679,7 +805,7 @@ mod tests {
         use ambit_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
         use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-        let server = Server::start(None).await;
+        let server = Server::start(callers(None)).await;
         let channel = Endpoint::from_shared(format!("https://{}", server.addr))
             .expect("endpoint")
             .tls_config(
