@@ -75,8 +75,20 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         shutdown.clone(),
     ));
 
-    let (redirect, orig_dst, logger) =
+    let (mut redirect, orig_dst, logger) =
         Redirect::load(&config.bpf_pin_path, &config.cgroup, ebpf_log_level)?;
+    match &config.probes {
+        Some(p) => {
+            // Without these, probes are captured and judged like any host connection: they fail
+            // only where a policy refuses plaintext from the node (fail closed, and visible).
+            if let Err(e) = routing::add_probe_sources() {
+                warn!(error = %e, "cannot put the probe source on lo; kubelet probes will be captured and judged like any host connection");
+            } else if let Err(e) = redirect.attach_probes(&p.kubelet_cgroup, &p.host_cgroup) {
+                warn!(error = %e, kubelet_cgroup = %p.kubelet_cgroup.display(), "cannot attach the kubelet probe marker (check probes.kubeletCgroup); kubelet probes will be captured and judged like any host connection");
+            }
+        }
+        None => redirect.detach_probes(),
+    }
     // SAFETY: the logger owns the ring buffer's fd, which stays open and unchanged for as long
     // as the AsyncFd owns the logger.
     #[allow(unsafe_code)]
@@ -300,6 +312,7 @@ pub(crate) fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
             new.cert_lifetime != old.cert_lifetime,
         ),
         ("hbone", new.hbone != old.hbone),
+        ("probes", new.probes != old.probes),
         ("xds", new.xds != old.xds),
         (
             "readinessAddress",
@@ -413,6 +426,11 @@ pub(crate) fn build_ca(config: &Config) -> anyhow::Result<(Arc<dyn CaClient>, Tr
 pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let removed = redirect::cleanup(&config.bpf_pin_path)?;
+    if config.probes.is_some()
+        && let Err(e) = routing::remove_probe_sources()
+    {
+        warn!(error = %e, "could not remove the probe source addresses from lo");
+    }
     for pod in &config.pods {
         let result = Netns::open(&pod.netns.path())
             .map_err(anyhow::Error::from)

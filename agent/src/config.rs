@@ -141,6 +141,20 @@ fn default_hbone_port() -> u16 {
     ambit_common::HBONE_PORT
 }
 
+/// Which host connections are kubelet probes. The kubelet's connections to enrolled pods are
+/// given the probe source address (Istio's `169.254.7.127`, `fd16:9254:7127:1337:ffff:ffff:ffff:ffff`),
+/// which pods let through uncaptured; no other process of the host may bind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probes {
+    /// The kubelet's cgroup (relative to the cgroup v2 mount), e.g.
+    /// `/system.slice/kubelet.service`.
+    pub kubelet_cgroup: PathBuf,
+    /// The cgroup holding every host process that must not bind the probe source. Default `/`
+    /// (the whole host).
+    pub host_cgroup: PathBuf,
+}
+
 /// The control plane (istiod) the agent takes workloads, services and policies from by xDS.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -247,9 +261,12 @@ pub struct Config {
     pub cgroup: PathBuf,
     /// bpffs directory for this agent's pinned maps and links.
     pub bpf_pin_path: PathBuf,
-    /// Sources whose inbound connections are never captured (the node's own addresses, for
-    /// kubelet health probes).
+    /// The node's own addresses: sent to the control plane as `INSTANCE_IPS`. They are not
+    /// exempt from capture (only kubelet probes are, see `probes`).
     pub node_addresses: Vec<IpAddr>,
+    /// Kubelet health probes pass capture (see [`Probes`]); without it, the kubelet's
+    /// connections are captured and judged like any host connection.
+    pub probes: Option<Probes>,
     /// Local ports of pods whose inbound connections are never captured.
     pub inbound_excluded_ports: Vec<u16>,
     /// Destination ports whose outbound connections are never captured.
@@ -360,6 +377,8 @@ struct RawConfig {
     #[serde(default)]
     node_addresses: Vec<IpAddr>,
     #[serde(default)]
+    probes: Option<RawProbes>,
+    #[serde(default)]
     inbound_excluded_ports: Vec<u16>,
     #[serde(default)]
     outbound_excluded_ports: Vec<u16>,
@@ -401,6 +420,14 @@ struct RawConfig {
     kubernetes: Option<RawKube>,
     #[serde(default)]
     waypoint: Option<crate::waypoint::config::Waypoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawProbes {
+    kubelet_cgroup: PathBuf,
+    #[serde(default)]
+    host_cgroup: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1194,6 +1221,10 @@ impl RawConfig {
             cgroup,
             bpf_pin_path,
             node_addresses: self.node_addresses,
+            probes: self.probes.map(|p| Probes {
+                kubelet_cgroup: p.kubelet_cgroup,
+                host_cgroup: p.host_cgroup.unwrap_or_else(|| PathBuf::from("/")),
+            }),
             inbound_excluded_ports: self.inbound_excluded_ports,
             outbound_excluded_ports: self.outbound_excluded_ports,
             drain_timeout,

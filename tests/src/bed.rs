@@ -461,6 +461,8 @@ impl TestBed {
 
         let cgroup_dir = s.cgroup_root.join(name);
         cgroup::create(&cgroup_dir.join("agent"))?;
+        // Where the node's "kubelet" runs: beside the pods' cgroup, not under it.
+        cgroup::create(&s.cgroup_root.join(format!("{name}-kubelet")))?;
         let info = Arc::new(NodeInfo {
             name: name.to_owned(),
             index: k,
@@ -907,6 +909,48 @@ impl Node {
     /// The cgroup the node's agent runs in (absolute path), `<node cgroup>/agent`.
     pub fn agent_cgroup_dir(&self) -> PathBuf {
         self.info.cgroup_dir.join("agent")
+    }
+
+    /// The cgroup that plays the node's kubelet (absolute path): a sibling of the node's cgroup,
+    /// so the pods' capture programs do not apply to it.
+    pub fn kubelet_cgroup_dir(&self) -> PathBuf {
+        self.bed
+            .cgroup_root
+            .join(format!("{}-kubelet", self.info.name))
+    }
+
+    /// [`Node::kubelet_cgroup_dir`] relative to the cgroup v2 mount (for `probes.kubeletCgroup`).
+    pub fn kubelet_cgroup_rel(&self) -> String {
+        format!("/{DIR_PREFIX}{}/{}-kubelet", self.bed.id, self.info.name)
+    }
+
+    /// The bed's cgroup relative to the cgroup v2 mount: every process of the bed's nodes is
+    /// below it (for `probes.hostCgroup`).
+    pub fn host_cgroup_rel(&self) -> String {
+        format!("/{DIR_PREFIX}{}", self.bed.id)
+    }
+
+    /// A client (`ambit-testpod connect`, as [`Pod::connect`]) run from this node's netns in the
+    /// cgroup `cgroup_dir`: a host process, the kubelet, ...
+    pub fn connect_from(
+        &self,
+        cgroup_dir: &Path,
+        addr: SocketAddr,
+        bytes: usize,
+        timeout_ms: u64,
+    ) -> Result<crate::ClientReport> {
+        let bin = self.bed.testpod_bin()?;
+        let cmd = process::command_in(&bin, &self.netns_path(), cgroup_dir)?;
+        crate::workload::spawn_client(
+            |c| self.spawn(c),
+            cmd,
+            &format!("node {}", self.info.name),
+            addr,
+            bytes,
+            0,
+            timeout_ms,
+        )?
+        .wait()
     }
 
     /// The agent's bpffs pin directory, `/sys/fs/bpf/ambit-test-<id>/<node>` (made by the agent).

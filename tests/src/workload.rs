@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader, Read},
     net::SocketAddr,
-    process::{ExitStatus, Stdio},
+    process::{Command, ExitStatus, Stdio},
     sync::{Arc, Condvar, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -473,32 +473,52 @@ impl Pod {
         timeout_ms: u64,
     ) -> Result<ClientHandle> {
         let bin = self.bed.testpod_bin()?;
-        let mut cmd = self.try_command(&bin)?;
-        cmd.args([
-            "connect".to_owned(),
-            addr.to_string(),
-            "--bytes".to_owned(),
-            bytes.to_string(),
-            "--hold-ms".to_owned(),
-            hold_ms.to_string(),
-            "--timeout-ms".to_owned(),
-            timeout_ms.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let process = self
-            .spawn(&mut cmd)
-            .with_context(|| format!("cannot start the client in pod {}", self.name()))?;
-        let events = Events::start(&process);
-        // The client bounds itself (connect and each read/write time out); this is a backstop.
-        let deadline = Duration::from_millis(hold_ms + 4 * timeout_ms) + Duration::from_secs(60);
-        Ok(ClientHandle {
-            process,
-            events,
-            pod: self.name().to_owned(),
+        let cmd = self.try_command(&bin)?;
+        spawn_client(
+            |c| self.spawn(c),
+            cmd,
+            &format!("pod {}", self.name()),
             addr,
-            deadline,
-        })
+            bytes,
+            hold_ms,
+            timeout_ms,
+        )
     }
+}
+
+/// Starts `ambit-testpod connect` (`cmd` is the binary, set up to run where it should) with
+/// `spawn` (a pod's or a node's, which tracks the process). `who` names it in errors.
+pub(crate) fn spawn_client(
+    spawn: impl FnOnce(&mut Command) -> Result<Process>,
+    mut cmd: Command,
+    who: &str,
+    addr: SocketAddr,
+    bytes: usize,
+    hold_ms: u64,
+    timeout_ms: u64,
+) -> Result<ClientHandle> {
+    cmd.args([
+        "connect".to_owned(),
+        addr.to_string(),
+        "--bytes".to_owned(),
+        bytes.to_string(),
+        "--hold-ms".to_owned(),
+        hold_ms.to_string(),
+        "--timeout-ms".to_owned(),
+        timeout_ms.to_string(),
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let process = spawn(&mut cmd).with_context(|| format!("cannot start the client in {who}"))?;
+    let events = Events::start(&process);
+    // The client bounds itself (connect and each read/write time out); this is a backstop.
+    let deadline = Duration::from_millis(hold_ms + 4 * timeout_ms) + Duration::from_secs(60);
+    Ok(ClientHandle {
+        process,
+        events,
+        pod: who.to_owned(),
+        addr,
+        deadline,
+    })
 }

@@ -505,7 +505,7 @@ fn same_node_traffic_goes_through_outbound_and_inbound() {
 }
 
 #[test]
-fn node_addresses_and_excluded_ports_pass_uncaptured_and_follow_reloads() {
+fn node_addresses_are_captured_and_excluded_ports_pass_and_follow_reloads() {
     if !ambit_testbed::privileged() {
         return;
     }
@@ -514,14 +514,15 @@ fn node_addresses_and_excluded_ports_pass_uncaptured_and_follow_reloads() {
     let steered = |m: &Mesh| counter(&bpf_counters(&m.node_b), "inbound_steered");
     let redirected = |m: &Mesh| counter(&bpf_counters(&m.node_a), "connect4_redirected");
 
-    // The outsider plays the kubelet: connections from a node address reach the app directly.
+    // A node address is the node's, not the kubelet's: connections from it are captured.
     m.config_b.node_addresses = vec![m.outsider.ipv4().into()];
     m.agent_b.reload(&m.config_b).expect("reload node-b");
     let before = steered(&m);
     assert_echoed(&m.outsider.connect(dst, 100).expect("run client"), dst, 100);
-    assert_eq!(steered(&m), before, "a node address is not steered");
+    assert_eq!(steered(&m), before + 1, "a node address is steered");
+    let before = steered(&m);
 
-    // An excluded inbound port is not steered either; other ports still are.
+    // An excluded inbound port is not steered; other ports still are.
     m.config_b.node_addresses.clear();
     m.config_b.inbound_excluded_ports = vec![PORT];
     m.agent_b.reload(&m.config_b).expect("reload node-b");
@@ -630,4 +631,104 @@ fn the_agent_refuses_a_bad_config_at_start_naming_the_field() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn only_kubelet_probes_skip_capture_and_every_other_host_connection_is_judged() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("create bed");
+    let node = bed.add_node("node-a").expect("add node");
+    let server = bed.add_pod(&node, "server").expect("add server");
+    let echo = server.serve(PORT).expect("start echo server");
+    let mut config = bed.agent_config(&node);
+    config.enroll(&server);
+    config.extra.insert(
+        "probes".into(),
+        serde_json::json!({"kubeletCgroup": node.kubelet_cgroup_rel(),
+                           "hostCgroup": node.host_cgroup_rel()}),
+    );
+    // Only mesh identities may reach the server: plaintext from the host is refused.
+    config.extra.insert(
+        "policies".into(),
+        serde_json::json!([{"name": "mesh-only", "namespace": "default", "scope": "NAMESPACE",
+            "action": "ALLOW",
+            "rules": [{"clauses": [{"matches": [{"namespaces": [{"exact": "default"}]}]}]}]}]),
+    );
+    let agent = bed.start_agent(&config).expect("start agent");
+    let counters = || bpf_counters(&node);
+
+    // The kubelet's probes reach the app as without the mesh, from the probe source, IPv4 and
+    // IPv6, unjudged: nothing is steered or logged.
+    let before = counters();
+    for (dst, source) in [
+        (server.v4(PORT), "169.254.7.127"),
+        (server.v6(PORT), "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"),
+    ] {
+        let mark = agent.mark();
+        let report = node
+            .connect_from(&node.kubelet_cgroup_dir(), dst, 100, 5000)
+            .expect("run the kubelet's probe");
+        assert_echoed(&report, dst, 100);
+        let peer = echo.accepted_peers().last().copied().expect("accepted");
+        assert_eq!(
+            peer.ip(),
+            source.parse::<IpAddr>().expect("ip"),
+            "{report:#?}"
+        );
+        assert!(
+            agent
+                .wait_for_access_log_after(mark, |_| true, Duration::from_millis(500))
+                .is_err(),
+            "a probe is not proxied"
+        );
+    }
+    let after = counters();
+    assert_eq!(
+        counter(&after, "probe_marked"),
+        counter(&before, "probe_marked") + 2
+    );
+    assert_eq!(
+        counter(&after, "inbound_probe_passed"),
+        counter(&before, "inbound_probe_passed") + 2
+    );
+    assert_eq!(
+        counter(&after, "inbound_steered"),
+        counter(&before, "inbound_steered")
+    );
+
+    // Any other process of the host is captured and judged: plaintext, so refused here.
+    let mark = agent.mark();
+    let report = node
+        .connect_from(&node.agent_cgroup_dir(), server.v4(PORT), 100, 3000)
+        .expect("run a host process's client");
+    assert!(!report.ok, "refused by policy: {report:#?}");
+    let log = agent
+        .wait_for_connection_log(mark, "inbound", server.v4(PORT), WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(log_str(&log, "authz.policy"), None, "{log}");
+    assert!(
+        log_str(&log, "authz.decision").is_some_and(|d| d.contains("denied")),
+        "judged and denied: {log}"
+    );
+    assert_eq!(
+        counter(&counters(), "inbound_steered"),
+        counter(&after, "inbound_steered") + 1
+    );
+
+    // And it cannot pass itself off as a probe: binding the probe source is refused.
+    let out = node
+        .exec(&[
+            "python3",
+            "-c",
+            "import socket\nfor fam, ip in ((socket.AF_INET, '169.254.7.127'), (socket.AF_INET6, 'fd16:9254:7127:1337:ffff:ffff:ffff:ffff')):\n    s = socket.socket(fam, socket.SOCK_STREAM)\n    try:\n        s.bind((ip, 0)); print('bound')\n    except PermissionError:\n        print('refused')\n",
+        ])
+        .expect("run python3");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["refused", "refused"],
+        "{out}"
+    );
+    assert!(counter(&counters(), "probe_source_bind_refused") >= 2);
 }

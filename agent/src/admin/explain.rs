@@ -282,13 +282,11 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
             }
             Some(w) if w.hbone => {
                 let excluded = config.inbound_excluded_ports.contains(&dst.port())
-                    || source
-                        .ip
-                        .is_some_and(|ip| config.node_addresses.contains(&ip));
+                    || source.ip.is_some_and(crate::redirect::is_probe_source);
                 if excluded && w.local {
                     steps.push(
                         "the destination pod's agent does not capture it (inbound excluded port \
-                         or node address): delivered as is"
+                         or a kubelet probe): delivered as is"
                             .to_owned(),
                     );
                 } else {

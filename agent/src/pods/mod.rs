@@ -242,7 +242,6 @@ impl PodManager {
             .set_identities(config.enrolled_pods().map(|p| p.identity.clone()));
         self.redirect
             .set_options(&CaptureOptions {
-                node_addresses: &config.node_addresses,
                 inbound_excluded_ports: &config.inbound_excluded_ports,
                 outbound_excluded_ports: &config.outbound_excluded_ports,
             })
@@ -308,6 +307,14 @@ impl PodManager {
         }
         let keep: Vec<u64> = keep.into_iter().collect();
         let pruned = self.redirect.prune(&keep)?;
+        let served_ips: Vec<IpAddr> = self
+            .active
+            .values()
+            .flat_map(|a| a.pod.ips.iter().copied())
+            .collect();
+        self.redirect
+            .set_pod_ips(&served_ips)
+            .context("cannot write the pods' IPs for the kubelet probe marker")?;
         if !pruned.is_empty() {
             info!(?pruned, "released netns no source claims any more");
         }

@@ -43,7 +43,15 @@ pub fn inspect(pin_path: &Path, cgroup: &str) -> Result<BpfView, String> {
         .into_iter()
         .map(|name| BpfProgramView {
             kind: program_kind(&name),
-            attached_to: vec![format!("cgroup {cgroup}")],
+            attached_to: vec![match name.as_str() {
+                common::program::PROBE_CONNECT4 | common::program::PROBE_CONNECT6 => {
+                    "the kubelet's cgroup (probes.kubeletCgroup)".to_owned()
+                }
+                common::program::BIND_GUARD4 | common::program::BIND_GUARD6 => {
+                    "the host's cgroup (probes.hostCgroup)".to_owned()
+                }
+                _ => format!("cgroup {cgroup}"),
+            }],
             name,
         })
         .collect();
@@ -69,7 +77,7 @@ pub fn inspect(pin_path: &Path, cgroup: &str) -> Result<BpfView, String> {
         common::MAP_SOCK_DST,
         common::MAP_ORIG_DST,
         common::MAP_INBOUND_LISTENERS,
-        common::MAP_NODE_ADDRS,
+        common::MAP_POD_IPS,
         common::MAP_EXCLUDED_OUT,
         common::MAP_EXCLUDED_IN,
         common::MAP_COUNTERS,
@@ -113,7 +121,7 @@ fn fill(name: &str, data: MapData) -> Option<u32> {
         common::MAP_ENROLLED => count::<u64, EnrolledPod>(data),
         common::MAP_SOCK_DST => count::<u64, Addr>(data),
         common::MAP_ORIG_DST => count::<SocketKey, Addr>(data),
-        common::MAP_NODE_ADDRS => count::<IpKey, u8>(data),
+        common::MAP_POD_IPS => count::<IpKey, u8>(data),
         common::MAP_EXCLUDED_OUT | common::MAP_EXCLUDED_IN => count::<u16, u8>(data),
         common::MAP_INBOUND_LISTENERS => {
             let m: SockHash<MapData, IpKey> = SockHash::try_from(Map::SockHash(data)).ok()?;

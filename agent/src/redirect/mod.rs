@@ -11,7 +11,8 @@
 //! Layout under the pin directory:
 //! ```text
 //! AMBIT_*                   maps (pinned by name by the loader)
-//! links/<program>           cgroup links (connect4/6, getpeername4/6, sock_ops)
+//! links/<program>           cgroup links (connect4/6, getpeername4/6, sock_ops; with probes,
+//!                           probe_connect4/6 on the kubelet's cgroup, bind_guard4/6 on the host's)
 //! pods/<netns-cookie>       one sk_lookup link per enrolled pod netns
 //! ```
 
@@ -128,7 +129,7 @@ pub struct Redirect {
     pin_path: PathBuf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     inbound: SockHash<MapData, IpKey>,
-    node_addrs: HashMap<MapData, IpKey, u8>,
+    pod_ips: HashMap<MapData, IpKey, u8>,
     excluded_in: HashMap<MapData, u16, u8>,
     excluded_out: HashMap<MapData, u16, u8>,
     counters: PerCpuArray<MapData, u64>,
@@ -136,7 +137,6 @@ pub struct Redirect {
 
 /// Options the programs read from maps, refreshed on every config load.
 pub struct CaptureOptions<'a> {
-    pub node_addresses: &'a [IpAddr],
     pub inbound_excluded_ports: &'a [u16],
     pub outbound_excluded_ports: &'a [u16],
 }
@@ -167,6 +167,7 @@ impl Redirect {
         Error,
     > {
         ensure_bpffs()?;
+        migrate_pins(pin_path);
         for dir in [
             pin_path.to_owned(),
             pin_path.join("links"),
@@ -229,7 +230,7 @@ impl Redirect {
         let redirect = Redirect {
             enrolled: take(&mut ebpf, common::MAP_ENROLLED)?,
             inbound: take(&mut ebpf, common::MAP_INBOUND_LISTENERS)?,
-            node_addrs: take(&mut ebpf, common::MAP_NODE_ADDRS)?,
+            pod_ips: take(&mut ebpf, common::MAP_POD_IPS)?,
             excluded_in: take(&mut ebpf, common::MAP_EXCLUDED_IN)?,
             excluded_out: take(&mut ebpf, common::MAP_EXCLUDED_OUT)?,
             counters: take(&mut ebpf, common::MAP_COUNTERS)?,
@@ -239,14 +240,62 @@ impl Redirect {
         Ok((redirect, orig_dst, logger))
     }
 
+    /// Attaches the kubelet probe marker to `kubelet` (its connections to enrolled pods get the
+    /// probe source) and the bind guard to `host` (nobody else may bind the probe source), both
+    /// cgroups relative to the cgroup v2 mount, pinned and replaced like the capture programs.
+    pub fn attach_probes(&mut self, kubelet: &Path, host: &Path) -> Result<(), Error> {
+        let links = self.pin_path.join("links");
+        for (cgroup, names) in [
+            (
+                kubelet,
+                [
+                    common::program::PROBE_CONNECT4,
+                    common::program::PROBE_CONNECT6,
+                ],
+            ),
+            (
+                host,
+                [common::program::BIND_GUARD4, common::program::BIND_GUARD6],
+            ),
+        ] {
+            let dir = cgroup::open(&cgroup::resolve(cgroup)?)?;
+            for name in names {
+                let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+                prog.load()
+                    .map_err(|cause| Error::Program { name, cause })?;
+                let id = prog
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(|cause| Error::Program { name, cause })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|cause| Error::Program { name, cause })?;
+                pin_replacing(name, FdLink::try_from(link), &links.join(name))?;
+            }
+        }
+        info!(kubelet = %kubelet.display(), host = %host.display(), "kubelet probe marker and probe-source guard attached");
+        Ok(())
+    }
+
+    /// Detaches what [`Redirect::attach_probes`] attached (probes no longer configured).
+    pub fn detach_probes(&self) {
+        for name in [
+            common::program::PROBE_CONNECT4,
+            common::program::PROBE_CONNECT6,
+            common::program::BIND_GUARD4,
+            common::program::BIND_GUARD6,
+        ] {
+            let _ = fs::remove_file(self.pin_path.join("links").join(name));
+        }
+    }
+
+    /// Makes the probe marker's pod IPs exactly `ips` (the served pods').
+    pub fn set_pod_ips(&mut self, ips: &[IpAddr]) -> Result<(), Error> {
+        let want: Vec<IpKey> = ips.iter().map(|ip| IpKey { ip: ip_words(*ip) }).collect();
+        sync_set(&mut self.pod_ips, common::MAP_POD_IPS, &want)
+    }
+
     /// Writes the capture options into the maps, replacing what was there.
     pub fn set_options(&mut self, opts: &CaptureOptions<'_>) -> Result<(), Error> {
-        let want: Vec<IpKey> = opts
-            .node_addresses
-            .iter()
-            .map(|ip| IpKey { ip: ip_words(*ip) })
-            .collect();
-        sync_set(&mut self.node_addrs, common::MAP_NODE_ADDRS, &want)?;
         sync_set(
             &mut self.excluded_in,
             common::MAP_EXCLUDED_IN,
@@ -275,6 +324,13 @@ impl Redirect {
             self.inbound
                 .insert(IpKey { ip: ip_words(*ip) }, inbound_listener.as_raw_fd(), 0)
                 .map_err(|cause| Error::Map { name, cause })?;
+            // Kubelet probes to it pass capture from now on.
+            self.pod_ips
+                .insert(IpKey { ip: ip_words(*ip) }, 1, 0)
+                .map_err(|cause| Error::Map {
+                    name: common::MAP_POD_IPS,
+                    cause,
+                })?;
         }
         let prog_name = common::program::SK_LOOKUP;
         let prog: &mut SkLookup = program(&mut self.ebpf, prog_name)?;
@@ -322,6 +378,7 @@ impl Redirect {
             // Closing the listener removes it from the map too; this covers a listener that is
             // kept open for draining.
             let _ = self.inbound.remove(&IpKey { ip: ip_words(*ip) });
+            let _ = self.pod_ips.remove(&IpKey { ip: ip_words(*ip) });
         }
         Ok(())
     }
@@ -330,6 +387,7 @@ impl Redirect {
     pub fn unregister_inbound(&mut self, ips: &[IpAddr]) {
         for ip in ips {
             let _ = self.inbound.remove(&IpKey { ip: ip_words(*ip) });
+            let _ = self.pod_ips.remove(&IpKey { ip: ip_words(*ip) });
         }
     }
 
@@ -487,6 +545,26 @@ fn sync_set<K: aya::Pod + PartialEq>(
     Ok(())
 }
 
+/// Brings pins left by an earlier agent version in line with this one's object: a map whose
+/// pinned definition no longer matches is unpinned (the loader then pins a fresh one; programs
+/// still attached keep their own reference until their links are replaced), and maps no longer
+/// used are unpinned.
+fn migrate_pins(pin_path: &Path) {
+    let _ = fs::remove_file(pin_path.join(common::LEGACY_MAP_NODE_ADDRS));
+    let counters = pin_path.join(common::MAP_COUNTERS);
+    if let Ok(map) = MapData::from_pin(&counters) {
+        let entries = map.info().map(|i| i.max_entries()).unwrap_or(0);
+        if entries != Counter::COUNT {
+            info!(
+                entries,
+                now = Counter::COUNT,
+                "the pinned counters map is from another version; starting new counters"
+            );
+            let _ = fs::remove_file(&counters);
+        }
+    }
+}
+
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there (containers often lack it).
 fn ensure_bpffs() -> Result<(), Error> {
     let mounted = fs::read_to_string("/proc/self/mountinfo")
@@ -507,6 +585,12 @@ fn ensure_bpffs() -> Result<(), Error> {
         None::<&str>,
     )
     .map_err(Error::MountBpffs)
+}
+
+/// Whether `ip` is the kubelet probe source (IPv4 or IPv6), which pods let through uncaptured.
+pub fn is_probe_source(ip: IpAddr) -> bool {
+    let words = ip_words(ip);
+    words == [0, 0, common::V4_MAPPED_WORD, common::PROBE_SOURCE4] || words == common::PROBE_SOURCE6
 }
 
 /// An IP as the programs store it: IPv6 bytes (IPv4 mapped) in four network-order words.

@@ -24,6 +24,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressHeader, AddressHeaderFlags, AddressMessage, AddressScope},
     route::{
         RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
         RouteType,
@@ -125,6 +126,72 @@ pub fn install() -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Puts the kubelet probe source addresses on `lo` of the current netns (the node's): the probe
+/// marker binds kubelet sockets to them (which needs a local address), and the pods' replies to
+/// them are delivered here. Idempotent; left in place when the agent stops (`cleanup` removes
+/// them). A node without IPv6 skips the IPv6 one.
+pub fn add_probe_sources() -> Result<(), Error> {
+    let nl = Netlink::open()?;
+    for msg in probe_source_messages() {
+        let v6 = msg.header.family == AddressFamily::Inet6;
+        match nl.request(
+            RouteNetlinkMessage::NewAddress(msg),
+            true,
+            "add the probe source address to lo",
+        ) {
+            Err(Error::Netlink { cause, .. }) if v6 && ipv6_unavailable(&cause) => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// Removes what [`add_probe_sources`] added; missing ones are not an error.
+pub fn remove_probe_sources() -> Result<(), Error> {
+    let nl = Netlink::open()?;
+    for msg in probe_source_messages() {
+        match nl.request(
+            RouteNetlinkMessage::DelAddress(msg),
+            false,
+            "delete the probe source address from lo",
+        ) {
+            Err(Error::Netlink { cause, .. })
+                if matches!(
+                    cause.raw_os_error(),
+                    Some(libc::EADDRNOTAVAIL | libc::ENOENT | libc::ESRCH)
+                ) || ipv6_unavailable(&cause) => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+fn probe_source_messages() -> [AddressMessage; 2] {
+    let v4 = std::net::IpAddr::from(ambit_common::PROBE_SOURCE4.to_ne_bytes());
+    let mut v6 = [0u8; 16];
+    for (i, w) in ambit_common::PROBE_SOURCE6.iter().enumerate() {
+        v6[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = std::net::IpAddr::from(v6);
+    [
+        (v4, AddressFamily::Inet, 32, AddressScope::Link),
+        (v6, AddressFamily::Inet6, 128, AddressScope::Universe),
+    ]
+    .map(|(ip, family, prefix_len, scope)| {
+        let mut msg = AddressMessage::default();
+        msg.header = AddressHeader {
+            family,
+            prefix_len,
+            // No duplicate address detection: the address is the node's alone, on lo.
+            flags: AddressHeaderFlags::Nodad | AddressHeaderFlags::Permanent,
+            scope,
+            index: LOOPBACK_IFINDEX,
+        };
+        msg.attributes = vec![AddressAttribute::Local(ip), AddressAttribute::Address(ip)];
+        msg
+    })
 }
 
 /// Removes what [`install`] added. Missing entries are not an error. The sysctl is left as it is:

@@ -38,14 +38,34 @@ pub const MAP_SOCK_DST: &str = "AMBIT_SOCK_DST";
 pub const MAP_ORIG_DST: &str = "AMBIT_ORIG_DST";
 /// Inbound listeners for `sk_lookup`: [`IpKey`] (a pod IP) -> the pod's 15006 listener socket.
 pub const MAP_INBOUND_LISTENERS: &str = "AMBIT_INBOUND";
-/// Source addresses whose inbound connections are never steered (kubelet probes): [`IpKey`] -> `u8`.
-pub const MAP_NODE_ADDRS: &str = "AMBIT_NODE_ADDRS";
+/// The IPs of the pods enrolled on this node: [`IpKey`] -> `u8`. A kubelet connection to one of
+/// them is a health probe, which the probe marker gives the [`PROBE_SOURCE4`]/[`PROBE_SOURCE6`]
+/// source address.
+pub const MAP_POD_IPS: &str = "AMBIT_POD_IPS";
+/// The pinned name of the map an earlier agent version used to exempt node addresses from
+/// inbound capture; removed at start (every host connection is captured now, kubelet probes
+/// aside).
+pub const LEGACY_MAP_NODE_ADDRS: &str = "AMBIT_NODE_ADDRS";
 /// Destination ports that outbound capture skips: `u16` -> `u8`.
 pub const MAP_EXCLUDED_OUT: &str = "AMBIT_EXCL_OUT";
 /// Local ports that inbound capture skips: `u16` -> `u8`.
 pub const MAP_EXCLUDED_IN: &str = "AMBIT_EXCL_IN";
 /// Per-CPU event counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "AMBIT_COUNTERS";
+
+/// The source address of kubelet health probes (Istio's `169.254.7.127`), in network order as
+/// the kernel stores IPv4 addresses. The probe marker binds the kubelet's connections to pods to
+/// it; `sk_lookup` lets connections from it reach the app uncaptured; nothing else on the node
+/// may bind it (the bind guard).
+pub const PROBE_SOURCE4: u32 = u32::from_ne_bytes([169, 254, 7, 127]);
+/// The IPv6 probe source, Istio's `fd16:9254:7127:1337:ffff:ffff:ffff:ffff`, as four
+/// network-order words.
+pub const PROBE_SOURCE6: [u32; 4] = [
+    u32::from_ne_bytes([0xfd, 0x16, 0x92, 0x54]),
+    u32::from_ne_bytes([0x71, 0x27, 0x13, 0x37]),
+    u32::from_ne_bytes([0xff, 0xff, 0xff, 0xff]),
+    u32::from_ne_bytes([0xff, 0xff, 0xff, 0xff]),
+];
 
 /// Capacity of [`MAP_ENROLLED`] (pods per node).
 pub const MAX_PODS: u32 = 4096;
@@ -66,6 +86,12 @@ pub mod program {
     pub const GETSOCKNAME6: &str = "ambit_getsockname6";
     pub const SOCK_OPS: &str = "ambit_sock_ops";
     pub const SK_LOOKUP: &str = "ambit_sk_lookup";
+    /// On the kubelet's cgroup: its connections to enrolled pods get the probe source.
+    pub const PROBE_CONNECT4: &str = "ambit_probe_connect4";
+    pub const PROBE_CONNECT6: &str = "ambit_probe_connect6";
+    /// On the host's cgroup: nobody binds the probe source.
+    pub const BIND_GUARD4: &str = "ambit_bind_guard4";
+    pub const BIND_GUARD6: &str = "ambit_bind_guard6";
 }
 
 /// Indexes into [`MAP_COUNTERS`].
@@ -86,12 +112,21 @@ pub enum Counter {
     InboundDroppedNoListener = 5,
     /// `getpeername` was answered with the original destination.
     PeerNameRewritten = 6,
+    /// A kubelet connection to an enrolled pod was given the probe source (it passes capture).
+    ProbeMarked = 7,
+    /// A kubelet connection could not be given the probe source: it is captured like any
+    /// other host connection (judged as plaintext from the node).
+    ProbeMarkFailed = 8,
+    /// A process on the node tried to bind the probe source, and was refused.
+    ProbeSourceBindRefused = 9,
+    /// `sk_lookup` let a kubelet probe through to the app.
+    InboundProbePassed = 10,
 }
 
 impl Counter {
     /// Number of counters; the size of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 8;
-    pub const ALL: [Counter; 7] = [
+    pub const COUNT: u32 = 16;
+    pub const ALL: [Counter; 11] = [
         Counter::Connect4Redirected,
         Counter::Connect6Redirected,
         Counter::RedirectRecordFailed,
@@ -99,6 +134,10 @@ impl Counter {
         Counter::InboundSteered,
         Counter::InboundDroppedNoListener,
         Counter::PeerNameRewritten,
+        Counter::ProbeMarked,
+        Counter::ProbeMarkFailed,
+        Counter::ProbeSourceBindRefused,
+        Counter::InboundProbePassed,
     ];
 
     /// Stable snake_case name for logs, metrics and `ambitctl`.
@@ -111,6 +150,10 @@ impl Counter {
             Counter::InboundSteered => "inbound_steered",
             Counter::InboundDroppedNoListener => "inbound_dropped_no_listener",
             Counter::PeerNameRewritten => "peername_rewritten",
+            Counter::ProbeMarked => "probe_marked",
+            Counter::ProbeMarkFailed => "probe_mark_failed",
+            Counter::ProbeSourceBindRefused => "probe_source_bind_refused",
+            Counter::InboundProbePassed => "inbound_probe_passed",
         }
     }
 }

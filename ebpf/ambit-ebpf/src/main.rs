@@ -12,8 +12,16 @@
 //!
 //! Inbound (one link per enrolled pod netns):
 //! - `sk_lookup`: TCP connections arriving from outside the pod for its ports are handed to the
-//!   agent's 15006 listener in that netns. 15008 (HBONE), excluded ports, node addresses (kubelet
-//!   probes) and anything arriving on loopback (the agent's own connections to the app) pass.
+//!   agent's 15006 listener in that netns. 15008 (HBONE), excluded ports, kubelet probes (from
+//!   the probe source address) and anything arriving on loopback (the agent's own connections to
+//!   the app) pass.
+//!
+//! Kubelet probes (attached to the kubelet's cgroup, and to the host's):
+//! - `probe_connect4/6`: a kubelet connection to an enrolled pod's IP is bound to the probe
+//!   source address (`bpf_bind`), the one source `sk_lookup` lets through: probes reach the app
+//!   as they would without the mesh, every other host connection is captured and judged.
+//! - `bind_guard4/6`: no process of the host may bind the probe source itself (`bpf_bind` does
+//!   not run this hook, so only the probe marker can).
 //!
 //! The agent's sockets carry `SO_MARK` [`AGENT_MARK`] and are never redirected. Everything fails
 //! closed: a redirect that cannot be recorded is refused, and an enrolled pod whose listener is gone
@@ -23,16 +31,16 @@
 
 use ambit_common::{
     AGENT_MARK, AGENT_MARK_MASK, Addr, Counter, EnrolledPod, HBONE_PORT, INBOUND_PORT, IpKey,
-    MAX_CONFIG_ENTRIES, MAX_CONNECTIONS, MAX_POD_IPS, MAX_PODS, OUTBOUND_PORT, SocketKey,
-    V4_MAPPED_WORD,
+    MAX_CONFIG_ENTRIES, MAX_CONNECTIONS, MAX_POD_IPS, MAX_PODS, OUTBOUND_PORT, PROBE_SOURCE4,
+    PROBE_SOURCE6, SocketKey, V4_MAPPED_WORD,
 };
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock,
-        bpf_sock_addr, sk_action,
+        bpf_sock_addr, sk_action, sockaddr,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -65,8 +73,8 @@ static ORIG_DST: LruHashMap<SocketKey, Addr> = LruHashMap::pinned(MAX_CONNECTION
 #[map(name = "AMBIT_INBOUND")]
 static INBOUND: SockHash<IpKey> = SockHash::pinned(MAX_POD_IPS, 0);
 
-#[map(name = "AMBIT_NODE_ADDRS")]
-static NODE_ADDRS: HashMap<IpKey, u8> = HashMap::pinned(MAX_CONFIG_ENTRIES, 0);
+#[map(name = "AMBIT_POD_IPS")]
+static POD_IPS: HashMap<IpKey, u8> = HashMap::pinned(MAX_POD_IPS, 0);
 
 #[map(name = "AMBIT_EXCL_OUT")]
 static EXCLUDED_OUT: HashMap<u16, u8> = HashMap::pinned(MAX_CONFIG_ENTRIES, 0);
@@ -455,8 +463,11 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
     } else {
         (remote6, local6)
     };
-    // SAFETY: the value is not kept.
-    if unsafe { NODE_ADDRS.get(&IpKey { ip: remote }) }.is_some() {
+    // A kubelet probe: its source is the probe address, which only the probe marker can give
+    // (the bind guard refuses it to everyone else on the node, and a reply to it from the pod
+    // goes to the node, so no other host can complete a handshake from it).
+    if remote == [0, 0, V4_MAPPED_WORD, PROBE_SOURCE4] || remote == PROBE_SOURCE6 {
+        count(Counter::InboundProbePassed);
         return Ok(pass);
     }
     match INBOUND.redirect_sk_lookup(ctx, IpKey { ip: local }, 0) {
@@ -481,6 +492,123 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
             Err(sk_action::SK_DROP)
         }
     }
+}
+
+/// `struct sockaddr_in`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: u32,
+    zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`, for `bpf_bind`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
+
+/// Whether `ip` (IPv6 words, IPv4 mapped) is an enrolled pod's.
+#[inline(always)]
+fn is_pod_ip(ip: [u32; 4]) -> bool {
+    // SAFETY: the value is not kept.
+    unsafe { POD_IPS.get(&IpKey { ip }) }.is_some()
+}
+
+/// Binds the socket to the probe source; counts the outcome. The connect goes on either way:
+/// unmarked, it is captured and judged like any host connection (fail closed).
+#[inline(always)]
+fn mark_probe(ctx: &SockAddrContext, addr: *mut sockaddr, len: usize) {
+    // SAFETY: `addr` points at a fully initialised sockaddr of `len` bytes on this stack.
+    let r = unsafe { bpf_bind(ctx.sock_addr, addr, len as i32) };
+    if r == 0 {
+        count(Counter::ProbeMarked);
+    } else {
+        count(Counter::ProbeMarkFailed);
+        warn!(
+            ctx,
+            "ambit: cannot bind a kubelet probe to the probe source: {}", r
+        );
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn ambit_probe_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if read!((*sa).protocol) != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let ip4 = read!((*sa).user_ip4);
+    if is_pod_ip([0, 0, V4_MAPPED_WORD, ip4]) {
+        let mut addr = SockaddrIn {
+            family: AF_INET as u16,
+            port: 0,
+            addr: PROBE_SOURCE4,
+            zero: [0; 8],
+        };
+        mark_probe(
+            &ctx,
+            (&raw mut addr).cast(),
+            core::mem::size_of::<SockaddrIn>(),
+        );
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ambit_probe_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if read!((*sa).protocol) != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let ip = read_ip6(unsafe { &raw const (*sa).user_ip6 });
+    // A dual-stack socket to an IPv4-mapped pod address is IPv4: bind the mapped probe source.
+    if is_pod_ip(ip) {
+        let source = if is_v4_mapped(&ip) {
+            [0, 0, V4_MAPPED_WORD, PROBE_SOURCE4]
+        } else {
+            PROBE_SOURCE6
+        };
+        let mut addr = SockaddrIn6 {
+            family: AF_INET6 as u16,
+            port: 0,
+            flowinfo: 0,
+            addr: source,
+            scope_id: 0,
+        };
+        mark_probe(
+            &ctx,
+            (&raw mut addr).cast(),
+            core::mem::size_of::<SockaddrIn6>(),
+        );
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn ambit_bind_guard4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if read!((*sa).user_ip4) == PROBE_SOURCE4 {
+        count(Counter::ProbeSourceBindRefused);
+        return REJECT;
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn ambit_bind_guard6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip = read_ip6(unsafe { &raw const (*sa).user_ip6 });
+    if ip == PROBE_SOURCE6 || ip == [0, 0, V4_MAPPED_WORD, PROBE_SOURCE4] {
+        count(Counter::ProbeSourceBindRefused);
+        return REJECT;
+    }
+    ALLOW
 }
 
 #[cfg(not(test))]
