@@ -50,7 +50,7 @@ async fn hbone_server(config: Arc<rustls::ServerConfig>, app: SocketAddr) -> Soc
                     .accept(tcp)
                     .await
                     .expect("server TLS");
-                let mut conn = server::h2_builder()
+                let mut conn = server::h2_builder(&server::ServerSettings::default())
                     .handshake::<_, bytes::Bytes>(tls)
                     .await
                     .expect("server h2");
@@ -102,7 +102,7 @@ async fn open_stream() -> DuplexStream {
     let addr = hbone_server(server_config, app).await;
     let tcp = TcpStream::connect(addr).await.expect("connect hbone");
     tcp.set_nodelay(true).expect("nodelay");
-    let (sender, conn) = client::handshake(tcp, client_config, addr)
+    let (sender, conn) = client::handshake(tcp, client_config, addr, Duration::from_secs(10))
         .await
         .expect("handshake");
     tokio::spawn(conn);

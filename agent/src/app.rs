@@ -98,11 +98,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     control_tasks.spawn(forward_bpf_logs(bpf_logs, shutdown.clone()));
 
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let pool = Pool::new(
-        config.hbone.max_streams_per_connection,
-        config.hbone.parallel_connections,
-        config.hbone.idle_timeout,
-    );
+    let pool = Pool::new(&config.hbone, &config.limits);
     control_tasks.spawn(pool.clone().run_reaper(shutdown.clone()));
     let ctx = Arc::new(ProxyContext {
         orig_dst,
@@ -115,6 +111,8 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
         policies: arc_swap::ArcSwap::from_pointee(PolicyStore::new()),
         live: proxy::live::LiveConns::new(metrics.clone()),
         draining: CancellationToken::new(),
+        budgets: proxy::limits::Budgets::new(config.limits.clone()),
+        hbone_server: crate::tunnel::server::ServerSettings::from_config(&config),
         gate: match &config.xds {
             Some(x) => proxy::gate::SyncGate::closed(x.sync_hold, x.max_held_connections),
             None => proxy::gate::SyncGate::open(),
@@ -312,6 +310,7 @@ pub(crate) fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
             new.cert_lifetime != old.cert_lifetime,
         ),
         ("hbone", new.hbone != old.hbone),
+        ("limits", new.limits != old.limits),
         ("probes", new.probes != old.probes),
         ("xds", new.xds != old.xds),
         (

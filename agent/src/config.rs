@@ -104,6 +104,74 @@ pub struct HboneConfig {
     /// A pooled connection without streams for this long is closed. Default 60 s.
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
+    /// Streams one HBONE client may have open on one connection to us (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`). Default 100.
+    pub max_concurrent_streams: u32,
+    /// The largest header block a client may send us (`SETTINGS_MAX_HEADER_LIST_SIZE`).
+    /// Default 16 KiB: a `CONNECT` carries a few short headers.
+    pub max_header_list_bytes: u32,
+    /// HTTP/2 PINGs on idle HBONE connections, both ways: a peer that does not answer within
+    /// `keepaliveTimeoutSeconds` is gone, and its connection is closed. Defaults 30 s and 10 s.
+    #[serde(with = "secs")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "secs")]
+    pub keepalive_timeout: Duration,
+    /// An HBONE connection to us without a stream for this long is closed (GOAWAY). Default
+    /// 10 min.
+    #[serde(with = "secs")]
+    pub server_idle_timeout: Duration,
+}
+
+impl Default for HboneConfig {
+    fn default() -> Self {
+        HboneConfig {
+            max_streams_per_connection: 100,
+            parallel_connections: 4,
+            idle_timeout: Duration::from_secs(60),
+            max_concurrent_streams: 100,
+            max_header_list_bytes: 16 << 10,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            server_idle_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Bounds on what clients can make the agent hold. A connection over a limit is refused at once
+/// (closed, or `503` for an HBONE stream), with the limit named in the access log (`limit`) and
+/// in `ambit_connections_refused_total{reason}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Connections the agent's pod listeners hold at once, all pods together. Default 65536.
+    pub max_connections: usize,
+    /// Connections one pod's listeners (15001, 15006, 15008) hold at once. Default 16384.
+    pub max_connections_per_pod: usize,
+    /// TLS handshakes on 15008 in flight at once, all pods together. Default 1024.
+    pub max_handshakes: usize,
+    /// TLS handshakes in flight from one source IP. Default 64: a client that stalls its
+    /// handshakes holds at most these.
+    pub max_handshakes_per_source: usize,
+    /// How long every handshake step may take, both ways: TCP connect, TLS, HTTP/2, and the
+    /// answer to a `CONNECT`. Default 10 s.
+    #[serde(with = "secs")]
+    pub handshake_timeout: Duration,
+    /// HBONE streams one client identity may have open to this node's pods at once. Default
+    /// 16384.
+    pub max_streams_per_identity: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 65536,
+            max_connections_per_pod: 16384,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 64,
+            handshake_timeout: Duration::from_secs(10),
+            max_streams_per_identity: 16384,
+        }
+    }
 }
 
 /// A workload on another node (standalone mode): where HBONE applies and which identity it must
@@ -287,6 +355,7 @@ pub struct Config {
     #[serde(with = "secs")]
     pub cert_lifetime: Duration,
     pub hbone: HboneConfig,
+    pub limits: Limits,
     /// Pods on this node.
     pub pods: Vec<Pod>,
     /// Workloads on other nodes.
@@ -396,6 +465,8 @@ struct RawConfig {
     cert_lifetime_seconds: Option<u64>,
     #[serde(default)]
     hbone: RawHbone,
+    #[serde(default)]
+    limits: RawLimits,
     #[serde(default)]
     pods: Vec<RawPod>,
     #[serde(default)]
@@ -531,6 +602,33 @@ struct RawHbone {
     parallel_connections: Option<usize>,
     #[serde(default)]
     idle_timeout_seconds: Option<f64>,
+    #[serde(default)]
+    max_concurrent_streams: Option<usize>,
+    #[serde(default)]
+    max_header_list_bytes: Option<usize>,
+    #[serde(default)]
+    keepalive_interval_seconds: Option<f64>,
+    #[serde(default)]
+    keepalive_timeout_seconds: Option<f64>,
+    #[serde(default)]
+    server_idle_timeout_seconds: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    max_connections_per_pod: Option<usize>,
+    #[serde(default)]
+    max_handshakes: Option<usize>,
+    #[serde(default)]
+    max_handshakes_per_source: Option<usize>,
+    #[serde(default)]
+    handshake_timeout_seconds: Option<f64>,
+    #[serde(default)]
+    max_streams_per_identity: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -575,6 +673,23 @@ struct RawPod {
     services: Vec<String>,
     #[serde(default)]
     waypoint: Option<WaypointRef>,
+}
+
+/// A count: `default` when absent, else within `range`.
+fn bounded(
+    field: &str,
+    value: Option<usize>,
+    default: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<usize, (String, String)> {
+    match value {
+        None => Ok(default),
+        Some(n) if range.contains(&n) => Ok(n),
+        Some(n) => Err((
+            field.to_owned(),
+            format!("{n} is not between {} and {}", range.start(), range.end()),
+        )),
+    }
 }
 
 /// A duration given in seconds: `default` when absent, else within `range`.
@@ -823,37 +938,111 @@ impl RawConfig {
                 ));
             }
         };
+        let d = HboneConfig::default();
+        let h = &self.hbone;
         let hbone = HboneConfig {
-            max_streams_per_connection: match self.hbone.max_streams_per_connection {
-                None => 100,
-                Some(0) => {
-                    return Err(invalid(
-                        "hbone.maxStreamsPerConnection".into(),
-                        "must be at least 1".into(),
-                    ));
-                }
-                Some(n) => n,
-            },
-            parallel_connections: match self.hbone.parallel_connections {
-                None => 4,
-                Some(n) if (1..=64).contains(&n) => n,
-                Some(n) => {
-                    return Err(invalid(
-                        "hbone.parallelConnections".into(),
-                        format!("{n} is not between 1 and 64"),
-                    ));
-                }
-            },
-            idle_timeout: match self.hbone.idle_timeout_seconds {
-                None => Duration::from_secs(60),
-                Some(s) if s.is_finite() && s > 0.0 && s <= 86400.0 => Duration::from_secs_f64(s),
-                Some(s) => {
-                    return Err(invalid(
-                        "hbone.idleTimeoutSeconds".into(),
-                        format!("{s} is not between 0 and 86400"),
-                    ));
-                }
-            },
+            max_streams_per_connection: bounded(
+                "hbone.maxStreamsPerConnection",
+                h.max_streams_per_connection,
+                d.max_streams_per_connection,
+                1..=10_000,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+            parallel_connections: bounded(
+                "hbone.parallelConnections",
+                h.parallel_connections,
+                d.parallel_connections,
+                1..=64,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+            idle_timeout: seconds(
+                "hbone.idleTimeoutSeconds",
+                h.idle_timeout_seconds,
+                d.idle_timeout.as_secs_f64(),
+                0.001..=86400.0,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+            max_concurrent_streams: bounded(
+                "hbone.maxConcurrentStreams",
+                h.max_concurrent_streams,
+                d.max_concurrent_streams as usize,
+                1..=10_000,
+            )
+            .map_err(|(f, m)| invalid(f, m))? as u32,
+            max_header_list_bytes: bounded(
+                "hbone.maxHeaderListBytes",
+                h.max_header_list_bytes,
+                d.max_header_list_bytes as usize,
+                1024..=1 << 20,
+            )
+            .map_err(|(f, m)| invalid(f, m))? as u32,
+            keepalive_interval: seconds(
+                "hbone.keepaliveIntervalSeconds",
+                h.keepalive_interval_seconds,
+                d.keepalive_interval.as_secs_f64(),
+                0.1..=3600.0,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+            keepalive_timeout: seconds(
+                "hbone.keepaliveTimeoutSeconds",
+                h.keepalive_timeout_seconds,
+                d.keepalive_timeout.as_secs_f64(),
+                0.1..=600.0,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+            server_idle_timeout: seconds(
+                "hbone.serverIdleTimeoutSeconds",
+                h.server_idle_timeout_seconds,
+                d.server_idle_timeout.as_secs_f64(),
+                0.1..=86400.0,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+        };
+        let defaults = Limits::default();
+        let l = &self.limits;
+        let limits = Limits {
+            max_connections: bounded(
+                "limits.maxConnections",
+                l.max_connections,
+                defaults.max_connections,
+                1..=1 << 22,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+            max_connections_per_pod: bounded(
+                "limits.maxConnectionsPerPod",
+                l.max_connections_per_pod,
+                defaults.max_connections_per_pod,
+                1..=1 << 22,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+            max_handshakes: bounded(
+                "limits.maxHandshakes",
+                l.max_handshakes,
+                defaults.max_handshakes,
+                1..=1 << 20,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+            max_handshakes_per_source: bounded(
+                "limits.maxHandshakesPerSource",
+                l.max_handshakes_per_source,
+                defaults.max_handshakes_per_source,
+                1..=1 << 20,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+            handshake_timeout: seconds(
+                "limits.handshakeTimeoutSeconds",
+                l.handshake_timeout_seconds,
+                defaults.handshake_timeout.as_secs_f64(),
+                0.1..=300.0,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
+            max_streams_per_identity: bounded(
+                "limits.maxStreamsPerIdentity",
+                l.max_streams_per_identity,
+                defaults.max_streams_per_identity,
+                1..=1 << 22,
+            )
+            .map_err(|(f, m)| invalid(f, m))?,
         };
         let identity_of = |field: String, ns: &str, sa: &str| {
             Identity::new(trust_domain.clone(), ns, sa).map_err(|e| invalid(field, e.to_string()))
@@ -1215,6 +1404,7 @@ impl RawConfig {
             trust_roots: self.trust_roots,
             cert_lifetime,
             hbone,
+            limits,
             peers,
             node: node.clone(),
             kubernetes,

@@ -128,12 +128,30 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// Every proxied connection is two or three sockets, so the soft limit on open files (often 1024)
+/// would cap the agent far below its connection limits: raise it to the hard limit, as ztunnel
+/// does.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit; connections beyond it will be refused")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     limit_malloc_arenas();
     // Before any other thread exists: the netns every thread returns to after entering a pod's.
     redirect::netns::init_agent_netns()
         .map_err(|e| anyhow::anyhow!("cannot open the agent's own network namespace: {e}"))?;
     let max_level = telemetry::init(&cli.log_level, cli.log_format)?;
+    raise_fd_limit();
     match cli.command {
         Command::Run { config } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -41,6 +41,7 @@ mod workload;
 
 use std::time::Duration;
 
+pub mod h2raw;
 pub mod kube_server;
 pub mod metrics;
 pub mod wire;

@@ -486,6 +486,35 @@ impl Pod {
     }
 }
 
+impl Pod {
+    /// `ambit-testpod flood`: `connections` connections to `addr` held open at once, `bytes` sent
+    /// and echoed on each; returns its `flood` event (`opened`, `echoed`, `errors`).
+    pub fn flood(&self, addr: SocketAddr, connections: usize, bytes: usize) -> Result<Value> {
+        let bin = self.bed.testpod_bin()?;
+        let mut cmd = self.try_command(&bin)?;
+        cmd.args([
+            "flood".to_owned(),
+            addr.to_string(),
+            "--connections".to_owned(),
+            connections.to_string(),
+            "--bytes".to_owned(),
+            bytes.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let process = self.spawn(&mut cmd)?;
+        let events = Events::start(&process);
+        let deadline = Duration::from_secs(300);
+        let _ = process.wait_timeout(deadline)?;
+        events
+            .wait(Duration::from_secs(5), |evs, _| {
+                evs.iter().find(|e| e["event"] == "flood").cloned()
+            })
+            .ok_or_else(|| anyhow!("the flood client in pod {} reported nothing", self.name()))
+    }
+}
+
 /// Starts `ambit-testpod connect` (`cmd` is the binary, set up to run where it should) with
 /// `spawn` (a pod's or a node's, which tracks the process). `who` names it in errors.
 pub(crate) fn spawn_client(

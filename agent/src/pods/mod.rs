@@ -465,6 +465,7 @@ impl PodManager {
                 pod.namespace, pod.name
             ),
             hbone_tls: ArcSwapOption::empty(),
+            open: Arc::default(),
         });
         let cancel = CancellationToken::new();
         self.listeners.spawn(follow_pod_cert(

@@ -62,7 +62,15 @@ pub async fn handle(
     }
 
     // Judged only on synced policy.
-    if let Err(e) = ctx.wait_synced(super::Direction::Inbound).await {
+    let synced = tokio::select! {
+        r = ctx.wait_synced(super::Direction::Inbound) => r,
+        () = super::gave_up(&downstream) => {
+            log.error = Some((Side::Downstream, "the client closed the connection while it waited for the control plane".to_owned()));
+            log.emit();
+            return;
+        }
+    };
+    if let Err(e) = synced {
         log.error = Some((Side::Internal, e.to_string()));
         log.limit = Some(e.reason());
         log.emit();
@@ -103,7 +111,14 @@ pub async fn handle(
     }
 
     let upstream = match super::upstream_socket(&pod.netns, dst, Some(peer.ip())) {
-        Ok(s) => super::connect(s, dst).await,
+        Ok(s) => tokio::select! {
+            r = super::connect(s, dst) => r,
+            () = super::gave_up(&downstream) => {
+                log.error = Some((Side::Downstream, "the client closed the connection before the app answered".to_owned()));
+                log.emit();
+                return;
+            }
+        },
         Err(e) => Err(e),
     };
     let upstream = match upstream {

@@ -12,6 +12,7 @@
 pub mod copy;
 pub mod gate;
 pub mod inbound;
+pub mod limits;
 pub mod live;
 pub mod outbound;
 
@@ -61,6 +62,8 @@ pub struct PodInfo {
     pub baggage: String,
     /// TLS config of the pod's HBONE listener; empty until its first certificate arrives.
     pub hbone_tls: ArcSwapOption<rustls::ServerConfig>,
+    /// Connections its listeners hold now (against `limits.maxConnectionsPerPod`).
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl PodInfo {
@@ -95,6 +98,10 @@ pub struct ProxyContext {
     pub draining: CancellationToken,
     /// Holds new connections until the control plane's first full state is applied.
     pub gate: gate::SyncGate,
+    /// Connections, handshakes and streams against `limits`.
+    pub budgets: Arc<limits::Budgets>,
+    /// How the pods' HBONE listeners treat clients.
+    pub hbone_server: tunnel::server::ServerSettings,
 }
 
 impl ProxyContext {
@@ -376,6 +383,17 @@ pub(crate) fn upstream_socket(
     Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
 }
 
+/// Resolves when the client of `downstream` closed or reset it without sending anything (it gave
+/// up waiting); never, once it has sent data (a half-close after a request still wants the
+/// answer, so the copy handles it). For racing against an upstream that is still being opened.
+pub(crate) async fn gave_up(downstream: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match downstream.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
 /// Connects with [`CONNECT_TIMEOUT`].
 pub(crate) async fn connect(
     socket: tokio::net::TcpSocket,
@@ -481,34 +499,113 @@ async fn accept_loop(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let id = next_connection_id();
         let peer = canonical(peer);
         let start = Instant::now();
+        let slot = match ctx.budgets.connection(&pod.open) {
+            Ok(s) => s,
+            Err(hit) => {
+                refuse_over_limit(&ctx, &pod, kind, stream, peer, start, hit);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let id = next_connection_id();
+        // The slot is held for as long as the connection lives.
         match kind {
             Listener::Outbound => {
                 let span = info_span!("outbound", id, pod = %pod.key, src = %peer);
+                let handle = outbound::handle(ctx.clone(), pod.clone(), stream, peer, start);
                 ctx.connections.spawn(
-                    outbound::handle(ctx.clone(), pod.clone(), stream, peer, start)
-                        .instrument(span),
+                    async move {
+                        let _slot = slot;
+                        handle.await
+                    }
+                    .instrument(span),
                 );
             }
             Listener::Inbound => {
                 let span = info_span!("inbound", id, pod = %pod.key, src = %peer);
+                let handle = inbound::handle(ctx.clone(), pod.clone(), stream, peer, start);
                 ctx.connections.spawn(
-                    inbound::handle(ctx.clone(), pod.clone(), stream, peer, start).instrument(span),
+                    async move {
+                        let _slot = slot;
+                        handle.await
+                    }
+                    .instrument(span),
                 );
             }
             Listener::Hbone => {
                 let span = info_span!("hbone", id, pod = %pod.key, src = %peer);
+                let serve =
+                    tunnel::server::serve_connection(ctx.clone(), pod.clone(), stream, peer);
                 ctx.connections.spawn(
-                    tunnel::server::serve_connection(ctx.clone(), pod.clone(), stream, peer)
-                        .instrument(span),
+                    async move {
+                        let _slot = slot;
+                        serve.await
+                    }
+                    .instrument(span),
                 );
             }
         }
     }
     debug!(pod = %pod.key, listener = kind.as_str(), "listener closed");
+}
+
+/// Refuses a connection over a limit: counted, logged (an access line for a pod's own
+/// connections; a rate-limited warning for HBONE), and reset at once.
+fn refuse_over_limit(
+    ctx: &ProxyContext,
+    pod: &PodInfo,
+    kind: Listener,
+    stream: TcpStream,
+    peer: SocketAddr,
+    start: Instant,
+    hit: limits::LimitHit,
+) {
+    let direction = match kind {
+        Listener::Outbound => Direction::Outbound,
+        Listener::Inbound | Listener::Hbone => Direction::Inbound,
+    };
+    ctx.live
+        .metrics()
+        .refused(direction.as_str(), hit.limit.reason());
+    match kind {
+        Listener::Hbone => {
+            if ctx.budgets.should_warn() {
+                warn!(pod = %pod.key, src.addr = %peer, limit = hit.limit.reason(), "{hit}");
+            }
+        }
+        Listener::Outbound | Listener::Inbound => {
+            let counts = copy::ByteCounts::default();
+            crate::telemetry::AccessLog {
+                direction,
+                src: peer,
+                dst: stream.local_addr().ok().map(canonical),
+                src_workload: (direction == Direction::Outbound).then_some(pod.key.as_str()),
+                dst_workload: (direction == Direction::Inbound).then_some(pod.key.as_str()),
+                dst_service: None,
+                dst_endpoint: None,
+                src_identity: (direction == Direction::Outbound).then_some(&pod.identity),
+                dst_identity: (direction == Direction::Inbound).then_some(&pod.identity),
+                path: crate::telemetry::Path::Passthrough,
+                counts: &counts,
+                start,
+                error: Some((copy::Side::Internal, hit.to_string())),
+                limit: Some(hit.limit.reason()),
+                authz: None,
+            }
+            .emit();
+        }
+    }
+    refuse_now(stream);
+}
+
+/// Closes an accepted connection with a reset (`SO_LINGER` 0): the client learns at once, and no
+/// TIME_WAIT is left behind.
+pub fn refuse_now(stream: TcpStream) {
+    if let Ok(std) = stream.into_std() {
+        let _ = socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO));
+    }
 }
 
 fn next_connection_id() -> u64 {

@@ -75,7 +75,15 @@ pub async fn handle(
     let src_ip = pod.ip_like(dst.ip()).unwrap_or(peer.ip());
     log.src = SocketAddr::new(src_ip, peer.port());
     // Where it goes (HBONE or passthrough) is known only on synced state.
-    if let Err(e) = ctx.wait_synced(super::Direction::Outbound).await {
+    let synced = tokio::select! {
+        r = ctx.wait_synced(super::Direction::Outbound) => r,
+        () = super::gave_up(&downstream) => {
+            log.error = Some((Side::Downstream, "the client closed the connection while it waited for the control plane".to_owned()));
+            log.emit();
+            return;
+        }
+    };
+    if let Err(e) = synced {
         log.error = Some((Side::Internal, e.to_string()));
         log.limit = Some(e.reason());
         log.emit();
@@ -145,7 +153,14 @@ pub async fn handle(
             // opened) before connecting, so failed connections are counted too.
             let _live = ctx.live.register(conn_info(Path::Passthrough, None));
             let upstream = match super::upstream_socket(&pod.netns, dst, None) {
-                Ok(s) => super::connect(s, dst).await,
+                Ok(s) => tokio::select! {
+                    r = super::connect(s, dst) => r,
+                    () = super::gave_up(&downstream) => {
+                        log.error = Some((Side::Downstream, "the client closed the connection before the destination answered".to_owned()));
+                        log.emit();
+                        return;
+                    }
+                },
                 Err(e) => Err(e),
             };
             let upstream = match upstream {
@@ -190,20 +205,26 @@ pub async fn handle(
         dst: tunnel_to,
     };
     let expected = vec![expected_identity.clone()];
-    let tunnel = ctx
-        .pool
-        .connect(
-            key,
-            &pod.netns,
-            || tls::client_config(&cert, &ctx.roots, expected),
-            authority,
-            TunnelHeaders {
-                client_ip: src_ip,
-                traceparent: None,
-                baggage: Some(&pod.baggage),
-            },
-        )
-        .await;
+    let connecting = ctx.pool.connect(
+        key,
+        &pod.netns,
+        || tls::client_config(&cert, &ctx.roots, expected),
+        authority,
+        TunnelHeaders {
+            client_ip: src_ip,
+            traceparent: None,
+            baggage: Some(&pod.baggage),
+        },
+    );
+    // A client that gives up while the tunnel is being opened cancels it.
+    let tunnel = tokio::select! {
+        t = connecting => t,
+        () = super::gave_up(&downstream) => {
+            log.error = Some((Side::Downstream, "the client closed the connection before the tunnel was open".to_owned()));
+            log.emit();
+            return;
+        }
+    };
     let tunnel = match tunnel {
         Ok(t) => t,
         Err(e) => {

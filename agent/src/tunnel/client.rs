@@ -11,6 +11,12 @@
 //! behind one core's encryption. Past that, the least-loaded connection with fewer than
 //! `max_streams` streams takes the next one, else a new one is opened. Connections without streams
 //! for `idle_timeout` are closed.
+//!
+//! Every step is bounded in time (`limits.handshakeTimeoutSeconds`: TLS, HTTP/2, the answer to a
+//! `CONNECT`; the TCP connect has its own), and a connection whose peer stops answering PINGs is
+//! closed. A stream waiting for a connection that is still handshaking waits at most
+//! [`OPENING_PATIENCE`], then opens one of its own: a destination that stalls one handshake does
+//! not hold up every flow behind it.
 
 use std::{
     collections::HashMap,
@@ -33,6 +39,9 @@ use tracing::{Instrument as _, debug, info, warn};
 use super::{CONNECTION_WINDOW, HBONE_PORT, MAX_FRAME, STREAM_WINDOW};
 use crate::{identity::Identity, proxy, redirect::Netns, tls};
 
+/// How long a stream waits for a connection someone else is opening before it opens its own.
+pub const OPENING_PATIENCE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -41,6 +50,14 @@ pub enum Error {
     Connect { addr: SocketAddr, cause: io::Error },
     #[error("TLS handshake with {addr} failed: {cause}")]
     Tls { addr: SocketAddr, cause: io::Error },
+    #[error(
+        "{step} with {addr} took longer than {timeout:?} (limits.handshakeTimeoutSeconds); is the destination's agent overloaded or stuck?"
+    )]
+    Timeout {
+        addr: SocketAddr,
+        step: &'static str,
+        timeout: Duration,
+    },
     #[error("HTTP/2 with {addr} failed: {cause}")]
     H2 { addr: SocketAddr, cause: h2::Error },
     #[error("destination {addr} refused the tunnel to {authority}: {status} ({meaning})")]
@@ -108,6 +125,11 @@ pub struct Pool {
     max_streams: usize,
     parallel: usize,
     idle_timeout: Duration,
+    handshake_timeout: Duration,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+    /// The connections' driver tasks.
+    tasks: tokio_util::task::TaskTracker,
     next_id: AtomicU64,
     connections_opened: AtomicU64,
     streams_opened: AtomicU64,
@@ -128,6 +150,8 @@ pub struct Tunnel {
 struct Slot {
     conns: Vec<PooledConn>,
     opening: usize,
+    /// When the last of the connections being opened started.
+    opening_since: Option<Instant>,
 }
 
 impl Slot {
@@ -203,13 +227,17 @@ pub struct TunnelHeaders<'a> {
 }
 
 impl Pool {
-    pub fn new(max_streams: usize, parallel: usize, idle_timeout: Duration) -> Arc<Pool> {
+    pub fn new(hbone: &crate::config::HboneConfig, limits: &crate::config::Limits) -> Arc<Pool> {
         Arc::new(Pool {
             conns: Mutex::new(HashMap::new()),
             opened: tokio::sync::Notify::new(),
-            max_streams: max_streams.max(1),
-            parallel: parallel.max(1),
-            idle_timeout,
+            max_streams: hbone.max_streams_per_connection.max(1),
+            parallel: hbone.parallel_connections.max(1),
+            idle_timeout: hbone.idle_timeout,
+            handshake_timeout: limits.handshake_timeout,
+            keepalive_interval: hbone.keepalive_interval,
+            keepalive_timeout: hbone.keepalive_timeout,
+            tasks: tokio_util::task::TaskTracker::new(),
             next_id: AtomicU64::new(1),
             connections_opened: AtomicU64::new(0),
             streams_opened: AtomicU64::new(0),
@@ -258,12 +286,20 @@ impl Pool {
                 .map(|(_, i)| i),
         };
         let Some(pick) = pick else {
-            if list.len() + slot.opening >= self.parallel && slot.opening > 0 {
+            let patient = slot
+                .opening_since
+                .is_some_and(|at| at.elapsed() < OPENING_PATIENCE);
+            if list.len() + slot.opening >= self.parallel
+                && slot.opening > 0
+                && (patient || slot.opening >= self.parallel)
+            {
                 // Every connection is full or still handshaking: wait for one to be ready
-                // rather than start yet another handshake.
+                // rather than start yet another handshake (unless the ones opening are slow,
+                // and then at most `parallel` more).
                 return Decision::Wait;
             }
             slot.opening += 1;
+            slot.opening_since = Some(Instant::now());
             return Decision::Open(Opening {
                 pool: self,
                 key: key.clone(),
@@ -297,7 +333,7 @@ impl Pool {
             notified.as_mut().enable();
             match self.decide(&key) {
                 Decision::Reuse(sender, id, guard) => {
-                    match request(sender, key.dst, authority, &headers).await {
+                    match self.request(sender, key.dst, authority, &headers).await {
                         Ok((send, recv)) => {
                             self.streams_opened.fetch_add(1, Ordering::Relaxed);
                             return Ok(Tunnel {
@@ -317,13 +353,16 @@ impl Pool {
                     }
                 }
                 Decision::Open(opening) => break opening,
-                Decision::Wait => notified.await,
+                // Woken when a connection is ready, or after the patience to open our own.
+                Decision::Wait => {
+                    let _ = tokio::time::timeout(OPENING_PATIENCE, notified).await;
+                }
             }
         };
         let config = tls_config()?;
         let (sender, id, guard) = self.open(&key, netns, config, opening).await?;
         self.streams_opened.fetch_add(1, Ordering::Relaxed);
-        let (send, recv) = request(sender, key.dst, authority, &headers).await?;
+        let (send, recv) = self.request(sender, key.dst, authority, &headers).await?;
         Ok(Tunnel {
             send,
             recv,
@@ -358,16 +397,26 @@ impl Pool {
         let tcp = proxy::connect(socket, addr)
             .await
             .map_err(|cause| Error::Connect { addr, cause })?;
-        let (sender, connection) = handshake(tcp, config, addr).await?;
+        let (sender, mut connection) = handshake(tcp, config, addr, self.handshake_timeout).await?;
 
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let closed = CancellationToken::new();
         let done = closed.clone();
         let span = tracing::info_span!("hbone_conn", id, dst = %addr);
-        tokio::spawn(
+        let alive = super::keepalive(
+            connection.ping_pong(),
+            self.keepalive_interval,
+            self.keepalive_timeout,
+        );
+        self.tasks.spawn(
             async move {
-                if let Err(e) = connection.await {
-                    debug!(error = %e, "HBONE connection ended with an error");
+                tokio::select! {
+                    r = &mut connection => {
+                        if let Err(e) = r {
+                            debug!(error = %e, "HBONE connection ended with an error");
+                        }
+                    }
+                    () = alive => warn!("HBONE destination stopped answering pings; connection closed"),
                 }
                 done.cancel();
             }
@@ -433,12 +482,13 @@ impl Pool {
     }
 }
 
-/// TLS and HTTP/2 handshakes on a connected socket. The returned future drives the connection
-/// and must be spawned.
+/// TLS and HTTP/2 handshakes on a connected socket, each within `timeout`. The returned future
+/// drives the connection and must be spawned.
 pub async fn handshake(
     tcp: tokio::net::TcpStream,
     config: Arc<rustls::ClientConfig>,
     addr: SocketAddr,
+    timeout: Duration,
 ) -> Result<
     (
         SendRequest<Bytes>,
@@ -449,19 +499,50 @@ pub async fn handshake(
     let connector = tokio_rustls::TlsConnector::from(config);
     // Identities are checked by our verifier; the name only has to be syntactically valid.
     let name = ServerName::IpAddress(addr.ip().into());
-    let tls = connector
-        .connect(name, tcp)
+    let timed_out = |step| Error::Timeout {
+        addr,
+        step,
+        timeout,
+    };
+    let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
         .await
+        .map_err(|_| timed_out("the TLS handshake"))?
         .map_err(|cause| Error::Tls { addr, cause })?;
-    h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_send_buffer_size(MAX_FRAME as usize)
-        .enable_push(false)
-        .handshake::<_, Bytes>(tls)
+    tokio::time::timeout(
+        timeout,
+        h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_send_buffer_size(MAX_FRAME as usize)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls),
+    )
+    .await
+    .map_err(|_| timed_out("the HTTP/2 handshake"))?
+    .map_err(|cause| Error::H2 { addr, cause })
+}
+
+impl Pool {
+    /// [`request`], waiting at most the handshake timeout for a stream and for the answer.
+    async fn request(
+        &self,
+        sender: SendRequest<Bytes>,
+        addr: SocketAddr,
+        authority: SocketAddr,
+        headers: &TunnelHeaders<'_>,
+    ) -> Result<(SendStream<Bytes>, RecvStream), Error> {
+        tokio::time::timeout(
+            self.handshake_timeout,
+            request(sender, addr, authority, headers),
+        )
         .await
-        .map_err(|cause| Error::H2 { addr, cause })
+        .map_err(|_| Error::Timeout {
+            addr,
+            step: "the answer to CONNECT",
+            timeout: self.handshake_timeout,
+        })?
+    }
 }
 
 /// Sends a `CONNECT` for `authority` on `sender`'s connection to `addr` and waits for a 200.

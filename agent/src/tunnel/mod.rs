@@ -161,3 +161,24 @@ fn h2_error(side: Side, op: &'static str, e: h2::Error) -> CopyError {
     };
     CopyError { side, op, cause }
 }
+
+/// Sends a PING every `interval`; returns when one is not answered within `timeout` (the peer is
+/// gone or stuck). Never returns without a ping handle.
+pub(crate) async fn keepalive(
+    pinger: Option<h2::PingPong>,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+) {
+    let Some(mut pinger) = pinger else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, pinger.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            // The connection is ending anyway (its own error is reported by `accept`).
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
+}

@@ -3,11 +3,21 @@
 //! connection to the pod's app, opened from inside the pod's netns as the client's IP.
 //!
 //! Refusals follow HTTP semantics as Istio peers expect them: 400 for anything that is not a
-//! `CONNECT` to this pod's own address, 503 when the app refuses the connection.
+//! `CONNECT` to this pod's own address, 503 when the app refuses the connection (or a limit
+//! refuses the stream).
+//!
+//! A client is bounded everywhere ([`ServerSettings`], `proxy::limits`): handshakes in flight per
+//! agent and per source IP, a timeout on each handshake step, `SETTINGS_MAX_CONCURRENT_STREAMS`
+//! and `SETTINGS_MAX_HEADER_LIST_SIZE`, h2's rapid-reset accounting, a stream budget per identity,
+//! PINGs that close a connection whose peer stopped answering, and a GOAWAY for one idle too
+//! long.
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -29,10 +39,82 @@ use crate::{
     tls,
 };
 
-/// How long a client gets to finish the TLS and HTTP/2 handshakes.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection waits for the pod's first certificate.
 const CERT_WAIT: Duration = Duration::from_secs(5);
+
+/// How an HBONE server treats its clients (from `hbone` and `limits` in the config).
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// For the TLS and the HTTP/2 handshake each.
+    pub handshake_timeout: Duration,
+    pub max_concurrent_streams: u32,
+    pub max_header_list_bytes: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// A connection without a stream for this long gets a GOAWAY.
+    pub idle_timeout: Duration,
+}
+
+impl ServerSettings {
+    pub fn from_config(config: &crate::config::Config) -> ServerSettings {
+        ServerSettings::new(&config.hbone, &config.limits)
+    }
+
+    pub fn new(hbone: &crate::config::HboneConfig, limits: &crate::config::Limits) -> Self {
+        ServerSettings {
+            handshake_timeout: limits.handshake_timeout,
+            max_concurrent_streams: hbone.max_concurrent_streams,
+            max_header_list_bytes: hbone.max_header_list_bytes,
+            keepalive_interval: hbone.keepalive_interval,
+            keepalive_timeout: hbone.keepalive_timeout,
+            idle_timeout: hbone.server_idle_timeout,
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    /// The config's defaults.
+    fn default() -> Self {
+        ServerSettings::new(&Default::default(), &Default::default())
+    }
+}
+
+/// How an HBONE connection to us ended, for the caller's log and metrics.
+#[derive(Debug)]
+pub enum Ended {
+    /// The client closed it, or it drained after a GOAWAY.
+    Closed,
+    /// No stream for the idle timeout: GOAWAY sent, then closed.
+    Idle,
+    /// The client stopped answering PINGs.
+    Unresponsive,
+    /// A protocol error; `ENHANCE_YOUR_CALM` is h2 cutting off a client that resets streams
+    /// faster than they are accepted (HTTP/2 rapid reset) or keeps opening streams past the
+    /// limit after being refused (a stream flood).
+    Error(h2::Error),
+}
+
+impl Ended {
+    /// The limit to count it under, if a limit ended it.
+    pub fn limit(&self) -> Option<&'static str> {
+        match self {
+            Ended::Error(e) if e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) => {
+                Some("h2_flood")
+            }
+            Ended::Unresponsive => Some("keepalive"),
+            _ => None,
+        }
+    }
+}
+
+/// Held by a stream's task while it lives: the connection is not idle while one is held.
+pub struct StreamToken(Arc<AtomicUsize>);
+
+impl Drop for StreamToken {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Serves one accepted HBONE connection until it closes.
 pub async fn serve_connection(
@@ -48,25 +130,70 @@ pub async fn serve_connection(
         );
         return;
     };
-    let Some(accepted) = accept(config, tcp, peer, &pod.identity).await else {
+    let handshake = match ctx.budgets.handshake(peer.ip()) {
+        Ok(h) => h,
+        Err(hit) => {
+            ctx.live
+                .metrics()
+                .refused(Direction::Inbound.as_str(), hit.limit.reason());
+            if ctx.budgets.should_warn() {
+                warn!(src.addr = %peer, limit = hit.limit.reason(), "{hit}");
+            }
+            return;
+        }
+    };
+    let accepted = accept(config, tcp, peer, &pod.identity, &ctx.hbone_server).await;
+    drop(handshake);
+    let Some(accepted) = accepted else {
         return;
     };
     let client_id = Arc::new(accepted.client);
-    accept_streams(accepted.conn, &ctx.draining, |request, respond| {
-        let span = info_span!("hbone_inbound", pod = %pod.key, src = %peer);
-        ctx.connections.spawn(
-            serve_stream(
-                ctx.clone(),
-                pod.clone(),
-                client_id.clone(),
-                peer,
-                request,
-                respond,
-            )
-            .instrument(span),
-        );
-    })
+    let ended = accept_streams(
+        accepted.conn,
+        &ctx.draining,
+        &ctx.hbone_server,
+        |request, respond, token| {
+            let span = info_span!("hbone_inbound", pod = %pod.key, src = %peer);
+            ctx.connections.spawn(
+                serve_stream(
+                    ctx.clone(),
+                    pod.clone(),
+                    client_id.clone(),
+                    peer,
+                    request,
+                    respond,
+                    token,
+                )
+                .instrument(span),
+            );
+        },
+    )
     .await;
+    log_end(&ended, peer, &client_id);
+    if let Some(limit) = ended.limit() {
+        ctx.live
+            .metrics()
+            .refused(Direction::Inbound.as_str(), limit);
+    }
+}
+
+/// Logs how an HBONE connection to us ended, when it says something.
+pub fn log_end(ended: &Ended, peer: SocketAddr, client: &Identity) {
+    match ended {
+        Ended::Closed => {}
+        Ended::Idle => {
+            debug!(src.addr = %peer, src.identity = %client, "idle HBONE connection closed (GOAWAY)")
+        }
+        Ended::Unresponsive => {
+            warn!(src.addr = %peer, src.identity = %client, "HBONE client stopped answering pings; connection closed")
+        }
+        Ended::Error(e) if e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) => warn!(
+            src.addr = %peer,
+            src.identity = %client,
+            "HBONE client reset or opened streams faster than allowed (HTTP/2 rapid reset or a stream flood); connection closed with ENHANCE_YOUR_CALM"
+        ),
+        Ended::Error(e) => debug!(src.addr = %peer, error = %e, "HBONE connection ended"),
+    }
 }
 
 /// An HBONE connection after its TLS and HTTP/2 handshakes.
@@ -84,9 +211,10 @@ pub async fn accept(
     tcp: TcpStream,
     peer: SocketAddr,
     local: &Identity,
+    settings: &ServerSettings,
 ) -> Option<Accepted> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             // The common case of a refused peer: wrong CA, no certificate, wrong trust domain.
@@ -116,7 +244,12 @@ pub async fn accept(
         dst.identity = %local,
         "hbone connection accepted"
     );
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2_builder().handshake::<_, Bytes>(tls)).await {
+    match tokio::time::timeout(
+        settings.handshake_timeout,
+        h2_builder(settings).handshake::<_, Bytes>(tls),
+    )
+    .await
+    {
         Ok(Ok(conn)) => Some(Accepted { client, conn }),
         Ok(Err(e)) => {
             warn!(src.addr = %peer, error = %e, "HBONE HTTP/2 handshake failed");
@@ -129,15 +262,31 @@ pub async fn accept(
     }
 }
 
-/// Hands every stream of `conn` to `on_stream` until the connection ends. When `draining` fires,
-/// GOAWAY tells the client to open new streams elsewhere; the streams in flight finish, then the
-/// connection closes.
+/// Hands every stream of `conn` to `on_stream` (with a token its task holds while it lives) until
+/// the connection ends. When `draining` fires, GOAWAY tells the client to open new streams
+/// elsewhere; the streams in flight finish, then the connection closes. A client that stops
+/// answering PINGs is dropped; a connection without a stream for the idle timeout gets a GOAWAY.
 pub async fn accept_streams(
     mut conn: h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
     draining: &tokio_util::sync::CancellationToken,
-    mut on_stream: impl FnMut(Request<h2::RecvStream>, SendResponse<Bytes>),
-) {
+    settings: &ServerSettings,
+    mut on_stream: impl FnMut(Request<h2::RecvStream>, SendResponse<Bytes>, StreamToken),
+) -> Ended {
+    let active = Arc::new(AtomicUsize::new(0));
+    let pinger = conn.ping_pong();
+    let alive = super::keepalive(
+        pinger,
+        settings.keepalive_interval,
+        settings.keepalive_timeout,
+    );
+    tokio::pin!(alive);
+    let mut idle_check = tokio::time::interval(
+        (settings.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+    );
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle_since = Instant::now();
     let mut goaway_sent = false;
+    let mut idle = false;
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
@@ -146,25 +295,45 @@ pub async fn accept_streams(
                 goaway_sent = true;
                 continue;
             }
+            () = &mut alive => return Ended::Unresponsive,
+            _ = idle_check.tick(), if !goaway_sent => {
+                if active.load(Ordering::Acquire) > 0 {
+                    idle_since = Instant::now();
+                } else if idle_since.elapsed() >= settings.idle_timeout {
+                    conn.graceful_shutdown();
+                    goaway_sent = true;
+                    idle = true;
+                }
+                continue;
+            }
         };
         match next {
-            Some(Ok((request, respond))) => on_stream(request, respond),
-            Some(Err(e)) => {
-                debug!(error = %e, "HBONE connection ended");
-                break;
+            Some(Ok((request, respond))) => {
+                active.fetch_add(1, Ordering::AcqRel);
+                on_stream(request, respond, StreamToken(active.clone()));
             }
-            None => break,
+            Some(Err(e)) => return Ended::Error(e),
+            None if idle => return Ended::Idle,
+            None => return Ended::Closed,
         }
     }
 }
 
-/// HTTP/2 server settings for HBONE (large windows and frames, see the module docs of `tunnel`).
-pub fn h2_builder() -> h2::server::Builder {
+/// HTTP/2 server settings for HBONE (large windows and frames, see the module docs of `tunnel`;
+/// the bounds of `settings`). Each is set explicitly, so a new h2 release cannot move one unseen.
+pub fn h2_builder(settings: &ServerSettings) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_send_buffer_size(MAX_FRAME as usize);
+        .max_send_buffer_size(MAX_FRAME as usize)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(settings.max_header_list_bytes)
+        // Rapid reset: streams the client resets before we accept them; past this, GOAWAY
+        // ENHANCE_YOUR_CALM (h2's default, made explicit).
+        .max_pending_accept_reset_streams(20)
+        .max_concurrent_reset_streams(50)
+        .max_local_error_reset_streams(Some(1024));
     b
 }
 
@@ -192,6 +361,7 @@ async fn serve_stream(
     peer: SocketAddr,
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
+    _token: StreamToken,
 ) {
     let start = Instant::now();
     let counts = Arc::new(ByteCounts::default());
@@ -254,6 +424,20 @@ async fn serve_stream(
         return;
     }
 
+    // The client identity's budget of streams.
+    let _slot = match ctx.budgets.stream(&client_id) {
+        Ok(s) => s,
+        Err(hit) => {
+            refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            ctx.live
+                .metrics()
+                .refused(Direction::Inbound.as_str(), hit.limit.reason());
+            log.error = Some((Side::Downstream, hit.to_string()));
+            log.limit = Some(hit.limit.reason());
+            log.emit();
+            return;
+        }
+    };
     // Judged only on synced policy.
     if let Err(e) = ctx.wait_synced(Direction::Inbound).await {
         refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);

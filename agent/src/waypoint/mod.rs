@@ -73,11 +73,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     certs.set_identities([identity.clone()]);
 
     let metrics = Arc::new(metrics::WaypointMetrics::default());
-    let pool = Pool::new(
-        config.hbone.max_streams_per_connection,
-        config.hbone.parallel_connections,
-        config.hbone.idle_timeout,
-    );
+    let pool = Pool::new(&config.hbone, &config.limits);
     control.spawn(pool.clone().run_reaper(shutdown.clone()));
     let netns = Netns::open(Path::new("/proc/self/ns/net"))
         .context("cannot open the waypoint's own network namespace")?;
@@ -100,6 +96,9 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         tls: ArcSwapOption::empty(),
         draining: CancellationToken::new(),
         connections: TaskTracker::new(),
+        hbone_server: crate::tunnel::server::ServerSettings::from_config(&config),
+        budgets: crate::proxy::limits::Budgets::new(config.limits.clone()),
+        open: Arc::default(),
     });
     let sources = {
         let ctx = ctx.clone();
@@ -257,10 +256,26 @@ async fn accept_loop(
                 }
             },
         };
+        let slot = match ctx.budgets.connection(&ctx.open) {
+            Ok(s) => s,
+            Err(hit) => {
+                if ctx.budgets.should_warn() {
+                    warn!(src.addr = %peer, limit = hit.limit.reason(), "{hit}");
+                }
+                crate::proxy::refuse_now(tcp);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let span = info_span!("hbone_in", src = %peer);
-        ctx.connections
-            .spawn(server::serve_connection(ctx.clone(), tcp, peer).instrument(span));
+        let serve = server::serve_connection(ctx.clone(), tcp, peer);
+        ctx.connections.spawn(
+            async move {
+                let _slot = slot;
+                serve.await
+            }
+            .instrument(span),
+        );
     }
 }
 

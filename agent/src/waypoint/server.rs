@@ -58,6 +58,11 @@ pub struct Ctx {
     pub tls: ArcSwapOption<rustls::ServerConfig>,
     pub draining: CancellationToken,
     pub connections: TaskTracker,
+    /// How HBONE clients are bounded (as on the node agents' pods).
+    pub hbone_server: tunnel_server::ServerSettings,
+    pub budgets: Arc<proxy::limits::Budgets>,
+    /// The waypoint's open connections (its budget, like one pod's).
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The destination a tunnel was opened for.
@@ -97,25 +102,61 @@ pub async fn serve_connection(ctx: Arc<Ctx>, tcp: TcpStream, peer: SocketAddr) {
         );
         return;
     };
-    let Some(accepted) = tunnel_server::accept(config, tcp, peer, &ctx.identity).await else {
+    let handshake = match ctx.budgets.handshake(peer.ip()) {
+        Ok(h) => h,
+        Err(hit) => {
+            if ctx.budgets.should_warn() {
+                warn!(src.addr = %peer, limit = hit.limit.reason(), "{hit}");
+            }
+            return;
+        }
+    };
+    let accepted = tunnel_server::accept(config, tcp, peer, &ctx.identity, &ctx.hbone_server).await;
+    drop(handshake);
+    let Some(accepted) = accepted else {
         return;
     };
     let client = Arc::new(accepted.client);
-    tunnel_server::accept_streams(accepted.conn, &ctx.draining, |request, respond| {
-        let span = info_span!("waypoint", src = %peer);
-        ctx.connections.spawn(
-            serve_tunnel(
+    let ended = tunnel_server::accept_streams(
+        accepted.conn,
+        &ctx.draining,
+        &ctx.hbone_server,
+        |request, mut respond, token| {
+            let slot = match ctx.budgets.stream(&client) {
+                Ok(s) => s,
+                Err(hit) => {
+                    if ctx.budgets.should_warn() {
+                        warn!(src.addr = %peer, src.identity = %client, "{hit}");
+                    }
+                    if let Ok(resp) = Response::builder()
+                        .status(StatusCode::SERVICE_UNAVAILABLE)
+                        .body(())
+                    {
+                        let _ = respond.send_response(resp, true);
+                    }
+                    return;
+                }
+            };
+            let span = info_span!("waypoint", src = %peer);
+            let tunnel = serve_tunnel(
                 ctx.clone(),
                 client.clone(),
                 peer,
                 local_ip,
                 request,
                 respond,
-            )
-            .instrument(span),
-        );
-    })
+            );
+            ctx.connections.spawn(
+                async move {
+                    let _held = (token, slot);
+                    tunnel.await
+                }
+                .instrument(span),
+            );
+        },
+    )
     .await;
+    tunnel_server::log_end(&ended, peer, &client);
 }
 
 async fn serve_tunnel(

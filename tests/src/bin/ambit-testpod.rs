@@ -5,7 +5,11 @@
 //! ambit-testpod serve --port P [--v6only]
 //! ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]
 //! ambit-testpod http --port P --name NAME
+//! ambit-testpod flood ADDR --connections N --bytes B [--timeout-ms MS]
 //! ```
+//!
+//! `flood` opens N connections to ADDR and holds them all open at once: it sends B bytes on each,
+//! then reads each one's echo back, and reports one `flood` event with the counts.
 //!
 //! `serve` is a dual-stack echo server on `[::]:P`; `connect` sends N bytes of a fixed pattern,
 //! reads the echo concurrently and checks it. `http` is a dual-stack HTTP/1.1 server (kept-alive
@@ -24,7 +28,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 const USAGE: &str = "usage:\n  ambit-testpod serve --port P [--v6only]\n  \
                      ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]\n  \
-                     ambit-testpod http --port P --name NAME\n\
+                     ambit-testpod http --port P --name NAME\n  \
+                     ambit-testpod flood ADDR --connections N --bytes B [--timeout-ms MS]\n\
                      (--hold-ms: send half the bytes, pause, send the rest)";
 
 fn main() -> ExitCode {
@@ -33,6 +38,7 @@ fn main() -> ExitCode {
         Some("serve") => parse_serve(&args[1..]).map(serve),
         Some("connect") => parse_connect(&args[1..]).map(connect),
         Some("http") => parse_http(&args[1..]).map(|(args, name)| http(args, name)),
+        Some("flood") => parse_flood(&args[1..]).map(flood),
         _ => Err(format!("missing or unknown subcommand\n{USAGE}")),
     };
     match result {
@@ -174,10 +180,17 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     emit(json!({"event": "listening", "port": args.port}));
+    raise_fd_limit();
     loop {
         match listener.accept() {
             Ok((stream, peer)) => {
-                std::thread::spawn(move || echo(stream, peer));
+                // Small stacks: a flood test holds thousands of connections at once.
+                let spawned = std::thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || echo(stream, peer));
+                if let Err(e) = spawned {
+                    emit(error_event("accept", &e, "cannot start a thread"));
+                }
             }
             Err(e) => {
                 emit(error_event("accept", &e, "accept failed"));
@@ -194,7 +207,7 @@ fn echo(mut stream: TcpStream, peer: SocketAddr) {
         .map(canonical)
         .unwrap_or_else(|e| format!("unknown ({e})"));
     emit(json!({"event": "accept", "peer": peer, "local": local}));
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; 16 * 1024];
     let mut bytes = 0u64;
     let result = loop {
         match stream.read(&mut buf) {
@@ -475,4 +488,106 @@ fn connect(args: ConnectArgs) -> ExitCode {
     };
     emit(json!({"event": "error", "stage": "verify", "kind": "InvalidData", "message": message}));
     ExitCode::FAILURE
+}
+
+struct FloodArgs {
+    addr: SocketAddr,
+    connections: usize,
+    bytes: usize,
+    timeout: Duration,
+}
+
+fn parse_flood(args: &[String]) -> Result<FloodArgs, String> {
+    let mut addr = None;
+    let mut connections = None;
+    let mut bytes = 64usize;
+    let mut timeout_ms = 20_000u64;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--connections" => {
+                connections = Some(parse_num(
+                    flag_value(args, &mut i, "--connections")?,
+                    "--connections",
+                )?);
+            }
+            "--bytes" => bytes = parse_num(flag_value(args, &mut i, "--bytes")?, "--bytes")?,
+            "--timeout-ms" => {
+                timeout_ms = parse_num(flag_value(args, &mut i, "--timeout-ms")?, "--timeout-ms")?;
+            }
+            a if !a.starts_with("--") && addr.is_none() => {
+                addr = Some(
+                    a.parse::<SocketAddr>()
+                        .map_err(|_| format!("flood: {a:?} is not an address"))?,
+                );
+            }
+            other => return Err(format!("flood: unexpected argument {other:?}\n{USAGE}")),
+        }
+        i += 1;
+    }
+    Ok(FloodArgs {
+        addr: addr.ok_or_else(|| format!("flood needs ADDR\n{USAGE}"))?,
+        connections: connections.ok_or_else(|| format!("flood needs --connections\n{USAGE}"))?,
+        bytes: bytes.clamp(1, 64 * 1024),
+        timeout: Duration::from_millis(timeout_ms.max(1)),
+    })
+}
+
+/// The soft open-files limit up to the hard one (thousands of sockets at once).
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// Opens every connection first (so all are open at once), then sends on each, then reads each
+/// echo, and reports the counts (errors by kind).
+fn flood(args: FloodArgs) -> ExitCode {
+    raise_fd_limit();
+    let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut open = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        match TcpStream::connect_timeout(&args.addr, args.timeout) {
+            Ok(s) => {
+                let _ = s.set_read_timeout(Some(args.timeout));
+                let _ = s.set_write_timeout(Some(args.timeout));
+                open.push(s);
+            }
+            Err(e) => *errors.entry(format!("connect {}", kind(&e))).or_default() += 1,
+        }
+    }
+    let payload: Vec<u8> = (0..args.bytes as u64).map(pattern).collect();
+    let mut sent = Vec::with_capacity(open.len());
+    for mut s in open.drain(..) {
+        match s.write_all(&payload) {
+            Ok(()) => sent.push(s),
+            Err(e) => *errors.entry(format!("send {}", kind(&e))).or_default() += 1,
+        }
+    }
+    let opened = sent.len();
+    let mut echoed = 0usize;
+    let mut buf = vec![0u8; args.bytes];
+    for s in &mut sent {
+        match s.read_exact(&mut buf) {
+            Ok(()) if buf == payload => echoed += 1,
+            Ok(()) => *errors.entry("echo mismatch".to_owned()).or_default() += 1,
+            Err(e) => *errors.entry(format!("read {}", kind(&e))).or_default() += 1,
+        }
+    }
+    emit(json!({
+        "event": "flood",
+        "connections": args.connections,
+        "opened": opened,
+        "echoed": echoed,
+        "errors": errors,
+    }));
+    drop(sent);
+    if echoed == args.connections {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
