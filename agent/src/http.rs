@@ -149,7 +149,9 @@ pub async fn serve<S, A, AF, H, HF>(
     }
 }
 
-async fn answer<S, H, HF>(mut stream: S, handle: H) -> std::io::Result<()>
+/// Reads one request from `stream` (head and body bounded: 16 KiB and 64 KiB), answers it with
+/// `handle`, and closes the stream; a malformed or oversized request gets a 4xx.
+pub async fn answer<S, H, HF>(mut stream: S, handle: H) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     H: Fn(Request) -> HF,

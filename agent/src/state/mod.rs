@@ -337,9 +337,18 @@ pub struct Snapshot {
     /// xDS workloads whose IP a config workload holds in `by_ip` (their named policies still
     /// apply there).
     shadowed: HashMap<IpAddr, Arc<Workload>>,
+    /// Every xDS workload claiming an IP that more than one claims (rare: a pod replaced by one
+    /// with its IP before the old one is removed). The one `by_ip` (or `shadowed`) holds is
+    /// chosen from these by content, not by the order of pushes (see `sources::owner`), so a
+    /// restarted agent, or a rebuild after a config change, routes the IP the same way.
+    contested: HashMap<IpAddr, Vec<Arc<Workload>>>,
     by_identity: HashMap<Identity, Arc<[Arc<Workload>]>>,
     services: HashMap<Arc<str>, Arc<ServiceEntry>>,
     by_vip: HashMap<IpAddr, Arc<ServiceEntry>>,
+    /// Every service claiming each VIP (usually one): `by_vip` holds the one chosen by content
+    /// (a config service first, then the smallest key), not the last one updated, and a VIP
+    /// another service still claims is not dropped when one lets it go.
+    vip_claims: HashMap<IpAddr, Vec<Arc<str>>>,
 }
 
 impl Snapshot {

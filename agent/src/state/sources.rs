@@ -345,7 +345,37 @@ pub(super) fn build_from_config(config: &Config) -> Snapshot {
     Arc::unwrap_or_clone(sources.snapshot())
 }
 
+/// Of several xDS workloads claiming one IP, the one that gets it: a healthy one before an
+/// unhealthy one, then the smallest uid. Decided by content alone, so the same workloads give
+/// the same owner whatever order they arrived in.
+fn owner(claims: &[Arc<Workload>]) -> Option<&Arc<Workload>> {
+    claims
+        .iter()
+        .min_by(|a, b| (!a.healthy, a.uid()).cmp(&(!b.healthy, b.uid())))
+}
+
 impl Snapshot {
+    /// The xDS workload that claims `ip` now: the holder, or the one a config workload shadows.
+    fn xds_claimant(&self, ip: &IpAddr) -> Option<&Arc<Workload>> {
+        match self.by_ip.get(ip) {
+            Some(h) if h.source == Source::Xds => Some(h),
+            _ => self.shadowed.get(ip),
+        }
+    }
+
+    /// Gives `ip` to xDS workload `w` (or to the config workload holding it, keeping `w` as the
+    /// shadowed one).
+    fn set_xds_owner(&mut self, ip: IpAddr, w: Arc<Workload>) {
+        match self.by_ip.get(&ip) {
+            Some(h) if h.source == Source::Config => {
+                self.shadowed.insert(ip, w);
+            }
+            _ => {
+                self.by_ip.insert(ip, w);
+            }
+        }
+    }
+
     /// Adds `w` to the uid, IP and shadow indexes (identities and services: see `update_*`).
     fn insert(&mut self, w: Arc<Workload>, change: &mut Change) {
         // A host-network workload shares its node's IP: it is an endpoint, never "the workload
@@ -353,6 +383,16 @@ impl Snapshot {
         let by_ip = if w.host_network { &[][..] } else { w.ips() };
         for ip in by_ip {
             let ip = ip.to_canonical();
+            if w.source == Source::Xds
+                && let Some(other) = self.xds_claimant(&ip).cloned()
+            {
+                let claims = self.contested.entry(ip).or_insert_with(|| vec![other]);
+                claims.push(w.clone());
+                if let Some(chosen) = owner(claims).cloned() {
+                    self.set_xds_owner(ip, chosen);
+                }
+                continue;
+            }
             match self.by_ip.get(&ip) {
                 // The config's view of an IP wins over xDS's.
                 Some(held) if held.source == Source::Config && w.source == Source::Xds => {
@@ -377,6 +417,20 @@ impl Snapshot {
         self.by_uid.remove(w.uid());
         for ip in w.ips() {
             let ip = ip.to_canonical();
+            if let Some(claims) = self.contested.get_mut(&ip)
+                && claims.iter().any(|c| Arc::ptr_eq(c, w))
+            {
+                // Another claimant takes the IP over.
+                claims.retain(|c| !Arc::ptr_eq(c, w));
+                let chosen = owner(claims).cloned();
+                if claims.len() <= 1 {
+                    self.contested.remove(&ip);
+                }
+                if let Some(chosen) = chosen {
+                    self.set_xds_owner(ip, chosen);
+                }
+                continue;
+            }
             if self.by_ip.get(&ip).is_some_and(|h| Arc::ptr_eq(h, w)) {
                 // A config pod's IP that shadowed this one is not ours to remove, and an xDS
                 // workload shadowed by `w` cannot exist (config never shadows from xDS).
@@ -450,6 +504,7 @@ impl Snapshot {
             .chain(added.keys().copied())
             .chain(change.defs.iter())
             .collect();
+        let mut vips: HashSet<IpAddr> = HashSet::new();
         for key in touched {
             let old = self.services.get(key).cloned();
             let mut endpoints: Vec<Arc<Workload>> = old
@@ -468,9 +523,13 @@ impl Snapshot {
             if let Some(old) = &old {
                 for vip in old.def.iter().flat_map(|d| d.vips.iter()) {
                     let vip = vip.to_canonical();
-                    if self.by_vip.get(&vip).is_some_and(|e| Arc::ptr_eq(e, old)) {
-                        self.by_vip.remove(&vip);
+                    if let Some(claims) = self.vip_claims.get_mut(&vip) {
+                        claims.retain(|k| k != key);
+                        if claims.is_empty() {
+                            self.vip_claims.remove(&vip);
+                        }
                     }
+                    vips.insert(vip);
                 }
             }
             if def.is_none() && endpoints.is_empty() {
@@ -487,14 +546,36 @@ impl Snapshot {
             });
             for vip in entry.def.iter().flat_map(|d| d.vips.iter()) {
                 let vip = vip.to_canonical();
-                let config_holds = self.by_vip.get(&vip).is_some_and(|e| {
-                    e.key != entry.key && e.def.as_ref().is_some_and(|d| d.source == Source::Config)
-                });
-                if !config_holds {
-                    self.by_vip.insert(vip, entry.clone());
+                let claims = self.vip_claims.entry(vip).or_default();
+                if !claims.contains(key) {
+                    claims.push(key.clone());
                 }
+                vips.insert(vip);
             }
             self.services.insert(key.clone(), entry);
+        }
+        // Each VIP whose claims changed goes to the claimant chosen by content.
+        for vip in vips {
+            let owner = self.vip_claims.get(&vip).and_then(|claims| {
+                claims
+                    .iter()
+                    .filter_map(|k| self.services.get(k))
+                    .min_by(|a, b| {
+                        let from_config = |e: &ServiceEntry| {
+                            e.def.as_ref().is_some_and(|d| d.source == Source::Config)
+                        };
+                        (!from_config(a), &a.key).cmp(&(!from_config(b), &b.key))
+                    })
+                    .cloned()
+            });
+            match owner {
+                Some(e) => {
+                    self.by_vip.insert(vip, e);
+                }
+                None => {
+                    self.by_vip.remove(&vip);
+                }
+            }
         }
     }
 }

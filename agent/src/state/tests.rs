@@ -384,3 +384,75 @@ fn a_mapped_vip_is_forgotten_with_its_service() {
         "no stale VIP left behind"
     );
 }
+
+#[test]
+fn two_workloads_on_one_ip_resolve_by_content_not_by_arrival() {
+    // A replacement pod gets the old one's IP before the old one is removed; the unhealthy one
+    // never wins, then the smallest uid, whatever order the pushes came in.
+    let mut old = xw("web-a", "10.2.3.4", "web", &[]);
+    old.healthy = false;
+    let new = xw("web-b", "10.2.3.4", "web", &[]);
+    let other = xw("web-c", "10.2.3.4", "web", &[]);
+    for order in [
+        [old.clone(), new.clone(), other.clone()],
+        [other.clone(), new.clone(), old.clone()],
+        [new.clone(), old.clone(), other.clone()],
+    ] {
+        let s = sources(config(""));
+        for w in order {
+            s.apply_addresses(vec![upsert_w(w)], Vec::new());
+        }
+        let owner = |s: &Sources| {
+            s.snapshot()
+                .by_ip(ip("10.2.3.4"))
+                .map(|w| w.uid().to_owned())
+        };
+        assert_eq!(owner(&s), Some(uid("web-b")));
+        // The owner goes: the IP falls to the next claimant instead of to nobody.
+        s.apply_addresses(Vec::new(), vec![uid("web-b")]);
+        assert_eq!(owner(&s), Some(uid("web-c")));
+        let incremental = summary(&s.snapshot());
+        s.set_config(config(""));
+        assert_eq!(incremental, summary(&s.snapshot()), "a rebuild agrees");
+        s.apply_addresses(Vec::new(), vec![uid("web-c")]);
+        assert_eq!(
+            owner(&s),
+            Some(uid("web-a")),
+            "an unhealthy claimant is better than none"
+        );
+    }
+}
+
+#[test]
+fn a_vip_claimed_by_two_services_stays_while_either_claims_it() {
+    let s = sources(config(""));
+    s.apply_addresses(
+        vec![
+            upsert_s(xs("b.default.svc", "10.96.3.3", &[(80, 80)])),
+            upsert_s(xs("a.default.svc", "10.96.3.3", &[(80, 80)])),
+        ],
+        Vec::new(),
+    );
+    let holder = |s: &Sources| {
+        s.snapshot()
+            .service_by_vip(ip("10.96.3.3"))
+            .map(|e| e.key.to_string())
+    };
+    assert_eq!(
+        holder(&s).as_deref(),
+        Some("default/a.default.svc"),
+        "the smallest key"
+    );
+    s.apply_addresses(Vec::new(), vec!["default/a.default.svc".to_owned()]);
+    assert_eq!(
+        holder(&s).as_deref(),
+        Some("default/b.default.svc"),
+        "not dropped"
+    );
+    // Moving the VIP away from b releases it.
+    s.apply_addresses(
+        vec![upsert_s(xs("b.default.svc", "10.96.3.4", &[(80, 80)]))],
+        Vec::new(),
+    );
+    assert_eq!(holder(&s), None);
+}

@@ -266,8 +266,8 @@ pub async fn accept(
 /// the connection ends. When `draining` fires, GOAWAY tells the client to open new streams
 /// elsewhere; the streams in flight finish, then the connection closes. A client that stops
 /// answering PINGs is dropped; a connection without a stream for the idle timeout gets a GOAWAY.
-pub async fn accept_streams(
-    mut conn: h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+pub async fn accept_streams<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut conn: h2::server::Connection<T, Bytes>,
     draining: &tokio_util::sync::CancellationToken,
     settings: &ServerSettings,
     mut on_stream: impl FnMut(Request<h2::RecvStream>, SendResponse<Bytes>, StreamToken),

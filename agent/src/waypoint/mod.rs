@@ -20,6 +20,7 @@ pub mod authz;
 pub mod config;
 pub mod h2c;
 pub mod metrics;
+pub mod path;
 pub mod routes;
 pub mod server;
 pub mod upstream;

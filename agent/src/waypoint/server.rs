@@ -29,6 +29,7 @@ use super::{
     config::{Retry, Waypoint as Settings},
     h2c,
     metrics::{RequestLabels, WaypointMetrics},
+    path,
     routes::{self, Selection},
     upstream::{Body, BoxError, Checkout, Failure, Upstream, backoff},
 };
@@ -404,95 +405,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("http2-settings");
 }
 
-/// The path as an endpoint will resolve it (RFC 3986 dot segments removed, repeated slashes
-/// merged, unreserved characters decoded, other escapes in upper case), so policies and routes
-/// judge what the endpoint will serve. Escaped slashes and backslashes, and backslashes, are
-/// refused: endpoints disagree on what they mean.
-///
-/// Path parameters (`;` in a segment, RFC 3986 3.3) are removed from every segment before the dot
-/// segments are resolved, and the path is forwarded as judged: servlet containers and other
-/// lenient servers drop them (`/admin;x` serves `/admin`, `/a/..;/b` serves `/b`) while strict
-/// ones do not, so judging one reading and forwarding the other would let an exact-path DENY be
-/// bypassed. An escaped `%3B` is data, not a parameter, and stays.
-fn normalize_path(raw: &str) -> Result<String, &'static str> {
-    if raw == "*" {
-        return Ok(raw.to_owned());
-    }
-    if !raw.starts_with('/') {
-        return Err("it does not start with /");
-    }
-    let bytes = raw.as_bytes();
-    let mut decoded = String::with_capacity(raw.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or("a truncated %-escape")?;
-                let hex = std::str::from_utf8(hex).map_err(|_| "a bad %-escape")?;
-                let v = u8::from_str_radix(hex, 16).map_err(|_| "a bad %-escape")?;
-                if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
-                    decoded.push(char::from(v));
-                } else if v == b'/' || v == b'\\' {
-                    return Err("an escaped slash or backslash (%2F, %5C)");
-                } else {
-                    decoded.push('%');
-                    decoded.push_str(&hex.to_ascii_uppercase());
-                }
-                i += 3;
-            }
-            b'\\' => return Err("a backslash"),
-            b => {
-                decoded.push(char::from(b));
-                i += 1;
-            }
-        }
-    }
-    let mut segments: Vec<&str> = Vec::new();
-    let mut ends_in_dir = false;
-    for seg in decoded.split('/') {
-        let seg = seg.split(';').next().unwrap_or_default();
-        ends_in_dir = matches!(seg, "" | "." | "..");
-        match seg {
-            "" | "." => {}
-            ".." => {
-                segments.pop();
-            }
-            s => segments.push(s),
-        }
-    }
-    let mut path = String::with_capacity(decoded.len());
-    for s in &segments {
-        path.push('/');
-        path.push_str(s);
-    }
-    if path.is_empty() || ends_in_dir {
-        path.push('/');
-    }
-    Ok(path)
-}
-
-/// `host[:port]` with a trailing dot removed from the host (`example.com.:80` is
-/// `example.com:80`); IP literals and bracketed IPv6 are left as they are.
-fn without_trailing_dot(authority: &str) -> String {
-    let (host, port) = match authority.rsplit_once(':') {
-        // A port after a name or a bracketed IPv6 literal (a bare IPv6 literal has colons too).
-        Some((h, p))
-            if p.bytes().all(|b| b.is_ascii_digit()) && (h.ends_with(']') || !h.contains(':')) =>
-        {
-            (h, Some(p))
-        }
-        _ => (authority, None),
-    };
-    let host = match host.strip_suffix('.') {
-        Some(h) if !h.is_empty() && !h.starts_with('[') => h,
-        _ => host,
-    };
-    match port {
-        Some(p) => format!("{host}:{p}"),
-        None => host.to_owned(),
-    }
-}
-
 /// Everything one request's access-log line and metrics need.
 struct Record {
     start: Instant,
@@ -673,7 +585,7 @@ async fn route_request(
         }
     };
     // Judge and route the path the endpoint will see: `/a/../admin` and `/%61dmin` are `/admin`.
-    match normalize_path(req.uri().path()) {
+    match path::normalize(req.uri().path()) {
         Ok(p) => record.path = p,
         Err(why) => {
             let body = format!("bad request path {:?}: {why}\n", req.uri().path());
@@ -798,7 +710,7 @@ async fn route_request(
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| tunnel.dst.to_string());
-    let authority = without_trailing_dot(&authority);
+    let authority = path::without_trailing_dot(&authority);
     // The authority the request was judged and routed by is the Host the endpoint sees (a
     // differing Host header would otherwise pick another virtual host behind the policy's back),
     // without a trailing dot, as it was judged.
@@ -1122,56 +1034,5 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         let complete = self.inner.is_end_stream();
         self.end(complete);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::normalize_path;
-
-    #[test]
-    fn paths_are_judged_as_endpoints_resolve_them() {
-        for (raw, want) in [
-            ("/", "/"),
-            ("/a/b", "/a/b"),
-            ("/a/b/", "/a/b/"),
-            ("/public/../admin/users", "/admin/users"),
-            ("/%61dmin/users", "/admin/users"),
-            ("//admin///users", "/admin/users"),
-            ("/./admin/.", "/admin/"),
-            ("/../../admin", "/admin"),
-            ("/a/..", "/"),
-            ("/a%20b", "/a%20b"),
-            ("/a%3fb", "/a%3Fb"),
-            // Path parameters are dropped before dot segments, as lenient servers do.
-            ("/admin;jsessionid=1", "/admin"),
-            ("/admin;x/users", "/admin/users"),
-            ("/public/..;/admin", "/admin"),
-            ("/public/.;x/admin", "/public/admin"),
-            ("/a;/", "/a/"),
-            ("/a%3Bb", "/a%3Bb"),
-        ] {
-            assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
-        }
-        for (raw, want) in [
-            ("example.com.", "example.com"),
-            ("example.com.:8080", "example.com:8080"),
-            ("example.com:8080", "example.com:8080"),
-            ("10.0.0.1:80", "10.0.0.1:80"),
-            ("[fd00::1]:80", "[fd00::1]:80"),
-            (".", "."),
-        ] {
-            assert_eq!(super::without_trailing_dot(raw), want, "{raw}");
-        }
-        for bad in [
-            "/admin%2Fusers",
-            "/a%5cb",
-            "/a\\b",
-            "/a%2",
-            "/a%zz",
-            "admin",
-        ] {
-            assert!(normalize_path(bad).is_err(), "{bad}");
-        }
     }
 }
