@@ -200,6 +200,7 @@ fn workload(i: usize, generation: usize) -> Address {
                     ports: vec![Port {
                         service_port: 80,
                         target_port: 8080,
+                        app_protocol: 0,
                     }],
                 },
             )]),
@@ -223,10 +224,12 @@ fn service(j: usize) -> Address {
             addresses: vec![NetworkAddress {
                 network: String::new(),
                 address: vip.to_be_bytes().to_vec(),
+                length: None,
             }],
             ports: vec![Port {
                 service_port: 80,
                 target_port: 8080,
+                app_protocol: 0,
             }],
             ..Default::default()
         })),

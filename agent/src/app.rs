@@ -404,6 +404,7 @@ pub(crate) fn build_ca(config: &Config) -> anyhow::Result<(Arc<dyn CaClient>, Tr
             root_cert,
             token_path,
             cluster_id,
+            server_name,
         } => {
             let pem = std::fs::read(root_cert).with_context(|| {
                 format!("cannot read ca.istio.rootCert {}", root_cert.display())
@@ -414,7 +415,7 @@ pub(crate) fn build_ca(config: &Config) -> anyhow::Result<(Arc<dyn CaClient>, Tr
                 root_cert_pem: pem.clone(),
                 token_path: token_path.clone(),
                 cluster_id: cluster_id.clone(),
-                server_name: None,
+                server_name: server_name.clone(),
             })?;
             Ok((Arc::new(ca), roots))
         }

@@ -89,6 +89,9 @@ pub enum CaConfig {
         token_path: Option<PathBuf>,
         /// Sent as `clusterid` metadata.
         cluster_id: Option<String>,
+        /// Name to verify in the CA's certificate instead of the address's host (needed when
+        /// connecting by IP to a CA whose certificate has no IP SAN, as `xds.serverName`).
+        server_name: Option<String>,
     },
 }
 
@@ -591,6 +594,8 @@ struct RawIstioCa {
     token_path: Option<PathBuf>,
     #[serde(default)]
     cluster_id: Option<String>,
+    #[serde(default)]
+    server_name: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -911,6 +916,7 @@ impl RawConfig {
                     root_cert: i.root_cert,
                     token_path: i.token_path,
                     cluster_id: i.cluster_id,
+                    server_name: i.server_name,
                 }
             }
             Some(RawCa { builtin, .. }) => {

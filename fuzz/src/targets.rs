@@ -396,6 +396,7 @@ fn address_resource(i: &mut Input<'_>) -> (String, Vec<u8>) {
                             ports: vec![wl::Port {
                                 service_port: 80,
                                 target_port: i.pick(&[0, 8080]),
+                                app_protocol: 0,
                             }],
                         },
                     )
@@ -423,6 +424,7 @@ fn address_resource(i: &mut Input<'_>) -> (String, Vec<u8>) {
                         wl::NetworkAddress {
                             network: String::new(),
                             address: ip_bytes(i),
+                            length: None,
                         },
                     )),
                     hbone_mtls_port: 15008,
@@ -443,10 +445,12 @@ fn address_resource(i: &mut Input<'_>) -> (String, Vec<u8>) {
                 addresses: i.list(2, |i| wl::NetworkAddress {
                     network: String::new(),
                     address: ip_bytes(i),
+                    length: i.pick(&[None, None, Some(24), Some(32), Some(128), Some(200)]),
                 }),
                 ports: i.list(2, |i| wl::Port {
                     service_port: i.pick(&[80, 443]),
                     target_port: i.pick(&[0, 8080]),
+                    app_protocol: 0,
                 }),
                 ..Default::default()
             };
@@ -544,7 +548,9 @@ fn summary(s: &Snapshot) -> Vec<String> {
         out.push(format!(
             "svc {} def={:?} endpoints={eps:?}",
             e.key,
-            e.def.as_ref().map(|d| (&d.vips, &d.ports))
+            e.def
+                .as_ref()
+                .map(|d| (&d.vips, &d.vip_ranges, d.passthrough, &d.ports))
         ));
     }
     out.sort();

@@ -114,8 +114,8 @@ mod tests {
         string_match::MatchType,
     };
     use super::istio::workload::{
-        Address, GatewayAddress, LoadBalancing, NetworkAddress, NetworkMode, Port, PortList,
-        Service, TunnelProtocol, Workload, WorkloadStatus, address, gateway_address,
+        Address, AppProtocol, GatewayAddress, LoadBalancing, NetworkAddress, NetworkMode, Port,
+        PortList, Service, TunnelProtocol, Workload, WorkloadStatus, address, gateway_address,
         load_balancing,
     };
     use prost::{Message, Name};
@@ -135,6 +135,7 @@ mod tests {
                 destination: Some(gateway_address::Destination::Address(NetworkAddress {
                     network: String::new(),
                     address: vec![10, 0, 0, 9],
+                    length: None,
                 })),
                 hbone_mtls_port: 15008,
             }),
@@ -145,6 +146,7 @@ mod tests {
                     ports: vec![Port {
                         service_port: 80,
                         target_port: 8080,
+                        app_protocol: 0,
                     }],
                 },
             )]),
@@ -163,10 +165,12 @@ mod tests {
             addresses: vec![NetworkAddress {
                 network: String::new(),
                 address: vec![10, 96, 0, 1],
+                length: None,
             }],
             ports: vec![Port {
                 service_port: 80,
                 target_port: 8080,
+                app_protocol: 0,
             }],
             load_balancing: Some(LoadBalancing {
                 routing_preference: vec![
@@ -402,9 +406,31 @@ mod tests {
             s.addresses,
             [NetworkAddress {
                 network: "n".into(),
-                address: vec![10, 96, 0, 1]
+                address: vec![10, 96, 0, 1],
+                length: None,
             }]
         );
+
+        // Newer fields: NetworkAddress.length = 3 (a CIDR block), Port.app_protocol = 3
+        // (GRPC = 3), Service.ingress_use_waypoint = 12, TunnelProtocol LEGACY_ISTIO_MTLS = 2.
+        let na = NetworkAddress::decode(
+            [key(2, Len), vec![4, 10, 50, 0, 0], key(3, Varint), vec![24]]
+                .concat()
+                .as_slice(),
+        )
+        .expect("decode");
+        assert_eq!(na.length, Some(24));
+        let p = Port::decode(
+            [key(1, Varint), vec![80], key(3, Varint), vec![3]]
+                .concat()
+                .as_slice(),
+        )
+        .expect("decode");
+        assert_eq!(p.app_protocol(), AppProtocol::Grpc);
+        let s = Service::decode([key(12, Varint), vec![1]].concat().as_slice()).expect("decode");
+        assert!(s.ingress_use_waypoint);
+        let w = Workload::decode([key(5, Varint), vec![2]].concat().as_slice()).expect("decode");
+        assert_eq!(w.tunnel_protocol(), TunnelProtocol::LegacyIstioMtls);
 
         // GatewayAddress.hbone_mtls_port = 3.
         let g = GatewayAddress::decode([key(3, Varint), vec![0x98, 0x75]].concat().as_slice())

@@ -211,6 +211,12 @@ fn workload(ns: &str, name: &str, ip: &str, local: bool, enrolled: bool) -> api:
         policies: vec![],
         source: "config".into(),
         waypoint: None,
+        canonical_name: name.split('-').next().unwrap_or(name).into(),
+        canonical_revision: if local { "v1" } else { "" }.into(),
+        cluster: "Kubernetes".into(),
+        network: String::new(),
+        locality: if local { "eu/eu-1a" } else { "" }.into(),
+        xds_uid: None,
     }
 }
 
@@ -597,6 +603,9 @@ fn workloads_table_and_structured_output() {
         ("IDENTITY", "shop/cart-7d9f"),
         ("NODE", "node-b"),
         ("SOURCE", "config"),
+        ("CANONICAL", "web:v1"),
+        ("CLUSTER", "Kubernetes"),
+        ("LOCALITY", "eu/eu-1a"),
     ] {
         assert_column(&table, header, value);
     }

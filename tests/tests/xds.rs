@@ -8,7 +8,9 @@ use ambit_proto::{
     envoy::service::discovery::v3::Resource,
     istio::{
         security::{self as sec, Authorization},
-        workload::{Address, TunnelProtocol, Workload, address},
+        workload::{
+            Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, address,
+        },
     },
     prost_types::Any,
 };
@@ -422,6 +424,8 @@ fn synthetic(i: u32) -> Resource {
     }
 }
 
+/// The workloads istiod described, as `ambitctl workloads` lists them: a pod also in the
+/// agent's config is one row (`config+xds`).
 fn xds_workloads(agent: &ambit_testbed::Agent) -> usize {
     agent
         .ambitctl_json(&["workloads"])
@@ -429,11 +433,7 @@ fn xds_workloads(agent: &ambit_testbed::Agent) -> usize {
         .as_array()
         .map(|a| {
             a.iter()
-                .filter(|w| {
-                    w["uid"]
-                        .as_str()
-                        .is_some_and(|u| u.starts_with("Kubernetes//"))
-                })
+                .filter(|w| w["source"] == "xds" || w["source"] == "config+xds")
                 .count()
         })
         .unwrap_or(0)
@@ -478,12 +478,71 @@ fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
         ),
         ..Default::default()
     };
+    // Shapes istiod legitimately sends: a WorkloadEntry with only a network (no address, no
+    // hostname: reached through that network's gateway), and a ServiceEntry whose address is a
+    // block (`10.50.0.0/24`, NetworkAddress.length) backed by the server pod.
+    let addressless = Workload {
+        uid: "Kubernetes/networking.istio.io/WorkloadEntry/default/vm".into(),
+        name: "vm".into(),
+        namespace: "default".into(),
+        network: "remote".into(),
+        tunnel_protocol: TunnelProtocol::Hbone.into(),
+        service_account: "vm".into(),
+        ..Default::default()
+    };
+    let ext = Service {
+        name: "ext".into(),
+        namespace: "default".into(),
+        hostname: "ext.example.com".into(),
+        addresses: vec![NetworkAddress {
+            network: String::new(),
+            address: vec![10, 50, 0, 0],
+            length: Some(24),
+        }],
+        ports: vec![Port {
+            service_port: 80,
+            target_port: u32::from(PORT),
+            app_protocol: 0,
+        }],
+        ..Default::default()
+    };
+    let ext_resource = Resource {
+        name: "default/ext.example.com".into(),
+        version: "1".into(),
+        resource: Some(
+            Any::from_msg(&Address {
+                r#type: Some(address::Type::Service(ext)),
+            })
+            .expect("encode"),
+        ),
+        ..Default::default()
+    };
+    let server_backing_ext = {
+        let mut r = workload(&server, "node-b", None);
+        let mut a: Address = r.resource.as_ref().expect("any").to_msg().expect("decode");
+        if let Some(address::Type::Workload(w)) = &mut a.r#type {
+            w.services.insert(
+                "default/ext.example.com".into(),
+                PortList {
+                    ports: vec![Port {
+                        service_port: 80,
+                        target_port: u32::from(PORT),
+                        app_protocol: 0,
+                    }],
+                },
+            );
+        }
+        r.resource = Some(Any::from_msg(&a).expect("encode"));
+        r
+    };
     let mut state = vec![
         odd_resource(&odd, "1"),
+        odd_resource(&addressless, "1"),
+        ext_resource,
         workload(&sleep, "node-a", None),
-        workload(&server, "node-b", None),
+        server_backing_ext,
     ];
-    state.extend((0..97).map(synthetic));
+    state.extend((0..96).map(synthetic));
     let xds_addr = std::net::SocketAddr::new(node_a.underlay_v4().into(), 15010);
     let xds = XdsServer::start_in_netns(&node_a.netns_path(), xds_addr).expect("xDS server");
     xds.push(ADDRESS_TYPE_URL, state, Vec::new());
@@ -523,8 +582,21 @@ fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
     assert_eq!(
         xds_workloads(&agent_a),
         99,
-        "the 99 valid workloads applied"
+        "the 99 valid workloads applied (the address-less one among them)"
     );
+    // The enrolled pod is in the config and in istiod's push: one workload, explained by name.
+    let sleep_row = agent_a
+        .ambitctl_json(&["workloads", "--local"])
+        .expect("workloads");
+    assert_eq!(sleep_row[0]["source"], "config+xds", "{sleep_row:#}");
+    assert_eq!(
+        sleep_row[0]["xdsUid"], "Kubernetes//Pod/default/sleep",
+        "{sleep_row:#}"
+    );
+    let explained = agent_a
+        .ambitctl_json(&["explain", "--from", "default/sleep", &dst.to_string()])
+        .expect("explain by name is not ambiguous");
+    assert_eq!(explained["path"], "hbone", "{explained:#}");
     let m = ambit_testbed::metrics::of_node(&node_a);
     assert_eq!(
         sum(
@@ -546,6 +618,20 @@ fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
         assert_eq!(log_str(&out, "path"), Some("hbone"), "{out}");
     };
     tunnelled(&agent_a);
+    // Any address of the block is the service's: it reaches the endpoint over HBONE.
+    let in_block: std::net::SocketAddr = "10.50.0.7:80".parse().expect("addr");
+    let mark = agent_a.mark();
+    let report = sleep.connect(in_block, 1000).expect("client");
+    assert!(report.ok, "{report:#?}");
+    let out = agent_a
+        .wait_for_connection_log(mark, "outbound", in_block, WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(log_str(&out, "path"), Some("hbone"), "{out}");
+    assert_eq!(
+        log_str(&out, "dst.service"),
+        Some("default/ext.example.com"),
+        "{out}"
+    );
 
     // A later fix of the bad one applies it.
     let mut fixed = odd.clone();

@@ -144,10 +144,27 @@ pub struct WorkloadView {
     pub services: Vec<String>,
     /// Workload-selector policies that name it.
     pub policies: Vec<String>,
-    /// `config` or `xds`.
+    /// `config`, `xds`, or `config+xds` (a config pod istiod also describes: one workload, the
+    /// config's settings, istiod's telemetry fields).
     pub source: String,
     /// The waypoint its traffic must go through (`ip:port` or `namespace/hostname`), if any.
     pub waypoint: Option<String>,
+    /// Istio's canonical service and revision (telemetry); empty when unknown.
+    #[serde(default)]
+    pub canonical_name: String,
+    #[serde(default)]
+    pub canonical_revision: String,
+    /// Its cluster (istiod's `cluster_id`) and network; empty when unknown or the default.
+    #[serde(default)]
+    pub cluster: String,
+    #[serde(default)]
+    pub network: String,
+    /// `region/zone/subzone`, as far as known.
+    #[serde(default)]
+    pub locality: String,
+    /// For `config+xds`: the uid istiod gives the pod.
+    #[serde(default)]
+    pub xds_uid: Option<String>,
 }
 
 /// One service.

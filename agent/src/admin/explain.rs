@@ -51,19 +51,28 @@ fn resolve_source(snapshot: &Snapshot, src: &str, dst: IpAddr) -> ApiResult<Sour
             workload,
         });
     }
+    // A pod both in the config and from xDS is one workload: the config's (as the data path).
+    let one = |w: &&Arc<Workload>| snapshot.merged_into(w).is_none();
     let candidates: Vec<Arc<Workload>> = if src.starts_with("spiffe://") {
         let id: Identity = src.parse().map_err(|e| (400, format!("{e}")))?;
-        snapshot.by_identity(&id).to_vec()
+        snapshot
+            .by_identity(&id)
+            .iter()
+            .filter(one)
+            .cloned()
+            .collect()
     } else if let Some((ns, name)) = src.split_once('/') {
         snapshot
             .workloads()
             .filter(|w| &*w.namespace == ns && w.name() == name)
+            .filter(one)
             .cloned()
             .collect()
     } else {
         snapshot
             .workloads()
             .filter(|w| w.name() == src)
+            .filter(one)
             .cloned()
             .collect()
     };

@@ -280,7 +280,9 @@ impl Admin {
         let mut out: Vec<api::WorkloadView> = snapshot
             .workloads()
             .filter(|w| !local_only || w.local)
-            .map(|w| workload_view(w, &pods))
+            // Shown once, as the config workload it is merged into.
+            .filter(|w| snapshot.merged_into(w).is_none())
+            .map(|w| workload_view(w, snapshot.xds_twin(w).map(|t| &**t), &pods))
             .collect();
         out.sort_by(|a, b| (&a.namespace, &a.name, &a.uid).cmp(&(&b.namespace, &b.name, &b.uid)));
         out
@@ -298,7 +300,13 @@ impl Admin {
                     namespace: namespace.to_owned(),
                     hostname: hostname.to_owned(),
                     vips: def
-                        .map(|d| d.vips.iter().map(ToString::to_string).collect())
+                        .map(|d| {
+                            d.vips
+                                .iter()
+                                .map(ToString::to_string)
+                                .chain(d.vip_ranges.iter().map(ToString::to_string))
+                                .collect()
+                        })
                         .unwrap_or_default(),
                     ports: def
                         .map(|d| {
@@ -464,9 +472,23 @@ const ROUTES: &[&str] = &[
     "/explain",
 ];
 
-fn workload_view(w: &Workload, pods: &PodsState) -> api::WorkloadView {
+/// `twin`: for a config workload, istiod's view of the same pod (its telemetry fields and uid
+/// are shown; the config's settings are the ones used).
+fn workload_view(w: &Workload, twin: Option<&Workload>, pods: &PodsState) -> api::WorkloadView {
     let key = format!("{}/{}", w.namespace, w.name());
+    let meta = twin.map_or(&w.meta, |t| &t.meta);
     api::WorkloadView {
+        canonical_name: meta.canonical_name.clone(),
+        canonical_revision: meta.canonical_revision.clone(),
+        cluster: meta.cluster_id.clone(),
+        network: meta.network.clone(),
+        locality: [&meta.region, &meta.zone, &meta.subzone]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("/"),
+        xds_uid: twin.map(|t| t.uid().to_owned()),
         uid: w.uid().to_owned(),
         namespace: w.namespace.to_string(),
         name: w.name().to_owned(),
@@ -479,9 +501,10 @@ fn workload_view(w: &Workload, pods: &PodsState) -> api::WorkloadView {
         healthy: w.healthy,
         services: w.services.iter().map(|s| s.key.to_string()).collect(),
         policies: w.policies.iter().map(|p| p.to_string()).collect(),
-        source: match w.source {
-            Source::Config => "config",
-            Source::Xds => "xds",
+        source: match (w.source, twin) {
+            (Source::Config, Some(_)) => "config+xds",
+            (Source::Config, None) => "config",
+            (Source::Xds, _) => "xds",
         }
         .to_owned(),
         waypoint: w.waypoint.as_deref().map(explain::gateway_name),

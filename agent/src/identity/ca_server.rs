@@ -424,10 +424,15 @@ mod tests {
         }
 
         async fn start_with(ca: Arc<dyn CaClient>, callers: Callers) -> Server {
+            Server::start_named(ca, callers, &["127.0.0.1"]).await
+        }
+
+        /// Serving a certificate for `names` only.
+        async fn start_named(ca: Arc<dyn CaClient>, callers: Callers, names: &[&str]) -> Server {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("local addr");
-            let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])
-                .expect("server cert");
+            let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+            let cert = rcgen::generate_simple_self_signed(names).expect("server cert");
             let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
                 rustls::crypto::aws_lc_rs::default_provider(),
             ))
@@ -797,6 +802,42 @@ mod tests {
             matches!(&e, ca::Error::Unavailable(m) if m.contains("certificate")),
             "{e}"
         );
+        server.stop().await;
+    }
+
+    /// `ca.istio.serverName`: a CA reached by IP whose certificate names it only by DNS name
+    /// (istiod's) is verified against that name, and refused when the name differs.
+    #[tokio::test]
+    async fn a_ca_reached_by_ip_is_verified_by_its_server_name() {
+        let server =
+            Server::start_named(Arc::new(TestCa::new()), callers(None), &["istiod.example"]).await;
+        let client = |server_name: Option<&str>| {
+            IstioCa::new(IstioCaConfig {
+                address: format!("https://{}", server.addr),
+                root_cert_pem: server.tls_root.clone(),
+                token_path: None,
+                cluster_id: None,
+                server_name: server_name.map(str::to_owned),
+            })
+            .expect("config")
+        };
+        let me = id("sleep");
+        let csr = csr_for(&me.to_string());
+        let hour = Duration::from_secs(3600);
+        client(Some("istiod.example"))
+            .sign(&me, &csr, hour)
+            .await
+            .expect("verified by its name");
+        for name in [None, Some("other.example")] {
+            let e = client(name)
+                .sign(&me, &csr, hour)
+                .await
+                .expect_err("the certificate does not name it");
+            assert!(
+                matches!(&e, ca::Error::Unavailable(m) if m.contains("certificate")),
+                "{name:?}: {e}"
+            );
+        }
         server.stop().await;
     }
 

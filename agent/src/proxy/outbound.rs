@@ -366,6 +366,11 @@ pub fn route(
                     port: dst.port(),
                 });
             }
+            if svc.def.as_ref().is_some_and(|d| d.passthrough) {
+                // No endpoint to pick: the address dialled is the destination (a ServiceEntry
+                // with resolution NONE, often a block of external addresses).
+                return route_to_address(snapshot, src_ip, dst, service.clone(), pick);
+            }
             let picked = match pick {
                 Pick::Next => svc.pick(dst.ip(), dst.port()),
                 Pick::Peek => svc.peek(dst.ip(), dst.port()),
@@ -378,6 +383,18 @@ pub fn route(
             endpoint
         }
     };
+    route_to_address(snapshot, src_ip, dst, service, pick)
+}
+
+/// The route to the workload at `dst` (if one is known there): HBONE if it speaks it, through
+/// its waypoint if it has one (unless the connection comes from that waypoint).
+fn route_to_address(
+    snapshot: &Snapshot,
+    src_ip: IpAddr,
+    dst: SocketAddr,
+    service: Option<Arc<ServiceEntry>>,
+    pick: Pick,
+) -> Result<Route, RouteError> {
     let workload = snapshot.by_ip(dst.ip()).cloned();
     let hbone = workload.as_ref().is_some_and(|w| w.hbone);
     let waypoint = match workload
@@ -474,6 +491,7 @@ mod tests {
             }),
             healthy: true,
             workload_name: name.to_owned(),
+            meta: Default::default(),
         };
         (uid, AddressResource::Workload(w))
     }
@@ -487,6 +505,8 @@ mod tests {
             namespace: "default".into(),
             hostname: "web.default.svc".into(),
             vips: vec![ip("10.96.0.1")],
+            vip_ranges: Vec::new(),
+            passthrough: false,
             ports: vec![(80, 8080)],
             waypoint: service_waypoint.map(|a| XdsGateway {
                 destination: GatewayDestination::Address(ip(a)),
@@ -541,6 +561,102 @@ mod tests {
             ),
             Err(RouteError::NoSuchPort { .. })
         ));
+    }
+
+    /// A ServiceEntry's address blocks: the longest block containing the address wins, an exact
+    /// VIP beats any block, and a PASSTHROUGH service connects to the address dialled.
+    #[test]
+    fn address_blocks_route_to_their_service() {
+        let config = Config::parse("node: node-a\ncgroup: /x\n", std::path::Path::new("t.yaml"))
+            .expect("config");
+        let sources = Sources::new(Arc::new(config), |_, _| {});
+        let block = |host: &str, ranges: &[&str], vips: &[&str], passthrough: bool| {
+            let s = XdsService {
+                name: host.into(),
+                namespace: "default".into(),
+                hostname: host.into(),
+                vips: vips.iter().map(|v| ip(v)).collect(),
+                vip_ranges: ranges.iter().map(|r| r.parse().expect("cidr")).collect(),
+                passthrough,
+                ports: vec![(80, 8080)],
+                waypoint: None,
+            };
+            (format!("default/{host}"), AddressResource::Service(s))
+        };
+        let mut server = workload("server", "10.2.0.2", None);
+        if let AddressResource::Workload(w) = &mut server.1 {
+            w.services = vec![crate::xds::WorkloadService {
+                key: "default/wide".into(),
+                namespace: "default".into(),
+                hostname: "wide".into(),
+                ports: Vec::new(),
+            }];
+        }
+        sources.apply_addresses(
+            vec![
+                server,
+                workload("ext", "10.50.1.7", None),
+                block("wide", &["10.50.0.0/16"], &[], false),
+                block("narrow", &["10.50.1.0/24"], &[], true),
+                block("exact", &[], &["10.50.1.9"], true),
+            ],
+            Vec::new(),
+        );
+        let snap = sources.snapshot();
+        let key = |a: &str| {
+            snap.service_by_vip(ip(a))
+                .map(|e| e.key.to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(key("10.50.200.1"), "default/wide");
+        assert_eq!(
+            key("10.50.1.200"),
+            "default/narrow",
+            "the longest block wins"
+        );
+        assert_eq!(
+            key("10.50.1.9"),
+            "default/exact",
+            "an exact VIP beats a block"
+        );
+        assert_eq!(key("10.51.0.1"), "", "outside every block");
+        // The /16 picks an endpoint; the PASSTHROUGH /24 keeps the address dialled (and reaches
+        // the workload there over HBONE).
+        let wide = route(
+            &snap,
+            ip("10.1.0.2"),
+            "10.50.200.1:80".parse().expect("a"),
+            Pick::Next,
+        )
+        .expect("route");
+        assert_eq!(wide.dst, "10.2.0.2:8080".parse().expect("a"));
+        let narrow = route(
+            &snap,
+            ip("10.1.0.2"),
+            "10.50.1.7:80".parse().expect("a"),
+            Pick::Next,
+        )
+        .expect("route");
+        assert_eq!(narrow.dst, "10.50.1.7:80".parse().expect("a"));
+        assert!(narrow.hbone && narrow.workload.is_some());
+        assert!(matches!(
+            route(
+                &snap,
+                ip("10.1.0.2"),
+                "10.50.1.7:81".parse().expect("a"),
+                Pick::Next
+            ),
+            Err(RouteError::NoSuchPort { .. })
+        ));
+        // Removing the /24 gives its addresses back to the /16.
+        sources.apply_addresses(Vec::new(), vec!["default/narrow".into()]);
+        assert_eq!(
+            sources
+                .snapshot()
+                .service_by_vip(ip("10.50.1.200"))
+                .map(|e| e.key.to_string()),
+            Some("default/wide".into())
+        );
     }
 
     #[test]

@@ -34,7 +34,11 @@ use arc_swap::ArcSwap;
 
 pub use sources::Sources;
 
-use crate::{identity::Identity, xds::XdsGateway};
+use crate::{
+    identity::Identity,
+    policy::Cidr,
+    xds::{WorkloadMeta, XdsGateway},
+};
 
 /// Where a workload or service definition came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -75,6 +79,8 @@ pub struct Workload {
     pub node: Arc<str>,
     /// Istio's `workload` metric label: the owner's name (a Deployment), else the pod's.
     pub workload_name: Arc<str>,
+    /// Canonical service and revision, cluster, network, locality (one copy per distinct value).
+    pub meta: Arc<WorkloadMeta>,
     ips: Ips,
     /// Services it backs.
     pub services: Arc<[ServiceRef]>,
@@ -109,6 +115,7 @@ pub struct WorkloadFields {
     pub identity: Identity,
     pub node: Arc<str>,
     pub workload_name: Arc<str>,
+    pub meta: Arc<WorkloadMeta>,
     pub ips: Vec<IpAddr>,
     pub services: Arc<[ServiceRef]>,
     pub policies: Arc<[Arc<str>]>,
@@ -146,6 +153,7 @@ impl Workload {
             identity: f.identity,
             node: f.node,
             workload_name: f.workload_name,
+            meta: f.meta,
             ips,
             services: f.services,
             policies: f.policies,
@@ -238,6 +246,10 @@ pub struct ServiceDef {
     /// Fully qualified, e.g. `echo.default.svc.cluster.local`.
     pub hostname: String,
     pub vips: Vec<IpAddr>,
+    /// Address blocks that are the service's too (an exact VIP or a longer block wins).
+    pub vip_ranges: Vec<Cidr>,
+    /// No endpoint is picked: connections go to the address dialled (istiod's PASSTHROUGH).
+    pub passthrough: bool,
     /// `(service_port, target_port)`; a target of 0 means the endpoint's own mapping, or else
     /// the service port.
     pub ports: Vec<(u16, u16)>,
@@ -349,6 +361,10 @@ pub struct Snapshot {
     /// (a config service first, then the smallest key), not the last one updated, and a VIP
     /// another service still claims is not dropped when one lets it go.
     vip_claims: HashMap<IpAddr, Vec<Arc<str>>>,
+    /// Every service's address blocks, longest prefix first (then by key, so the choice between
+    /// two services claiming one block does not depend on arrival order). Few: only ServiceEntries
+    /// with CIDR addresses have them.
+    vip_ranges: Arc<[(Cidr, Arc<str>)]>,
 }
 
 impl Snapshot {
@@ -370,9 +386,14 @@ impl Snapshot {
         self.by_identity.get(identity).map_or(&[], |w| w)
     }
 
-    /// The service whose virtual IP this is.
+    /// The service whose virtual IP this is: an exact VIP, else the service with the longest
+    /// address block containing it (as ztunnel's `get_best_by_vip`).
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
-        self.by_vip.get(&ip.to_canonical())
+        let ip = ip.to_canonical();
+        self.by_vip.get(&ip).or_else(|| {
+            let (_, key) = self.vip_ranges.iter().find(|(r, _)| r.contains(ip))?;
+            self.services.get(key)
+        })
     }
 
     /// A service by `namespace/hostname`.
@@ -389,6 +410,31 @@ impl Snapshot {
             Some(_) => self.shadowed.get(&ip).map_or(&[], |w| &w.policies),
             None => &[],
         }
+    }
+
+    /// For an xDS workload whose every address a config workload holds (the same pod, from the
+    /// config and from istiod): that config workload, which is the one the data path uses. The
+    /// admin API shows the two as one.
+    pub fn merged_into(&self, w: &Arc<Workload>) -> Option<&Arc<Workload>> {
+        let first = w.ips().first()?;
+        if w.source != Source::Xds
+            || !w
+                .ips()
+                .iter()
+                .all(|ip| self.shadowed.get(ip).is_some_and(|s| Arc::ptr_eq(s, w)))
+        {
+            return None;
+        }
+        self.by_ip.get(first)
+    }
+
+    /// For a config workload: the xDS workload it shadows on its first address (istiod's view of
+    /// the same pod, with the telemetry fields a config pod lacks).
+    pub fn xds_twin(&self, w: &Workload) -> Option<&Arc<Workload>> {
+        if w.source != Source::Config {
+            return None;
+        }
+        self.shadowed.get(w.ips().first()?)
     }
 
     /// Every workload, in no particular order.

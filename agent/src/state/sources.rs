@@ -16,8 +16,11 @@ use super::{
 use crate::{
     config::{Config, WaypointRef},
     identity::Identity,
-    policy::{Policy, PolicyStore},
-    xds::{AddressResource, GatewayDestination, XdsGateway, XdsService, XdsSink, XdsWorkload},
+    policy::{Cidr, Policy, PolicyStore},
+    xds::{
+        AddressResource, GatewayDestination, WorkloadMeta, XdsGateway, XdsService, XdsSink,
+        XdsWorkload,
+    },
 };
 
 /// Called with every new snapshot, and the new policy store when policies changed.
@@ -211,6 +214,8 @@ impl Writer {
                 name: s.name.clone(),
                 hostname: s.hostname.clone(),
                 vips: s.vips.clone(),
+                vip_ranges: Vec::new(),
+                passthrough: false,
                 ports: s
                     .ports
                     .iter()
@@ -252,6 +257,7 @@ impl Writer {
             identity: self.intern.identity(x.identity),
             node: self.intern.str(&x.node),
             workload_name: self.intern.str(&x.workload_name),
+            meta: self.intern.meta(x.meta),
             services: self.intern.services(services),
             policies: self.intern.policies(policies),
             host_network: x.host_network,
@@ -289,7 +295,13 @@ impl Writer {
         let workload_name = self
             .intern
             .str(if name.is_empty() { "unknown" } else { &name });
+        let meta = self.intern.meta(WorkloadMeta {
+            canonical_name: workload_name.to_string(),
+            workload_type: "pod",
+            ..WorkloadMeta::default()
+        });
         Arc::new(Workload::new(WorkloadFields {
+            meta,
             workload_name,
             uid,
             name,
@@ -333,6 +345,8 @@ fn service_from_xds(s: XdsService) -> ServiceDef {
         name: s.name,
         hostname: s.hostname,
         vips: s.vips,
+        vip_ranges: s.vip_ranges,
+        passthrough: s.passthrough,
         ports: s.ports,
         waypoint: s.waypoint,
         source: Source::Xds,
@@ -505,6 +519,7 @@ impl Snapshot {
             .chain(change.defs.iter())
             .collect();
         let mut vips: HashSet<IpAddr> = HashSet::new();
+        let mut ranges_changed = false;
         for key in touched {
             let old = self.services.get(key).cloned();
             let mut endpoints: Vec<Arc<Workload>> = old
@@ -532,6 +547,12 @@ impl Snapshot {
                     vips.insert(vip);
                 }
             }
+            let had_ranges = old
+                .as_ref()
+                .and_then(|o| o.def.as_ref())
+                .is_some_and(|d| !d.vip_ranges.is_empty());
+            let has_ranges = def.as_ref().is_some_and(|d| !d.vip_ranges.is_empty());
+            ranges_changed |= had_ranges || has_ranges;
             if def.is_none() && endpoints.is_empty() {
                 self.services.remove(key);
                 continue;
@@ -553,6 +574,19 @@ impl Snapshot {
                 vips.insert(vip);
             }
             self.services.insert(key.clone(), entry);
+        }
+        if ranges_changed {
+            let mut ranges: Vec<(Cidr, Arc<str>)> = self
+                .services
+                .values()
+                .filter_map(|e| Some((e, e.def.as_ref()?)))
+                .flat_map(|(e, d)| d.vip_ranges.iter().map(|r| (*r, e.key.clone())))
+                .collect();
+            ranges.sort_by(|(a, ka), (b, kb)| {
+                (std::cmp::Reverse(a.prefix_len()), ka)
+                    .cmp(&(std::cmp::Reverse(b.prefix_len()), kb))
+            });
+            self.vip_ranges = ranges.into();
         }
         // Each VIP whose claims changed goes to the claimant chosen by content.
         for vip in vips {
@@ -588,6 +622,7 @@ struct Interner {
     identities: HashSet<Identity>,
     services: HashSet<Arc<[ServiceRef]>>,
     policies: HashSet<Arc<[Arc<str>]>>,
+    metas: HashSet<Arc<WorkloadMeta>>,
     swept_at: usize,
 }
 
@@ -613,8 +648,21 @@ impl Interner {
         intern_list(&mut self.policies, list)
     }
 
+    fn meta(&mut self, meta: WorkloadMeta) -> Arc<WorkloadMeta> {
+        if let Some(found) = self.metas.get(&meta) {
+            return found.clone();
+        }
+        let new = Arc::new(meta);
+        self.metas.insert(new.clone());
+        new
+    }
+
     fn len(&self) -> usize {
-        self.strs.len() + self.identities.len() + self.services.len() + self.policies.len()
+        self.strs.len()
+            + self.identities.len()
+            + self.services.len()
+            + self.policies.len()
+            + self.metas.len()
     }
 
     fn sweep_if_grown(&mut self) {
@@ -624,6 +672,7 @@ impl Interner {
         // Lists first: they hold strings.
         self.services.retain(|l| Arc::strong_count(l) > 1);
         self.policies.retain(|l| Arc::strong_count(l) > 1);
+        self.metas.retain(|m| Arc::strong_count(m) > 1);
         self.identities.retain(Identity::is_shared);
         self.strs.retain(|s| Arc::strong_count(s) > 1);
         self.swept_at = self.len();

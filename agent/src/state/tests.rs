@@ -46,6 +46,7 @@ fn xw(name: &str, addr: &str, sa: &str, services: &[(&str, &[(u16, u16)])]) -> X
         waypoint: None,
         healthy: true,
         workload_name: name.to_owned(),
+        meta: Default::default(),
     }
 }
 
@@ -55,6 +56,8 @@ fn xs(host: &str, vip: &str, ports: &[(u16, u16)]) -> XdsService {
         namespace: "default".to_owned(),
         hostname: host.to_owned(),
         vips: vec![ip(vip)],
+        vip_ranges: Vec::new(),
+        passthrough: false,
         ports: ports.to_vec(),
         waypoint: None,
     }
@@ -246,6 +249,17 @@ fn the_config_wins_on_an_ip_and_xds_named_policies_still_apply_there() {
             .map(|p| &**p)
             .collect::<Vec<_>>(),
         ["default/p"]
+    );
+    // One pod, two sources: the admin API shows them as one (the config's), with istiod's uid.
+    let xds = snap.by_uid(&uid("local")).expect("the xDS view is kept");
+    assert!(Arc::ptr_eq(snap.merged_into(xds).expect("merged"), held));
+    assert_eq!(
+        snap.xds_twin(held).map(|t| t.uid()),
+        Some(uid("local").as_str())
+    );
+    assert!(
+        snap.merged_into(held).is_none(),
+        "the config workload is the one shown"
     );
     // Removing the xDS view leaves the config's.
     s.apply_addresses(Vec::new(), vec![uid("local")]);

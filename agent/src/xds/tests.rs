@@ -349,10 +349,12 @@ fn service(name: &str) -> Resource {
         addresses: vec![NetworkAddress {
             network: String::new(),
             address: vec![10, 96, 0, 1],
+            length: None,
         }],
         ports: vec![Port {
             service_port: 80,
             target_port: 8080,
+            app_protocol: 0,
         }],
         ..Default::default()
     };

@@ -6,17 +6,19 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ambit_proto::istio::workload::{
-    self as pb, GatewayAddress, NetworkMode, Port, TunnelProtocol, WorkloadStatus, address,
-    gateway_address,
+    self as pb, GatewayAddress, NetworkMode, Port, TunnelProtocol, WorkloadStatus, WorkloadType,
+    address, gateway_address, load_balancing,
 };
 
 use super::Error;
-use crate::identity::Identity;
+use crate::{identity::Identity, policy::Cidr};
 
 /// The trust domain of a workload whose `trust_domain` is empty (the mesh default).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// The service account of a workload whose `service_account` is empty.
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// The cluster of a workload whose `cluster_id` is empty (istiod's default cluster name).
+pub const DEFAULT_CLUSTER: &str = "Kubernetes";
 
 /// One `istio.workload.Address` resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,7 +35,9 @@ pub struct XdsWorkload {
     pub name: String,
     pub namespace: String,
     /// Its addresses on its network (the network is ignored for now). Empty when the workload is
-    /// reached by `hostname`.
+    /// reached by `hostname`, or only through its network's gateway (a `WorkloadEntry` with a
+    /// network and no address): such workloads are known (by uid, identity, service) but are
+    /// never an endpoint the data path picks.
     pub ips: Vec<IpAddr>,
     /// A DNS name, set instead of `ips` for workloads reached by name (not supported yet by the
     /// data path; kept so it can be reported).
@@ -56,6 +60,28 @@ pub struct XdsWorkload {
     pub healthy: bool,
     /// What Istio's metrics call the workload (the Deployment's name for its pods).
     pub workload_name: String,
+    /// Telemetry and placement: canonical service and revision, cluster, network, locality.
+    pub meta: WorkloadMeta,
+}
+
+/// What a workload is for telemetry and placement, as istiod describes it (shared by the many
+/// pods of one Deployment, so the state keeps one copy per distinct value).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WorkloadMeta {
+    /// `service.istio.io/canonical-name` (else the `app` label, else the workload's name).
+    pub canonical_name: String,
+    /// `service.istio.io/canonical-revision` (else the `version` label, else `latest`).
+    pub canonical_revision: String,
+    /// Its cluster (`Kubernetes` when istiod leaves it empty, as ztunnel reads it).
+    pub cluster_id: String,
+    /// Its network; empty for the default network.
+    pub network: String,
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+    /// The owner's kind in lower case (`deployment`, `cronjob`, `pod`, `job`), for the
+    /// `k8s.<kind>.name` baggage key.
+    pub workload_type: &'static str,
 }
 
 /// A service a workload backs: one entry of the workload's `services` map.
@@ -79,6 +105,12 @@ pub struct XdsService {
     pub hostname: String,
     /// Virtual IPs (networks ignored for now). Empty for a headless service.
     pub vips: Vec<IpAddr>,
+    /// Address blocks (a `ServiceEntry`'s `10.50.0.0/24`, `NetworkAddress.length` set): every
+    /// address in one is this service's, unless an exact VIP or a longer block claims it.
+    pub vip_ranges: Vec<Cidr>,
+    /// `load_balancing.mode` PASSTHROUGH (istiod: a `ServiceEntry` with resolution NONE): no
+    /// endpoint is picked, the connection goes to the address the client dialled.
+    pub passthrough: bool,
     /// `(service_port, target_port)`. A `target_port` of 0 means "the same as the service port"
     /// unless the endpoint's own mapping ([`WorkloadService::ports`]) says otherwise.
     pub ports: Vec<(u16, u16)>,
@@ -139,9 +171,9 @@ fn workload_from_proto(w: pb::Workload) -> Result<XdsWorkload, Error> {
         .enumerate()
         .map(|(i, b)| ip_from_bytes(b).map_err(|why| bad(format!("addresses[{i}] {why}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    if ips.is_empty() && w.hostname.is_empty() {
-        return Err(bad("it has neither addresses nor a hostname".to_owned()));
-    }
+    // Neither addresses nor a hostname is valid: istiod's `workloadEntryWorkloadBuilder` makes
+    // one from a WorkloadEntry that has only a network (reached through that network's gateway),
+    // and ztunnel accepts it. It is kept and never picked as an endpoint.
     let trust_domain = if w.trust_domain.is_empty() {
         DEFAULT_TRUST_DOMAIN
     } else {
@@ -159,10 +191,12 @@ fn workload_from_proto(w: pb::Workload) -> Result<XdsWorkload, Error> {
     })?;
     let hbone = match TunnelProtocol::try_from(w.tunnel_protocol) {
         Ok(TunnelProtocol::Hbone) => true,
-        Ok(TunnelProtocol::None) => false,
+        // A sidecar workload: Ambit (like ztunnel) does not originate Istio's legacy mTLS, so it
+        // is reached as a workload outside the ambient mesh.
+        Ok(TunnelProtocol::None | TunnelProtocol::LegacyIstioMtls) => false,
         Err(_) => {
             return Err(bad(format!(
-                "tunnel_protocol {} is not NONE or HBONE",
+                "tunnel_protocol {} is not NONE, HBONE or LEGACY_ISTIO_MTLS",
                 w.tunnel_protocol
             )));
         }
@@ -222,7 +256,29 @@ fn workload_from_proto(w: pb::Workload) -> Result<XdsWorkload, Error> {
         .find(|n| !n.is_empty())
         .cloned()
         .unwrap_or_default();
+    let locality = w.locality.unwrap_or_default();
+    let meta = WorkloadMeta {
+        canonical_name: w.canonical_name,
+        canonical_revision: w.canonical_revision,
+        cluster_id: if w.cluster_id.is_empty() {
+            DEFAULT_CLUSTER.to_owned()
+        } else {
+            w.cluster_id
+        },
+        network: w.network,
+        region: locality.region,
+        zone: locality.zone,
+        subzone: locality.subzone,
+        // Telemetry only: an unknown kind reads as a Deployment, as ztunnel's getter does.
+        workload_type: match WorkloadType::try_from(w.workload_type) {
+            Ok(WorkloadType::Cronjob) => "cronjob",
+            Ok(WorkloadType::Pod) => "pod",
+            Ok(WorkloadType::Job) => "job",
+            Ok(WorkloadType::Deployment) | Err(_) => "deployment",
+        },
+    };
     Ok(XdsWorkload {
+        meta,
         workload_name,
         uid: w.uid,
         name: w.name,
@@ -252,12 +308,33 @@ fn service_from_proto(s: pb::Service) -> Result<XdsService, Error> {
     if s.hostname.is_empty() {
         return Err(bad("hostname is empty".to_owned()));
     }
-    let vips = s
-        .addresses
-        .iter()
-        .enumerate()
-        .map(|(i, a)| ip_from_bytes(&a.address).map_err(|why| bad(format!("addresses[{i}] {why}"))))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut vips = Vec::new();
+    let mut vip_ranges = Vec::new();
+    for (i, a) in s.addresses.iter().enumerate() {
+        let ip = ip_from_bytes(&a.address).map_err(|why| bad(format!("addresses[{i}] {why}")))?;
+        let host_len = if ip.is_ipv4() { 32 } else { 128 };
+        match a.length {
+            None => vips.push(ip),
+            Some(len) if len == host_len => vips.push(ip),
+            Some(len) => {
+                let range = u8::try_from(len)
+                    .ok()
+                    .and_then(|len| Cidr::new(ip, len).ok())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "addresses[{i}].length {len} is not a prefix length for {ip}"
+                        ))
+                    })?;
+                vip_ranges.push(range);
+            }
+        }
+    }
+    // Only PASSTHROUGH changes what Ambit does; routing preferences are not implemented (every
+    // healthy endpoint is a candidate), and an unknown mode is read as unset.
+    let passthrough = s
+        .load_balancing
+        .as_ref()
+        .is_some_and(|lb| lb.mode == load_balancing::Mode::Passthrough as i32);
     let ports = ports(&s.ports).map_err(|why| bad(format!("ports: {why}")))?;
     let waypoint = s
         .waypoint
@@ -268,6 +345,8 @@ fn service_from_proto(s: pb::Service) -> Result<XdsService, Error> {
         namespace: s.namespace,
         hostname: s.hostname,
         vips,
+        vip_ranges,
+        passthrough,
         ports,
         waypoint,
     })
@@ -346,6 +425,7 @@ mod tests {
                     ports: vec![Port {
                         service_port: 80,
                         target_port: 8080,
+                        app_protocol: 0,
                     }],
                 },
             )]),
@@ -406,10 +486,12 @@ mod tests {
             addresses: vec![NetworkAddress {
                 network: String::new(),
                 address: vec![10, 96, 0, 1],
+                length: None,
             }],
             ports: vec![Port {
                 service_port: 80,
                 target_port: 0,
+                app_protocol: 0,
             }],
             ..Default::default()
         };
@@ -422,6 +504,131 @@ mod tests {
         assert_eq!(s.vips, vec![IpAddr::from([10, 96, 0, 1])]);
         assert_eq!(s.ports, vec![(80, 0)]);
         assert_eq!(s.key(), "default/echo.default.svc.cluster.local");
+    }
+
+    /// The shapes istiod's ambient index builds (pilot/pkg/serviceregistry/kube/controller/
+    /// ambient/), each accepted as ztunnel's `TryFrom<XdsWorkload>` / `TryFrom<&XdsService>` do.
+    #[test]
+    fn accepts_every_shape_istiod_sends() {
+        let convert = |w: Workload| match address_from_proto("x", wrap(w)) {
+            Ok(AddressResource::Workload(w)) => w,
+            other => panic!("not a workload: {other:?}"),
+        };
+        // `workloadEntryWorkloadBuilder` with a WorkloadEntry that has only a network: no
+        // addresses, no hostname, reached through the network's gateway.
+        let mut w = workload();
+        w.addresses.clear();
+        w.network = "remote".into();
+        w.network_gateway = Some(GatewayAddress {
+            destination: Some(gateway_address::Destination::Address(pb::NetworkAddress {
+                network: "remote".into(),
+                address: vec![192, 0, 2, 1],
+                length: None,
+            })),
+            hbone_mtls_port: 15008,
+        });
+        let x = convert(w);
+        assert!(x.ips.is_empty() && x.hostname.is_empty());
+        assert_eq!(x.meta.network, "remote");
+        // `serviceEntryWorkloadBuilder` for a DNS ServiceEntry without endpoints: hostname only.
+        let mut w = workload();
+        w.addresses.clear();
+        w.hostname = "api.example.com".into();
+        assert_eq!(convert(w).hostname, "api.example.com");
+        // A sidecar pod (LEGACY_ISTIO_MTLS): reached as a workload outside the ambient mesh.
+        let mut w = workload();
+        w.tunnel_protocol = TunnelProtocol::LegacyIstioMtls.into();
+        assert!(!convert(w).hbone);
+        // Telemetry fields: copied; an empty cluster is istiod's default; an unknown owner kind
+        // is a Deployment (telemetry only, as ztunnel's getter reads it).
+        let mut w = workload();
+        w.canonical_name = "sleep".into();
+        w.canonical_revision = "v1".into();
+        w.workload_type = 99;
+        w.locality = Some(pb::Locality {
+            region: "eu".into(),
+            zone: "eu-1a".into(),
+            subzone: String::new(),
+        });
+        let m = convert(w).meta;
+        assert_eq!(
+            (&*m.canonical_name, &*m.canonical_revision, &*m.cluster_id),
+            ("sleep", "v1", DEFAULT_CLUSTER)
+        );
+        assert_eq!(
+            (&*m.region, &*m.zone, m.workload_type),
+            ("eu", "eu-1a", "deployment")
+        );
+        let mut w = workload();
+        w.cluster_id = "east".into();
+        w.workload_type = WorkloadType::Job.into();
+        let m = convert(w).meta;
+        assert_eq!((&*m.cluster_id, m.workload_type), ("east", "job"));
+    }
+
+    /// istiod's `toNetworkAddressFromCidr`: a ServiceEntry's `10.50.0.0/24` is the block's
+    /// address with `length` 24; a single address has no length (or 32 / 128).
+    #[test]
+    fn service_addresses_with_a_length_are_blocks() {
+        let na = |address: Vec<u8>, length: Option<u32>| NetworkAddress {
+            network: String::new(),
+            address,
+            length,
+        };
+        let convert = |addresses: Vec<NetworkAddress>, mode: load_balancing::Mode| {
+            let s = Service {
+                name: "ext".into(),
+                namespace: "default".into(),
+                hostname: "ext.example.com".into(),
+                addresses,
+                load_balancing: Some(pb::LoadBalancing {
+                    mode: mode.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            address_from_proto(
+                "x",
+                pb::Address {
+                    r#type: Some(address::Type::Service(s)),
+                },
+            )
+        };
+        let Ok(AddressResource::Service(s)) = convert(
+            vec![
+                na(vec![10, 50, 0, 0], Some(24)),
+                na(vec![10, 60, 0, 1], Some(32)),
+                na(vec![10, 70, 0, 1], None),
+                na(vec![0xfd; 16], Some(64)),
+            ],
+            load_balancing::Mode::Passthrough,
+        ) else {
+            panic!("valid");
+        };
+        assert_eq!(
+            s.vips,
+            vec![IpAddr::from([10, 60, 0, 1]), IpAddr::from([10, 70, 0, 1])]
+        );
+        assert_eq!(
+            s.vip_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            vec!["10.50.0.0/24", "fdfd:fdfd:fdfd:fdfd:fdfd:fdfd:fdfd:fdfd/64"]
+        );
+        assert!(s.passthrough);
+        let Ok(AddressResource::Service(s)) = convert(vec![], load_balancing::Mode::Failover)
+        else {
+            panic!("valid");
+        };
+        assert!(!s.passthrough);
+        let e = convert(
+            vec![na(vec![10, 0, 0, 0], Some(33))],
+            load_balancing::Mode::Strict,
+        )
+        .expect_err("a /33")
+        .to_string();
+        assert!(e.contains("addresses[0].length 33"), "{e}");
     }
 
     #[test]
@@ -446,6 +653,7 @@ mod tests {
                 ports: vec![Port {
                     service_port: 70000,
                     target_port: 1,
+                    app_protocol: 0,
                 }],
             },
         );
@@ -453,9 +661,6 @@ mod tests {
         let mut w = workload();
         w.services.insert("nohost".into(), PortList::default());
         cases.push((w, "\"nohost\" is not namespace/hostname"));
-        let mut w = workload();
-        w.addresses.clear();
-        cases.push((w, "neither addresses nor a hostname"));
         for (w, want) in cases {
             let e = address_from_proto("x", wrap(w))
                 .expect_err(want)

@@ -169,6 +169,7 @@ pub fn workloads(mut list: Vec<api::WorkloadView>, p: Painter) -> String {
     let mut t = Table::new(&[
         "NAMESPACE",
         "NAME",
+        "CANONICAL",
         "IPS",
         "IDENTITY",
         "NODE",
@@ -176,12 +177,21 @@ pub fn workloads(mut list: Vec<api::WorkloadView>, p: Painter) -> String {
         "LOCAL",
         "ENROLLED",
         "HEALTHY",
+        "CLUSTER",
+        "NETWORK",
+        "LOCALITY",
         "SOURCE",
     ]);
     for w in list {
+        let canonical = match (w.canonical_name.as_str(), w.canonical_revision.as_str()) {
+            ("", _) => "-".to_owned(),
+            (name, "") => name.to_owned(),
+            (name, rev) => format!("{name}:{rev}"),
+        };
         t.row(vec![
             w.namespace.into(),
             w.name.into(),
+            canonical.into(),
             w.ips.join(",").into(),
             short_identity(&w.identity).into(),
             w.node.into(),
@@ -193,6 +203,9 @@ pub fn workloads(mut list: Vec<api::WorkloadView>, p: Painter) -> String {
                 "-".into()
             },
             Cell::yes_no(w.healthy, Style::Bad),
+            or_dash(Some(w.cluster.as_str()).filter(|s| !s.is_empty())).into(),
+            or_dash(Some(w.network.as_str()).filter(|s| !s.is_empty())).into(),
+            or_dash(Some(w.locality.as_str()).filter(|s| !s.is_empty())).into(),
             w.source.into(),
         ]);
     }
