@@ -22,6 +22,9 @@ pub const DEFAULT_CLUSTER: &str = "Kubernetes";
 
 /// One `istio.workload.Address` resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
+// Transient (decoded, applied, dropped), and workloads are most resources: boxing them would add
+// an allocation to each to save space on the rarer services.
+#[allow(clippy::large_enum_variant)]
 pub enum AddressResource {
     Workload(XdsWorkload),
     Service(XdsService),
