@@ -110,6 +110,7 @@ async fn open_stream() -> DuplexStream {
         client_ip: addr.ip(),
         traceparent: None,
         baggage: None,
+        service_host: None,
     };
     let (send, recv) = client::request(sender, addr, app, &headers)
         .await

@@ -74,39 +74,84 @@ impl<K: Hash + Eq + Clone, V: Default> Series<K, V> {
     }
 }
 
-/// The labels of Istio's TCP metrics. Workloads are `namespace/name` pods' names; `unknown`
-/// where the agent does not know (as Istio reports).
+/// One side of a connection in Istio's TCP metrics; `unknown` where the agent does not know
+/// (as Istio reports).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerLabels {
+    /// Istio's `workload`: the owner's name (a Deployment), else the pod's.
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    /// The canonical service and revision; Istio's `app` and `version` labels carry the same
+    /// values, as ztunnel reports them.
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
+}
+
+impl PeerLabels {
+    pub fn unknown() -> PeerLabels {
+        let u = || "unknown".to_owned();
+        PeerLabels {
+            workload: u(),
+            namespace: u(),
+            principal: u(),
+            canonical_service: u(),
+            canonical_revision: u(),
+            cluster: u(),
+        }
+    }
+}
+
+/// The labels of Istio's TCP metrics, with the names and in the order ztunnel reports them, so
+/// Istio's dashboards and Kiali group Ambit's and ztunnel's nodes alike.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TcpLabels {
     /// `source` (outbound, the client's agent) or `destination` (inbound).
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    /// The service's hostname when a VIP was dialed, else `unknown`.
+    pub source: PeerLabels,
+    pub destination: PeerLabels,
+    /// The service's hostname, name and namespace when a VIP was dialed (or, inbound, the
+    /// service the tunnel named), else `unknown`.
     pub destination_service: String,
-    /// `mutual_tls` (HBONE) or `none`.
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    /// `-`, or `DENY` (authorization), `CONNECT` (the destination could not be reached), as
+    /// ztunnel's flags; set when the connection ends.
+    pub response_flags: &'static str,
+    /// `mutual_tls` (HBONE), else `unknown` as ztunnel reports plaintext.
     pub connection_security_policy: &'static str,
 }
 
 impl TcpLabels {
-    fn pairs(&self) -> [(&'static str, &str); 10] {
+    fn pairs(&self) -> [(&'static str, &str); 23] {
+        let (s, d) = (&self.source, &self.destination);
         [
             ("reporter", self.reporter),
-            ("source_workload", &self.source_workload),
-            ("source_workload_namespace", &self.source_workload_namespace),
-            ("source_principal", &self.source_principal),
-            ("destination_workload", &self.destination_workload),
-            (
-                "destination_workload_namespace",
-                &self.destination_workload_namespace,
-            ),
-            ("destination_principal", &self.destination_principal),
+            ("source_workload", &s.workload),
+            ("source_canonical_service", &s.canonical_service),
+            ("source_canonical_revision", &s.canonical_revision),
+            ("source_workload_namespace", &s.namespace),
+            ("source_principal", &s.principal),
+            ("source_app", &s.canonical_service),
+            ("source_version", &s.canonical_revision),
+            ("source_cluster", &s.cluster),
             ("destination_service", &self.destination_service),
+            (
+                "destination_service_namespace",
+                &self.destination_service_namespace,
+            ),
+            ("destination_service_name", &self.destination_service_name),
+            ("destination_workload", &d.workload),
+            ("destination_canonical_service", &d.canonical_service),
+            ("destination_canonical_revision", &d.canonical_revision),
+            ("destination_workload_namespace", &d.namespace),
+            ("destination_principal", &d.principal),
+            ("destination_app", &d.canonical_service),
+            ("destination_version", &d.canonical_revision),
+            ("destination_cluster", &d.cluster),
             ("request_protocol", "tcp"),
+            ("response_flags", self.response_flags),
             (
                 "connection_security_policy",
                 self.connection_security_policy,
@@ -119,6 +164,8 @@ impl TcpLabels {
 struct TcpCounts {
     opened: u64,
     closed: u64,
+    /// Connections opened with these labels and not closed yet (the series is in use).
+    open: u64,
     /// Source to destination ("received" in Istio's terms).
     request_bytes: u64,
     /// Destination to source ("sent").
@@ -172,14 +219,33 @@ impl Metrics {
     }
 
     pub fn tcp_opened(&self, labels: &TcpLabels) {
-        lock(&self.tcp).touch(labels).opened += 1;
-    }
-
-    /// A connection counted by [`Metrics::tcp_opened`] with the same labels ended, having moved
-    /// `request_bytes` from source to destination and `response_bytes` back.
-    pub fn tcp_closed(&self, labels: &TcpLabels, request_bytes: u64, response_bytes: u64) {
         let mut tcp = lock(&self.tcp);
         let c = tcp.touch(labels);
+        c.opened += 1;
+        c.open += 1;
+    }
+
+    /// A connection counted by [`Metrics::tcp_opened`] with `labels` ended, having moved
+    /// `request_bytes` from source to destination and `response_bytes` back. Its close is counted
+    /// with `flags` as `response_flags` (as ztunnel's: a connection opens with `-` and may close
+    /// with `DENY` or `CONNECT`).
+    pub fn tcp_closed(
+        &self,
+        labels: &TcpLabels,
+        flags: &'static str,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        let mut tcp = lock(&self.tcp);
+        let c = tcp.touch(labels);
+        c.open = c.open.saturating_sub(1);
+        let c = if flags == labels.response_flags {
+            c
+        } else {
+            let mut flagged = labels.clone();
+            flagged.response_flags = flags;
+            tcp.touch(&flagged)
+        };
         c.closed += 1;
         c.request_bytes += request_bytes;
         c.response_bytes += response_bytes;
@@ -204,7 +270,7 @@ impl Metrics {
         let (tcp, expired): (Vec<(TcpLabels, TcpCounts)>, u64) = {
             let mut series = lock(&self.tcp);
             // A label set with a connection still open stays, however long it has been.
-            series.expire(|c| c.opened > c.closed);
+            series.expire(|c| c.open > 0);
             let mut v: Vec<_> = series.iter().map(|(l, c)| (l.clone(), *c)).collect();
             v.sort_by(|a, b| a.0.cmp(&b.0));
             (v, series.expired())
@@ -446,15 +512,22 @@ mod tests {
     use super::*;
 
     fn labels() -> TcpLabels {
+        let peer = |name: &str| PeerLabels {
+            workload: name.into(),
+            namespace: "default".into(),
+            principal: format!("spiffe://cluster.local/ns/default/sa/{name}"),
+            canonical_service: name.into(),
+            canonical_revision: "v1".into(),
+            cluster: "Kubernetes".into(),
+        };
         TcpLabels {
             reporter: "destination",
-            source_workload: "client".into(),
-            source_workload_namespace: "default".into(),
-            source_principal: "spiffe://cluster.local/ns/default/sa/client".into(),
-            destination_workload: "server".into(),
-            destination_workload_namespace: "default".into(),
-            destination_principal: "spiffe://cluster.local/ns/default/sa/server".into(),
-            destination_service: "unknown".into(),
+            source: peer("client"),
+            destination: peer("server"),
+            destination_service: "server.default.svc.cluster.local".into(),
+            destination_service_name: "server".into(),
+            destination_service_namespace: "default".into(),
+            response_flags: "-",
             connection_security_policy: "mutual_tls",
         }
     }
@@ -464,16 +537,36 @@ mod tests {
         let m = Metrics::default();
         m.tcp_opened(&labels());
         m.tcp_opened(&labels());
-        m.tcp_closed(&labels(), 100, 7);
-        m.tcp_closed(&labels(), 1, 2);
+        m.tcp_closed(&labels(), "-", 100, 7);
+        m.tcp_closed(&labels(), "DENY", 1, 2);
         m.denied("inbound", Some("default/deny \"x\""));
         let text = m.render(&Gauges::default());
-        let l = "reporter=\"destination\",source_workload=\"client\",source_workload_namespace=\"default\",source_principal=\"spiffe://cluster.local/ns/default/sa/client\",destination_workload=\"server\",destination_workload_namespace=\"default\",destination_principal=\"spiffe://cluster.local/ns/default/sa/server\",destination_service=\"unknown\",request_protocol=\"tcp\",connection_security_policy=\"mutual_tls\"";
+        // ztunnel's label set, in its order.
+        let l = |flags: &str| {
+            format!(
+                "reporter=\"destination\",source_workload=\"client\",\
+                 source_canonical_service=\"client\",source_canonical_revision=\"v1\",\
+                 source_workload_namespace=\"default\",\
+                 source_principal=\"spiffe://cluster.local/ns/default/sa/client\",\
+                 source_app=\"client\",source_version=\"v1\",source_cluster=\"Kubernetes\",\
+                 destination_service=\"server.default.svc.cluster.local\",\
+                 destination_service_namespace=\"default\",destination_service_name=\"server\",\
+                 destination_workload=\"server\",destination_canonical_service=\"server\",\
+                 destination_canonical_revision=\"v1\",destination_workload_namespace=\"default\",\
+                 destination_principal=\"spiffe://cluster.local/ns/default/sa/server\",\
+                 destination_app=\"server\",destination_version=\"v1\",\
+                 destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",\
+                 response_flags=\"{flags}\",connection_security_policy=\"mutual_tls\""
+            )
+        };
+        let (l, denied) = (l("-"), l("DENY"));
         for line in [
             format!("istio_tcp_connections_opened_total{{{l}}} 2"),
-            format!("istio_tcp_connections_closed_total{{{l}}} 2"),
-            format!("istio_tcp_received_bytes_total{{{l}}} 101"),
-            format!("istio_tcp_sent_bytes_total{{{l}}} 9"),
+            // A connection opens with `-` and closes with the flag of how it ended.
+            format!("istio_tcp_connections_closed_total{{{l}}} 1"),
+            format!("istio_tcp_connections_closed_total{{{denied}}} 1"),
+            format!("istio_tcp_received_bytes_total{{{l}}} 100"),
+            format!("istio_tcp_sent_bytes_total{{{denied}}} 2"),
             "ambit_authorization_denials_total{direction=\"inbound\",policy=\"default/deny \\\"x\\\"\"} 1"
                 .to_owned(),
             "# TYPE istio_tcp_sent_bytes_total counter".to_owned(),
@@ -486,9 +579,9 @@ mod tests {
     fn idle_label_sets_expire_but_not_while_a_connection_is_open() {
         let m = Metrics::with_series_ttl(Duration::ZERO);
         let mut open = labels();
-        open.source_workload = "still-connected".into();
+        open.source.workload = "still-connected".into();
         m.tcp_opened(&labels());
-        m.tcp_closed(&labels(), 1, 1);
+        m.tcp_closed(&labels(), "-", 1, 1);
         m.tcp_opened(&open);
         let text = m.render(&Gauges::default());
         assert!(!text.contains("source_workload=\"client\""), "{text}");

@@ -153,6 +153,9 @@ pub struct AccessLog<'a> {
     pub limit: Option<&'static str>,
     /// The authorization decision, for inbound connections.
     pub authz: Option<crate::policy::Decision>,
+    /// The W3C `traceparent` of the tunnel (sent outbound, received inbound), to find one
+    /// connection in both agents' logs.
+    pub trace: Option<&'a str>,
 }
 
 impl AccessLog<'_> {
@@ -184,6 +187,7 @@ impl AccessLog<'_> {
             limit = self.limit,
             authz.policy = self.authz.as_ref().and_then(|d| d.policy.as_deref()),
             authz.decision = self.authz.as_ref().map(|d| tracing::field::display(d.describe())),
+            traceparent = self.trace,
             "connection complete"
         );
     }

@@ -521,7 +521,7 @@ fn istio_ca_backend_gets_certificates_and_survives_the_ca_being_down_at_start() 
 }
 
 #[test]
-fn an_app_that_refuses_is_a_503_for_the_tunnel_and_a_clear_error() {
+fn an_app_that_refuses_or_an_agent_port_is_a_503_for_the_tunnel_and_a_clear_error() {
     if !ambit_testbed::privileged() {
         return;
     }
@@ -541,6 +541,25 @@ fn an_app_that_refuses_is_a_503_for_the_tunnel_and_a_clear_error() {
     assert!(
         log_str(&inb, "error").is_some_and(|e| e.contains("refused")),
         "server side says the app refused: {inb}"
+    );
+
+    // A tunnel to one of the agent's own ports is a 503 too, as ztunnel answers (`SelfCall`).
+    let own = m.server.v4(15006);
+    let (mark_a, mark_b) = (agent_a.mark(), agent_b.mark());
+    let report = m
+        .client
+        .connect_with(own, 100, 0, 3000)
+        .expect("run client");
+    assert!(!report.ok, "{report:#?}");
+    let out = access_log(&agent_a, mark_a, "outbound", own);
+    assert!(
+        log_str(&out, "error").is_some_and(|e| e.contains("503")),
+        "{out}"
+    );
+    let inb = access_log(&agent_b, mark_b, "inbound", own);
+    assert!(
+        log_str(&inb, "error").is_some_and(|e| e.contains("agent's own")),
+        "{inb}"
     );
 }
 

@@ -88,7 +88,7 @@ fn deny_by_principal_refuses_that_source_only_and_a_policy_change_applies_at_onc
         )
         .expect("outbound log");
     assert!(
-        log_str(&out, "error").is_some_and(|e| e.contains("403")),
+        log_str(&out, "error").is_some_and(|e| e.contains("401") && e.contains("policy")),
         "{out}"
     );
     assert!(echo.accepted_peers().is_empty(), "nothing reached the app");

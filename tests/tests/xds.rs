@@ -54,6 +54,19 @@ fn workload(pod: &Pod, node: &str, address_bytes: Option<Vec<u8>>) -> Resource {
     }
 }
 
+/// `r` (a workload) with the telemetry fields istiod fills from the pod's labels and owner.
+fn with_telemetry(mut r: Resource, canonical: &str, owner: &str) -> Resource {
+    let mut a: Address = r.resource.as_ref().expect("any").to_msg().expect("decode");
+    if let Some(address::Type::Workload(w)) = &mut a.r#type {
+        w.canonical_name = canonical.into();
+        w.canonical_revision = "v1".into();
+        w.cluster_id = "east".into();
+        w.workload_name = owner.into();
+    }
+    r.resource = Some(Any::from_msg(&a).expect("encode"));
+    r
+}
+
 fn deny_principal(name: &str, principal: &str) -> Resource {
     let a = Authorization {
         name: name.into(),
@@ -539,8 +552,8 @@ fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
         odd_resource(&odd, "1"),
         odd_resource(&addressless, "1"),
         ext_resource,
-        workload(&sleep, "node-a", None),
-        server_backing_ext,
+        with_telemetry(workload(&sleep, "node-a", None), "sleep", "sleep-deploy"),
+        with_telemetry(server_backing_ext, "server", "server-deploy"),
     ];
     state.extend((0..96).map(synthetic));
     let xds_addr = std::net::SocketAddr::new(node_a.underlay_v4().into(), 15010);
@@ -557,7 +570,7 @@ fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
     config_b.enroll(&server);
     config_b.node_addresses = vec![node_b.underlay_v4().into()];
     config_b.extra.insert("xds".into(), xds_section);
-    let _agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let agent_b = bed.start_agent(&config_b).expect("agent-b");
     let agent_a = bed.start_agent(&config_a).expect("agent-a");
 
     let ready = |agent: &ambit_testbed::Agent| {
@@ -620,18 +633,95 @@ fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
     tunnelled(&agent_a);
     // Any address of the block is the service's: it reaches the endpoint over HBONE.
     let in_block: std::net::SocketAddr = "10.50.0.7:80".parse().expect("addr");
-    let mark = agent_a.mark();
+    let (mark, mark_b) = (agent_a.mark(), agent_b.mark());
     let report = sleep.connect(in_block, 1000).expect("client");
     assert!(report.ok, "{report:#?}");
     let out = agent_a
         .wait_for_connection_log(mark, "outbound", in_block, WAIT)
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(log_str(&out, "path"), Some("hbone"), "{out}");
+    // One trace id in both agents' access logs (`traceparent` on the CONNECT).
+    let inb = agent_b
+        .wait_for_connection_log(mark_b, "inbound", dst, WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let trace = log_str(&out, "traceparent").expect("the client's agent started a trace");
+    assert_eq!(trace.len(), 55, "{out}");
+    assert_eq!(log_str(&inb, "traceparent"), Some(trace), "{inb}");
     assert_eq!(
         log_str(&out, "dst.service"),
         Some("default/ext.example.com"),
         "{out}"
     );
+
+    // Istio's full TCP label set, with the values istiod pushed, on both agents (ztunnel's
+    // names and order): the source side of the block's connection, and its destination side,
+    // which learns the service from the tunnel's `Forwarded: host=`.
+    let expected = |reporter: &str| {
+        vec![
+            ("reporter", reporter.to_owned()),
+            ("source_workload", "sleep-deploy".to_owned()),
+            ("source_canonical_service", "sleep".to_owned()),
+            ("source_canonical_revision", "v1".to_owned()),
+            ("source_workload_namespace", "default".to_owned()),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/default/sa/sleep".to_owned(),
+            ),
+            ("source_app", "sleep".to_owned()),
+            ("source_version", "v1".to_owned()),
+            ("source_cluster", "east".to_owned()),
+            ("destination_service", "ext.example.com".to_owned()),
+            ("destination_service_namespace", "default".to_owned()),
+            ("destination_service_name", "ext".to_owned()),
+            ("destination_workload", "server-deploy".to_owned()),
+            ("destination_canonical_service", "server".to_owned()),
+            ("destination_canonical_revision", "v1".to_owned()),
+            ("destination_workload_namespace", "default".to_owned()),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/default/sa/server".to_owned(),
+            ),
+            ("destination_app", "server".to_owned()),
+            ("destination_version", "v1".to_owned()),
+            ("destination_cluster", "east".to_owned()),
+            ("request_protocol", "tcp".to_owned()),
+            ("response_flags", "-".to_owned()),
+            ("connection_security_policy", "mutual_tls".to_owned()),
+        ]
+    };
+    for (node, reporter) in [(&node_a, "source"), (&node_b, "destination")] {
+        let want = expected(reporter);
+        let series = poll(WAIT, || {
+            let m = ambit_testbed::metrics::of_node(node);
+            m.keys()
+                .find(|k| {
+                    k.starts_with("istio_tcp_connections_closed_total{")
+                        && want
+                            .iter()
+                            .all(|(l, v)| k.contains(&format!("{l}=\"{v}\"")))
+                })
+                .cloned()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no {reporter} series with {want:?} in {:#?}",
+                ambit_testbed::metrics::of_node(node)
+                    .keys()
+                    .filter(|k| k.starts_with("istio_tcp_connections_closed_total"))
+                    .collect::<Vec<_>>()
+            )
+        });
+        let names: Vec<&str> = series
+            .trim_start_matches("istio_tcp_connections_closed_total{")
+            .split("\",")
+            .filter_map(|kv| kv.split('=').next())
+            .collect();
+        assert_eq!(
+            names,
+            want.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+            "{series}"
+        );
+    }
 
     // A later fix of the bad one applies it.
     let mut fixed = odd.clone();

@@ -459,11 +459,6 @@ impl PodManager {
             identity: pod.identity.clone(),
             ips: pod.ips.clone(),
             netns,
-            // W3C baggage naming the source pod, as Istio's data plane sends it.
-            baggage: format!(
-                "k8s.namespace.name={},k8s.pod.name={}",
-                pod.namespace, pod.name
-            ),
             hbone_tls: ArcSwapOption::empty(),
             open: Arc::default(),
         });

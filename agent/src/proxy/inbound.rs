@@ -38,6 +38,7 @@ pub async fn handle(
         error: None,
         limit: None,
         authz: None,
+        trace: None,
     };
     let dst = match downstream.local_addr() {
         Ok(a) => super::canonical(a),
@@ -84,6 +85,8 @@ pub async fn handle(
             peer,
             dst,
             client: None,
+            baggage: None,
+            service_host: None,
             counts: &counts,
             start,
         },

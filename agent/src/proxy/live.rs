@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Direction, copy::ByteCounts};
 use crate::{
     identity::Identity,
-    metrics::{Metrics, TcpLabels},
+    metrics::{Metrics, PeerLabels, TcpLabels},
     telemetry::Path,
+    xds::WorkloadMeta,
 };
 
 /// What is known about a connection when it is registered.
@@ -34,8 +35,13 @@ pub struct ConnInfo {
     /// Istio's `workload` label of each side (a Deployment's name), when known.
     pub src_workload_name: Option<Arc<str>>,
     pub dst_workload_name: Option<Arc<str>>,
+    /// Canonical service and revision, cluster of each side, when known.
+    pub src_meta: Option<Arc<WorkloadMeta>>,
+    pub dst_meta: Option<Arc<WorkloadMeta>>,
     /// `namespace/hostname` of the service whose VIP was dialed.
     pub service: Option<String>,
+    /// That service's name (a Kubernetes Service's `metadata.name`).
+    pub service_name: Option<String>,
     /// The destination pod's namespace (what namespace-scoped policies apply to).
     pub dst_namespace: String,
     pub counts: Arc<ByteCounts>,
@@ -50,6 +56,8 @@ pub struct LiveConn {
     /// Fired to close the connection; the reason is read by its handler for the access log.
     close: CancellationToken,
     reason: Mutex<Option<String>>,
+    /// Istio's `response_flags` for its close: `-` unless set (see [`LiveConn::flag`]).
+    flags: Mutex<&'static str>,
 }
 
 impl LiveConn {
@@ -66,8 +74,16 @@ impl LiveConn {
             .clone()
     }
 
+    /// How the connection ends, for the `response_flags` of its close: `DENY` (authorization)
+    /// or `CONNECT` (the destination could not be reached).
+    pub fn flag(&self, flags: &'static str) {
+        *self.flags.lock().unwrap_or_else(|p| p.into_inner()) = flags;
+    }
+
     fn close(&self, reason: String) {
         *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        // Closed because the policy now denies it.
+        self.flag("DENY");
         self.close.cancel();
     }
 }
@@ -90,49 +106,76 @@ impl Drop for Registration<'_> {
     fn drop(&mut self) {
         self.registry.lock().remove(&self.conn.id);
         let counts = &self.conn.info.counts;
-        self.registry
-            .metrics
-            .tcp_closed(&self.conn.labels, counts.sent(), counts.received());
+        let flags = *self.conn.flags.lock().unwrap_or_else(|p| p.into_inner());
+        self.registry.metrics.tcp_closed(
+            &self.conn.labels,
+            flags,
+            counts.sent(),
+            counts.received(),
+        );
     }
 }
 
-/// Istio's labels for a connection: the workload's name (its owner's, from the control plane,
-/// else the pod's) and namespace, `unknown` where not known.
+/// Istio's labels for a connection, as ztunnel fills them: each side's workload (its owner's
+/// name from the control plane, else the pod's), namespace, identity, canonical service and
+/// revision and cluster; the service dialed; `unknown` where not known.
 fn labels(info: &ConnInfo) -> TcpLabels {
-    let split = |w: &Option<String>, name: &Option<Arc<str>>| match w
-        .as_deref()
-        .and_then(|w| w.split_once('/'))
-    {
-        Some((ns, pod)) => (name.as_deref().unwrap_or(pod).to_owned(), ns.to_owned()),
-        None => ("unknown".to_owned(), "unknown".to_owned()),
+    let side = |w: &Option<String>,
+                name: &Option<Arc<str>>,
+                id: &Option<Identity>,
+                meta: &Option<Arc<WorkloadMeta>>| {
+        let mut p = PeerLabels::unknown();
+        if let Some((ns, pod)) = w.as_deref().and_then(|w| w.split_once('/')) {
+            p.workload = name.as_deref().unwrap_or(pod).to_owned();
+            p.namespace = ns.to_owned();
+        }
+        if let Some(id) = id {
+            p.principal = id.to_string();
+        }
+        if let Some(m) = meta.as_deref() {
+            let known = |v: &str, slot: &mut String| {
+                if !v.is_empty() {
+                    *slot = v.to_owned();
+                }
+            };
+            known(&m.canonical_name, &mut p.canonical_service);
+            known(&m.canonical_revision, &mut p.canonical_revision);
+            known(&m.cluster_id, &mut p.cluster);
+        }
+        p
     };
-    let principal = |id: &Option<Identity>| {
-        id.as_ref()
-            .map_or_else(|| "unknown".to_owned(), |i| i.to_string())
+    let (service_namespace, service_host) = match info.service.as_deref() {
+        Some(key) => key.split_once('/').unwrap_or(("unknown", key)),
+        None => ("unknown", "unknown"),
     };
-    let (source_workload, source_workload_namespace) =
-        split(&info.src_workload, &info.src_workload_name);
-    let (destination_workload, destination_workload_namespace) =
-        split(&info.dst_workload, &info.dst_workload_name);
     TcpLabels {
         reporter: match info.direction {
             Direction::Outbound => "source",
             Direction::Inbound => "destination",
         },
-        source_workload,
-        source_workload_namespace,
-        source_principal: principal(&info.src_identity),
-        destination_workload,
-        destination_workload_namespace,
-        destination_principal: principal(&info.dst_identity),
-        destination_service: info
-            .service
-            .as_deref()
-            .map_or("unknown", |s| s.split_once('/').map_or(s, |(_, host)| host))
-            .to_owned(),
+        source: side(
+            &info.src_workload,
+            &info.src_workload_name,
+            &info.src_identity,
+            &info.src_meta,
+        ),
+        destination: side(
+            &info.dst_workload,
+            &info.dst_workload_name,
+            &info.dst_identity,
+            &info.dst_meta,
+        ),
+        destination_service: service_host.to_owned(),
+        destination_service_name: info
+            .service_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "unknown".to_owned()),
+        destination_service_namespace: service_namespace.to_owned(),
+        response_flags: "-",
         connection_security_policy: match info.path {
             Path::Hbone | Path::Waypoint => "mutual_tls",
-            Path::Passthrough => "none",
+            Path::Passthrough => "unknown",
         },
     }
 }
@@ -165,6 +208,7 @@ impl LiveConns {
             labels,
             close: CancellationToken::new(),
             reason: Mutex::new(None),
+            flags: Mutex::new("-"),
         });
         self.lock().insert(id, conn.clone());
         Registration {
@@ -219,7 +263,10 @@ mod tests {
             src_workload_name: None,
             // The owner's name from the control plane, not the pod's.
             dst_workload_name: Some("server-v1".into()),
+            src_meta: None,
+            dst_meta: None,
             service: None,
+            service_name: None,
             dst_namespace: ns.to_owned(),
             counts: Arc::default(),
             start: Instant::now(),
@@ -251,15 +298,26 @@ mod tests {
         assert!(live.is_empty());
         let text = live.metrics().render(&Default::default());
         assert!(
-            text.contains("istio_tcp_received_bytes_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\",destination_workload=\"server-v1\",destination_workload_namespace=\"default\""),
+            text.contains("istio_tcp_received_bytes_total{reporter=\"destination\",source_workload=\"unknown\",source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",source_workload_namespace=\"unknown\",source_principal=\"unknown\""),
             "{text}"
         );
-        assert_eq!(
+        assert!(
+            text.contains("destination_workload=\"server-v1\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",destination_workload_namespace=\"default\""),
+            "{text}"
+        );
+        // The one closed by policy counts its close as DENY, the other as `-`.
+        let closed = |flags: &str| {
             text.lines()
                 .filter(|l| l.starts_with("istio_tcp_connections_closed_total{"))
-                .map(|l| l.rsplit(' ').next().unwrap_or_default())
-                .collect::<Vec<_>>(),
-            ["1", "1"]
+                .filter(|l| l.contains(&format!("response_flags=\"{flags}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(closed("DENY"), ["1"], "{text}");
+        assert_eq!(
+            closed("-").iter().filter(|n| *n == "1").count(),
+            1,
+            "{text}"
         );
     }
 }

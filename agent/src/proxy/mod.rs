@@ -34,7 +34,7 @@ use crate::{
     identity::{Identity, manager::CertManager},
     policy::{self, Decision, PolicyStore},
     redirect::{Netns, OrigDst, netns},
-    state::{Snapshot, Workloads},
+    state::{Snapshot, Workload, Workloads},
     tls::TrustRoots,
     tunnel::{self, client::Pool},
 };
@@ -58,8 +58,6 @@ pub struct PodInfo {
     pub identity: Identity,
     pub ips: Vec<IpAddr>,
     pub netns: Netns,
-    /// W3C baggage describing the pod, sent on its HBONE tunnels (built once).
-    pub baggage: String,
     /// TLS config of the pod's HBONE listener; empty until its first certificate arrives.
     pub hbone_tls: ArcSwapOption<rustls::ServerConfig>,
     /// Connections its listeners hold now (against `limits.maxConnectionsPerPod`).
@@ -221,6 +219,19 @@ impl ProxyContext {
         let snapshot = self.workloads.snapshot();
         let src = snapshot.by_ip(conn.peer.ip());
         let src_workload = src.map(|w| w.display_name());
+        let dst_w = snapshot.by_ip(conn.dst.ip());
+        // A source this agent does not know (another cluster, behind a gateway) is described
+        // for telemetry by the baggage it sent; never for policy, which sees only its identity.
+        let baggage = conn.baggage.filter(|_| src.is_none());
+        // The services istiod says the pod backs (a config pod lists none of its own).
+        let service = dst_w.and_then(|w| {
+            inbound_service(
+                &snapshot,
+                snapshot.telemetry_of(w),
+                conn.dst.port(),
+                conn.service_host,
+            )
+        });
         let live = self.live.register(live::ConnInfo {
             direction: Direction::Inbound,
             path: conn.path,
@@ -228,13 +239,23 @@ impl ProxyContext {
             dst: conn.dst,
             src_identity: conn.client.cloned(),
             dst_identity: Some(pod.identity.clone()),
-            src_workload: src_workload.clone(),
+            src_workload: src_workload.clone().or_else(|| {
+                let b = baggage?;
+                (!b.namespace.is_empty() && !b.workload_name.is_empty())
+                    .then(|| format!("{}/{}", b.namespace, b.workload_name))
+            }),
             dst_workload: Some(pod.key.clone()),
-            src_workload_name: src.map(|w| w.workload_name.clone()),
-            dst_workload_name: snapshot
-                .by_ip(conn.dst.ip())
-                .map(|w| w.workload_name.clone()),
-            service: None,
+            src_workload_name: src.map(|w| snapshot.telemetry_of(w).workload_name.clone()),
+            dst_workload_name: dst_w.map(|w| snapshot.telemetry_of(w).workload_name.clone()),
+            src_meta: src
+                .map(|w| snapshot.telemetry_of(w).meta.clone())
+                .or_else(|| baggage.map(|b| Arc::new(b.meta()))),
+            dst_meta: dst_w.map(|w| snapshot.telemetry_of(w).meta.clone()),
+            service_name: service
+                .as_ref()
+                .and_then(|s| s.def.as_ref())
+                .map(|d| d.name.clone()),
+            service: service.map(|s| s.key.to_string()),
             dst_namespace: pod.identity.namespace().to_owned(),
             counts: conn.counts.clone(),
             start: conn.start,
@@ -244,6 +265,7 @@ impl ProxyContext {
                 self.live
                     .metrics()
                     .denied("inbound", Some("(waypoint bypass)"));
+                live.conn.flag("DENY");
                 Err(why)
             }
             None => {
@@ -256,6 +278,7 @@ impl ProxyContext {
                 );
                 if !d.allowed {
                     self.live.metrics().denied("inbound", d.policy.as_deref());
+                    live.conn.flag("DENY");
                 }
                 for hit in &d.dry_run {
                     tracing::info!(
@@ -277,6 +300,37 @@ impl ProxyContext {
     }
 }
 
+/// The service an inbound connection was for, as ztunnel guesses it for telemetry: the one the
+/// client named (`Forwarded: host=`) among those `w` backs, else the first whose port maps to
+/// `port` on `w`.
+fn inbound_service(
+    snapshot: &Snapshot,
+    w: &Workload,
+    port: u16,
+    host: Option<&str>,
+) -> Option<Arc<crate::state::ServiceEntry>> {
+    let backed = || w.services.iter().filter_map(|r| snapshot.service(&r.key));
+    if let Some(host) = host
+        && let Some(s) = backed().find(|s| s.def.as_ref().is_some_and(|d| d.hostname == host))
+    {
+        return Some(s.clone());
+    }
+    backed()
+        .find(|s| {
+            let own = w.services.iter().find(|r| r.key == s.key);
+            s.def.as_ref().is_some_and(|d| {
+                d.ports.iter().any(|(p, t)| {
+                    let mapped = own
+                        .and_then(|r| r.ports.iter().find(|(sp, tp)| sp == p && *tp != 0))
+                        .map(|(_, tp)| *tp)
+                        .unwrap_or(if *t != 0 { *t } else { *p });
+                    mapped == port
+                })
+            })
+        })
+        .cloned()
+}
+
 /// A new inbound connection, as [`ProxyContext::admit`] judges it.
 pub struct InboundConn<'a> {
     pub path: crate::telemetry::Path,
@@ -284,6 +338,10 @@ pub struct InboundConn<'a> {
     pub dst: SocketAddr,
     /// The client's verified identity (HBONE); `None` in plaintext.
     pub client: Option<&'a Identity>,
+    /// What the client's `baggage` says it is (HBONE; telemetry only).
+    pub baggage: Option<&'a crate::tunnel::metadata::Baggage>,
+    /// The service host the client's `Forwarded` header named (HBONE; telemetry only).
+    pub service_host: Option<&'a str>,
     pub counts: &'a Arc<copy::ByteCounts>,
     pub start: Instant,
 }
@@ -593,6 +651,7 @@ fn refuse_over_limit(
                 error: Some((copy::Side::Internal, hit.to_string())),
                 limit: Some(hit.limit.reason()),
                 authz: None,
+                trace: None,
             }
             .emit();
         }

@@ -26,6 +26,7 @@ use crate::{
     tunnel::{
         self, TcpSide,
         client::{PoolKey, TunnelHeaders},
+        metadata::{self, Baggage},
     },
     xds::{GatewayDestination, XdsGateway},
 };
@@ -57,6 +58,7 @@ pub async fn handle(
         error: None,
         limit: None,
         authz: None,
+        trace: None,
     };
     let Some(dst) = ctx.orig_dst.lookup(pod.netns.cookie(), peer) else {
         // Not redirected by connect4 (someone dialed 15001 directly), or the client is gone.
@@ -113,6 +115,8 @@ pub async fn handle(
         (None, None) => None,
     };
     log.dst_workload = dst_name.as_deref();
+    let src_workload = snapshot.by_ip(src_ip);
+    let src_meta = src_workload.map(|w| snapshot.telemetry_of(w).meta.clone());
     let conn_info = |path, dst_identity| ConnInfo {
         direction: super::Direction::Outbound,
         path,
@@ -122,9 +126,22 @@ pub async fn handle(
         dst_identity,
         src_workload: Some(pod.key.clone()),
         dst_workload: dst_name.clone(),
-        src_workload_name: snapshot.by_ip(src_ip).map(|w| w.workload_name.clone()),
-        dst_workload_name: route.workload.as_ref().map(|w| w.workload_name.clone()),
+        src_workload_name: src_workload.map(|w| snapshot.telemetry_of(w).workload_name.clone()),
+        dst_workload_name: route
+            .workload
+            .as_ref()
+            .map(|w| snapshot.telemetry_of(w).workload_name.clone()),
+        src_meta: src_meta.clone(),
+        dst_meta: route
+            .workload
+            .as_ref()
+            .map(|w| snapshot.telemetry_of(w).meta.clone()),
         service: service_key.as_deref().map(str::to_owned),
+        service_name: route
+            .service
+            .as_ref()
+            .and_then(|s| s.def.as_ref())
+            .map(|d| d.name.clone()),
         dst_namespace: route
             .workload
             .as_ref()
@@ -151,7 +168,7 @@ pub async fn handle(
         _ => {
             // Not a mesh workload: plaintext, as before capture. Registered (and counted as
             // opened) before connecting, so failed connections are counted too.
-            let _live = ctx.live.register(conn_info(Path::Passthrough, None));
+            let live = ctx.live.register(conn_info(Path::Passthrough, None));
             let upstream = match super::upstream_socket(&pod.netns, dst, None) {
                 Ok(s) => tokio::select! {
                     r = super::connect(s, dst) => r,
@@ -166,6 +183,7 @@ pub async fn handle(
             let upstream = match upstream {
                 Ok(u) => u,
                 Err(e) => {
+                    live.conn.flag("CONNECT");
                     log.error = Some((Side::Upstream, format!("connect to {dst} failed: {e}")));
                     log.emit();
                     return;
@@ -182,9 +200,24 @@ pub async fn handle(
     log.path = path;
     // The identity the tunnel verifies: the destination's, or its waypoint's.
     log.dst_identity = Some(&expected_identity);
-    let _live = ctx
+    let live = ctx
         .live
         .register(conn_info(path, Some(expected_identity.clone())));
+    // Telemetry for the destination (it may know us only by this): who we are, and a trace id
+    // both agents log.
+    let baggage = match src_workload {
+        Some(w) => {
+            let t = snapshot.telemetry_of(w);
+            Baggage::of(&w.namespace, &t.workload_name, &t.meta)
+        }
+        None => Baggage {
+            namespace: pod.identity.namespace().to_owned(),
+            ..Baggage::default()
+        },
+    }
+    .header_value();
+    let traceparent = metadata::new_traceparent();
+    log.trace = Some(&traceparent);
     let cert = match ctx.certs.get(&pod.identity, CERT_WAIT).await {
         Ok(c) => c,
         Err(e) => {
@@ -212,8 +245,13 @@ pub async fn handle(
         authority,
         TunnelHeaders {
             client_ip: src_ip,
-            traceparent: None,
-            baggage: Some(&pod.baggage),
+            traceparent: Some(&traceparent),
+            baggage: Some(&baggage),
+            service_host: route
+                .service
+                .as_ref()
+                .and_then(|s| s.def.as_ref())
+                .map(|d| d.hostname.as_str()),
         },
     );
     // A client that gives up while the tunnel is being opened cancels it.
@@ -228,6 +266,11 @@ pub async fn handle(
     let tunnel = match tunnel {
         Ok(t) => t,
         Err(e) => {
+            if e.denied() {
+                live.conn.flag("DENY");
+            } else {
+                live.conn.flag("CONNECT");
+            }
             let e = match &route.waypoint {
                 // Never a fallback around it: its L7 policy would be skipped.
                 Some(hop) => format!("waypoint {} at {} failed: {e}", hop.name, hop.addr),

@@ -437,6 +437,13 @@ impl Snapshot {
         self.shadowed.get(w.ips().first()?)
     }
 
+    /// The workload telemetry describes `w` by (its `workload_name` and `meta`): for a config
+    /// workload istiod also describes, istiod's (the config has no owner, canonical names or
+    /// locality), else `w`.
+    pub fn telemetry_of<'s>(&'s self, w: &'s Workload) -> &'s Workload {
+        self.xds_twin(w).map_or(w, |t| t)
+    }
+
     /// Every workload, in no particular order.
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.by_uid.iter().map(|w| &w.0)

@@ -77,14 +77,28 @@ pub enum Error {
     Tls2(#[from] tls::Error),
 }
 
+impl Error {
+    /// The destination refused by policy (401, or 403 from older Ambit agents).
+    pub fn denied(&self) -> bool {
+        matches!(self, Error::Status { status, .. }
+            if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
+    }
+}
+
 /// What a `CONNECT` status means, for operators.
 fn status_meaning(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 => "bad request: the destination does not host that address or port",
-        401 => "unauthorized: the destination did not accept our identity",
+        400 => "bad request: the destination does not host that address",
+        // ztunnel and Ambit answer a policy denial with 401; the TLS handshake, not a status,
+        // is where an identity is refused.
+        401 => {
+            "unauthorized: denied by the destination's authorization policy (or the destination \
+             did not accept our identity for that target)"
+        }
         403 => "forbidden: denied by the destination's authorization policy",
         503 => {
-            "service unavailable: the destination app refused the connection or is not listening"
+            "service unavailable: the destination app refused the connection or is not \
+             listening, the port is not served there, or the destination is at a limit"
         }
         _ => "unexpected status",
     }
@@ -220,10 +234,13 @@ impl Drop for StreamGuard {
 pub struct TunnelHeaders<'a> {
     /// The original client's IP, sent as `Forwarded: for=...`.
     pub client_ip: IpAddr,
-    /// W3C trace context to propagate, if the connection has one.
+    /// W3C trace context (the agent starts one per connection, as ztunnel does).
     pub traceparent: Option<&'a str>,
     /// W3C baggage describing the source workload (Istio peers read `k8s.*` keys from it).
     pub baggage: Option<&'a str>,
+    /// The hostname of the service the client dialed, sent as `Forwarded: ...;host=` (ztunnel
+    /// reads it for the destination's `destination_service` label).
+    pub service_host: Option<&'a str>,
 }
 
 impl Pool {
@@ -553,10 +570,14 @@ pub async fn request(
     headers: &TunnelHeaders<'_>,
 ) -> Result<(SendStream<Bytes>, RecvStream), Error> {
     let h2err = |cause| Error::H2 { addr, cause };
-    let forwarded = match headers.client_ip {
+    let mut forwarded = match headers.client_ip {
         IpAddr::V4(ip) => format!("for={ip}"),
         IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
     };
+    if let Some(host) = headers.service_host {
+        forwarded.push_str(";host=");
+        forwarded.push_str(host);
+    }
     let mut req = Request::builder()
         .method(Method::CONNECT)
         .uri(authority.to_string())

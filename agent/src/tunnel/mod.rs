@@ -13,6 +13,7 @@
 //! bytes read from TCP to h2 without copying them again.
 
 pub mod client;
+pub mod metadata;
 pub mod server;
 pub mod stream;
 

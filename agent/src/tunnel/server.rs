@@ -28,7 +28,7 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, TcpSide};
+use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, TcpSide, metadata};
 use crate::{
     identity::Identity,
     proxy::{
@@ -381,6 +381,7 @@ async fn serve_stream(
         error: None,
         limit: None,
         authz: None,
+        trace: None,
     };
     let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
         let resp = Response::builder().status(status).body(());
@@ -412,13 +413,22 @@ async fn serve_stream(
         }
     };
     log.dst = Some(dst);
-    if !pod.ips.contains(&dst.ip())
-        || [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&dst.port())
-    {
+    // Statuses as ztunnel answers them, so either kind of client reads them the same: 400 for
+    // an address that is not this pod's, 503 for the agent's own ports (its `SelfCall`).
+    if !pod.ips.contains(&dst.ip()) {
         refuse(&mut respond, StatusCode::BAD_REQUEST);
         log.error = Some((
             Side::Downstream,
             format!("CONNECT to {dst}: not an address of pod {}", pod.key),
+        ));
+        log.emit();
+        return;
+    }
+    if [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&dst.port()) {
+        refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        log.error = Some((
+            Side::Downstream,
+            format!("CONNECT to {dst}: port {} is the agent's own", dst.port()),
         ));
         log.emit();
         return;
@@ -446,6 +456,11 @@ async fn serve_stream(
         log.emit();
         return;
     }
+    // Telemetry the client sent (never used for identity or policy).
+    let trace = metadata::traceparent(request.headers());
+    log.trace = trace.as_deref();
+    let peer_baggage = metadata::Baggage::parse(request.headers());
+    let service_host = metadata::forwarded_host(request.headers());
     let admission = ctx.admit(
         &pod,
         proxy::InboundConn {
@@ -453,6 +468,8 @@ async fn serve_stream(
             peer,
             dst,
             client: Some(&client_id),
+            baggage: Some(&peer_baggage),
+            service_host: service_host.as_deref(),
             counts: &counts,
             start,
         },
@@ -462,8 +479,8 @@ async fn serve_stream(
     let decision = match admission.outcome {
         Ok(d) => d,
         Err(why) => {
-            // 403, as for a policy denial: the client's agent did not route through the waypoint.
-            refuse(&mut respond, StatusCode::FORBIDDEN);
+            // As a policy denial: the client's agent did not route through the waypoint.
+            refuse(&mut respond, StatusCode::UNAUTHORIZED);
             log.error = Some((Side::Downstream, why));
             log.emit();
             return;
@@ -472,8 +489,9 @@ async fn serve_stream(
     let allowed = decision.allowed;
     log.authz = Some(decision);
     if !allowed {
-        // 403, as Istio peers expect for a policy denial; nothing reaches the app.
-        refuse(&mut respond, StatusCode::FORBIDDEN);
+        // 401, ztunnel's answer to a policy denial (its `AuthorizationPolicyRejection`);
+        // nothing reaches the app.
+        refuse(&mut respond, StatusCode::UNAUTHORIZED);
         log.error = Some((
             Side::Downstream,
             "denied by authorization policy".to_owned(),
@@ -490,6 +508,7 @@ async fn serve_stream(
         Ok(u) => u,
         Err(e) => {
             refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            live.conn.flag("CONNECT");
             log.error = Some((
                 Side::Upstream,
                 format!("connect to app at {dst} failed: {e}"),
@@ -498,7 +517,18 @@ async fn serve_stream(
             return;
         }
     };
-    let ok = Response::builder().status(StatusCode::OK).body(());
+    // The destination's baggage on the 200, as ztunnel answers, for the client's telemetry.
+    let snapshot = ctx.workloads.snapshot();
+    let baggage = snapshot.by_ip(dst.ip()).map(|w| {
+        let t = snapshot.telemetry_of(w);
+        metadata::Baggage::of(&w.namespace, &t.workload_name, &t.meta).header_value()
+    });
+    drop(snapshot);
+    let mut ok = Response::builder().status(StatusCode::OK);
+    if let Some(b) = baggage.filter(|b| !b.is_empty()) {
+        ok = ok.header("baggage", b);
+    }
+    let ok = ok.body(());
     let send = match ok.map(|r| respond.send_response(r, false)) {
         Ok(Ok(send)) => send,
         Ok(Err(e)) => {

@@ -422,6 +422,7 @@ impl Upstream {
                     client_ip: local_ip,
                     traceparent: None,
                     baggage: None,
+                    service_host: None,
                 },
             )
             .await
