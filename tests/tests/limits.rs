@@ -50,6 +50,15 @@ fn bed(extra_b: serde_json::Value, extra_a: serde_json::Value) -> Bed {
     }
     let mut config_b = bed.agent_config(&node_b);
     config_b.enroll(&server);
+    // The server backs a service, for the service-hostname CONNECT test.
+    if let Some(p) = config_b.pods.iter_mut().find(|p| p.name == server.name()) {
+        p.services = vec!["default/echo".into()];
+    }
+    config_b.extra.insert(
+        "services".into(),
+        json!([{"namespace": "default", "name": "echo", "vips": ["10.96.7.7"],
+                "ports": [{"port": 80, "targetPort": PORT}]}]),
+    );
     for (k, v) in extra_b.as_object().into_iter().flatten() {
         config_b.extra.insert(k.clone(), v.clone());
     }
@@ -364,4 +373,66 @@ fn a_pod_over_its_connection_budget_is_refused_with_the_limit_named() {
     }
     // Room again once they are done.
     b.others_flow(2, "after the held connections ended");
+}
+
+/// ztunnel's service-hostname `CONNECT` (`host:port`, as east-west gateways send it) reaches the
+/// pod on the port it serves that service on; a hostname the pod does not back, or a port the
+/// service lacks, is a 503 as ztunnel answers.
+#[test]
+fn a_service_hostname_connect_reaches_the_pod_that_backs_it() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let b = bed(json!({}), json!({}));
+    let mark = b.agent_b.mark();
+    let mut h2 = b.attack();
+    h2.connect(1, "echo.default.svc.cluster.local:80", 0);
+    h2.connect(3, "other.default.svc.cluster.local:80", 0);
+    h2.connect(5, "echo.default.svc.cluster.local:81", 0);
+    h2.flush().expect("send");
+    let (frames, _) = h2
+        .read_frames(WAIT, |fs| {
+            fs.iter().filter(|f| f.kind == HEADERS).count() >= 3
+        })
+        .expect("read the answers");
+    let status_200 = |id: u32| {
+        frames
+            .iter()
+            .find(|f| f.kind == HEADERS && f.stream == id)
+            .map(|f| f.payload.first() == Some(&0x88))
+    };
+    assert_eq!(
+        status_200(1),
+        Some(true),
+        "the backed service: 200 {frames:?}"
+    );
+    assert_eq!(
+        status_200(3),
+        Some(false),
+        "a service it does not back: refused"
+    );
+    assert_eq!(
+        status_200(5),
+        Some(false),
+        "a port the service lacks: refused"
+    );
+    // The served stream is logged when it ends.
+    drop(h2);
+    let served = b
+        .agent_b
+        .wait_for_connection_log(mark, "inbound", b.server.v4(PORT), WAIT)
+        .expect("the hostname CONNECT went to the pod's port 8080");
+    assert_eq!(log_str(&served, "src.identity"), Some(ATTACKER), "{served}");
+    for why in [
+        "backs no service other.default.svc.cluster.local",
+        "has no port 81",
+    ] {
+        b.agent_b
+            .wait_for_access_log_after(
+                mark,
+                |v| log_str(v, "error").is_some_and(|e| e.contains(why)),
+                WAIT,
+            )
+            .unwrap_or_else(|e| panic!("{why}: {e:#}"));
+    }
 }

@@ -354,6 +354,52 @@ async fn server_config(ctx: &ProxyContext, pod: &PodInfo) -> Option<Arc<rustls::
     pod.hbone_server_config()
 }
 
+/// The address a service-hostname `CONNECT` (`host:port`) reaches in `pod`: the pod's address of
+/// the client's family and the port `pod` serves the service's `port` on. Only a service the pod
+/// backs (stricter than ztunnel, which takes any service of that name and sends to the pod).
+fn by_hostname(
+    ctx: &ProxyContext,
+    pod: &PodInfo,
+    host: &str,
+    port: u16,
+    peer: SocketAddr,
+) -> Result<SocketAddr, String> {
+    let like = pod
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == peer.ip().to_canonical().is_ipv4())
+        .or(pod.ips.first())
+        .copied()
+        .ok_or_else(|| format!("pod {} has no address", pod.key))?;
+    let snapshot = ctx.workloads.snapshot();
+    let w = snapshot
+        .by_ip(like)
+        .ok_or_else(|| format!("pod {} is not a known workload", pod.key))?;
+    let w = snapshot.telemetry_of(w);
+    let service = w
+        .services
+        .iter()
+        .filter_map(|r| snapshot.service(&r.key))
+        .find(|s| s.def.as_ref().is_some_and(|d| d.hostname == host))
+        .ok_or_else(|| {
+            format!(
+                "CONNECT to {host}:{port}: pod {} backs no service {host}",
+                pod.key
+            )
+        })?;
+    let (_, target) = service
+        .candidates(like, port)
+        .find(|(e, _)| e.uid() == w.uid())
+        .filter(|_| service.has_port(port))
+        .ok_or_else(|| {
+            format!(
+                "CONNECT to {host}:{port}: service {} has no port {port} on pod {}",
+                service.key, pod.key
+            )
+        })?;
+    Ok(SocketAddr::new(like, target.port()))
+}
+
 async fn serve_stream(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodInfo>,
@@ -399,14 +445,34 @@ async fn serve_stream(
         log.emit();
         return;
     }
-    let authority = request.uri().authority().map(|a| a.as_str().to_owned());
-    let dst = match authority.as_deref().map(str::parse::<SocketAddr>) {
+    let authority = request.uri().authority().cloned();
+    let dst = match authority.as_ref().map(|a| a.as_str().parse::<SocketAddr>()) {
         Some(Ok(a)) => proxy::canonical(a),
+        // ztunnel's service-hostname form (`reviews.shop.svc.cluster.local:9080`, used through
+        // east-west gateways): a service this pod backs, on the port it maps to here.
+        Some(Err(_)) if authority.as_ref().is_some_and(|a| a.port_u16().is_some()) => {
+            let a = authority.as_ref().expect("checked");
+            let port = a.port_u16().expect("checked");
+            match by_hostname(&ctx, &pod, a.host(), port, peer) {
+                Ok(dst) => dst,
+                Err(why) => {
+                    // 503, as ztunnel answers a hostname it cannot serve (`NoHostname`,
+                    // `NoPortForServices`).
+                    refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                    log.error = Some((Side::Downstream, why));
+                    log.emit();
+                    return;
+                }
+            }
+        }
         _ => {
             refuse(&mut respond, StatusCode::BAD_REQUEST);
             log.error = Some((
                 Side::Downstream,
-                format!("CONNECT authority {authority:?} is not an ip:port"),
+                format!(
+                    "CONNECT authority {:?} is not ip:port or service-hostname:port",
+                    authority.as_ref().map(|a| a.as_str())
+                ),
             ));
             log.emit();
             return;
