@@ -278,6 +278,35 @@ pub struct ServicePort {
     /// Default: the same as `port`.
     #[serde(default)]
     pub target_port: Option<u16>,
+    /// What the port speaks (Kubernetes' `appProtocol`), for the waypoint: `http`, `http2`,
+    /// `grpc`, `tcp`, `tls`. Unset: the waypoint sends gRPC as HTTP/2 and the rest as HTTP/1.1.
+    #[serde(default)]
+    pub app_protocol: Option<AppProtocol>,
+}
+
+/// A port's application protocol (istiod's `AppProtocol`, from a Service port's `appProtocol`
+/// or name prefix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1.
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+    Tls,
+}
+
+impl AppProtocol {
+    /// Whether a waypoint speaks HTTP/2 to the endpoints of a port of this protocol (`None`: it
+    /// cannot tell, and decides by the request).
+    pub fn http2(self) -> Option<bool> {
+        match self {
+            AppProtocol::Http2 | AppProtocol::Grpc => Some(true),
+            AppProtocol::Http => Some(false),
+            AppProtocol::Tcp | AppProtocol::Tls => None,
+        }
+    }
 }
 
 impl ServicePort {

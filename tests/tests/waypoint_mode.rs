@@ -623,7 +623,7 @@ fn grpc_is_carried_over_http2_end_to_end() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let m = mesh(|w| {
+    let mut m = mesh(|w| {
         w.insert(
             "routes".into(),
             json!([{"name": "to-v1", "parentRefs": [{"name": "echo"}],
@@ -693,4 +693,23 @@ fn grpc_is_carried_over_http2_end_to_end() {
         )
         .expect("waypoint access log");
     assert_eq!(log_str(&log, "dst.workload"), Some("default/v1"), "{log}");
+
+    // A plain HTTP/1.1 request is sent as HTTP/1.1, which this endpoint refuses, until the port
+    // declares its protocol (`appProtocol`, istiod's `Port.app_protocol`): then HTTP/2.
+    let plain = format!("http://{ECHO_VIP}/plain");
+    let replies = curl(&m.client, &[&plain]);
+    assert_ne!(
+        replies[0].status, 200,
+        "HTTP/1.1 to an h2c-only server: {replies:?}"
+    );
+    let mut declared = services(&m.waypoint_pod.ipv4().to_string());
+    declared[1]["ports"][0]["appProtocol"] = json!("http2");
+    m.waypoint_config.extra.insert("services".into(), declared);
+    m.waypoint.reload(&m.waypoint_config).expect("reload");
+    let replies = curl(&m.client, &[&plain]);
+    assert_eq!(replies[0].status, 200, "{replies:?}");
+    assert_eq!(
+        replies[0].body, "served over HTTP/2.0",
+        "the declared protocol chose HTTP/2: {replies:?}"
+    );
 }

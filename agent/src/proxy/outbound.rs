@@ -551,6 +551,7 @@ mod tests {
             vip_ranges: Vec::new(),
             passthrough: false,
             ports: vec![(80, 8080)],
+            protocols: Vec::new(),
             waypoint: service_waypoint.map(|a| XdsGateway {
                 destination: GatewayDestination::Address(ip(a)),
                 hbone_mtls_port: 15008,
@@ -622,6 +623,7 @@ mod tests {
                 vip_ranges: ranges.iter().map(|r| r.parse().expect("cidr")).collect(),
                 passthrough,
                 ports: vec![(80, 8080)],
+                protocols: Vec::new(),
                 waypoint: None,
             };
             (format!("default/{host}"), AddressResource::Service(s))

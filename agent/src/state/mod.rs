@@ -253,11 +253,21 @@ pub struct ServiceDef {
     /// `(service_port, target_port)`; a target of 0 means the endpoint's own mapping, or else
     /// the service port.
     pub ports: Vec<(u16, u16)>,
+    /// What the ports speak, where known (`app_protocol` / `appProtocol`).
+    pub protocols: Vec<(u16, crate::config::AppProtocol)>,
     pub waypoint: Option<XdsGateway>,
     pub source: Source,
 }
 
 impl ServiceDef {
+    /// What service port `port` speaks, if declared.
+    pub fn protocol(&self, port: u16) -> Option<crate::config::AppProtocol> {
+        self.protocols
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, a)| *a)
+    }
+
     /// `namespace/hostname`, the key workloads use for it.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)

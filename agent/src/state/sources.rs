@@ -221,6 +221,11 @@ impl Writer {
                     .iter()
                     .map(|p| (p.port, p.target_port.unwrap_or(0)))
                     .collect(),
+                protocols: s
+                    .ports
+                    .iter()
+                    .filter_map(|p| Some((p.port, p.app_protocol?)))
+                    .collect(),
                 waypoint: s.waypoint.map(gateway),
                 source: Source::Config,
             }));
@@ -348,6 +353,7 @@ fn service_from_xds(s: XdsService) -> ServiceDef {
         vip_ranges: s.vip_ranges,
         passthrough: s.passthrough,
         ports: s.ports,
+        protocols: s.protocols,
         waypoint: s.waypoint,
         source: Source::Xds,
     }

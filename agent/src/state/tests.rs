@@ -59,6 +59,7 @@ fn xs(host: &str, vip: &str, ports: &[(u16, u16)]) -> XdsService {
         vip_ranges: Vec::new(),
         passthrough: false,
         ports: ports.to_vec(),
+        protocols: Vec::new(),
         waypoint: None,
     }
 }

@@ -34,6 +34,7 @@ use super::{
     upstream::{Body, BoxError, Checkout, Failure, Upstream, backoff},
 };
 use crate::{
+    config::AppProtocol,
     identity::Identity,
     proxy,
     state::{ServiceEntry, Snapshot, Workload, Workloads},
@@ -669,6 +670,12 @@ async fn route_request(
         }
     };
     let snapshot = ctx.state.snapshot();
+    // What the backend's port speaks, when istiod (`app_protocol`) or the config says.
+    let declared = backend_key
+        .as_deref()
+        .and_then(|k| snapshot.service(k))
+        .and_then(|s| s.def.as_ref())
+        .and_then(|d| d.protocol(port));
     let candidates: Vec<(Arc<Workload>, SocketAddr)> = match (&backend_key, &tunnel.target) {
         (Some(key), _) => match snapshot.service(key) {
             Some(svc) => svc.candidates(tunnel.dst.ip(), port).collect(),
@@ -690,14 +697,17 @@ async fn route_request(
     // The request as the endpoint gets it: origin-form, HTTP/1.1, with Host.
     let (mut parts, body) = req.into_parts();
     let idempotent = is_idempotent(&parts.method);
-    // gRPC needs HTTP/2 (and trailers) end to end; everything else goes to endpoints as
-    // HTTP/1.1, which every HTTP server speaks.
-    let grpc = parts.version == Version::HTTP_2
+    // The port's declared protocol decides HTTP/1.1 or HTTP/2 to the endpoints; without one,
+    // gRPC (which needs HTTP/2 and trailers end to end) is recognised by its content type and
+    // everything else goes as HTTP/1.1, which every HTTP server speaks.
+    let looks_grpc = parts.version == Version::HTTP_2
         && parts
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|t| t.starts_with("application/grpc"));
+    let upstream_h2 = declared.and_then(AppProtocol::http2).unwrap_or(looks_grpc);
+    let wants_trailers = looks_grpc || declared == Some(AppProtocol::Grpc);
     let authority = parts
         .uri
         .authority()
@@ -718,11 +728,13 @@ async fn route_request(
         parts.headers.insert(header::HOST, v);
     }
     strip_hop_by_hop(&mut parts.headers);
-    if grpc {
-        // The one TE value HTTP/2 allows, and gRPC requires.
-        parts
-            .headers
-            .insert(header::TE, HeaderValue::from_static("trailers"));
+    if upstream_h2 {
+        if wants_trailers {
+            // The one TE value HTTP/2 allows, and gRPC requires.
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         parts.headers.remove(header::HOST);
     }
     if let Ok(v) = HeaderValue::from_str(&record.request_id) {
@@ -744,14 +756,14 @@ async fn route_request(
         Some(q) => format!("{}?{q}", record.path),
         None => record.path.clone(),
     };
-    if grpc {
+    if upstream_h2 {
         // HTTP/2 carries the authority in the URI (`:authority`), not in Host.
         target = format!("http://{authority}{target}");
     }
     parts.uri = target
         .parse::<Uri>()
         .unwrap_or_else(|_| Uri::from_static("/"));
-    parts.version = if grpc {
+    parts.version = if upstream_h2 {
         Version::HTTP_2
     } else {
         Version::HTTP_11
@@ -817,7 +829,7 @@ async fn route_request(
                 // A streamed body went with the first try: no more tries.
                 (None, None) => break,
             };
-            let sent = if grpc {
+            let sent = if upstream_h2 {
                 ctx.upstream
                     .send_h2(workload, *addr, tunnel.local_ip, build(body))
                     .await

@@ -11,7 +11,7 @@ use ambit_proto::istio::workload::{
 };
 
 use super::Error;
-use crate::{identity::Identity, policy::Cidr};
+use crate::{config::AppProtocol, identity::Identity, policy::Cidr};
 
 /// The trust domain of a workload whose `trust_domain` is empty (the mesh default).
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -117,6 +117,8 @@ pub struct XdsService {
     /// `(service_port, target_port)`. A `target_port` of 0 means "the same as the service port"
     /// unless the endpoint's own mapping ([`WorkloadService::ports`]) says otherwise.
     pub ports: Vec<(u16, u16)>,
+    /// The service ports whose `app_protocol` istiod knows (UNKNOWN ones are left out).
+    pub protocols: Vec<(u16, AppProtocol)>,
     /// The waypoint traffic to it must go through (not enforced yet; kept for later).
     pub waypoint: Option<XdsGateway>,
 }
@@ -339,6 +341,23 @@ fn service_from_proto(s: pb::Service) -> Result<XdsService, Error> {
         .as_ref()
         .is_some_and(|lb| lb.mode == load_balancing::Mode::Passthrough as i32);
     let ports = ports(&s.ports).map_err(|why| bad(format!("ports: {why}")))?;
+    // An unknown value (a newer istiod's) is read as UNKNOWN: the waypoint then decides by the
+    // request, as without it.
+    let protocols = s
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let proto = match pb::AppProtocol::try_from(p.app_protocol).ok()? {
+                pb::AppProtocol::Http11 => AppProtocol::Http,
+                pb::AppProtocol::Http2 => AppProtocol::Http2,
+                pb::AppProtocol::Grpc => AppProtocol::Grpc,
+                pb::AppProtocol::Tcp => AppProtocol::Tcp,
+                pb::AppProtocol::Tls => AppProtocol::Tls,
+                pb::AppProtocol::Unknown => return None,
+            };
+            Some((u16::try_from(p.service_port).ok()?, proto))
+        })
+        .collect();
     let waypoint = s
         .waypoint
         .map(|g| gateway(g).map_err(|why| bad(format!("waypoint: {why}"))))
@@ -351,6 +370,7 @@ fn service_from_proto(s: pb::Service) -> Result<XdsService, Error> {
         vip_ranges,
         passthrough,
         ports,
+        protocols,
         waypoint,
     })
 }
@@ -491,11 +511,24 @@ mod tests {
                 address: vec![10, 96, 0, 1],
                 length: None,
             }],
-            ports: vec![Port {
-                service_port: 80,
-                target_port: 0,
-                app_protocol: 0,
-            }],
+            ports: vec![
+                Port {
+                    service_port: 80,
+                    target_port: 0,
+                    app_protocol: 0,
+                },
+                Port {
+                    service_port: 9090,
+                    target_port: 0,
+                    app_protocol: pb::AppProtocol::Grpc.into(),
+                },
+                // A newer istiod's value: read as UNKNOWN.
+                Port {
+                    service_port: 9091,
+                    target_port: 0,
+                    app_protocol: 42,
+                },
+            ],
             ..Default::default()
         };
         let a = pb::Address {
@@ -505,7 +538,8 @@ mod tests {
             panic!("not a service");
         };
         assert_eq!(s.vips, vec![IpAddr::from([10, 96, 0, 1])]);
-        assert_eq!(s.ports, vec![(80, 0)]);
+        assert_eq!(s.ports, vec![(80, 0), (9090, 0), (9091, 0)]);
+        assert_eq!(s.protocols, vec![(9090, AppProtocol::Grpc)]);
         assert_eq!(s.key(), "default/echo.default.svc.cluster.local");
     }
 
