@@ -156,6 +156,8 @@ pub struct AccessLog<'a> {
     /// The W3C `traceparent` of the tunnel (sent outbound, received inbound), to find one
     /// connection in both agents' logs.
     pub trace: Option<&'a str>,
+    /// Why the endpoint was chosen, when the service keeps traffic local.
+    pub locality: Option<&'a str>,
 }
 
 impl AccessLog<'_> {
@@ -188,6 +190,7 @@ impl AccessLog<'_> {
             authz.policy = self.authz.as_ref().and_then(|d| d.policy.as_deref()),
             authz.decision = self.authz.as_ref().map(|d| tracing::field::display(d.describe())),
             traceparent = self.trace,
+            dst.locality = self.locality,
             "connection complete"
         );
     }

@@ -741,3 +741,174 @@ fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
     ready(&agent_a).expect("ready after the restart");
     tunnelled(&agent_a);
 }
+
+/// istiod's locality preferences (`Service.load_balancing`, e.g. from `trafficDistribution` or
+/// `internalTrafficPolicy: Local`) keep node-a's client on node-a's endpoint while it is healthy;
+/// FAILOVER then takes node-b's, STRICT refuses.
+#[test]
+fn locality_preferences_keep_traffic_on_the_node_then_fail_over_or_refuse() {
+    use ambit_proto::istio::workload::{LoadBalancing, WorkloadStatus, load_balancing};
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
+    let node_a = bed.add_node("node-a").expect("node-a");
+    let node_b = bed.add_node("node-b").expect("node-b");
+    let sleep = bed
+        .add_pod_in(&node_a, "sleep", "default", "sleep")
+        .expect("sleep");
+    let near = bed
+        .add_pod_in(&node_a, "web-a", "default", "web")
+        .expect("web-a");
+    let far = bed
+        .add_pod_in(&node_b, "web-b", "default", "web")
+        .expect("web-b");
+    let near_echo = near.serve(PORT).expect("echo a");
+    let far_echo = far.serve(PORT).expect("echo b");
+    let vip: std::net::SocketAddr = "10.96.9.9:80".parse().expect("vip");
+
+    let backing = |pod: &Pod, node: &str, healthy: bool| {
+        let mut r = workload(pod, node, None);
+        let mut a: Address = r.resource.as_ref().expect("any").to_msg().expect("decode");
+        if let Some(address::Type::Workload(w)) = &mut a.r#type {
+            w.services.insert(
+                "default/web.default.svc.cluster.local".into(),
+                PortList {
+                    ports: vec![Port {
+                        service_port: 80,
+                        target_port: u32::from(PORT),
+                        app_protocol: 0,
+                    }],
+                },
+            );
+            if !healthy {
+                w.status = WorkloadStatus::Unhealthy.into();
+            }
+        }
+        r.resource = Some(Any::from_msg(&a).expect("encode"));
+        r.version = if healthy { "1" } else { "2" }.into();
+        r
+    };
+    let web = |mode: load_balancing::Mode, version: &str| {
+        let s = Service {
+            name: "web".into(),
+            namespace: "default".into(),
+            hostname: "web.default.svc.cluster.local".into(),
+            addresses: vec![NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 9, 9],
+                length: None,
+            }],
+            ports: vec![Port {
+                service_port: 80,
+                target_port: u32::from(PORT),
+                app_protocol: 0,
+            }],
+            load_balancing: Some(LoadBalancing {
+                routing_preference: vec![load_balancing::Scope::Node.into()],
+                mode: mode.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Resource {
+            name: "default/web.default.svc.cluster.local".into(),
+            version: version.into(),
+            resource: Some(
+                Any::from_msg(&Address {
+                    r#type: Some(address::Type::Service(s)),
+                })
+                .expect("encode"),
+            ),
+            ..Default::default()
+        }
+    };
+    let xds_addr = std::net::SocketAddr::new(node_a.underlay_v4().into(), 15010);
+    let xds = XdsServer::start_in_netns(&node_a.netns_path(), xds_addr).expect("xDS server");
+    xds.push(
+        ADDRESS_TYPE_URL,
+        vec![
+            workload(&sleep, "node-a", None),
+            backing(&near, "node-a", true),
+            backing(&far, "node-b", true),
+            web(load_balancing::Mode::Failover, "1"),
+        ],
+        Vec::new(),
+    );
+    let root = bed.tmp_dir().join("xds-root.pem");
+    std::fs::write(&root, xds.cert_pem()).expect("write root");
+    let xds_section = json!({"address": format!("https://{xds_addr}"), "rootCert": root});
+    let mut config_a = bed.agent_config(&node_a);
+    config_a.enroll(&sleep).enroll(&near);
+    config_a.node_addresses = vec![node_a.underlay_v4().into()];
+    config_a.extra.insert("xds".into(), xds_section.clone());
+    let mut config_b = bed.agent_config(&node_b);
+    config_b.enroll(&far);
+    config_b.node_addresses = vec![node_b.underlay_v4().into()];
+    config_b.extra.insert("xds".into(), xds_section);
+    let _agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let agent_a = bed.start_agent(&config_a).expect("agent-a");
+    poll(WAIT, || {
+        let s = agent_a.ambitctl_json(&["status"]).ok()?;
+        (s["ready"] == true).then_some(())
+    })
+    .expect("agent-a ready");
+
+    // While node-a's endpoint is healthy, every connection stays on the node.
+    let mark = agent_a.mark();
+    for _ in 0..4 {
+        let r = sleep.connect(vip, 100).expect("client");
+        assert!(r.ok, "{r:#?}");
+    }
+    near_echo.wait_for_accepts(4, WAIT).expect("four to web-a");
+    assert!(far_echo.accepted_peers().is_empty(), "none left the node");
+    let out = agent_a
+        .wait_for_connection_log(mark, "outbound", vip, WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        log_str(&out, "dst.locality"),
+        Some("FAILOVER NODE (1 of 1 preferred scopes shared)"),
+        "{out}"
+    );
+    let explained = agent_a
+        .ambitctl_json(&["explain", "--from", "default/sleep", &vip.to_string()])
+        .expect("explain");
+    assert!(
+        explained
+            .to_string()
+            .contains("chosen by locality: FAILOVER NODE"),
+        "{explained:#}"
+    );
+
+    // web-a unhealthy: FAILOVER goes to node-b.
+    let nonce = xds.push(
+        ADDRESS_TYPE_URL,
+        vec![backing(&near, "node-a", false)],
+        Vec::new(),
+    );
+    xds.wait_reply(&nonce, WAIT).expect("ACK");
+    let r = sleep.connect(vip, 100).expect("client");
+    assert!(r.ok, "{r:#?}");
+    far_echo
+        .wait_for_accepts(1, WAIT)
+        .expect("failed over to web-b");
+
+    // STRICT: only the node's endpoints, none healthy: refused, saying why.
+    let nonce = xds.push(
+        ADDRESS_TYPE_URL,
+        vec![web(load_balancing::Mode::Strict, "2")],
+        Vec::new(),
+    );
+    xds.wait_reply(&nonce, WAIT).expect("ACK");
+    let mark = agent_a.mark();
+    let r = sleep.connect_with(vip, 100, 0, 3000).expect("client");
+    assert!(!r.ok, "STRICT refuses: {r:#?}");
+    let out = agent_a
+        .wait_for_connection_log(mark, "outbound", vip, WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        log_str(&out, "error").is_some_and(|e| e.contains("STRICT")),
+        "{out}"
+    );
+    assert_eq!(far_echo.accepted_peers().len(), 1, "nothing more to node-b");
+}

@@ -219,13 +219,22 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
         if let Some(svc) = &r.service {
             out.service = Some(svc.key.to_string());
             out.endpoint = Some(r.dst.to_string());
-            steps.push(format!(
-                "{dst} is a VIP of service {}: the next connection goes to endpoint {} ({} \
-                 endpoints, round robin)",
-                svc.key,
-                r.dst,
-                svc.endpoints.len()
-            ));
+            steps.push(match &r.locality {
+                Some(why) => format!(
+                    "{dst} is a VIP of service {}: the next connection goes to endpoint {}, \
+                     chosen by locality: {why} (round robin among the best of {} endpoints)",
+                    svc.key,
+                    r.dst,
+                    svc.endpoints.len()
+                ),
+                None => format!(
+                    "{dst} is a VIP of service {}: the next connection goes to endpoint {} ({} \
+                     endpoints, round robin)",
+                    svc.key,
+                    r.dst,
+                    svc.endpoints.len()
+                ),
+            });
         }
         out.dst_workload = r.workload.as_ref().map(|w| w.display_name());
         out.dst_identity = r.workload.as_ref().map(|w| w.identity.to_string());

@@ -39,6 +39,7 @@ pub async fn handle(
         limit: None,
         authz: None,
         trace: None,
+        locality: None,
     };
     let dst = match downstream.local_addr() {
         Ok(a) => super::canonical(a),

@@ -652,6 +652,7 @@ fn refuse_over_limit(
                 limit: Some(hit.limit.reason()),
                 authz: None,
                 trace: None,
+                locality: None,
             }
             .emit();
         }

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
-    state::{ServiceEntry, Snapshot, Workload},
+    state::{Near, ServiceEntry, Snapshot, Workload},
     telemetry::{AccessLog, Path},
     tls,
     tunnel::{
@@ -59,6 +59,7 @@ pub async fn handle(
         limit: None,
         authz: None,
         trace: None,
+        locality: None,
     };
     let Some(dst) = ctx.orig_dst.lookup(pod.netns.cookie(), peer) else {
         // Not redirected by connect4 (someone dialed 15001 directly), or the client is gone.
@@ -108,6 +109,7 @@ pub async fn handle(
     if route.service.is_some() && route.waypoint.is_none() {
         log.dst_endpoint = Some(dst);
     }
+    log.locality = route.locality.as_deref();
     let dst_name = match (&route.workload, &route.waypoint) {
         (Some(w), _) => Some(w.display_name()),
         // The waypoint picks the endpoint; the log names the service.
@@ -320,6 +322,9 @@ pub struct Route {
     pub hbone: bool,
     /// The waypoint the connection must go through (the service's, else the workload's).
     pub waypoint: Option<WaypointHop>,
+    /// Why this endpoint, when the service keeps traffic local (its mode and the scopes the
+    /// endpoint shares with the client).
+    pub locality: Option<String>,
 }
 
 /// HBONE to a waypoint, asking it for the original destination.
@@ -341,9 +346,11 @@ pub enum RouteError {
     #[error("service {service} has no port {port}")]
     NoSuchPort { service: Arc<str>, port: u16 },
     #[error(
-        "service {service} has no healthy endpoint (no workload backs it with an address of this family)"
+        "service {service} has no healthy endpoint{} (no workload backs it with an address of this family{})",
+        if *strict { " in the client's locality" } else { "" },
+        if *strict { " that shares every preferred scope with the client: its load balancing is STRICT" } else { "" }
     )]
-    NoEndpoint { service: Arc<str> },
+    NoEndpoint { service: Arc<str>, strict: bool },
     /// Failing closed: going around it would skip its L7 policy.
     #[error(
         "the waypoint {waypoint} of {of} is not a known mesh workload, so its identity cannot be \
@@ -355,7 +362,9 @@ pub enum RouteError {
 impl RouteError {
     pub fn service(&self) -> &str {
         match self {
-            RouteError::NoSuchPort { service, .. } | RouteError::NoEndpoint { service } => service,
+            RouteError::NoSuchPort { service, .. } | RouteError::NoEndpoint { service, .. } => {
+                service
+            }
             RouteError::UnknownWaypoint { of, .. } => of,
         }
     }
@@ -397,6 +406,7 @@ pub fn route(
                 workload: None,
                 hbone: true,
                 waypoint: Some(hop),
+                locality: None,
             });
         }
     }
@@ -414,16 +424,27 @@ pub fn route(
                 // with resolution NONE, often a block of external addresses).
                 return route_to_address(snapshot, src_ip, dst, service.clone(), pick);
             }
-            let picked = match pick {
-                Pick::Next => svc.pick(dst.ip(), dst.port()),
-                Pick::Peek => svc.peek(dst.ip(), dst.port()),
-            };
-            let Some((_, endpoint)) = picked else {
+            // Where the client runs, for a service that keeps traffic local.
+            let client = snapshot
+                .by_ip(src_ip)
+                .map(|w| (w, snapshot.telemetry_of(w)));
+            let near = client.map(|(w, t)| Near {
+                node: &w.node,
+                meta: &t.meta,
+            });
+            let Some(picked) = svc.pick_near(near, dst.ip(), dst.port(), pick == Pick::Peek) else {
                 return Err(RouteError::NoEndpoint {
                     service: svc.key.clone(),
+                    strict: svc
+                        .def
+                        .as_ref()
+                        .and_then(|d| d.load_balancing.as_ref())
+                        .is_some_and(|lb| lb.mode == crate::xds::LbMode::Strict),
                 });
             };
-            endpoint
+            let mut route = route_to_address(snapshot, src_ip, picked.addr, service.clone(), pick)?;
+            route.locality = picked.why;
+            return Ok(route);
         }
     };
     route_to_address(snapshot, src_ip, dst, service, pick)
@@ -456,6 +477,7 @@ fn route_to_address(
         workload,
         hbone,
         waypoint,
+        locality: None,
     })
 }
 
@@ -552,6 +574,7 @@ mod tests {
             passthrough: false,
             ports: vec![(80, 8080)],
             protocols: Vec::new(),
+            load_balancing: None,
             waypoint: service_waypoint.map(|a| XdsGateway {
                 destination: GatewayDestination::Address(ip(a)),
                 hbone_mtls_port: 15008,
@@ -624,6 +647,7 @@ mod tests {
                 passthrough,
                 ports: vec![(80, 8080)],
                 protocols: Vec::new(),
+                load_balancing: None,
                 waypoint: None,
             };
             (format!("default/{host}"), AddressResource::Service(s))

@@ -37,8 +37,27 @@ pub use sources::Sources;
 use crate::{
     identity::Identity,
     policy::Cidr,
-    xds::{WorkloadMeta, XdsGateway},
+    xds::{LbMode, LoadBalancing, Scope, WorkloadMeta, XdsGateway},
 };
+
+/// Where a client runs, for locality-aware load balancing: its node and (from istiod) its
+/// region, zone, subzone, cluster and network.
+#[derive(Clone, Copy, Debug)]
+pub struct Near<'a> {
+    pub node: &'a str,
+    pub meta: &'a WorkloadMeta,
+}
+
+/// An endpoint chosen for a connection.
+#[derive(Clone, Debug)]
+pub struct Picked {
+    pub workload: Arc<Workload>,
+    /// Its address and port for the service port asked for.
+    pub addr: SocketAddr,
+    /// With locality-aware load balancing: the mode, the scopes it shares with the client (in
+    /// order) out of those preferred, e.g. `FAILOVER NETWORK,REGION (2 of 3)`.
+    pub why: Option<String>,
+}
 
 /// Where a workload or service definition came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -255,6 +274,8 @@ pub struct ServiceDef {
     pub ports: Vec<(u16, u16)>,
     /// What the ports speak, where known (`app_protocol` / `appProtocol`).
     pub protocols: Vec<(u16, crate::config::AppProtocol)>,
+    /// Locality-aware endpoint selection; `None`: round robin over the healthy endpoints.
+    pub load_balancing: Option<LoadBalancing>,
     pub waypoint: Option<XdsGateway>,
     pub source: Source,
 }
@@ -307,6 +328,71 @@ impl ServiceEntry {
         self.pick_from(self.next.load(Ordering::Relaxed), like, port)
     }
 
+    /// The endpoint for a connection from a client at `near` (unknown: no locality), as
+    /// ztunnel's `load_balance` chooses: with the service's locality preferences, only the
+    /// endpoints of the best rank (FAILOVER) or of the full rank (STRICT; none is `None`), round
+    /// robin among them; without, [`ServiceEntry::pick`]. `peek`: do not move the cursor.
+    pub fn pick_near(
+        &self,
+        near: Option<Near<'_>>,
+        like: IpAddr,
+        port: u16,
+        peek: bool,
+    ) -> Option<Picked> {
+        let start = if peek {
+            self.next.load(Ordering::Relaxed)
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed)
+        };
+        let lb = self.def.as_ref().and_then(|d| d.load_balancing.as_ref());
+        let Some(lb) = lb else {
+            let (workload, addr) = self.pick_from(start, like, port)?;
+            return Some(Picked {
+                workload,
+                addr,
+                why: None,
+            });
+        };
+        let rank = |w: &Workload| match near {
+            Some(c) => lb.scopes.iter().take_while(|s| shares(**s, c, w)).count(),
+            None => 0,
+        };
+        let eligible = |w: &Arc<Workload>| {
+            let t = self.target_in(w, like, port, lb.allow_unhealthy)?;
+            Some((rank(w), t))
+        };
+        let ranked: Vec<(usize, SocketAddr, &Arc<Workload>)> = self
+            .endpoints
+            .iter()
+            .filter_map(|w| eligible(w).map(|(r, a)| (r, a, w)))
+            .collect();
+        let want = match lb.mode {
+            LbMode::Standard => 0,
+            LbMode::Strict => lb.scopes.len(),
+            LbMode::Failover => ranked.iter().map(|(r, _, _)| *r).max()?,
+        };
+        let best: Vec<&(usize, SocketAddr, &Arc<Workload>)> = ranked
+            .iter()
+            .filter(|(r, _, _)| lb.mode == LbMode::Standard || *r == want)
+            .collect();
+        let (r, addr, w) = best.get(start % best.len().max(1))?;
+        let shared: Vec<&str> = lb.scopes[..*r].iter().map(|s| s.as_str()).collect();
+        Some(Picked {
+            workload: (*w).clone(),
+            addr: *addr,
+            why: Some(format!(
+                "{} {} ({r} of {} preferred scopes shared)",
+                lb.mode.as_str(),
+                if shared.is_empty() {
+                    "-".to_owned()
+                } else {
+                    shared.join(",")
+                },
+                lb.scopes.len()
+            )),
+        })
+    }
+
     fn pick_from(
         &self,
         start: usize,
@@ -335,7 +421,19 @@ impl ServiceEntry {
         like: IpAddr,
         port: u16,
     ) -> Option<(Arc<Workload>, SocketAddr)> {
-        if !w.healthy {
+        self.target_in(w, like, port, false).map(|a| (w.clone(), a))
+    }
+
+    /// Where `w` serves the service's `port`, if it is a candidate (healthy, unless
+    /// `allow_unhealthy`; an address of `like`'s family).
+    fn target_in(
+        &self,
+        w: &Workload,
+        like: IpAddr,
+        port: u16,
+        allow_unhealthy: bool,
+    ) -> Option<SocketAddr> {
+        if !w.healthy && !allow_unhealthy {
             return None;
         }
         let ip = w.ips().iter().find(|ip| ip.is_ipv4() == like.is_ipv4())?;
@@ -347,7 +445,21 @@ impl ServiceEntry {
                 (*t != 0).then_some(*t)
             })
             .unwrap_or(port);
-        Some((w.clone(), SocketAddr::new(*ip, target)))
+        Some(SocketAddr::new(*ip, target))
+    }
+}
+
+/// Whether endpoint `w` is in the same `scope` as the client at `c` (plain comparisons, as
+/// ztunnel's: a ZONE counts only after REGION because the ranking stops at the first miss).
+fn shares(scope: Scope, c: Near<'_>, w: &Workload) -> bool {
+    let (a, b) = (c.meta, &*w.meta);
+    match scope {
+        Scope::Region => a.region == b.region,
+        Scope::Zone => a.zone == b.zone,
+        Scope::Subzone => a.subzone == b.subzone,
+        Scope::Node => c.node == &*w.node,
+        Scope::Cluster => a.cluster_id == b.cluster_id,
+        Scope::Network => a.network == b.network,
     }
 }
 

@@ -226,6 +226,7 @@ impl Writer {
                     .iter()
                     .filter_map(|p| Some((p.port, p.app_protocol?)))
                     .collect(),
+                load_balancing: None,
                 waypoint: s.waypoint.map(gateway),
                 source: Source::Config,
             }));
@@ -354,6 +355,7 @@ fn service_from_xds(s: XdsService) -> ServiceDef {
         passthrough: s.passthrough,
         ports: s.ports,
         protocols: s.protocols,
+        load_balancing: s.load_balancing,
         waypoint: s.waypoint,
         source: Source::Xds,
     }

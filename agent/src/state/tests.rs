@@ -60,6 +60,7 @@ fn xs(host: &str, vip: &str, ports: &[(u16, u16)]) -> XdsService {
         passthrough: false,
         ports: ports.to_vec(),
         protocols: Vec::new(),
+        load_balancing: None,
         waypoint: None,
     }
 }
@@ -470,4 +471,110 @@ fn a_vip_claimed_by_two_services_stays_while_either_claims_it() {
         Vec::new(),
     );
     assert_eq!(holder(&s), None);
+}
+
+/// ztunnel's `load_balance`: endpoints ranked by the preferred scopes they share with the
+/// client, in order, stopping at the first they do not.
+#[test]
+fn locality_preferences_rank_endpoints_as_ztunnel() {
+    use crate::xds::{LbMode, LoadBalancing, Scope, WorkloadMeta};
+
+    use super::Near;
+
+    let place = |name: &str, addr: &str, node: &str, region: &str, zone: &str| {
+        let mut w = xw(name, addr, "web", &[("web.default.svc", &[])]);
+        w.node = node.into();
+        w.meta = WorkloadMeta {
+            region: region.into(),
+            zone: zone.into(),
+            cluster_id: "Kubernetes".into(),
+            ..WorkloadMeta::default()
+        };
+        w
+    };
+    let endpoints = [
+        place("same-node", "10.2.5.1", "node-a", "eu", "eu-1"),
+        place("same-zone", "10.2.5.2", "node-b", "eu", "eu-1"),
+        place("same-region", "10.2.5.3", "node-c", "eu", "eu-2"),
+        place("far", "10.2.5.4", "node-d", "us", "eu-1"),
+    ];
+    let client_meta = WorkloadMeta {
+        region: "eu".into(),
+        zone: "eu-1".into(),
+        cluster_id: "Kubernetes".into(),
+        ..WorkloadMeta::default()
+    };
+    let client = Near {
+        node: "node-a",
+        meta: &client_meta,
+    };
+    let picks = |mode: LbMode, healthy: &[bool], near: Option<Near<'_>>| {
+        let s = sources(config(""));
+        let mut svc = xs("web.default.svc", "10.96.5.5", &[(80, 8080)]);
+        svc.load_balancing = Some(LoadBalancing {
+            scopes: vec![Scope::Network, Scope::Region, Scope::Zone, Scope::Node],
+            mode,
+            allow_unhealthy: false,
+        });
+        let mut push: Vec<_> = endpoints
+            .iter()
+            .zip(healthy)
+            .map(|(w, h)| {
+                let mut w = w.clone();
+                w.healthy = *h;
+                upsert_w(w)
+            })
+            .collect();
+        push.push(upsert_s(svc));
+        s.apply_addresses(push, Vec::new());
+        let snap = s.snapshot();
+        let entry = snap.service("default/web.default.svc").expect("service");
+        let mut seen: Vec<String> = (0..8)
+            .filter_map(|_| entry.pick_near(near, ip("10.96.5.5"), 80, false))
+            .map(|p| p.workload.name().to_owned())
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    };
+    let all = [true; 4];
+    assert_eq!(picks(LbMode::Failover, &all, Some(client)), ["same-node"]);
+    assert_eq!(picks(LbMode::Strict, &all, Some(client)), ["same-node"]);
+    // The node's endpoint gone: FAILOVER takes the next rank, STRICT refuses.
+    let no_node = [false, true, true, true];
+    assert_eq!(
+        picks(LbMode::Failover, &no_node, Some(client)),
+        ["same-zone"]
+    );
+    assert!(picks(LbMode::Strict, &no_node, Some(client)).is_empty());
+    // A zone match does not count without the region: `far` ranks below `same-region`.
+    let only_far = [false, false, true, true];
+    assert_eq!(
+        picks(LbMode::Failover, &only_far, Some(client)),
+        ["same-region"]
+    );
+    // STANDARD ignores the preferences; an unknown client ranks everything alike.
+    assert_eq!(picks(LbMode::Standard, &all, Some(client)).len(), 4);
+    assert_eq!(picks(LbMode::Failover, &all, None).len(), 4);
+    // The choice says why.
+    let s = sources(config(""));
+    let mut svc = xs("web.default.svc", "10.96.5.5", &[(80, 8080)]);
+    svc.load_balancing = Some(LoadBalancing {
+        scopes: vec![Scope::Region, Scope::Node],
+        mode: LbMode::Failover,
+        allow_unhealthy: true,
+    });
+    let mut unhealthy = endpoints[0].clone();
+    unhealthy.healthy = false;
+    s.apply_addresses(vec![upsert_w(unhealthy), upsert_s(svc)], Vec::new());
+    let snap = s.snapshot();
+    let p = snap
+        .service("default/web.default.svc")
+        .expect("service")
+        .pick_near(Some(client), ip("10.96.5.5"), 80, true)
+        .expect("ALLOW_ALL takes an unhealthy endpoint");
+    assert_eq!(
+        p.why.as_deref(),
+        Some("FAILOVER REGION,NODE (2 of 2 preferred scopes shared)")
+    );
 }

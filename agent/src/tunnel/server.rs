@@ -428,6 +428,7 @@ async fn serve_stream(
         limit: None,
         authz: None,
         trace: None,
+        locality: None,
     };
     let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
         let resp = Response::builder().status(status).body(());

@@ -21,8 +21,8 @@ mod tests;
 pub use authorization::policy_from_proto;
 pub use client::{NodeInfo, XdsClient, XdsConfig, XdsStatus};
 pub use types::{
-    AddressResource, GatewayDestination, WorkloadMeta, WorkloadService, XdsGateway, XdsService,
-    XdsWorkload, address_from_proto,
+    AddressResource, GatewayDestination, LbMode, LoadBalancing, Scope, WorkloadMeta,
+    WorkloadService, XdsGateway, XdsService, XdsWorkload, address_from_proto,
 };
 
 /// The type URL of `istio.workload.Address` (workloads and services).

@@ -119,6 +119,9 @@ pub struct XdsService {
     pub ports: Vec<(u16, u16)>,
     /// The service ports whose `app_protocol` istiod knows (UNKNOWN ones are left out).
     pub protocols: Vec<(u16, AppProtocol)>,
+    /// Locality-aware endpoint selection (`load_balancing`), when istiod sets a mode that uses
+    /// it (STRICT or FAILOVER) or allows unhealthy endpoints.
+    pub load_balancing: Option<LoadBalancing>,
     /// The waypoint traffic to it must go through (not enforced yet; kept for later).
     pub waypoint: Option<XdsGateway>,
 }
@@ -127,6 +130,62 @@ impl XdsService {
     /// `namespace/hostname`, the key workloads use for it.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// How a service's endpoints are chosen for a client (istiod's `LoadBalancing`, as ztunnel reads
+/// it): each endpoint is ranked by how many of `scopes`, in order, it shares with the client,
+/// stopping at the first it does not.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LoadBalancing {
+    pub scopes: Vec<Scope>,
+    pub mode: LbMode,
+    /// `health_policy: ALLOW_ALL` (istiod: `publishNotReadyAddresses`): unhealthy endpoints are
+    /// candidates too.
+    pub allow_unhealthy: bool,
+}
+
+/// A locality level traffic can be kept within.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Region,
+    Zone,
+    Subzone,
+    Node,
+    Cluster,
+    Network,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Region => "REGION",
+            Scope::Zone => "ZONE",
+            Scope::Subzone => "SUBZONE",
+            Scope::Node => "NODE",
+            Scope::Cluster => "CLUSTER",
+            Scope::Network => "NETWORK",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LbMode {
+    /// Preferences ignored: every candidate endpoint.
+    Standard,
+    /// Only endpoints sharing every scope with the client; none is a refusal.
+    Strict,
+    /// The endpoints of the best rank there is (rank 0: any).
+    Failover,
+}
+
+impl LbMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbMode::Standard => "STANDARD",
+            LbMode::Strict => "STRICT",
+            LbMode::Failover => "FAILOVER",
+        }
     }
 }
 
@@ -334,12 +393,46 @@ fn service_from_proto(s: pb::Service) -> Result<XdsService, Error> {
             }
         }
     }
-    // Only PASSTHROUGH changes what Ambit does; routing preferences are not implemented (every
-    // healthy endpoint is a candidate), and an unknown mode is read as unset.
+    // An unknown mode or health policy reads as unset (ztunnel's getters); an unknown or
+    // unspecified scope refuses the service, as ztunnel's conversion does.
     let passthrough = s
         .load_balancing
         .as_ref()
         .is_some_and(|lb| lb.mode == load_balancing::Mode::Passthrough as i32);
+    let load_balancing = match &s.load_balancing {
+        None => None,
+        Some(lb) => {
+            let scopes = lb
+                .routing_preference
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match load_balancing::Scope::try_from(*v) {
+                    Ok(load_balancing::Scope::Region) => Ok(Scope::Region),
+                    Ok(load_balancing::Scope::Zone) => Ok(Scope::Zone),
+                    Ok(load_balancing::Scope::Subzone) => Ok(Scope::Subzone),
+                    Ok(load_balancing::Scope::Node) => Ok(Scope::Node),
+                    Ok(load_balancing::Scope::Cluster) => Ok(Scope::Cluster),
+                    Ok(load_balancing::Scope::Network) => Ok(Scope::Network),
+                    _ => Err(bad(format!(
+                        "load_balancing.routing_preference[{i}] {v} is not a scope"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mode = match lb.mode() {
+                load_balancing::Mode::Strict => LbMode::Strict,
+                load_balancing::Mode::Failover => LbMode::Failover,
+                load_balancing::Mode::UnspecifiedMode | load_balancing::Mode::Passthrough => {
+                    LbMode::Standard
+                }
+            };
+            let allow_unhealthy = lb.health_policy() == load_balancing::HealthPolicy::AllowAll;
+            (mode != LbMode::Standard || allow_unhealthy).then_some(LoadBalancing {
+                scopes,
+                mode,
+                allow_unhealthy,
+            })
+        }
+    };
     let ports = ports(&s.ports).map_err(|why| bad(format!("ports: {why}")))?;
     // An unknown value (a newer istiod's) is read as UNKNOWN: the waypoint then decides by the
     // request, as without it.
@@ -371,6 +464,7 @@ fn service_from_proto(s: pb::Service) -> Result<XdsService, Error> {
         passthrough,
         ports,
         protocols,
+        load_balancing,
         waypoint,
     })
 }
@@ -666,6 +760,77 @@ mod tests {
         .expect_err("a /33")
         .to_string();
         assert!(e.contains("addresses[0].length 33"), "{e}");
+    }
+
+    /// istiod's `preferSameZoneLoadBalancer` ([NETWORK, REGION, ZONE], FAILOVER) and
+    /// `internalTrafficPolicy: Local` ([NODE], STRICT) as ztunnel reads them.
+    #[test]
+    fn load_balancing_is_read_as_ztunnel_reads_it() {
+        use load_balancing::{HealthPolicy, Mode, Scope as S};
+        let convert = |prefs: Vec<S>, mode: i32, health: HealthPolicy| {
+            let s = Service {
+                name: "web".into(),
+                namespace: "default".into(),
+                hostname: "web.default.svc.cluster.local".into(),
+                load_balancing: Some(pb::LoadBalancing {
+                    routing_preference: prefs.into_iter().map(i32::from).collect(),
+                    mode,
+                    health_policy: health.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            match address_from_proto(
+                "x",
+                pb::Address {
+                    r#type: Some(address::Type::Service(s)),
+                },
+            ) {
+                Ok(AddressResource::Service(s)) => Ok(s.load_balancing),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let zone = convert(
+            vec![S::Network, S::Region, S::Zone],
+            Mode::Failover.into(),
+            HealthPolicy::OnlyHealthy,
+        )
+        .expect("valid")
+        .expect("locality");
+        assert_eq!(
+            zone.scopes,
+            vec![Scope::Network, Scope::Region, Scope::Zone]
+        );
+        assert_eq!(zone.mode, LbMode::Failover);
+        let local = convert(
+            vec![S::Node],
+            Mode::Strict.into(),
+            HealthPolicy::OnlyHealthy,
+        )
+        .expect("valid")
+        .expect("locality");
+        assert_eq!(
+            (local.scopes, local.mode),
+            (vec![Scope::Node], LbMode::Strict)
+        );
+        // `publishNotReadyAddresses`: no mode, unhealthy endpoints allowed.
+        let all = convert(vec![], 0, HealthPolicy::AllowAll)
+            .expect("valid")
+            .expect("kept");
+        assert!(all.allow_unhealthy && all.mode == LbMode::Standard);
+        // An unknown mode reads as unset; nothing left to do.
+        assert_eq!(
+            convert(vec![S::Zone], 9, HealthPolicy::OnlyHealthy),
+            Ok(None)
+        );
+        let e = convert(
+            vec![S::UnspecifiedScope],
+            Mode::Failover.into(),
+            HealthPolicy::OnlyHealthy,
+        )
+        .expect_err("unspecified scope");
+        assert!(e.contains("routing_preference[0] 0 is not a scope"), "{e}");
     }
 
     #[test]
