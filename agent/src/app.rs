@@ -8,7 +8,6 @@ use std::{
     path::{Path, PathBuf},
     sync::Arc,
     sync::atomic::AtomicBool,
-    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -30,6 +29,7 @@ use crate::{
         istio::{IstioCa, IstioCaConfig},
         manager::CertManager,
     },
+    lifecycle::{self, ConfigWatch, Event},
     pods::PodManager,
     policy::PolicyStore,
     proxy::{self, ProxyContext},
@@ -40,9 +40,6 @@ use crate::{
     tunnel::client::Pool,
     xds::{NodeInfo, XdsClient, XdsConfig},
 };
-
-/// How often the config file is checked for changes (SIGHUP applies at once).
-const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()> {
@@ -199,20 +196,15 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
             .clone()
             .serve_metrics(config.metrics_address, shutdown.clone()),
     );
+    let mut watch = ConfigWatch::new(&config_path)?;
     readiness
         .started
         .store(true, std::sync::atomic::Ordering::Release);
     info!(node = %config.node, pods = pods.active_count(), "agent ready");
 
     let mut config = config;
-    let mut last_text = std::fs::read(&config_path).ok();
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(CONFIG_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let forced = tokio::select! {
+        let event = tokio::select! {
             Ok(()) = async {
                 match &mut kube_rx {
                     Some(rx) => rx.changed().await,
@@ -234,58 +226,42 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
                 admin.pods.store(Arc::new(pods.state()));
                 continue;
             }
-            _ = hup.recv() => true,
-            _ = tick.tick() => false,
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            event = watch.next() => event,
         };
-        let text = std::fs::read(&config_path).ok();
-        if forced || text != last_text {
-            last_text = text;
-            match reload(&config, &config_path) {
-                Ok(new) => {
-                    config = new;
-                    if let Err(e) = pods.apply(&config) {
-                        error!(error = %e, "applying the new config failed");
+        match event {
+            Event::Stop => break,
+            Event::Reload => {
+                match watch.reload(&config) {
+                    Ok(new) => {
+                        config = new;
+                        if let Err(e) = pods.apply(&config) {
+                            error!(error = %e, "applying the new config failed");
+                        }
+                        info!(pods = pods.active_count(), "config applied");
                     }
-                    info!(pods = pods.active_count(), "config applied");
+                    Err(e) => {
+                        error!(error = %e, "config reload refused; keeping the previous config")
+                    }
                 }
-                Err(e) => error!(error = %e, "config reload refused; keeping the previous config"),
+                admin.config.store(Arc::new(config.clone()));
+                admin.pods.store(Arc::new(pods.state()));
             }
-            admin.config.store(Arc::new(config.clone()));
-            admin.pods.store(Arc::new(pods.state()));
-        } else if pods.has_failed() {
-            // Pods whose netns was not ready yet: try again.
-            if let Err(e) = pods.apply(&config) {
-                error!(error = %e, "retrying enrollment failed");
+            Event::Idle if pods.has_failed() => {
+                // Pods whose netns was not ready yet: try again.
+                if let Err(e) = pods.apply(&config) {
+                    error!(error = %e, "retrying enrollment failed");
+                }
+                admin.pods.store(Arc::new(pods.state()));
             }
-            admin.pods.store(Arc::new(pods.state()));
-        } else if pods.annotating() {
-            pods.sync_annotations();
+            Event::Idle if pods.annotating() => pods.sync_annotations(),
+            Event::Idle => {}
         }
     }
 
-    info!(
-        drain_timeout_s = config.drain_timeout.as_secs_f64(),
-        "shutting down: no longer accepting; draining open connections"
-    );
     let counters = pods.counters();
     pods.stop_listening().await;
-    ctx.draining.cancel();
-    ctx.connections.close();
-    if tokio::time::timeout(config.drain_timeout, ctx.connections.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            open = ctx.connections.len(),
-            "drain timeout reached; closing the remaining connections"
-        );
-    }
-    shutdown.cancel();
-    certs.shutdown().await;
-    control_tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(1), control_tasks.wait()).await;
+    lifecycle::drain(&ctx.connections, &ctx.draining, config.drain_timeout).await;
+    lifecycle::stop_control(&shutdown, &certs, &control_tasks).await;
     info!(
         ?counters,
         pin_path = %config.bpf_pin_path.display(),
@@ -293,40 +269,6 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
          an agent runs again (`ambit-agent cleanup` releases them)"
     );
     Ok(())
-}
-
-pub(crate) fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
-    let new = Config::load(path)?;
-    for (field, changed) in [
-        ("node", new.node != old.node),
-        ("cgroup", new.cgroup != old.cgroup),
-        ("bpfPinPath", new.bpf_pin_path != old.bpf_pin_path),
-        ("trustDomain", new.trust_domain != old.trust_domain),
-        ("stateDir", new.state_dir != old.state_dir),
-        ("ca", new.ca != old.ca),
-        ("trustRoots", new.trust_roots != old.trust_roots),
-        (
-            "certLifetimeSeconds",
-            new.cert_lifetime != old.cert_lifetime,
-        ),
-        ("hbone", new.hbone != old.hbone),
-        ("limits", new.limits != old.limits),
-        ("probes", new.probes != old.probes),
-        ("xds", new.xds != old.xds),
-        (
-            "readinessAddress",
-            new.readiness_address != old.readiness_address,
-        ),
-        ("metricsAddress", new.metrics_address != old.metrics_address),
-        ("adminSocket", new.admin_socket != old.admin_socket),
-    ] {
-        if changed {
-            anyhow::bail!(
-                "{field} cannot change while the agent runs; restart the agent to change it"
-            );
-        }
-    }
-    Ok(new)
 }
 
 async fn forward_bpf_logs(

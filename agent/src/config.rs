@@ -372,7 +372,7 @@ pub struct Config {
     /// Destination ports whose outbound connections are never captured.
     pub outbound_excluded_ports: Vec<u16>,
     /// How long a shutdown waits for open connections to finish.
-    #[serde(with = "secs")]
+    #[serde(with = "secs", rename = "drainTimeoutSeconds")]
     pub drain_timeout: Duration,
     /// The mesh's trust domain. Default `cluster.local`.
     pub trust_domain: String,
@@ -384,7 +384,7 @@ pub struct Config {
     /// `rootCert`.
     pub trust_roots: Option<PathBuf>,
     /// Requested lifetime of workload certificates. Default 24 h.
-    #[serde(with = "secs")]
+    #[serde(with = "secs", rename = "certLifetimeSeconds")]
     pub cert_lifetime: Duration,
     pub hbone: HboneConfig,
     pub limits: Limits,
@@ -462,7 +462,58 @@ impl Config {
     pub fn enrolled_pods(&self) -> impl Iterator<Item = &Pod> {
         self.pods.iter().filter(|p| p.enrolled)
     }
+
+    /// The settings (by their name in the file) that differ between `self` and `new` and that
+    /// only a restart applies. Everything not in [`LIVE_SETTINGS`] is such a setting, so a new
+    /// field is restart-only until it is made live on purpose.
+    pub fn restart_needed(&self, new: &Config) -> Vec<String> {
+        let (Ok(serde_json::Value::Object(old)), Ok(serde_json::Value::Object(new_map))) =
+            (serde_json::to_value(self), serde_json::to_value(new))
+        else {
+            // Serializing plain data does not fail; if it ever did, refuse rather than guess.
+            return vec!["(the whole config)".to_owned()];
+        };
+        let mut fixed: Vec<String> = old
+            .iter()
+            .filter(|(k, v)| !LIVE_SETTINGS.contains(&k.as_str()) && new_map.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        // The waypoint's routes and policies are live; who it is and where it listens are not.
+        match (&self.waypoint, &new.waypoint) {
+            (None, None) => {}
+            (Some(a), Some(b)) => {
+                for (name, changed) in [
+                    ("waypoint.namespace", a.namespace != b.namespace),
+                    ("waypoint.name", a.name != b.name),
+                    ("waypoint.serviceAccount", a.identity != b.identity),
+                    ("waypoint.listen", a.listen != b.listen),
+                ] {
+                    if changed {
+                        fixed.push(name.to_owned());
+                    }
+                }
+            }
+            _ => fixed.push("waypoint".to_owned()),
+        }
+        fixed
+    }
 }
+
+/// The top-level settings a reload applies while the agent runs (`waypoint` is compared by its
+/// parts in [`Config::restart_needed`]). The rest are read once at start: identity and CA, the
+/// eBPF attachment, listeners, the control plane and the Kubernetes watch.
+pub const LIVE_SETTINGS: &[&str] = &[
+    "pods",
+    "peers",
+    "policies",
+    "services",
+    "inboundExcludedPorts",
+    "outboundExcludedPorts",
+    "drainTimeoutSeconds",
+    "ambientNamespaces",
+    "cniStateFile",
+    "waypoint",
+];
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -1498,6 +1549,39 @@ pods:
         assert!(!c.pods[1].enrolled);
         assert_eq!(c.enrolled_pods().count(), 1);
         assert_eq!(c.drain_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_reload_may_change_pods_and_policy_but_not_what_is_read_at_start() {
+        let old = parse(GOOD).expect("good config");
+        let live = parse(&format!(
+            "{GOOD}policies:\n  - {{name: deny-all, namespace: default, scope: NAMESPACE, action: DENY}}\n"
+        ))
+        .expect("with a policy");
+        let live = Config {
+            inbound_excluded_ports: vec![22, 2222],
+            drain_timeout: Duration::from_secs(9),
+            ..live
+        };
+        assert_eq!(old.restart_needed(&live), Vec::<String>::new());
+
+        // `kubernetes` was missing from the hand-kept list this check replaced.
+        let kube = parse(&format!(
+            "{GOOD}kubernetes: {{apiServer: \"https://127.0.0.1:6443\"}}\n"
+        ))
+        .expect("with kubernetes");
+        assert_eq!(old.restart_needed(&kube), ["kubernetes"]);
+
+        let moved = parse(
+            &GOOD
+                .replace("node: node-a", "node: node-b")
+                .replace("nodeAddresses: [10.0.0.1]", "nodeAddresses: [10.0.0.9]"),
+        )
+        .expect("another node");
+        let mut fixed = old.restart_needed(&moved);
+        fixed.sort();
+        // The pin path follows the node name by default, so it changes too.
+        assert_eq!(fixed, ["bpfPinPath", "node", "nodeAddresses"]);
     }
 
     fn error_of(text: &str) -> String {

@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod kube;
+pub mod lifecycle;
 pub mod metrics;
 pub mod pods;
 pub mod policy;

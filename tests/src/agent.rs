@@ -565,8 +565,20 @@ impl Agent {
     }
 
     /// Writes `config` over the agent's config file (atomically), sends SIGHUP and waits for the
-    /// agent to log "config applied". Returns that line.
+    /// agent to log "config applied". Returns that line; a refused reload is an error naming
+    /// the agent's reason.
     pub fn reload(&self, config: &AgentConfig) -> Result<Value> {
+        self.try_reload(config)?.map_err(|reason| {
+            anyhow!(
+                "agent on node {} refused the new config: {reason}",
+                self.node
+            )
+        })
+    }
+
+    /// As [`Agent::reload`], but a refusal is an answer: `Ok(Err(reason))` with the error the
+    /// agent logged ("config reload refused").
+    pub fn try_reload(&self, config: &AgentConfig) -> Result<std::result::Result<Value, String>> {
         if config.node != self.node {
             bail!(
                 "reload: config is for node {} but this agent runs on {}",
@@ -577,21 +589,29 @@ impl Agent {
         let mark = self.mark();
         config.write_to(&self.config_path)?;
         self.process.signal(Signal::SIGHUP)?;
-        self.wait_for_log_after(
-            mark,
-            |v| {
-                log_message(v)
-                    .is_some_and(|m| m == "config applied" || m == "waypoint config applied")
-            },
-            RELOAD_TIMEOUT,
-        )
-        .with_context(|| {
-            format!(
-                "agent on node {} did not apply the new config (see above: a rejected config is \
-                 logged with the field at fault)",
-                self.node
+        let line = self
+            .wait_for_log_after(
+                mark,
+                |v| {
+                    log_message(v).is_some_and(|m| {
+                        m == "config applied"
+                            || m == "waypoint config applied"
+                            || m == "config reload refused; keeping the previous config"
+                    })
+                },
+                RELOAD_TIMEOUT,
             )
-        })
+            .with_context(|| {
+                format!(
+                    "agent on node {} neither applied nor refused the new config",
+                    self.node
+                )
+            })?;
+        if log_message(&line).is_some_and(|m| m.starts_with("config reload refused")) {
+            let reason = crate::log_str(&line, "error").unwrap_or("(no reason logged)");
+            return Ok(Err(reason.to_owned()));
+        }
+        Ok(Ok(line))
     }
 
     /// Sends SIGTERM and waits up to 15 s for the agent to exit; returns its exit status. If it

@@ -346,6 +346,29 @@ fn unenrolling_restores_direct_traffic_and_reenrolling_captures_again() {
         counter(&bpf_counters(&m.node_a), "connect4_redirected"),
         before + 1
     );
+
+    // A change only a restart applies is refused, by name, and the agent keeps its config.
+    let mut moved = m.config_a.clone();
+    moved
+        .node_addresses
+        .push("10.99.0.1".parse().expect("address"));
+    moved.add_pod(&m.client, true);
+    let reason = m
+        .agent_a
+        .try_reload(&moved)
+        .expect("reload answered")
+        .expect_err("changing nodeAddresses needs a restart");
+    assert!(
+        reason.contains("nodeAddresses") && reason.contains("restart"),
+        "the refusal names the setting and what to do: {reason}"
+    );
+    let report = m.client.connect(dst, 10).expect("run client");
+    assert_echoed(&report, dst, 10);
+    assert_eq!(
+        counter(&bpf_counters(&m.node_a), "connect4_redirected"),
+        before + 1,
+        "the refused config (which enrolls the client) must not have been applied"
+    );
     let _ = (&m.node_b, &m.config_b, &m.bed);
 }
 

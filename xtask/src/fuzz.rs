@@ -53,6 +53,11 @@ pub fn fuzz(options: &Options) -> Result<std::process::ExitCode> {
         let log_file =
             fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let mut cmd = Command::new("cargo");
+        // The release profile's fat LTO and single codegen unit (for the shipped agent) would
+        // make each target's link take minutes; fuzzing needs optimised code, not that.
+        cmd.env("CARGO_PROFILE_RELEASE_LTO", "false")
+            .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
+            .env("CARGO_PROFILE_RELEASE_DEBUG", "line-tables-only");
         cmd.current_dir(&root)
             .args([
                 "+nightly",

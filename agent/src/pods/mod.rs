@@ -70,6 +70,8 @@ pub struct PodManager {
     /// Redirection annotations being written (`namespace/name` -> enabled, when asked); asked
     /// again after a while if the watch does not show the change (a failed patch).
     annotating: BTreeMap<String, (bool, std::time::Instant)>,
+    /// The annotation writes in flight, each bounded by the Kubernetes client's timeouts.
+    annotation_writes: TaskTracker,
     /// Kubernetes pods released by a CNI DEL, kept out until the API drops them or a new ADD.
     cni_deleted: BTreeSet<String>,
     /// The merged config last applied to the state (skipped when unchanged).
@@ -144,6 +146,7 @@ impl PodManager {
             kube: None,
             netns_finder,
             annotating: BTreeMap::new(),
+            annotation_writes: TaskTracker::new(),
             cni_deleted: BTreeSet::new(),
             applied: None,
             listeners: TaskTracker::new(),
@@ -396,7 +399,8 @@ impl PodManager {
             self.annotating
                 .insert(key.clone(), (want, std::time::Instant::now()));
             let (client, kp) = (client.clone(), kp.clone());
-            tokio::spawn(async move { crate::kube::annotate(&client, &kp, want).await });
+            self.annotation_writes
+                .spawn(async move { crate::kube::annotate(&client, &kp, want).await });
         }
         self.annotating.retain(|k, _| kube.pods.contains_key(k));
     }
@@ -538,6 +542,12 @@ impl PodManager {
         }
         self.listeners.close();
         self.listeners.wait().await;
+        self.annotation_writes.close();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            self.annotation_writes.wait(),
+        )
+        .await;
     }
 }
 

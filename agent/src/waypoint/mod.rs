@@ -33,7 +33,6 @@ use std::{
 
 use anyhow::Context as _;
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, error, info, info_span, warn};
 
@@ -41,13 +40,12 @@ use crate::{
     config::Config,
     http::{Request, Response},
     identity::manager::CertManager,
+    lifecycle::{self, ConfigWatch, Event},
     redirect::Netns,
     state::{Sources, Workloads},
     tls,
     tunnel::client::Pool,
 };
-
-const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 /// Runs the waypoint until SIGTERM or SIGINT.
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
@@ -139,28 +137,17 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         config.metrics_address,
         shutdown.clone(),
     ));
+    let mut watch = ConfigWatch::new(&config_path)?;
     info!(listen = %settings.listen, "waypoint ready");
 
     let mut config = config;
-    let mut last_text = std::fs::read(&config_path).ok();
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(CONFIG_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let forced = tokio::select! {
-            _ = hup.recv() => true,
-            _ = tick.tick() => false,
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        };
-        let text = std::fs::read(&config_path).ok();
-        if !forced && text == last_text {
-            continue;
+        match watch.next().await {
+            Event::Stop => break,
+            Event::Idle => continue,
+            Event::Reload => {}
         }
-        last_text = text;
-        match reload(&config, &config_path) {
+        match watch.reload(&config) {
             Ok(new) => {
                 if let Some(w) = &new.waypoint {
                     ctx.settings.store(Arc::new(w.clone()));
@@ -178,48 +165,12 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }
     }
 
-    info!(
-        drain_timeout_s = config.drain_timeout.as_secs_f64(),
-        "shutting down: no longer accepting; draining open connections"
-    );
     accept_stop.cancel();
-    ctx.draining.cancel();
-    ctx.connections.close();
-    if tokio::time::timeout(config.drain_timeout, ctx.connections.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            open = ctx.connections.len(),
-            "drain timeout reached; closing the remaining connections"
-        );
-    }
-    shutdown.cancel();
-    certs.shutdown().await;
-    control.close();
-    let _ = tokio::time::timeout(Duration::from_secs(1), control.wait()).await;
+    lifecycle::drain(&ctx.connections, &ctx.draining, config.drain_timeout).await;
+    ctx.upstream.close(Duration::from_secs(1)).await;
+    lifecycle::stop_control(&shutdown, &certs, &control).await;
     info!("waypoint stopped");
     Ok(())
-}
-
-/// The new config, if only what may change while running changed.
-fn reload(old: &Config, path: &Path) -> anyhow::Result<Config> {
-    let new = crate::app::reload(old, path)?;
-    match (&old.waypoint, &new.waypoint) {
-        (Some(a), Some(b))
-            if a.namespace == b.namespace
-                && a.name == b.name
-                && a.identity == b.identity
-                && a.listen == b.listen =>
-        {
-            Ok(new)
-        }
-        (_, None) => anyhow::bail!("the `waypoint:` section is gone"),
-        _ => anyhow::bail!(
-            "waypoint.namespace, name, serviceAccount and listen cannot change while the waypoint \
-             runs; restart it to change them"
-        ),
-    }
 }
 
 /// A listener on `addr`; `[::]` accepts both families.

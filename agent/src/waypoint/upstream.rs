@@ -14,6 +14,7 @@ use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{config::OutlierDetection, metrics::WaypointMetrics};
@@ -106,6 +107,8 @@ pub struct Upstream {
     /// One multiplexed HTTP/2 connection per endpoint, for gRPC.
     h2: Mutex<HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Body>>>,
     outliers: Mutex<HashMap<SocketAddr, Outlier>>,
+    /// The HTTP connection drivers, so that shutdown can wait for them ([`Upstream::close`]).
+    tasks: TaskTracker,
 }
 
 /// A byte stream to an endpoint: an HBONE stream, or TCP for workloads outside the mesh.
@@ -137,7 +140,25 @@ impl Upstream {
             idle: Mutex::default(),
             h2: Mutex::default(),
             outliers: Mutex::default(),
+            tasks: TaskTracker::new(),
         })
+    }
+
+    /// After the drain: drops the kept-alive connections and gives their drivers `patience` to
+    /// finish.
+    pub async fn close(&self, patience: Duration) {
+        lock(&self.idle).clear();
+        lock(&self.h2).clear();
+        self.tasks.close();
+        if tokio::time::timeout(patience, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            debug!(
+                open = self.tasks.len(),
+                "upstream connections still open at shutdown"
+            );
+        }
     }
 
     /// Closes kept-alive connections idle past the timeout and forgets endpoints that have
@@ -337,7 +358,7 @@ impl Upstream {
         local_ip: IpAddr,
     ) -> Result<SendRequest<Body>, Failure> {
         let io = self.connect_io(workload, addr, local_ip).await?;
-        handshake(io, addr).await
+        handshake(io, addr, &self.tasks).await
     }
 
     /// Sends a gRPC request (HTTP/2 end to end) to `workload` at `addr`, on the endpoint's one
@@ -362,7 +383,7 @@ impl Upstream {
                         .handshake(TokioIo::new(io))
                         .await
                         .map_err(|e| Failure::Connect(format!("HTTP/2 with {addr}: {e}")))?;
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     if let Err(e) = conn.await {
                         debug!(endpoint = %addr, error = %e, "upstream HTTP/2 connection ended");
                     }
@@ -431,12 +452,16 @@ impl Upstream {
     }
 }
 
-async fn handshake(io: Box<dyn Io>, addr: SocketAddr) -> Result<SendRequest<Body>, Failure> {
+async fn handshake(
+    io: Box<dyn Io>,
+    addr: SocketAddr,
+    tasks: &TaskTracker,
+) -> Result<SendRequest<Body>, Failure> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| Failure::Connect(format!("HTTP/1.1 with {addr}: {e}")))?;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         if let Err(e) = conn.await {
             debug!(endpoint = %addr, error = %e, "upstream HTTP connection ended");
         }
