@@ -11,20 +11,11 @@
 //! `dst.identity` (SPIFFE ids, when known), `path` (`hbone` or `passthrough`),
 //! `bytes_sent` (source to destination), `bytes_received` (destination to source), `duration_ms`,
 //! and on failure `error` and `fault` (`downstream` or `upstream`); inbound, `authz.decision`
-//! (e.g. `denied by policy default/deny-sleep (rule 0)`) and `authz.policy`.
+//! (e.g. `denied by policy default/deny-sleep (rule 0)`) and `authz.policy`. The record and the
+//! guard that writes it once per connection are `proxy::result`'s.
 
-use std::{net::SocketAddr, time::Instant};
-
-use tracing::{info, level_filters::LevelFilter};
+use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
-
-use crate::{
-    identity::Identity,
-    proxy::{
-        Direction,
-        copy::{ByteCounts, Side},
-    },
-};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -128,70 +119,5 @@ impl Path {
             Path::Hbone => "hbone",
             Path::Waypoint => "waypoint",
         }
-    }
-}
-
-/// One access-log record, filled in as the connection progresses and emitted once at the end.
-pub struct AccessLog<'a> {
-    pub direction: Direction,
-    pub src: SocketAddr,
-    pub dst: Option<SocketAddr>,
-    pub src_workload: Option<&'a str>,
-    pub dst_workload: Option<&'a str>,
-    /// The service, when the destination was a service VIP.
-    pub dst_service: Option<&'a str>,
-    /// The endpoint chosen for a service VIP.
-    pub dst_endpoint: Option<SocketAddr>,
-    pub src_identity: Option<&'a Identity>,
-    pub dst_identity: Option<&'a Identity>,
-    pub path: Path,
-    pub counts: &'a ByteCounts,
-    pub start: Instant,
-    pub error: Option<(Side, String)>,
-    /// The limit or missing state that refused the connection (as the `reason` of
-    /// `ambit_connections_refused_total`).
-    pub limit: Option<&'static str>,
-    /// The authorization decision, for inbound connections.
-    pub authz: Option<crate::policy::Decision>,
-    /// The W3C `traceparent` of the tunnel (sent outbound, received inbound), to find one
-    /// connection in both agents' logs.
-    pub trace: Option<&'a str>,
-    /// Why the endpoint was chosen, when the service keeps traffic local.
-    pub locality: Option<&'a str>,
-}
-
-impl AccessLog<'_> {
-    pub fn emit(&self) {
-        let dst = self.dst.map(|d| d.to_string());
-        let dst = dst.as_deref().unwrap_or("unknown");
-        let duration_ms = self.start.elapsed().as_millis() as u64;
-        let (fault, error) = match &self.error {
-            Some((side, e)) => (Some(side.as_str()), Some(e.as_str())),
-            None => (None, None),
-        };
-        info!(
-            target: "access",
-            direction = self.direction.as_str(),
-            src.addr = %self.src,
-            dst.addr = dst,
-            src.workload = self.src_workload,
-            dst.workload = self.dst_workload,
-            dst.service = self.dst_service,
-            dst.endpoint = self.dst_endpoint.map(tracing::field::display),
-            src.identity = self.src_identity.map(tracing::field::display),
-            dst.identity = self.dst_identity.map(tracing::field::display),
-            path = self.path.as_str(),
-            bytes_sent = self.counts.sent(),
-            bytes_received = self.counts.received(),
-            duration_ms,
-            fault,
-            error,
-            limit = self.limit,
-            authz.policy = self.authz.as_ref().and_then(|d| d.policy.as_deref()),
-            authz.decision = self.authz.as_ref().map(|d| tracing::field::display(d.describe())),
-            traceparent = self.trace,
-            dst.locality = self.locality,
-            "connection complete"
-        );
     }
 }

@@ -411,6 +411,44 @@ fn nix_signal_hup() -> nix::sys::signal::Signal {
 }
 
 #[test]
+fn a_connection_cut_at_the_drain_timeout_is_still_in_the_access_log() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let mut m = mesh();
+    let dst = m.server.v4(PORT);
+    // node-a's agent drains for 0.5 s only; the client holds its connection for 4 s.
+    m.config_a.drain_timeout_seconds = Some(0.5);
+    m.agent_a.stop().expect("stop node-a's agent");
+    m.agent_a = m
+        .bed
+        .start_agent(&m.config_a)
+        .expect("restart node-a's agent");
+    let long = m
+        .client
+        .spawn_connect(dst, 100, 4_000, 8_000)
+        .expect("start long client");
+    long.wait_connected(WAIT).expect("long client connected");
+    let status = m.agent_a.stop().expect("agent-a stops on SIGTERM");
+    assert!(status.success(), "clean exit: {status:?}");
+    let report = long.wait().expect("long client finished");
+    assert!(!report.ok, "cut at the drain timeout: {report:#?}");
+    // The connection's line is written although its handler never finished, saying why.
+    let cut = m
+        .agent_a
+        .access_logs()
+        .into_iter()
+        .find(|v| log_str(v, "dst.addr") == Some(dst.to_string().as_str()))
+        .expect("an access log line for the cut connection");
+    assert_eq!(log_str(&cut, "fault"), Some("internal"), "{cut}");
+    assert!(
+        log_str(&cut, "error").is_some_and(|e| e.contains("shutdown")),
+        "{cut}"
+    );
+    let _ = (&m.node_b, &m.config_b, &m.agent_b, &m.outsider);
+}
+
+#[test]
 fn stopped_agent_fails_closed_drains_and_a_restart_takes_over() {
     if !ambit_testbed::privileged() {
         return;
@@ -538,15 +576,19 @@ fn node_addresses_are_captured_and_excluded_ports_pass_and_follow_reloads() {
     let redirected = |m: &Mesh| counter(&bpf_counters(&m.node_a), "connect4_redirected");
 
     // A node address is the node's, not the kubelet's: connections from it are captured.
+    // (`nodeAddresses` is read at start, so node-b's agent restarts with it.)
     m.config_b.node_addresses = vec![m.outsider.ipv4().into()];
-    m.agent_b.reload(&m.config_b).expect("reload node-b");
+    m.agent_b.stop().expect("stop node-b's agent");
+    m.agent_b = m
+        .bed
+        .start_agent(&m.config_b)
+        .expect("restart node-b's agent");
     let before = steered(&m);
     assert_echoed(&m.outsider.connect(dst, 100).expect("run client"), dst, 100);
     assert_eq!(steered(&m), before + 1, "a node address is steered");
     let before = steered(&m);
 
     // An excluded inbound port is not steered; other ports still are.
-    m.config_b.node_addresses.clear();
     m.config_b.inbound_excluded_ports = vec![PORT];
     m.agent_b.reload(&m.config_b).expect("reload node-b");
     assert_echoed(&m.outsider.connect(dst, 100).expect("run client"), dst, 100);

@@ -1,19 +1,47 @@
-//! Inbound plaintext: a connection for one of the pod's ports, steered to the pod's 15006 listener
-//! by `sk_lookup`. The accepted socket's local address is the original destination. Connect to the
-//! app from inside the pod's netns *as the client* (transparent socket, see
-//! `redirect::routing`), so the app sees the real client IP, and copy.
+//! Inbound: one flow, two transports. A connection for one of the pod's ports arrives either in
+//! plaintext (steered to the pod's 15006 listener by `sk_lookup`; the accepted socket's local
+//! address is the original destination) or as an HBONE stream on 15008 (`tunnel::server` reads
+//! the `CONNECT` and the client's verified identity). Both then go through [`admit_and_connect`]:
+//! wait for synced policy, admit (waypoint rule, L4 policy), and connect to the app from inside
+//! the pod's netns *as the client* (transparent socket, see `redirect::routing`), so the app sees
+//! the real client IP. Only the copy differs.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
 use super::{
-    PodInfo, ProxyContext,
-    copy::{self, ByteCounts, Side},
+    Direction, InboundConn, PodInfo, ProxyContext, copy,
+    limits::StreamSlot,
+    live,
+    result::{AccessLog, ConnectionResult, Error},
 };
-use crate::telemetry::{AccessLog, Path};
+use crate::{
+    identity::Identity,
+    telemetry::Path,
+    tunnel::{self, TcpSide, metadata, server::StreamToken},
+};
 
+/// Whether `port` is one of the agent's own listeners in the pod: a connection to it would loop.
+pub fn is_agent_port(port: u16) -> bool {
+    [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&port)
+}
+
+/// The record an inbound connection to `pod` starts with.
+pub fn access_log(pod: &PodInfo, peer: SocketAddr, path: Path, start: Instant) -> AccessLog {
+    AccessLog {
+        dst_workload: Some(pod.key.clone()),
+        dst_identity: Some(pod.identity.clone()),
+        path,
+        ..AccessLog::new(Direction::Inbound, peer, start)
+    }
+}
+
+/// Serves a plaintext connection accepted on 15006.
 pub async fn handle(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodInfo>,
@@ -21,130 +49,270 @@ pub async fn handle(
     peer: SocketAddr,
     start: Instant,
 ) {
-    let counts = Arc::new(ByteCounts::default());
-    let mut log = AccessLog {
-        direction: super::Direction::Inbound,
-        src: peer,
-        dst: None,
-        src_workload: None,
-        dst_workload: Some(&pod.key),
-        dst_service: None,
-        dst_endpoint: None,
-        src_identity: None,
-        dst_identity: Some(&pod.identity),
-        path: Path::Passthrough,
-        counts: &counts,
-        start,
-        error: None,
-        limit: None,
-        authz: None,
-        trace: None,
-        locality: None,
-    };
-    let dst = match downstream.local_addr() {
-        Ok(a) => super::canonical(a),
-        Err(e) => {
-            log.error = Some((
-                Side::Downstream,
-                format!("cannot read original destination: {e}"),
-            ));
-            log.emit();
-            return;
-        }
-    };
-    log.dst = Some(dst);
-    if [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&dst.port()) {
-        // Someone dialed the agent's own port on the pod IP; forwarding it would loop.
-        log.error = Some((
-            Side::Downstream,
-            format!("port {} is the agent's own; refusing", dst.port()),
-        ));
-        log.emit();
-        return;
-    }
+    let mut result = ConnectionResult::new(access_log(&pod, peer, Path::Passthrough, start));
+    let outcome = plaintext(&ctx, &pod, downstream, &mut result.log).await;
+    result.finish(outcome);
+}
 
-    // Judged only on synced policy.
-    let synced = tokio::select! {
-        r = ctx.wait_synced(super::Direction::Inbound) => r,
-        () = super::gave_up(&downstream) => {
-            log.error = Some((Side::Downstream, "the client closed the connection while it waited for the control plane".to_owned()));
-            log.emit();
-            return;
-        }
-    };
-    if let Err(e) = synced {
-        log.error = Some((Side::Internal, e.to_string()));
-        log.limit = Some(e.reason());
-        log.emit();
-        return;
+async fn plaintext(
+    ctx: &ProxyContext,
+    pod: &PodInfo,
+    downstream: TcpStream,
+    log: &mut AccessLog,
+) -> Result<(), Error> {
+    let dst = super::canonical(downstream.local_addr().map_err(Error::LocalAddress)?);
+    log.dst = Some(dst);
+    if is_agent_port(dst.port()) {
+        return Err(Error::OwnPort(dst));
     }
     // A plaintext client has no verified identity: only policies that allow that admit it.
-    let admission = ctx.admit(
-        &pod,
-        super::InboundConn {
-            path: Path::Passthrough,
-            peer,
-            dst,
-            client: None,
-            baggage: None,
-            service_host: None,
-            counts: &counts,
-            start,
-        },
-    );
-    let live = admission.live;
-    log.src_workload = admission.src_workload.as_deref();
-    let decision = match admission.outcome {
-        Ok(d) => d,
-        Err(why) => {
-            log.error = Some((Side::Downstream, why));
-            log.emit();
-            return;
-        }
+    let counts = log.counts.clone();
+    let conn = InboundConn {
+        path: Path::Passthrough,
+        peer: log.src,
+        dst,
+        client: None,
+        baggage: None,
+        service_host: None,
+        counts: &counts,
+        start: log.start,
     };
-    let allowed = decision.allowed;
-    log.authz = Some(decision);
-    if !allowed {
-        // Closed before a byte reaches the app.
-        log.error = Some((
-            Side::Downstream,
-            "denied by authorization policy".to_owned(),
-        ));
-        log.emit();
-        return;
-    }
-
-    let upstream = match super::upstream_socket(&pod.netns, dst, Some(peer.ip())) {
-        Ok(s) => tokio::select! {
-            r = super::connect(s, dst) => r,
-            () = super::gave_up(&downstream) => {
-                log.error = Some((Side::Downstream, "the client closed the connection before the app answered".to_owned()));
-                log.emit();
-                return;
-            }
-        },
-        Err(e) => Err(e),
-    };
-    let upstream = match upstream {
-        Ok(u) => u,
-        Err(e) => {
-            log.error = Some((
-                Side::Upstream,
-                format!("connect to app at {dst} failed: {e}"),
-            ));
-            log.emit();
-            return;
+    let (upstream, live) = tokio::select! {
+        r = admit_and_connect(ctx, pod, conn, log) => r?,
+        () = super::gave_up(&downstream) => {
+            return Err(Error::ClientGone(if ctx.gate.is_open() {
+                "before the app answered"
+            } else {
+                "while it waited for the control plane"
+            }));
         }
     };
     tokio::select! {
-        r = copy::copy_bidirectional(downstream, upstream, counts.clone()) => {
-            if let Err(e) = r {
-                log.error = Some((e.side, e.to_string()));
-            }
+        r = copy::copy_bidirectional(downstream, upstream, log.counts.clone()) => {
+            r.map_err(Error::Copy)
         }
-        _ = live.conn.closed() => {
-            log.error = Some((Side::Downstream, live.conn.close_reason().unwrap_or_default()));
+        _ = live.conn.closed() => Err(Error::Closed(live.conn.close_reason().unwrap_or_default())),
+    }
+}
+
+/// The inbound sequence both transports share, up to a connected app socket: judged only on
+/// synced policy; registered (so a policy change re-judges it and the metrics count it); refused
+/// if it skipped the pod's waypoint or the policy denies it (nothing reaches the app); then
+/// connected to the app as the client. Fills in the record's source and decision.
+pub async fn admit_and_connect<'c>(
+    ctx: &'c ProxyContext,
+    pod: &PodInfo,
+    conn: InboundConn<'_>,
+    log: &mut AccessLog,
+) -> Result<(TcpStream, live::Registration<'c>), Error> {
+    ctx.wait_synced(Direction::Inbound)
+        .await
+        .map_err(Error::NotSynced)?;
+    let (peer, dst) = (conn.peer, conn.dst);
+    let admission = ctx.admit(pod, conn);
+    let live = admission.live;
+    log.src_workload = admission.src_workload;
+    let decision = admission.outcome.map_err(Error::Bypass)?;
+    let allowed = decision.allowed;
+    log.authz = Some(decision);
+    if !allowed {
+        return Err(Error::Denied);
+    }
+    let socket = super::upstream_socket(&pod.netns, dst, Some(peer.ip()));
+    let connected = match socket {
+        Ok(s) => super::connect(s, dst).await,
+        Err(e) => Err(e),
+    };
+    match connected {
+        Ok(upstream) => Ok((upstream, live)),
+        Err(cause) => {
+            live.conn.flag("CONNECT");
+            Err(Error::Connect {
+                dst,
+                app: true,
+                cause,
+            })
         }
     }
-    log.emit();
+}
+
+/// Serves one HBONE `CONNECT` stream accepted on the pod's 15008 listener from `client` (its
+/// verified identity). Refusals are answered with [`Error::status`], as ztunnel answers them.
+pub async fn hbone(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodInfo>,
+    client: Arc<Identity>,
+    peer: SocketAddr,
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    _token: StreamToken,
+) {
+    let mut result = ConnectionResult::new(AccessLog {
+        src_identity: Some((*client).clone()),
+        ..access_log(&pod, peer, Path::Hbone, Instant::now())
+    });
+    let outcome = match hbone_connect(&ctx, &pod, &client, &request, &mut result.log).await {
+        Ok((upstream, live, _slot)) => {
+            hbone_copy(&ctx, upstream, &live, request, respond, &result.log).await
+        }
+        Err(e) => {
+            if let Ok(resp) = Response::builder().status(e.status()).body(()) {
+                let _ = respond.send_response(resp, true);
+            }
+            Err(e)
+        }
+    };
+    result.finish(outcome);
+}
+
+/// Everything before the `200`: the request read, the stream budget, the shared inbound sequence.
+async fn hbone_connect<'c>(
+    ctx: &'c ProxyContext,
+    pod: &PodInfo,
+    client: &Identity,
+    request: &Request<h2::RecvStream>,
+    log: &mut AccessLog,
+) -> Result<(TcpStream, live::Registration<'c>, StreamSlot), Error> {
+    if request.method() != Method::CONNECT {
+        return Err(Error::BadRequest(format!(
+            "{} is not CONNECT",
+            request.method()
+        )));
+    }
+    let peer = log.src;
+    let authority = request.uri().authority();
+    let dst = match authority.map(|a| a.as_str().parse::<SocketAddr>()) {
+        Some(Ok(a)) => super::canonical(a),
+        // ztunnel's service-hostname form (`reviews.shop.svc.cluster.local:9080`, used through
+        // east-west gateways): a service this pod backs, on the port it maps to here.
+        Some(Err(_))
+            if let Some(a) = authority
+                && let Some(port) = a.port_u16() =>
+        {
+            by_hostname(ctx, pod, a.host(), port, peer).map_err(Error::UnknownHostname)?
+        }
+        _ => {
+            return Err(Error::BadRequest(format!(
+                "CONNECT authority {:?} is not ip:port or service-hostname:port",
+                authority.map(|a| a.as_str())
+            )));
+        }
+    };
+    log.dst = Some(dst);
+    if !pod.ips.contains(&dst.ip()) {
+        return Err(Error::NotPodAddress {
+            dst,
+            pod: pod.key.clone(),
+        });
+    }
+    if is_agent_port(dst.port()) {
+        return Err(Error::OwnPort(dst));
+    }
+    // The client identity's budget of streams, held until the stream ends.
+    let slot = ctx.budgets.stream(client).map_err(|hit| {
+        ctx.live
+            .metrics()
+            .refused(Direction::Inbound.as_str(), hit.limit.reason());
+        Error::Limit(hit)
+    })?;
+    // Telemetry the client sent (never used for identity or policy).
+    log.trace = metadata::traceparent(request.headers());
+    let peer_baggage = metadata::Baggage::parse(request.headers());
+    let service_host = metadata::forwarded_host(request.headers());
+    let counts = log.counts.clone();
+    let conn = InboundConn {
+        path: Path::Hbone,
+        peer,
+        dst,
+        client: Some(client),
+        baggage: Some(&peer_baggage),
+        service_host: service_host.as_deref(),
+        counts: &counts,
+        start: log.start,
+    };
+    let (upstream, live) = admit_and_connect(ctx, pod, conn, log).await?;
+    Ok((upstream, live, slot))
+}
+
+/// After the app accepted: answer `200` (with the destination's baggage, as ztunnel does, for the
+/// client's telemetry) and copy until either side ends or the agent closes the connection.
+async fn hbone_copy(
+    ctx: &ProxyContext,
+    upstream: TcpStream,
+    live: &live::Registration<'_>,
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    log: &AccessLog,
+) -> Result<(), Error> {
+    let dst = log.dst.map(|d| d.ip());
+    let snapshot = ctx.workloads.snapshot();
+    let baggage = dst.and_then(|ip| snapshot.by_ip(ip)).map(|w| {
+        let t = snapshot.telemetry_of(w);
+        metadata::Baggage::of(&w.namespace, &t.workload_name, &t.meta).header_value()
+    });
+    drop(snapshot);
+    let mut ok = Response::builder().status(StatusCode::OK);
+    if let Some(b) = baggage.filter(|b| !b.is_empty()) {
+        ok = ok.header("baggage", b);
+    }
+    let ok = ok
+        .body(())
+        .map_err(|e| Error::Answer(format!("BUG: cannot build response: {e}")))?;
+    let send = respond
+        .send_response(ok, false)
+        .map_err(|e| Error::Answer(e.to_string()))?;
+    let recv = request.into_body();
+    tokio::select! {
+        r = tunnel::pump(upstream, send, recv, TcpSide::Destination, log.counts.clone()) => {
+            r.map_err(Error::Copy)
+        }
+        // Dropping the stream resets it; the client side sees the tunnel end.
+        _ = live.conn.closed() => Err(Error::Closed(live.conn.close_reason().unwrap_or_default())),
+    }
+}
+
+/// The address a service-hostname `CONNECT` (`host:port`) reaches in `pod`: the pod's address of
+/// the client's family and the port `pod` serves the service's `port` on. Only a service the pod
+/// backs (stricter than ztunnel, which takes any service of that name and sends to the pod).
+fn by_hostname(
+    ctx: &ProxyContext,
+    pod: &PodInfo,
+    host: &str,
+    port: u16,
+    peer: SocketAddr,
+) -> Result<SocketAddr, String> {
+    let like = pod
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == peer.ip().to_canonical().is_ipv4())
+        .or(pod.ips.first())
+        .copied()
+        .ok_or_else(|| format!("pod {} has no address", pod.key))?;
+    let snapshot = ctx.workloads.snapshot();
+    let w = snapshot
+        .by_ip(like)
+        .ok_or_else(|| format!("pod {} is not a known workload", pod.key))?;
+    let w = snapshot.telemetry_of(w);
+    let service = w
+        .services
+        .iter()
+        .filter_map(|r| snapshot.service(&r.key))
+        .find(|s| s.def.as_ref().is_some_and(|d| d.hostname == host))
+        .ok_or_else(|| {
+            format!(
+                "CONNECT to {host}:{port}: pod {} backs no service {host}",
+                pod.key
+            )
+        })?;
+    let (_, target) = service
+        .candidates(like, port)
+        .find(|(e, _)| e.uid() == w.uid())
+        .filter(|_| service.has_port(port))
+        .ok_or_else(|| {
+            format!(
+                "CONNECT to {host}:{port}: service {} has no port {port} on pod {}",
+                service.key, pod.key
+            )
+        })?;
+    Ok(SocketAddr::new(like, target.port()))
 }

@@ -15,6 +15,7 @@ pub mod inbound;
 pub mod limits;
 pub mod live;
 pub mod outbound;
+pub mod result;
 
 use std::{
     io,
@@ -634,27 +635,19 @@ fn refuse_over_limit(
             }
         }
         Listener::Outbound | Listener::Inbound => {
-            let counts = copy::ByteCounts::default();
-            crate::telemetry::AccessLog {
-                direction,
-                src: peer,
-                dst: stream.local_addr().ok().map(canonical),
-                src_workload: (direction == Direction::Outbound).then_some(pod.key.as_str()),
-                dst_workload: (direction == Direction::Inbound).then_some(pod.key.as_str()),
-                dst_service: None,
-                dst_endpoint: None,
-                src_identity: (direction == Direction::Outbound).then_some(&pod.identity),
-                dst_identity: (direction == Direction::Inbound).then_some(&pod.identity),
-                path: crate::telemetry::Path::Passthrough,
-                counts: &counts,
-                start,
-                error: Some((copy::Side::Internal, hit.to_string())),
-                limit: Some(hit.limit.reason()),
-                authz: None,
-                trace: None,
-                locality: None,
+            let mut log = result::AccessLog::new(direction, peer, start);
+            log.dst = stream.local_addr().ok().map(canonical);
+            match direction {
+                Direction::Outbound => {
+                    log.src_workload = Some(pod.key.clone());
+                    log.src_identity = Some(pod.identity.clone());
+                }
+                Direction::Inbound => {
+                    log.dst_workload = Some(pod.key.clone());
+                    log.dst_identity = Some(pod.identity.clone());
+                }
             }
-            .emit();
+            result::ConnectionResult::new(log).finish(Err(result::Error::Limit(hit)));
         }
     }
     refuse_now(stream);

@@ -15,13 +15,14 @@ use tracing::warn;
 
 use super::{
     PodInfo, ProxyContext,
-    copy::{self, ByteCounts, Side},
+    copy::{self, Side},
     live::ConnInfo,
+    result::{AccessLog, ConnectionResult, Error},
 };
 use crate::{
     identity::Identity,
     state::{Near, ServiceEntry, Snapshot, Workload},
-    telemetry::{AccessLog, Path},
+    telemetry::Path,
     tls,
     tunnel::{
         self, TcpSide,
@@ -41,36 +42,26 @@ pub async fn handle(
     peer: SocketAddr,
     start: Instant,
 ) {
-    let counts = Arc::new(ByteCounts::default());
-    let mut log = AccessLog {
-        direction: super::Direction::Outbound,
-        src: peer,
-        dst: None,
-        src_workload: Some(&pod.key),
-        dst_workload: None,
-        dst_service: None,
-        dst_endpoint: None,
-        src_identity: Some(&pod.identity),
-        dst_identity: None,
-        path: Path::Passthrough,
-        counts: &counts,
-        start,
-        error: None,
-        limit: None,
-        authz: None,
-        trace: None,
-        locality: None,
-    };
+    let mut result = ConnectionResult::new(AccessLog {
+        src_workload: Some(pod.key.clone()),
+        src_identity: Some(pod.identity.clone()),
+        ..AccessLog::new(super::Direction::Outbound, peer, start)
+    });
+    let outcome = serve(&ctx, &pod, downstream, &mut result.log).await;
+    result.finish(outcome);
+}
+
+async fn serve(
+    ctx: &ProxyContext,
+    pod: &PodInfo,
+    downstream: TcpStream,
+    log: &mut AccessLog,
+) -> Result<(), Error> {
+    let (peer, start, counts) = (log.src, log.start, log.counts.clone());
     let Some(dst) = ctx.orig_dst.lookup(pod.netns.cookie(), peer) else {
         // Not redirected by connect4 (someone dialed 15001 directly), or the client is gone.
         warn!("no original destination recorded for this connection; closing it");
-        log.error = Some((
-            Side::Downstream,
-            "no original destination recorded (connection not redirected by ambit's connect hook?)"
-                .to_owned(),
-        ));
-        log.emit();
-        return;
+        return Err(Error::NoOriginalDestination);
     };
     log.dst = Some(dst);
     // The app's socket is bound to loopback (it was redirected to 127.0.0.1:15001); report the
@@ -78,45 +69,32 @@ pub async fn handle(
     let src_ip = pod.ip_like(dst.ip()).unwrap_or(peer.ip());
     log.src = SocketAddr::new(src_ip, peer.port());
     // Where it goes (HBONE or passthrough) is known only on synced state.
-    let synced = tokio::select! {
-        r = ctx.wait_synced(super::Direction::Outbound) => r,
+    tokio::select! {
+        r = ctx.wait_synced(super::Direction::Outbound) => r.map_err(Error::NotSynced)?,
         () = super::gave_up(&downstream) => {
-            log.error = Some((Side::Downstream, "the client closed the connection while it waited for the control plane".to_owned()));
-            log.emit();
-            return;
+            return Err(Error::ClientGone("while it waited for the control plane"));
         }
     };
-    if let Err(e) = synced {
-        log.error = Some((Side::Internal, e.to_string()));
-        log.limit = Some(e.reason());
-        log.emit();
-        return;
-    }
 
     let snapshot = ctx.workloads.snapshot();
-    let route = match route(&snapshot, src_ip, dst, Pick::Next) {
-        Ok(r) => r,
-        Err(e) => {
-            log.dst_service = Some(e.service());
-            log.error = Some((e.side(), e.to_string()));
-            log.emit();
-            return;
-        }
-    };
-    let service_key = route.service.as_ref().map(|s| s.key.clone());
-    log.dst_service = service_key.as_deref();
+    let route = route(&snapshot, src_ip, dst, Pick::Next).map_err(|e| {
+        log.dst_service = Some(e.service().to_owned());
+        Error::Route(e)
+    })?;
+    let service_key: Option<String> = route.service.as_ref().map(|s| s.key.to_string());
+    log.dst_service = service_key.clone();
     let dst = route.dst;
     if route.service.is_some() && route.waypoint.is_none() {
         log.dst_endpoint = Some(dst);
     }
-    log.locality = route.locality.as_deref();
+    log.locality = route.locality.clone();
     let dst_name = match (&route.workload, &route.waypoint) {
         (Some(w), _) => Some(w.display_name()),
         // The waypoint picks the endpoint; the log names the service.
-        (None, Some(_)) => service_key.as_deref().map(str::to_owned),
+        (None, Some(_)) => service_key.clone(),
         (None, None) => None,
     };
-    log.dst_workload = dst_name.as_deref();
+    log.dst_workload = dst_name.clone();
     let src_workload = snapshot.by_ip(src_ip);
     let src_meta = src_workload.map(|w| snapshot.telemetry_of(w).meta.clone());
     let conn_info = |path, dst_identity| ConnInfo {
@@ -138,7 +116,7 @@ pub async fn handle(
             .workload
             .as_ref()
             .map(|w| snapshot.telemetry_of(w).meta.clone()),
-        service: service_key.as_deref().map(str::to_owned),
+        service: service_key.clone(),
         service_name: route
             .service
             .as_ref()
@@ -171,37 +149,33 @@ pub async fn handle(
             // Not a mesh workload: plaintext, as before capture. Registered (and counted as
             // opened) before connecting, so failed connections are counted too.
             let live = ctx.live.register(conn_info(Path::Passthrough, None));
+            drop(snapshot);
             let upstream = match super::upstream_socket(&pod.netns, dst, None) {
                 Ok(s) => tokio::select! {
                     r = super::connect(s, dst) => r,
                     () = super::gave_up(&downstream) => {
-                        log.error = Some((Side::Downstream, "the client closed the connection before the destination answered".to_owned()));
-                        log.emit();
-                        return;
+                        return Err(Error::ClientGone("before the destination answered"));
                     }
                 },
                 Err(e) => Err(e),
             };
-            let upstream = match upstream {
-                Ok(u) => u,
-                Err(e) => {
-                    live.conn.flag("CONNECT");
-                    log.error = Some((Side::Upstream, format!("connect to {dst} failed: {e}")));
-                    log.emit();
-                    return;
+            let upstream = upstream.map_err(|cause| {
+                live.conn.flag("CONNECT");
+                Error::Connect {
+                    dst,
+                    app: false,
+                    cause,
                 }
-            };
-            if let Err(e) = copy::copy_bidirectional(downstream, upstream, counts.clone()).await {
-                log.error = Some((e.side, e.to_string()));
-            }
-            log.emit();
-            return;
+            })?;
+            return copy::copy_bidirectional(downstream, upstream, counts)
+                .await
+                .map_err(Error::Copy);
         }
     };
 
     log.path = path;
     // The identity the tunnel verifies: the destination's, or its waypoint's.
-    log.dst_identity = Some(&expected_identity);
+    log.dst_identity = Some(expected_identity.clone());
     let live = ctx
         .live
         .register(conn_info(path, Some(expected_identity.clone())));
@@ -218,20 +192,15 @@ pub async fn handle(
         },
     }
     .header_value();
+    drop(snapshot);
     let traceparent = metadata::new_traceparent();
-    log.trace = Some(&traceparent);
-    let cert = match ctx.certs.get(&pod.identity, CERT_WAIT).await {
-        Ok(c) => c,
-        Err(e) => {
-            // Fail closed: no certificate, no connection (never plaintext instead).
-            log.error = Some((
-                Side::Downstream,
-                format!("no certificate to tunnel with: {e}"),
-            ));
-            log.emit();
-            return;
-        }
-    };
+    log.trace = Some(traceparent.clone());
+    // Fail closed: no certificate, no connection (never plaintext instead).
+    let cert = ctx
+        .certs
+        .get(&pod.identity, CERT_WAIT)
+        .await
+        .map_err(|e| Error::NoCertificate(e.to_string()))?;
     let key = PoolKey {
         src_identity: pod.identity.clone(),
         src_ip,
@@ -260,41 +229,26 @@ pub async fn handle(
     let tunnel = tokio::select! {
         t = connecting => t,
         () = super::gave_up(&downstream) => {
-            log.error = Some((Side::Downstream, "the client closed the connection before the tunnel was open".to_owned()));
-            log.emit();
-            return;
+            return Err(Error::ClientGone("before the tunnel was open"));
         }
     };
-    let tunnel = match tunnel {
-        Ok(t) => t,
-        Err(e) => {
-            if e.denied() {
-                live.conn.flag("DENY");
-            } else {
-                live.conn.flag("CONNECT");
-            }
-            let e = match &route.waypoint {
-                // Never a fallback around it: its L7 policy would be skipped.
-                Some(hop) => format!("waypoint {} at {} failed: {e}", hop.name, hop.addr),
-                None => e.to_string(),
-            };
-            log.error = Some((Side::Upstream, e));
-            log.emit();
-            return;
-        }
-    };
-    if let Err(e) = tunnel::pump(
+    let tunnel = tunnel.map_err(|e| {
+        live.conn.flag(if e.denied() { "DENY" } else { "CONNECT" });
+        Error::Tunnel(match &route.waypoint {
+            // Never a fallback around it: its L7 policy would be skipped.
+            Some(hop) => format!("waypoint {} at {} failed: {e}", hop.name, hop.addr),
+            None => e.to_string(),
+        })
+    })?;
+    tunnel::pump(
         downstream,
         tunnel.send,
         tunnel.recv,
         TcpSide::Source,
-        counts.clone(),
+        counts,
     )
     .await
-    {
-        log.error = Some((e.side, e.to_string()));
-    }
-    log.emit();
+    .map_err(Error::Copy)
 }
 
 fn log_src(src_ip: std::net::IpAddr, peer: SocketAddr) -> SocketAddr {

@@ -1,10 +1,7 @@
 //! HBONE server: the pod's 15008 listener. Terminates mutual TLS (the client's SPIFFE identity
-//! comes from its certificate), then serves HTTP/2 `CONNECT` streams: each one is a TCP
-//! connection to the pod's app, opened from inside the pod's netns as the client's IP.
-//!
-//! Refusals follow HTTP semantics as Istio peers expect them: 400 for anything that is not a
-//! `CONNECT` to this pod's own address, 503 when the app refuses the connection (or a limit
-//! refuses the stream).
+//! comes from its certificate), then accepts HTTP/2 `CONNECT` streams and hands each one to
+//! `proxy::inbound::hbone`, the inbound flow it shares with plaintext (statuses as ztunnel
+//! answers: `proxy::result::Error::status`).
 //!
 //! A client is bounded everywhere ([`ServerSettings`], `proxy::limits`): handshakes in flight per
 //! agent and per source IP, a timeout on each handshake step, `SETTINGS_MAX_CONCURRENT_STREAMS`
@@ -21,21 +18,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::Request;
 use tokio::net::TcpStream;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, TcpSide, metadata};
+use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use crate::{
     identity::Identity,
-    proxy::{
-        self, Direction, PodInfo, ProxyContext,
-        copy::{ByteCounts, Side},
-    },
-    telemetry::{AccessLog, Path},
+    proxy::{self, Direction, PodInfo, ProxyContext},
     tls,
 };
 
@@ -155,7 +147,7 @@ pub async fn serve_connection(
         |request, respond, token| {
             let span = info_span!("hbone_inbound", pod = %pod.key, src = %peer);
             ctx.connections.spawn(
-                serve_stream(
+                proxy::inbound::hbone(
                     ctx.clone(),
                     pod.clone(),
                     client_id.clone(),
@@ -352,274 +344,4 @@ async fn server_config(ctx: &ProxyContext, pod: &PodInfo) -> Option<Arc<rustls::
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     pod.hbone_server_config()
-}
-
-/// The address a service-hostname `CONNECT` (`host:port`) reaches in `pod`: the pod's address of
-/// the client's family and the port `pod` serves the service's `port` on. Only a service the pod
-/// backs (stricter than ztunnel, which takes any service of that name and sends to the pod).
-fn by_hostname(
-    ctx: &ProxyContext,
-    pod: &PodInfo,
-    host: &str,
-    port: u16,
-    peer: SocketAddr,
-) -> Result<SocketAddr, String> {
-    let like = pod
-        .ips
-        .iter()
-        .find(|ip| ip.is_ipv4() == peer.ip().to_canonical().is_ipv4())
-        .or(pod.ips.first())
-        .copied()
-        .ok_or_else(|| format!("pod {} has no address", pod.key))?;
-    let snapshot = ctx.workloads.snapshot();
-    let w = snapshot
-        .by_ip(like)
-        .ok_or_else(|| format!("pod {} is not a known workload", pod.key))?;
-    let w = snapshot.telemetry_of(w);
-    let service = w
-        .services
-        .iter()
-        .filter_map(|r| snapshot.service(&r.key))
-        .find(|s| s.def.as_ref().is_some_and(|d| d.hostname == host))
-        .ok_or_else(|| {
-            format!(
-                "CONNECT to {host}:{port}: pod {} backs no service {host}",
-                pod.key
-            )
-        })?;
-    let (_, target) = service
-        .candidates(like, port)
-        .find(|(e, _)| e.uid() == w.uid())
-        .filter(|_| service.has_port(port))
-        .ok_or_else(|| {
-            format!(
-                "CONNECT to {host}:{port}: service {} has no port {port} on pod {}",
-                service.key, pod.key
-            )
-        })?;
-    Ok(SocketAddr::new(like, target.port()))
-}
-
-async fn serve_stream(
-    ctx: Arc<ProxyContext>,
-    pod: Arc<PodInfo>,
-    client_id: Arc<Identity>,
-    peer: SocketAddr,
-    request: Request<h2::RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    _token: StreamToken,
-) {
-    let start = Instant::now();
-    let counts = Arc::new(ByteCounts::default());
-    let mut log = AccessLog {
-        direction: Direction::Inbound,
-        src: peer,
-        dst: None,
-        src_workload: None,
-        dst_workload: Some(&pod.key),
-        dst_service: None,
-        dst_endpoint: None,
-        src_identity: Some(&client_id),
-        dst_identity: Some(&pod.identity),
-        path: Path::Hbone,
-        counts: &counts,
-        start,
-        error: None,
-        limit: None,
-        authz: None,
-        trace: None,
-        locality: None,
-    };
-    let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
-        let resp = Response::builder().status(status).body(());
-        if let Ok(resp) = resp {
-            let _ = respond.send_response(resp, true);
-        }
-    };
-
-    if request.method() != Method::CONNECT {
-        refuse(&mut respond, StatusCode::BAD_REQUEST);
-        log.error = Some((
-            Side::Downstream,
-            format!("{} is not CONNECT", request.method()),
-        ));
-        log.emit();
-        return;
-    }
-    let authority = request.uri().authority().cloned();
-    let dst = match authority.as_ref().map(|a| a.as_str().parse::<SocketAddr>()) {
-        Some(Ok(a)) => proxy::canonical(a),
-        // ztunnel's service-hostname form (`reviews.shop.svc.cluster.local:9080`, used through
-        // east-west gateways): a service this pod backs, on the port it maps to here.
-        Some(Err(_)) if authority.as_ref().is_some_and(|a| a.port_u16().is_some()) => {
-            let a = authority.as_ref().expect("checked");
-            let port = a.port_u16().expect("checked");
-            match by_hostname(&ctx, &pod, a.host(), port, peer) {
-                Ok(dst) => dst,
-                Err(why) => {
-                    // 503, as ztunnel answers a hostname it cannot serve (`NoHostname`,
-                    // `NoPortForServices`).
-                    refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                    log.error = Some((Side::Downstream, why));
-                    log.emit();
-                    return;
-                }
-            }
-        }
-        _ => {
-            refuse(&mut respond, StatusCode::BAD_REQUEST);
-            log.error = Some((
-                Side::Downstream,
-                format!(
-                    "CONNECT authority {:?} is not ip:port or service-hostname:port",
-                    authority.as_ref().map(|a| a.as_str())
-                ),
-            ));
-            log.emit();
-            return;
-        }
-    };
-    log.dst = Some(dst);
-    // Statuses as ztunnel answers them, so either kind of client reads them the same: 400 for
-    // an address that is not this pod's, 503 for the agent's own ports (its `SelfCall`).
-    if !pod.ips.contains(&dst.ip()) {
-        refuse(&mut respond, StatusCode::BAD_REQUEST);
-        log.error = Some((
-            Side::Downstream,
-            format!("CONNECT to {dst}: not an address of pod {}", pod.key),
-        ));
-        log.emit();
-        return;
-    }
-    if [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&dst.port()) {
-        refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-        log.error = Some((
-            Side::Downstream,
-            format!("CONNECT to {dst}: port {} is the agent's own", dst.port()),
-        ));
-        log.emit();
-        return;
-    }
-
-    // The client identity's budget of streams.
-    let _slot = match ctx.budgets.stream(&client_id) {
-        Ok(s) => s,
-        Err(hit) => {
-            refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            ctx.live
-                .metrics()
-                .refused(Direction::Inbound.as_str(), hit.limit.reason());
-            log.error = Some((Side::Downstream, hit.to_string()));
-            log.limit = Some(hit.limit.reason());
-            log.emit();
-            return;
-        }
-    };
-    // Judged only on synced policy.
-    if let Err(e) = ctx.wait_synced(Direction::Inbound).await {
-        refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-        log.error = Some((Side::Internal, e.to_string()));
-        log.limit = Some(e.reason());
-        log.emit();
-        return;
-    }
-    // Telemetry the client sent (never used for identity or policy).
-    let trace = metadata::traceparent(request.headers());
-    log.trace = trace.as_deref();
-    let peer_baggage = metadata::Baggage::parse(request.headers());
-    let service_host = metadata::forwarded_host(request.headers());
-    let admission = ctx.admit(
-        &pod,
-        proxy::InboundConn {
-            path: Path::Hbone,
-            peer,
-            dst,
-            client: Some(&client_id),
-            baggage: Some(&peer_baggage),
-            service_host: service_host.as_deref(),
-            counts: &counts,
-            start,
-        },
-    );
-    let live = admission.live;
-    log.src_workload = admission.src_workload.as_deref();
-    let decision = match admission.outcome {
-        Ok(d) => d,
-        Err(why) => {
-            // As a policy denial: the client's agent did not route through the waypoint.
-            refuse(&mut respond, StatusCode::UNAUTHORIZED);
-            log.error = Some((Side::Downstream, why));
-            log.emit();
-            return;
-        }
-    };
-    let allowed = decision.allowed;
-    log.authz = Some(decision);
-    if !allowed {
-        // 401, ztunnel's answer to a policy denial (its `AuthorizationPolicyRejection`);
-        // nothing reaches the app.
-        refuse(&mut respond, StatusCode::UNAUTHORIZED);
-        log.error = Some((
-            Side::Downstream,
-            "denied by authorization policy".to_owned(),
-        ));
-        log.emit();
-        return;
-    }
-
-    let upstream = match proxy::upstream_socket(&pod.netns, dst, Some(peer.ip())) {
-        Ok(s) => proxy::connect(s, dst).await,
-        Err(e) => Err(e),
-    };
-    let upstream = match upstream {
-        Ok(u) => u,
-        Err(e) => {
-            refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            live.conn.flag("CONNECT");
-            log.error = Some((
-                Side::Upstream,
-                format!("connect to app at {dst} failed: {e}"),
-            ));
-            log.emit();
-            return;
-        }
-    };
-    // The destination's baggage on the 200, as ztunnel answers, for the client's telemetry.
-    let snapshot = ctx.workloads.snapshot();
-    let baggage = snapshot.by_ip(dst.ip()).map(|w| {
-        let t = snapshot.telemetry_of(w);
-        metadata::Baggage::of(&w.namespace, &t.workload_name, &t.meta).header_value()
-    });
-    drop(snapshot);
-    let mut ok = Response::builder().status(StatusCode::OK);
-    if let Some(b) = baggage.filter(|b| !b.is_empty()) {
-        ok = ok.header("baggage", b);
-    }
-    let ok = ok.body(());
-    let send = match ok.map(|r| respond.send_response(r, false)) {
-        Ok(Ok(send)) => send,
-        Ok(Err(e)) => {
-            log.error = Some((Side::Downstream, format!("cannot answer CONNECT: {e}")));
-            log.emit();
-            return;
-        }
-        Err(e) => {
-            log.error = Some((Side::Downstream, format!("BUG: cannot build response: {e}")));
-            log.emit();
-            return;
-        }
-    };
-    let recv = request.into_body();
-    tokio::select! {
-        r = super::pump(upstream, send, recv, TcpSide::Destination, counts.clone()) => {
-            if let Err(e) = r {
-                log.error = Some((e.side, e.to_string()));
-            }
-        }
-        _ = live.conn.closed() => {
-            // Dropping the stream resets it; the client side sees the tunnel end.
-            log.error = Some((Side::Downstream, live.conn.close_reason().unwrap_or_default()));
-        }
-    }
-    log.emit();
 }
