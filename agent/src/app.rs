@@ -31,13 +31,11 @@ use crate::{
     },
     lifecycle::{self, ConfigWatch, Event},
     pods::PodManager,
-    policy::PolicyStore,
     proxy::{self, ProxyContext},
     readiness::{self, Readiness},
     redirect::{self, Netns, Redirect, routing},
-    state::{Sources, Workloads},
+    state::Sources,
     tls::TrustRoots,
-    tunnel::client::Pool,
     xds::{NodeInfo, XdsClient, XdsConfig},
 };
 
@@ -95,46 +93,15 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     control_tasks.spawn(forward_bpf_logs(bpf_logs, shutdown.clone()));
 
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let pool = Pool::new(&config.hbone, &config.limits);
-    control_tasks.spawn(pool.clone().run_reaper(shutdown.clone()));
-    let ctx = Arc::new(ProxyContext {
-        orig_dst,
-        connections: TaskTracker::new(),
-        workloads: Workloads::default(),
-        certs: certs.clone(),
+    let ctx = ProxyContext::new(
+        &config,
+        Arc::new(proxy::capture::Kernel::new(orig_dst)),
+        certs.clone(),
         roots,
-        pool,
-        trust_domain: config.trust_domain.clone(),
-        policies: arc_swap::ArcSwap::from_pointee(PolicyStore::new()),
-        live: proxy::live::LiveConns::new(metrics.clone()),
-        draining: CancellationToken::new(),
-        budgets: proxy::limits::Budgets::new(config.limits.clone()),
-        hbone_server: crate::tunnel::server::ServerSettings::from_config(&config),
-        gate: match &config.xds {
-            Some(x) => proxy::gate::SyncGate::closed(x.sync_hold, x.max_held_connections),
-            None => proxy::gate::SyncGate::open(),
-        },
-    });
-    let sources = {
-        let ctx = ctx.clone();
-        Arc::new(Sources::new(
-            Arc::new(config.clone()),
-            move |snapshot, policies| {
-                ctx.workloads.replace(snapshot);
-                // New connections are judged by the new state at once, open ones re-judged.
-                let closed = match policies {
-                    Some(policies) => ctx.set_policies(policies),
-                    None => ctx.rejudge(),
-                };
-                if closed > 0 {
-                    info!(
-                        closed,
-                        "closed open connections the new policies no longer allow"
-                    );
-                }
-            },
-        ))
-    };
+        metrics.clone(),
+    );
+    control_tasks.spawn(ctx.pool.clone().run_reaper(shutdown.clone()));
+    let sources = ctx.sources(&config);
     if let Some(x) = &config.xds {
         let client = Arc::new(build_xds(x, &config, sources.clone())?);
         let _ = readiness.xds.set(client.clone());

@@ -15,7 +15,9 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
 use super::{
-    Direction, InboundConn, PodInfo, ProxyContext, copy,
+    Direction, InboundConn, PodInfo, ProxyContext,
+    capture::Source,
+    copy,
     limits::StreamSlot,
     live,
     result::{AccessLog, ConnectionResult, Error},
@@ -118,7 +120,9 @@ pub async fn admit_and_connect<'c>(
     if !allowed {
         return Err(Error::Denied);
     }
-    let socket = super::upstream_socket(&pod.netns, dst, Some(peer.ip()));
+    let socket = ctx
+        .capture
+        .socket(&pod.netns, dst, Source::Transparent(peer.ip()));
     let connected = match socket {
         Ok(s) => super::connect(s, dst).await,
         Err(e) => Err(e),

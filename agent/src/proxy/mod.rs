@@ -9,6 +9,7 @@
 //! traffic and nothing else. Every socket the agent opens carries [`AGENT_MARK`], which the eBPF
 //! programs skip, so the agent never captures itself.
 
+pub mod capture;
 pub mod copy;
 pub mod gate;
 pub mod inbound;
@@ -16,6 +17,8 @@ pub mod limits;
 pub mod live;
 pub mod outbound;
 pub mod result;
+#[cfg(test)]
+mod tests;
 
 use std::{
     io,
@@ -34,8 +37,8 @@ use tracing::{Instrument as _, debug, info_span, warn};
 use crate::{
     identity::{Identity, manager::CertManager},
     policy::{self, Decision, PolicyStore},
-    redirect::{Netns, OrigDst, netns},
-    state::{Snapshot, Workload, Workloads},
+    redirect::{Netns, netns},
+    state::{Snapshot, Sources, Workload, Workloads},
     tls::TrustRoots,
     tunnel::{self, client::Pool},
 };
@@ -81,7 +84,8 @@ impl PodInfo {
 
 /// Shared by every connection handler.
 pub struct ProxyContext {
-    pub orig_dst: OrigDst,
+    /// Original destinations and pod sockets: the kernel's, or the in-process tests' loopback.
+    pub capture: Arc<dyn capture::Capture>,
     /// Every connection task, so shutdown can drain them.
     pub connections: TaskTracker,
     pub workloads: Workloads,
@@ -104,6 +108,59 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// The proxy's shared state for `config`; original destinations and pod sockets come from
+    /// `capture`. Until xDS (if configured) has sent its first full state, new connections are
+    /// held (see [`gate`]); the caller opens the gate.
+    pub fn new(
+        config: &crate::config::Config,
+        capture: Arc<dyn capture::Capture>,
+        certs: Arc<CertManager>,
+        roots: TrustRoots,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<ProxyContext> {
+        Arc::new(ProxyContext {
+            capture,
+            connections: TaskTracker::new(),
+            workloads: Workloads::default(),
+            certs,
+            roots,
+            pool: Pool::new(&config.hbone, &config.limits),
+            trust_domain: config.trust_domain.clone(),
+            policies: arc_swap::ArcSwap::from_pointee(PolicyStore::new()),
+            live: live::LiveConns::new(metrics),
+            draining: CancellationToken::new(),
+            budgets: limits::Budgets::new(config.limits.clone()),
+            hbone_server: tunnel::server::ServerSettings::from_config(config),
+            gate: match &config.xds {
+                Some(x) => gate::SyncGate::closed(x.sync_hold, x.max_held_connections),
+                None => gate::SyncGate::open(),
+            },
+        })
+    }
+
+    /// The one writer of the proxy's state, starting from `config`: every change (config, xDS)
+    /// replaces the workloads the handlers read; new policies judge new connections at once and
+    /// close open ones they no longer allow.
+    pub fn sources(self: &Arc<Self>, config: &crate::config::Config) -> Arc<Sources> {
+        let ctx = self.clone();
+        Arc::new(Sources::new(
+            Arc::new(config.clone()),
+            move |snapshot, policies| {
+                ctx.workloads.replace(snapshot);
+                let closed = match policies {
+                    Some(policies) => ctx.set_policies(policies),
+                    None => ctx.rejudge(),
+                };
+                if closed > 0 {
+                    tracing::info!(
+                        closed,
+                        "closed open connections the new policies no longer allow"
+                    );
+                }
+            },
+        ))
+    }
+
     /// Holds a new connection until the state is synced (see [`gate`]); a refusal is counted
     /// and returned, for the caller's access log.
     pub async fn wait_synced(&self, direction: Direction) -> Result<(), gate::NotSynced> {

@@ -15,6 +15,7 @@ use tracing::warn;
 
 use super::{
     PodInfo, ProxyContext,
+    capture::Source,
     copy::{self, Side},
     live::ConnInfo,
     result::{AccessLog, ConnectionResult, Error},
@@ -58,7 +59,7 @@ async fn serve(
     log: &mut AccessLog,
 ) -> Result<(), Error> {
     let (peer, start, counts) = (log.src, log.start, log.counts.clone());
-    let Some(dst) = ctx.orig_dst.lookup(pod.netns.cookie(), peer) else {
+    let Some(dst) = ctx.capture.original_dst(&pod.netns, peer) else {
         // Not redirected by connect4 (someone dialed 15001 directly), or the client is gone.
         warn!("no original destination recorded for this connection; closing it");
         return Err(Error::NoOriginalDestination);
@@ -150,7 +151,7 @@ async fn serve(
             // opened) before connecting, so failed connections are counted too.
             let live = ctx.live.register(conn_info(Path::Passthrough, None));
             drop(snapshot);
-            let upstream = match super::upstream_socket(&pod.netns, dst, None) {
+            let upstream = match ctx.capture.socket(&pod.netns, dst, Source::Pod(src_ip)) {
                 Ok(s) => tokio::select! {
                     r = super::connect(s, dst) => r,
                     () = super::gave_up(&downstream) => {
@@ -211,7 +212,10 @@ async fn serve(
     let expected = vec![expected_identity.clone()];
     let connecting = ctx.pool.connect(
         key,
-        &pod.netns,
+        || {
+            ctx.capture
+                .socket(&pod.netns, tunnel_to, Source::Pod(src_ip))
+        },
         || tls::client_config(&cert, &ctx.roots, expected),
         authority,
         TunnelHeaders {

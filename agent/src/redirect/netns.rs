@@ -71,6 +71,27 @@ impl Netns {
         Ok(ns)
     }
 
+    /// The calling thread's own netns, without entering it (so without `CAP_SYS_ADMIN`): for a
+    /// process that opens its sockets where it runs (the waypoint, the in-process tests).
+    pub fn own() -> Result<Netns, Error> {
+        let path = Path::new("/proc/thread-self/ns/net");
+        let file = File::open(path).map_err(|cause| Error::Open {
+            path: path.to_owned(),
+            cause,
+        })?;
+        let cookie = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)
+            .and_then(|sock| netns_cookie(sock.as_fd()))
+            .map_err(|cause| Error::Cookie {
+                path: path.to_owned(),
+                cause,
+            })?;
+        Ok(Netns {
+            file,
+            path: path.to_owned(),
+            cookie,
+        })
+    }
+
     /// The kernel's cookie for this namespace: the key of the enrollment map.
     pub fn cookie(&self) -> u64 {
         self.cookie

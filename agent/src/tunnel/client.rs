@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, warn};
 
 use super::{CONNECTION_WINDOW, HBONE_PORT, MAX_FRAME, STREAM_WINDOW};
-use crate::{identity::Identity, proxy, redirect::Netns, tls};
+use crate::{identity::Identity, proxy, tls};
 
 /// How long a stream waits for a connection someone else is opening before it opens its own.
 pub const OPENING_PATIENCE: Duration = Duration::from_secs(1);
@@ -338,7 +338,7 @@ impl Pool {
     pub async fn connect(
         &self,
         key: PoolKey,
-        netns: &Netns,
+        socket: impl FnOnce() -> std::io::Result<tokio::net::TcpSocket>,
         tls_config: impl FnOnce() -> Result<Arc<rustls::ClientConfig>, tls::Error>,
         authority: SocketAddr,
         headers: TunnelHeaders<'_>,
@@ -377,7 +377,7 @@ impl Pool {
             }
         };
         let config = tls_config()?;
-        let (sender, id, guard) = self.open(&key, netns, config, opening).await?;
+        let (sender, id, guard) = self.open(&key, socket, config, opening).await?;
         self.streams_opened.fetch_add(1, Ordering::Relaxed);
         let (send, recv) = self.request(sender, key.dst, authority, &headers).await?;
         Ok(Tunnel {
@@ -404,13 +404,12 @@ impl Pool {
     async fn open(
         &self,
         key: &PoolKey,
-        netns: &Netns,
+        socket: impl FnOnce() -> std::io::Result<tokio::net::TcpSocket>,
         config: Arc<rustls::ClientConfig>,
         opening: Opening<'_>,
     ) -> Result<(SendRequest<Bytes>, u64, StreamGuard), Error> {
         let addr = key.dst;
-        let socket = proxy::upstream_socket(netns, addr, None)
-            .map_err(|cause| Error::Connect { addr, cause })?;
+        let socket = socket().map_err(|cause| Error::Connect { addr, cause })?;
         let tcp = proxy::connect(socket, addr)
             .await
             .map_err(|cause| Error::Connect { addr, cause })?;

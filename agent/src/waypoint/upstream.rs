@@ -432,11 +432,12 @@ impl Upstream {
             dst: tunnel_addr(addr.ip()),
         };
         let expected = vec![workload.identity.clone()];
+        let tunnel_to = key.dst;
         let tunnel = self
             .pool
             .connect(
                 key,
-                &self.netns,
+                || proxy::upstream_socket(&self.netns, tunnel_to, None),
                 || tls::client_config(&cert, &self.roots, expected),
                 addr,
                 TunnelHeaders {
