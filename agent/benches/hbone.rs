@@ -6,8 +6,8 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use ambit_agent::{
+    copy::ByteCounts,
     identity::{Identity, builtin::BuiltinCa},
-    proxy::copy::ByteCounts,
     tls::{self, CertResolver, TrustRoots},
     tunnel::{self, TcpSide, client, server},
 };

@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use arc_swap::ArcSwap;
 
 use crate::{
-    admin::{Admin, CniRequest},
+    admin::Admin,
     config::{CaConfig, Config},
     identity::{
         CaClient,
@@ -30,7 +30,7 @@ use crate::{
         manager::CertManager,
     },
     lifecycle::{self, ConfigWatch, Event},
-    pods::PodManager,
+    pods::{CniRequest, PodManager},
     proxy::{self, ProxyContext},
     readiness::{self, Readiness},
     redirect::{self, Netns, Redirect, routing},
@@ -350,7 +350,7 @@ pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
     }
     // Nothing is captured any more: the CNI plugin (if still chained) must let every pod start,
     // and no later agent should adopt pods from the records.
-    let released = crate::admin::api::CniState {
+    let released = crate::api::CniState {
         ambient_namespaces: Vec::new(),
         socket: config.admin_socket.display().to_string(),
     };
@@ -374,11 +374,9 @@ pub fn cleanup(config_path: &Path) -> anyhow::Result<()> {
 /// by the built-in CA, for standalone meshes of several nodes and for tests. The CA's root goes
 /// to `<dir>/ca-cert.pem` (the mesh trust anchor); the server's own TLS certificate, self-signed
 /// for the listen address, to `<dir>/server-cert.pem` (the `ca.istio.rootCert` of agents).
-/// Who may ask for what is `config.callers` (see [`crate::identity::ca_access`]).
-pub async fn run_ca_server(
-    config: crate::identity::ca_access::CaServerConfig,
-) -> anyhow::Result<()> {
-    let crate::identity::ca_access::CaServerConfig {
+/// Who may ask for what is `config.callers` (see [`crate::ca_server::access`]).
+pub async fn run_ca_server(config: crate::ca_server::access::CaServerConfig) -> anyhow::Result<()> {
+    let crate::ca_server::access::CaServerConfig {
         dir,
         trust_domain,
         listen,
@@ -442,7 +440,7 @@ pub async fn run_ca_server(
             _ = int.recv() => {},
         }
     };
-    crate::identity::ca_server::serve(
+    crate::ca_server::serve(
         listener,
         Arc::new(tls),
         Arc::new(ca),

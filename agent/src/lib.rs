@@ -1,15 +1,25 @@
-//! Ambit's node agent. `main.rs` parses arguments; [`app`] wires the parts together:
+//! Ambit's node agent. `main.rs` parses arguments; [`app`] wires the parts together and
+//! [`lifecycle`] follows the config and drains. The layers, each importing only those below it
+//! (`tests/module_layers.rs` keeps it so):
 //!
 //! ```text
-//! config ──> app ──> redirect (eBPF load/attach/pin, enrollment maps, pod netns)
-//!                └─> proxy (per-pod listeners: outbound 15001, inbound 15006) ──> telemetry (access log)
+//! data path:  redirect (eBPF, pod netns) ─> proxy (outbound; inbound over 15006 or HBONE)
+//!                                            ├─> tunnel (HBONE client, server framing, pool)
+//!                                            │     └─> tls ─> identity (SPIFFE ids, CAs, certs)
+//!                                            └─> copy (connect, byte-counted copy)
+//! state:      xds ─> state (Workloads, Sources) ─> policy          config (every setting)
+//! control:    app ─> pods (desired pods, PodManager) ─> redirect, proxy
+//!             admin (API over api.rs types), readiness, metrics, kube, ca_server, waypoint
 //! ```
 //!
 //! See ARCHITECTURE.md for the data path and the runtime layout.
 
 pub mod admin;
+pub mod api;
 pub mod app;
+pub mod ca_server;
 pub mod config;
+pub mod copy;
 pub mod grpc;
 pub mod http;
 pub mod identity;

@@ -179,7 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             trust_domain,
             listen,
         } => {
-            use ambit_agent::identity::ca_access::{CaServerConfig, Callers, DEFAULT_MAX_LIFETIME};
+            use ambit_agent::ca_server::access::{CaServerConfig, Callers, DEFAULT_MAX_LIFETIME};
             let config = match (config, dir) {
                 (Some(path), _) => CaServerConfig::load(&path)?,
                 (None, Some(dir)) => CaServerConfig {

@@ -31,7 +31,7 @@ pub struct Readiness {
     pub kube: std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<crate::kube::KubeState>>>,
     /// The pods' side, published by the pod manager (what stays captured while a source is
     /// away).
-    pub pods: Arc<arc_swap::ArcSwap<crate::admin::PodsState>>,
+    pub pods: Arc<arc_swap::ArcSwap<crate::pods::PodsState>>,
 }
 
 impl Readiness {

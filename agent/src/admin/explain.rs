@@ -15,21 +15,9 @@ use crate::{
     identity::Identity,
     proxy::outbound::{Pick, route},
     state::{Snapshot, Workload},
-    xds::{GatewayDestination, XdsGateway},
 };
 
 type ApiResult<T> = Result<T, (u16, String)>;
-
-/// A waypoint as `ip:port` or `namespace/hostname`.
-pub fn gateway_name(g: &XdsGateway) -> String {
-    match &g.destination {
-        GatewayDestination::Address(ip) => SocketAddr::new(*ip, g.hbone_mtls_port).to_string(),
-        GatewayDestination::Hostname {
-            namespace,
-            hostname,
-        } => format!("{namespace}/{hostname}"),
-    }
-}
 
 /// The source as the operator named it.
 struct Source {

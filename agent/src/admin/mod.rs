@@ -2,8 +2,8 @@
 //! read by `ambitctl`; and the Prometheus endpoint (`/metrics`, port 15020). Both read the same
 //! live state the data path uses. Wire types are in [`api`].
 
-pub mod api;
-pub use explain::gateway_name;
+/// The wire types, shared with ambitctl and the CNI plugin (kept at `admin::api` for them).
+pub use crate::api;
 pub mod client;
 mod explain;
 
@@ -25,38 +25,12 @@ use crate::{
     http::{Request, Response},
     identity::manager::CertManager,
     metrics::Gauges,
+    pods::{CniOp, CniRequest, PodsState},
     proxy::ProxyContext,
     readiness::Readiness,
     state::{Source, Workload},
     telemetry,
 };
-
-/// A local pod the agent captures now.
-#[derive(Clone, Debug)]
-pub struct EnrolledPod {
-    /// `namespace/name`.
-    pub key: String,
-    pub netns_cookie: u64,
-    pub ips: Vec<std::net::IpAddr>,
-    /// The source that claims it: `config`, `kubernetes` or `cni`.
-    pub origin: &'static str,
-    /// Served from the record an earlier agent saved, because its source has not synced yet.
-    pub adopted: bool,
-}
-
-/// The pods' side of the agent, published by the pod manager after every change.
-#[derive(Clone, Debug, Default)]
-pub struct PodsState {
-    pub enrolled: Vec<EnrolledPod>,
-    /// `(namespace/name, error)` of pods that should be enrolled and could not be.
-    pub failed: Vec<(String, String)>,
-    /// Netns an earlier agent left enrolled that stay captured, unserved (no usable record),
-    /// until every pod source has synced: their new connections are refused.
-    pub held_netns: Vec<u64>,
-    /// The pod source that has not synced yet (`kubernetes`), if any: nothing an earlier agent
-    /// left is released before it has.
-    pub waiting_for: Option<&'static str>,
-}
 
 /// What the admin API reads.
 pub struct Admin {
@@ -75,20 +49,6 @@ pub struct Admin {
 
 /// How long a CNI ADD may wait for its pod to be enrolled.
 const CNI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CniOp {
-    Add,
-    Del,
-    Check,
-}
-
-/// A CNI call for the pod manager, which owns enrollment.
-pub struct CniRequest {
-    pub op: CniOp,
-    pub pod: api::CniPod,
-    pub reply: tokio::sync::oneshot::Sender<Result<api::CniAnswer, (u16, String)>>,
-}
 
 impl Admin {
     /// Serves the admin API on `path` until `shutdown`. The socket is replaced if a stale one
@@ -331,7 +291,7 @@ impl Admin {
                     source: def.map_or("workloads", |d| d.source.as_str()).to_owned(),
                     waypoint: def
                         .and_then(|d| d.waypoint.as_ref())
-                        .map(explain::gateway_name),
+                        .map(crate::xds::XdsGateway::display_name),
                 }
             })
             .collect();
@@ -507,7 +467,10 @@ fn workload_view(w: &Workload, twin: Option<&Workload>, pods: &PodsState) -> api
             (Source::Xds, _) => "xds",
         }
         .to_owned(),
-        waypoint: w.waypoint.as_deref().map(explain::gateway_name),
+        waypoint: w
+            .waypoint
+            .as_deref()
+            .map(crate::xds::XdsGateway::display_name),
     }
 }
 

@@ -1,5 +1,5 @@
 //! The Istio CA back end: asks istiod (or anything serving Istio's `IstioCertificateService`,
-//! such as [`super::ca_server`]) to sign workload CSRs, the way Istio's node agent (ztunnel)
+//! such as [`crate::ca_server`]) to sign workload CSRs, the way Istio's node agent (ztunnel)
 //! does for the workloads on its node.
 //!
 //! ```text

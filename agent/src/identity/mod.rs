@@ -8,8 +8,6 @@
 
 pub mod builtin;
 pub mod ca;
-pub mod ca_access;
-pub mod ca_server;
 pub mod istio;
 pub mod manager;
 

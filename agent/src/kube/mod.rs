@@ -22,7 +22,6 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -33,22 +32,8 @@ pub use client::Client;
 /// The annotation that tells istiod a pod is captured by the node agent.
 pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 
-/// Where the API server is and how the agent authenticates (defaults: the in-cluster service
-/// account).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct KubeSettings {
-    /// `https://host:port`; default from `KUBERNETES_SERVICE_HOST` / `KUBERNETES_SERVICE_PORT`.
-    pub api_server: String,
-    pub token_path: PathBuf,
-    pub ca_cert: PathBuf,
-    /// Only network namespaces whose path starts with this are searched for pods' IPs (e.g.
-    /// `/var/run/netns/cni-` with containerd); default: all of `/run/netns`, `/var/run/netns`
-    /// and every process's.
-    pub netns_path_prefix: Option<String>,
-}
-
-pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+// The settings are the config's (it validates them); the watch only reads them.
+pub use crate::config::{KubeSettings, SERVICE_ACCOUNT_DIR};
 
 /// A pod on this node, as far as enrollment cares.
 #[derive(Clone, Debug, PartialEq, Eq)]

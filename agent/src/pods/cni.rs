@@ -4,10 +4,22 @@
 use tracing::{error, info};
 
 use super::PodManager;
-use crate::{
-    admin::CniOp,
-    config::{Config, Pod},
-};
+use crate::config::{Config, Pod};
+
+/// The CNI operation the plugin forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CniOp {
+    Add,
+    Del,
+    Check,
+}
+
+/// A CNI call for the pod manager, which owns enrollment.
+pub struct CniRequest {
+    pub op: CniOp,
+    pub pod: crate::api::CniPod,
+    pub reply: tokio::sync::oneshot::Sender<Result<crate::api::CniAnswer, (u16, String)>>,
+}
 
 impl PodManager {
     /// Answers a CNI call: a pod of an opted-in namespace is enrolled before the answer.
@@ -15,9 +27,9 @@ impl PodManager {
         &mut self,
         config: &Config,
         op: CniOp,
-        pod: &crate::admin::api::CniPod,
-    ) -> Result<crate::admin::api::CniAnswer, (u16, String)> {
-        use crate::admin::api::CniAnswer;
+        pod: &crate::api::CniPod,
+    ) -> Result<crate::api::CniAnswer, (u16, String)> {
+        use crate::api::CniAnswer;
         let key = format!("{}/{}", pod.namespace, pod.name);
         let answer = |enrolled: bool, reason: String| Ok(CniAnswer { enrolled, reason });
         // The config's own entry decides for a pod it lists; otherwise the namespace label.

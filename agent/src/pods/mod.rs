@@ -12,6 +12,7 @@
 //! ```
 
 mod cni;
+pub use cni::{CniOp, CniRequest};
 pub mod desired;
 pub mod records;
 
@@ -29,7 +30,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{EnrolledPod, PodsState},
     config::{Config, Pod},
     proxy::{self, PodInfo, PodListeners, ProxyContext},
     redirect::{CaptureOptions, Netns, Redirect, routing},
@@ -49,6 +49,33 @@ struct ActivePod {
     cancel: CancellationToken,
 }
 
+/// A local pod the agent captures now.
+#[derive(Clone, Debug)]
+pub struct EnrolledPod {
+    /// `namespace/name`.
+    pub key: String,
+    pub netns_cookie: u64,
+    pub ips: Vec<std::net::IpAddr>,
+    /// The source that claims it: `config`, `kubernetes` or `cni`.
+    pub origin: &'static str,
+    /// Served from the record an earlier agent saved, because its source has not synced yet.
+    pub adopted: bool,
+}
+
+/// The pods' side of the agent, published by the pod manager after every change.
+#[derive(Clone, Debug, Default)]
+pub struct PodsState {
+    pub enrolled: Vec<EnrolledPod>,
+    /// `(namespace/name, error)` of pods that should be enrolled and could not be.
+    pub failed: Vec<(String, String)>,
+    /// Netns an earlier agent left enrolled that stay captured, unserved (no usable record),
+    /// until every pod source has synced: their new connections are refused.
+    pub held_netns: Vec<u64>,
+    /// The pod source that has not synced yet (`kubernetes`), if any: nothing an earlier agent
+    /// left is released before it has.
+    pub waiting_for: Option<&'static str>,
+}
+
 /// Keeps the served pods equal to what [`desired::desired`] decides.
 pub struct PodManager {
     redirect: Redirect,
@@ -62,7 +89,7 @@ pub struct PodManager {
     /// Pods the CNI plugin announced (not in the config), by `namespace/name`.
     cni_pods: BTreeMap<String, Pod>,
     /// What was last written to the CNI state file.
-    cni_state: Option<crate::admin::api::CniState>,
+    cni_state: Option<crate::api::CniState>,
     /// Kubernetes mode: the API client, what the watches know, and where pods' netns are.
     kube_client: Option<crate::kube::Client>,
     kube: Option<Arc<crate::kube::KubeState>>,
@@ -407,7 +434,7 @@ impl PodManager {
 
     /// Leaves the mesh's namespaces where the CNI plugin looks when the agent is unreachable.
     fn write_cni_state(&mut self, config: &Config) {
-        let state = crate::admin::api::CniState {
+        let state = crate::api::CniState {
             ambient_namespaces: config.ambient_namespaces.iter().cloned().collect(),
             socket: config.admin_socket.display().to_string(),
         };

@@ -6,13 +6,18 @@
 //! the pod's netns *as the client* (transparent socket, see `redirect::routing`), so the app sees
 //! the real client IP. Only the copy differs.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
+use tracing::{Instrument as _, info_span, warn};
 
 use super::{
     Direction, InboundConn, PodInfo, ProxyContext,
@@ -25,8 +30,14 @@ use super::{
 use crate::{
     identity::Identity,
     telemetry::Path,
-    tunnel::{self, TcpSide, metadata, server::StreamToken},
+    tunnel::{
+        self, TcpSide, metadata,
+        server::{self, StreamToken},
+    },
 };
+
+/// How long a connection waits for the pod's first certificate.
+const CERT_WAIT: Duration = Duration::from_secs(5);
 
 /// Whether `port` is one of the agent's own listeners in the pod: a connection to it would loop.
 pub fn is_agent_port(port: u16) -> bool {
@@ -138,6 +149,86 @@ pub async fn admit_and_connect<'c>(
             })
         }
     }
+}
+
+/// Serves one HBONE connection accepted on the pod's 15008 listener until it closes: TLS as the
+/// pod (waiting, bounded, for its first certificate), within the handshake budgets, then each
+/// `CONNECT` stream as [`hbone`].
+pub async fn hbone_connection(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodInfo>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let Some(config) = server_config(&ctx, &pod).await else {
+        warn!(
+            identity = %pod.identity,
+            "refusing HBONE connection: no certificate for this pod's identity yet (is the CA reachable?)"
+        );
+        return;
+    };
+    let handshake = match ctx.budgets.handshake(peer.ip()) {
+        Ok(h) => h,
+        Err(hit) => {
+            ctx.live
+                .metrics()
+                .refused(Direction::Inbound.as_str(), hit.limit.reason());
+            if ctx.budgets.should_warn() {
+                warn!(src.addr = %peer, limit = hit.limit.reason(), "{hit}");
+            }
+            return;
+        }
+    };
+    let accepted = server::accept(config, tcp, peer, &pod.identity, &ctx.hbone_server).await;
+    drop(handshake);
+    let Some(accepted) = accepted else {
+        return;
+    };
+    let client_id = Arc::new(accepted.client);
+    let ended = server::accept_streams(
+        accepted.conn,
+        &ctx.draining,
+        &ctx.hbone_server,
+        |request, respond, token| {
+            let span = info_span!("hbone_inbound", pod = %pod.key, src = %peer);
+            ctx.connections.spawn(
+                hbone(
+                    ctx.clone(),
+                    pod.clone(),
+                    client_id.clone(),
+                    peer,
+                    request,
+                    respond,
+                    token,
+                )
+                .instrument(span),
+            );
+        },
+    )
+    .await;
+    server::log_end(&ended, peer, &client_id);
+    if let Some(limit) = ended.limit() {
+        ctx.live
+            .metrics()
+            .refused(Direction::Inbound.as_str(), limit);
+    }
+}
+
+/// The pod's TLS config; right after enrollment its first certificate may still be on its way, so
+/// wait for it (bounded) rather than turn the first clients away.
+async fn server_config(ctx: &ProxyContext, pod: &PodInfo) -> Option<Arc<rustls::ServerConfig>> {
+    if let Some(c) = pod.hbone_server_config() {
+        return Some(c);
+    }
+    ctx.certs.get(&pod.identity, CERT_WAIT).await.ok()?;
+    // The config is built from the certificate by the pod's certificate follower, moments later.
+    for _ in 0..50 {
+        if let Some(c) = pod.hbone_server_config() {
+            return Some(c);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pod.hbone_server_config()
 }
 
 /// Serves one HBONE `CONNECT` stream accepted on the pod's 15008 listener from `client` (its

@@ -10,7 +10,6 @@
 //! programs skip, so the agent never captures itself.
 
 pub mod capture;
-pub mod copy;
 pub mod gate;
 pub mod inbound;
 pub mod limits;
@@ -19,6 +18,9 @@ pub mod outbound;
 pub mod result;
 #[cfg(test)]
 mod tests;
+
+/// The byte-stream plumbing the proxy shares with the tunnel (at `crate::copy`).
+pub(crate) use crate::copy::{self, connect};
 
 use std::{
     io,
@@ -43,8 +45,6 @@ use crate::{
     tunnel::{self, client::Pool},
 };
 
-/// How long the agent waits for a destination to accept a connection.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const LISTEN_BACKLOG: i32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +258,7 @@ impl ProxyContext {
         Some(format!(
             "{} only accepts traffic through its waypoint {} ({}); this connection came {}",
             w.display_name(),
-            crate::admin::gateway_name(gw),
+            gw.display_name(),
             waypoints
                 .first()
                 .map_or_else(|| "identity unknown".to_owned(), |i| i.to_string()),
@@ -510,20 +510,6 @@ pub(crate) async fn gave_up(downstream: &TcpStream) {
     }
 }
 
-/// Connects with [`CONNECT_TIMEOUT`].
-pub(crate) async fn connect(
-    socket: tokio::net::TcpSocket,
-    dst: SocketAddr,
-) -> io::Result<TcpStream> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer from {dst} within {CONNECT_TIMEOUT:?}"),
-        )),
-    }
-}
-
 /// Canonical form of an accepted socket's address (IPv4-mapped IPv6 shown as IPv4).
 pub(crate) fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
@@ -652,8 +638,7 @@ async fn accept_loop(
             }
             Listener::Hbone => {
                 let span = info_span!("hbone", id, pod = %pod.key, src = %peer);
-                let serve =
-                    tunnel::server::serve_connection(ctx.clone(), pod.clone(), stream, peer);
+                let serve = inbound::hbone_connection(ctx.clone(), pod.clone(), stream, peer);
                 ctx.connections.spawn(
                     async move {
                         let _slot = slot;

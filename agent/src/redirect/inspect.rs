@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, path::Path};
 use ambit_common::{self as common, Addr, Counter, EnrolledPod, IpKey, SocketKey};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, SockHash};
 
-use crate::admin::api::{BpfEnrolledView, BpfMapView, BpfProgramView, BpfView};
+use crate::api::{BpfEnrolledView, BpfMapView, BpfProgramView, BpfView};
 
 /// Reads the state pinned under `pin_path`. Pods are not named (the caller knows them by
 /// cookie); `cgroup` is what the caller says the cgroup programs are attached to.

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, warn};
 
 use super::{CONNECTION_WINDOW, HBONE_PORT, MAX_FRAME, STREAM_WINDOW};
-use crate::{identity::Identity, proxy, tls};
+use crate::{identity::Identity, tls};
 
 /// How long a stream waits for a connection someone else is opening before it opens its own.
 pub const OPENING_PATIENCE: Duration = Duration::from_secs(1);
@@ -410,7 +410,7 @@ impl Pool {
     ) -> Result<(SendRequest<Bytes>, u64, StreamGuard), Error> {
         let addr = key.dst;
         let socket = socket().map_err(|cause| Error::Connect { addr, cause })?;
-        let tcp = proxy::connect(socket, addr)
+        let tcp = crate::copy::connect(socket, addr)
             .await
             .map_err(|cause| Error::Connect { addr, cause })?;
         let (sender, mut connection) = handshake(tcp, config, addr, self.handshake_timeout).await?;

@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::proxy::copy::{ByteCounts, CopyError, Side};
+use crate::copy::{ByteCounts, CopyError, Side};
 
 /// HBONE's port.
 pub const HBONE_PORT: u16 = ambit_common::HBONE_PORT;

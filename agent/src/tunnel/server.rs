@@ -22,17 +22,10 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use http::Request;
 use tokio::net::TcpStream;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use super::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
-use crate::{
-    identity::Identity,
-    proxy::{self, Direction, PodInfo, ProxyContext},
-    tls,
-};
-
-/// How long a connection waits for the pod's first certificate.
-const CERT_WAIT: Duration = Duration::from_secs(5);
+use crate::{identity::Identity, tls};
 
 /// How an HBONE server treats its clients (from `hbone` and `limits` in the config).
 #[derive(Clone, Debug)]
@@ -105,67 +98,6 @@ pub struct StreamToken(Arc<AtomicUsize>);
 impl Drop for StreamToken {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Serves one accepted HBONE connection until it closes.
-pub async fn serve_connection(
-    ctx: Arc<ProxyContext>,
-    pod: Arc<PodInfo>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) {
-    let Some(config) = server_config(&ctx, &pod).await else {
-        warn!(
-            identity = %pod.identity,
-            "refusing HBONE connection: no certificate for this pod's identity yet (is the CA reachable?)"
-        );
-        return;
-    };
-    let handshake = match ctx.budgets.handshake(peer.ip()) {
-        Ok(h) => h,
-        Err(hit) => {
-            ctx.live
-                .metrics()
-                .refused(Direction::Inbound.as_str(), hit.limit.reason());
-            if ctx.budgets.should_warn() {
-                warn!(src.addr = %peer, limit = hit.limit.reason(), "{hit}");
-            }
-            return;
-        }
-    };
-    let accepted = accept(config, tcp, peer, &pod.identity, &ctx.hbone_server).await;
-    drop(handshake);
-    let Some(accepted) = accepted else {
-        return;
-    };
-    let client_id = Arc::new(accepted.client);
-    let ended = accept_streams(
-        accepted.conn,
-        &ctx.draining,
-        &ctx.hbone_server,
-        |request, respond, token| {
-            let span = info_span!("hbone_inbound", pod = %pod.key, src = %peer);
-            ctx.connections.spawn(
-                proxy::inbound::hbone(
-                    ctx.clone(),
-                    pod.clone(),
-                    client_id.clone(),
-                    peer,
-                    request,
-                    respond,
-                    token,
-                )
-                .instrument(span),
-            );
-        },
-    )
-    .await;
-    log_end(&ended, peer, &client_id);
-    if let Some(limit) = ended.limit() {
-        ctx.live
-            .metrics()
-            .refused(Direction::Inbound.as_str(), limit);
     }
 }
 
@@ -327,21 +259,4 @@ pub fn h2_builder(settings: &ServerSettings) -> h2::server::Builder {
         .max_concurrent_reset_streams(50)
         .max_local_error_reset_streams(Some(1024));
     b
-}
-
-/// The pod's TLS config; right after enrollment its first certificate may still be on its way, so
-/// wait for it (bounded) rather than turn the first clients away.
-async fn server_config(ctx: &ProxyContext, pod: &PodInfo) -> Option<Arc<rustls::ServerConfig>> {
-    if let Some(c) = pod.hbone_server_config() {
-        return Some(c);
-    }
-    ctx.certs.get(&pod.identity, CERT_WAIT).await.ok()?;
-    // The config is built from the certificate by the pod's certificate follower, moments later.
-    for _ in 0..50 {
-        if let Some(c) = pod.hbone_server_config() {
-            return Some(c);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    pod.hbone_server_config()
 }

@@ -48,33 +48,7 @@ impl Verdict {
     }
 }
 
-/// A `when` key, parsed.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ConditionKey<'a> {
-    Header(&'a str),
-    SourcePrincipal,
-    SourceNamespace,
-    SourceIp,
-    DestinationPort,
-}
-
-impl ConditionKey<'_> {
-    pub fn parse(key: &str) -> Option<ConditionKey<'_>> {
-        if let Some(name) = key
-            .strip_prefix("request.headers[")
-            .and_then(|r| r.strip_suffix(']'))
-        {
-            return (!name.is_empty()).then_some(ConditionKey::Header(name));
-        }
-        Some(match key {
-            "source.principal" => ConditionKey::SourcePrincipal,
-            "source.namespace" => ConditionKey::SourceNamespace,
-            "source.ip" => ConditionKey::SourceIp,
-            "destination.port" => ConditionKey::DestinationPort,
-            _ => return None,
-        })
-    }
-}
+pub use crate::config::waypoint::ConditionKey;
 
 /// Judges `req` by the `policies` that apply to its destination.
 pub fn evaluate(policies: &[L7Policy], req: &RequestAttrs<'_>) -> Verdict {

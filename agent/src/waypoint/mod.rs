@@ -17,7 +17,8 @@
 //! next request; the waypoint's identity and listener need a restart.
 
 pub mod authz;
-pub mod config;
+/// The `waypoint:` section of the config (validated with the rest of it).
+pub use crate::config::waypoint as config;
 pub mod h2c;
 pub mod metrics;
 pub mod path;

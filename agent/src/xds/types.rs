@@ -197,6 +197,21 @@ pub struct XdsGateway {
     pub hbone_mtls_port: u16,
 }
 
+impl XdsGateway {
+    /// The waypoint as operators name it: `ip:port`, or `namespace/hostname`.
+    pub fn display_name(&self) -> String {
+        match &self.destination {
+            GatewayDestination::Address(ip) => {
+                std::net::SocketAddr::new(*ip, self.hbone_mtls_port).to_string()
+            }
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => format!("{namespace}/{hostname}"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GatewayDestination {
     Address(IpAddr),

@@ -18,7 +18,8 @@ use std::{fmt, net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{config::Service, identity::Identity};
+use super::Service;
+use crate::identity::Identity;
 
 /// The `waypoint:` section.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -426,7 +427,7 @@ impl Waypoint {
         xds: bool,
     ) -> Result<(), (String, String)> {
         let err = |f: String, m: String| Err((f, m));
-        if !super::super::config::is_dns_label(&self.namespace) {
+        if !super::is_dns_label(&self.namespace) {
             return err(
                 "namespace".into(),
                 format!("{:?} is not a valid namespace name", self.namespace),
@@ -672,20 +673,18 @@ impl Waypoint {
                     }
                 }
                 for (k, c) in rule.when.iter_mut().enumerate() {
-                    if super::authz::ConditionKey::parse(&c.key).is_none() {
+                    if ConditionKey::parse(&c.key).is_none() {
                         return err(
                             format!("{rf}.when[{k}].key"),
                             format!("{:?} is not supported; use one of {CONDITION_KEYS}", c.key),
                         );
                     }
-                    if matches!(
-                        super::authz::ConditionKey::parse(&c.key),
-                        Some(super::authz::ConditionKey::SourceIp)
-                    ) && let Some(v) = c
-                        .values
-                        .iter()
-                        .chain(&c.not_values)
-                        .find(|v| v.parse::<crate::policy::Cidr>().is_err())
+                    if matches!(ConditionKey::parse(&c.key), Some(ConditionKey::SourceIp))
+                        && let Some(v) = c
+                            .values
+                            .iter()
+                            .chain(&c.not_values)
+                            .find(|v| v.parse::<crate::policy::Cidr>().is_err())
                     {
                         return err(
                             format!("{rf}.when[{k}].values"),
@@ -718,6 +717,34 @@ impl Waypoint {
         self.identity
             .as_ref()
             .expect("BUG: a validated waypoint config has an identity")
+    }
+}
+
+/// A `when` key, parsed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConditionKey<'a> {
+    Header(&'a str),
+    SourcePrincipal,
+    SourceNamespace,
+    SourceIp,
+    DestinationPort,
+}
+
+impl ConditionKey<'_> {
+    pub fn parse(key: &str) -> Option<ConditionKey<'_>> {
+        if let Some(name) = key
+            .strip_prefix("request.headers[")
+            .and_then(|r| r.strip_suffix(']'))
+        {
+            return (!name.is_empty()).then_some(ConditionKey::Header(name));
+        }
+        Some(match key {
+            "source.principal" => ConditionKey::SourcePrincipal,
+            "source.namespace" => ConditionKey::SourceNamespace,
+            "source.ip" => ConditionKey::SourceIp,
+            "destination.port" => ConditionKey::DestinationPort,
+            _ => return None,
+        })
     }
 }
 

@@ -1,4 +1,4 @@
-//! Who may ask the CA server ([`super::ca_server`]) for which certificates, as istiod's node
+//! Who may ask the CA server ([`super`]) for which certificates, as istiod's node
 //! authorizer decides it for ztunnel: each caller proves which node it is with that node's own
 //! token, and gets certificates only for the identities of workloads on that node; a lifetime
 //! longer than the configured maximum is cut to it. Only a server on loopback may take callers
@@ -34,7 +34,7 @@ use serde::Deserialize;
 use tonic::{Status, metadata::MetadataMap};
 use tracing::warn;
 
-use super::{Identity, istio::AUTHORIZATION_HEADER};
+use crate::identity::{Identity, istio::AUTHORIZATION_HEADER};
 
 /// The longest lifetime granted when the config does not say (istiod's default maximum).
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);

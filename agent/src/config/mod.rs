@@ -4,6 +4,8 @@
 //! Errors name the field and the problem (`pods[1].ips[0]: invalid IP address syntax`), so an
 //! operator can fix the file without reading code.
 
+pub mod waypoint;
+
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
@@ -350,6 +352,23 @@ impl Pod {
     }
 }
 
+/// Kubernetes mode: where the API server is and how the agent authenticates (defaults: the in-cluster service
+/// account).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeSettings {
+    /// `https://host:port`; default from `KUBERNETES_SERVICE_HOST` / `KUBERNETES_SERVICE_PORT`.
+    pub api_server: String,
+    pub token_path: PathBuf,
+    pub ca_cert: PathBuf,
+    /// Only network namespaces whose path starts with this are searched for pods' IPs (e.g.
+    /// `/var/run/netns/cni-` with containerd); default: all of `/run/netns`, `/var/run/netns`
+    /// and every process's.
+    pub netns_path_prefix: Option<String>,
+}
+
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 /// The whole validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -412,10 +431,10 @@ pub struct Config {
     /// plugin announces in them are enrolled.
     pub ambient_namespaces: std::collections::BTreeSet<String>,
     /// Kubernetes mode: watch the API for namespaces and this node's pods.
-    pub kubernetes: Option<crate::kube::KubeSettings>,
+    pub kubernetes: Option<KubeSettings>,
     /// Waypoint mode (`ambit-agent waypoint`): the waypoint's identity, routes and L7 policies.
     /// A waypoint config has no `cgroup` and no `pods`: it captures nothing.
-    pub waypoint: Option<crate::waypoint::config::Waypoint>,
+    pub waypoint: Option<waypoint::Waypoint>,
 }
 
 mod secs {
@@ -573,7 +592,7 @@ struct RawConfig {
     #[serde(default)]
     kubernetes: Option<RawKube>,
     #[serde(default)]
-    waypoint: Option<crate::waypoint::config::Waypoint>,
+    waypoint: Option<waypoint::Waypoint>,
 }
 
 #[derive(Deserialize)]
@@ -864,8 +883,8 @@ impl RawConfig {
                         }
                     },
                 };
-                let sa = Path::new(crate::kube::SERVICE_ACCOUNT_DIR);
-                Some(crate::kube::KubeSettings {
+                let sa = Path::new(SERVICE_ACCOUNT_DIR);
+                Some(KubeSettings {
                     api_server,
                     token_path: k.token_path.unwrap_or_else(|| sa.join("token")),
                     ca_cert: k.ca_cert.unwrap_or_else(|| sa.join("ca.crt")),
@@ -1476,7 +1495,7 @@ impl RawConfig {
                 .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 15020))),
             admin_socket: self
                 .admin_socket
-                .unwrap_or_else(|| PathBuf::from(crate::admin::api::DEFAULT_SOCKET)),
+                .unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_SOCKET)),
             cni_state_file: self
                 .cni_state_file
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CNI_STATE_FILE)),

@@ -1,6 +1,6 @@
 //! A certificate authority server speaking Istio's `IstioCertificateService`, backed by any
 //! [`CaClient`] (normally the built-in CA). A standalone mesh runs it so agents on other nodes
-//! get certificates with [`super::istio::IstioCa`] exactly as they would from istiod; tests use
+//! get certificates with [`crate::identity::istio::IstioCa`] exactly as they would from istiod; tests use
 //! it to exercise that client.
 //!
 //! ```text
@@ -9,7 +9,7 @@
 //!          ──> ca.sign() ──> PEM chain
 //! ```
 //!
-//! Who may ask for what is [`super::ca_access`]'s: per-node tokens, the node's workloads'
+//! Who may ask for what is [`access`]'s: per-node tokens, the node's workloads'
 //! identities only, a maximum lifetime; without tokens only on loopback.
 
 use std::{
@@ -43,10 +43,12 @@ use tonic::codegen::tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, debug_span, info, warn};
 
-use super::{
+pub mod access;
+
+use self::access::Callers;
+use crate::identity::{
     Identity,
     ca::{self, CaClient},
-    ca_access::Callers,
     istio::IMPERSONATED_IDENTITY,
 };
 /// A client that has not finished its TLS handshake by then is dropped.
@@ -150,12 +152,12 @@ impl Signer {
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain
                 .iter()
-                .map(|c| super::pem_encode("CERTIFICATE", c))
+                .map(|c| crate::identity::pem_encode("CERTIFICATE", c))
                 .collect(),
             root_cert: (!roots.is_empty()).then(|| Roots {
                 ca_cert: roots
                     .iter()
-                    .map(|c| super::pem_encode("CERTIFICATE", c))
+                    .map(|c| crate::identity::pem_encode("CERTIFICATE", c))
                     .collect(),
             }),
         }))
@@ -345,11 +347,9 @@ mod tests {
     use rustls::pki_types::PrivateKeyDer;
     use tokio::{sync::oneshot, task::JoinHandle};
 
+    use super::access::NodeCaller;
     use super::*;
-    use crate::identity::{
-        ca_access::NodeCaller,
-        istio::{IstioCa, IstioCaConfig},
-    };
+    use crate::identity::istio::{IstioCa, IstioCaConfig};
 
     /// A CA for tests: signs any CSR with an rcgen root and returns leaf and root (as istiod
     /// does); remembers the lifetime it was asked for.
