@@ -1,5 +1,5 @@
-//! The byte-stream plumbing of a proxied connection, shared by the proxy and the tunnel:
-//! connecting with a timeout, and a byte-counted bidirectional copy between the two sides.
+//! Byte-counted bidirectional copy between the two sides of a proxied connection, shared by the
+//! proxy and the tunnel.
 //!
 //! Both directions run in the connection's own task (no extra spawn), each with one buffer
 //! allocated up front and reused: no allocation per chunk. When one side finishes sending, the
@@ -9,18 +9,13 @@
 
 use std::{
     io,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Size of each direction's buffer.
 pub const BUFFER_SIZE: usize = 64 * 1024;
@@ -143,19 +138,6 @@ where
         op: "shutdown",
         cause,
     })
-}
-
-/// How long the agent waits for a destination to accept a connection.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connects with [`CONNECT_TIMEOUT`].
-pub async fn connect(socket: tokio::net::TcpSocket, dst: SocketAddr) -> io::Result<TcpStream> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer from {dst} within {CONNECT_TIMEOUT:?}"),
-        )),
-    }
 }
 
 #[cfg(test)]

@@ -91,17 +91,13 @@ fn reason(status: u16) -> &'static str {
 /// A TCP listener for a local endpoint, shared (`SO_REUSEPORT`) with the agent that replaces this
 /// one during a rolling update, so probes always find a listener on the port.
 pub fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(128)?;
-    tokio::net::TcpListener::from_std(socket.into())
+    let how = crate::sockets::Listen {
+        reuse_port: true,
+        mark: None,
+        nodelay: false,
+        backlog: 128,
+    };
+    tokio::net::TcpListener::from_std(crate::sockets::listener(addr, &how)?)
 }
 
 /// Accepts connections from `accept` until `shutdown`, answering each with `handle`.

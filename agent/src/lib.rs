@@ -6,7 +6,7 @@
 //! data path:  redirect (eBPF, pod netns) ─> proxy (outbound; inbound over 15006 or HBONE)
 //!                                            ├─> tunnel (HBONE client, server framing, pool)
 //!                                            │     └─> tls ─> identity (SPIFFE ids, CAs, certs)
-//!                                            └─> copy (connect, byte-counted copy)
+//!                                            └─> copy (byte-counted copy), sockets (listen, connect)
 //! state:      xds ─> state (Workloads, Sources) ─> policy          config (every setting)
 //! control:    app ─> pods (desired pods, PodManager) ─> redirect, proxy
 //!             admin (API over api.rs types), readiness, metrics, kube, ca_server, waypoint
@@ -31,6 +31,7 @@ pub mod policy;
 pub mod proxy;
 pub mod readiness;
 pub mod redirect;
+pub mod sockets;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

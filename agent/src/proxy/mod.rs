@@ -20,7 +20,7 @@ pub mod result;
 mod tests;
 
 /// The byte-stream plumbing the proxy shares with the tunnel (at `crate::copy`).
-pub(crate) use crate::copy::{self, connect};
+pub(crate) use crate::{copy, sockets::connect};
 
 use std::{
     io,
@@ -448,22 +448,13 @@ impl PodListeners {
 }
 
 fn listen(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
-    let err = |cause| Error::Listen { addr, cause };
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
-    socket.set_reuse_address(true).map_err(err)?;
-    // A new agent (a rolling update with surge) binds next to the one it replaces, so the pod
-    // never lacks a listener; the old one closes its sockets when it drains.
-    socket.set_reuse_port(true).map_err(err)?;
-    socket.set_mark(AGENT_MARK).map_err(err)?;
-    if addr.is_ipv6() {
-        // Dual stack on [::]; loopback [::1] is IPv6 only anyway.
-        socket.set_only_v6(false).map_err(err)?;
-    }
-    socket.set_nonblocking(true).map_err(err)?;
-    socket.bind(&addr.into()).map_err(err)?;
-    socket.listen(LISTEN_BACKLOG).map_err(err)?;
-    Ok(socket.into())
+    let how = crate::sockets::Listen {
+        reuse_port: true,
+        mark: Some(AGENT_MARK),
+        nodelay: false,
+        backlog: LISTEN_BACKLOG,
+    };
+    crate::sockets::listener(addr, &how).map_err(|cause| Error::Listen { addr, cause })
 }
 
 /// Opens a marked TCP socket inside `netns` for `dst`; with `transparent_src`, bound to that

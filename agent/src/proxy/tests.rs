@@ -168,6 +168,17 @@ impl Node {
         answer
     }
 
+    /// Waits until this node holds no connection (their streams released to the pool).
+    async fn settle(&self) {
+        tokio::time::timeout(WAIT, async {
+            while !self.ctx.live.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("connections closed within 10 s");
+    }
+
     fn metrics(&self) -> String {
         self.metrics.render(&Gauges::default())
     }
@@ -250,7 +261,9 @@ async fn outbound_hbone_inbound_in_process_carries_bytes_with_both_identities() 
     // The app sees the client pod's address, not the agent's.
     let peer = accepted.recv().await.expect("app accepted");
     assert_eq!(peer.ip(), a);
-    // A service VIP is load-balanced to its endpoint's target port, through the same tunnel.
+    // A service VIP is load-balanced to its endpoint's target port, through the same tunnel
+    // (once the first stream is released: a busy connection gets a parallel one).
+    node_a.settle().await;
     let answer = node_a
         .dial(a, SocketAddr::new(ip(VIP), 80), b"hello, service")
         .await;
@@ -313,6 +326,7 @@ async fn a_deny_on_the_destination_refuses_in_process_and_nothing_reaches_the_ap
         "{server}"
     );
     // The client's agent learnt it as a policy refusal (401), flagged DENY in its metrics.
+    node_a.settle().await;
     let client = node_a.metrics();
     assert!(
         client

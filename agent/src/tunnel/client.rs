@@ -410,7 +410,7 @@ impl Pool {
     ) -> Result<(SendRequest<Bytes>, u64, StreamGuard), Error> {
         let addr = key.dst;
         let socket = socket().map_err(|cause| Error::Connect { addr, cause })?;
-        let tcp = crate::copy::connect(socket, addr)
+        let tcp = crate::sockets::connect(socket, addr)
             .await
             .map_err(|cause| Error::Connect { addr, cause })?;
         let (sender, mut connection) = handshake(tcp, config, addr, self.handshake_timeout).await?;

@@ -176,20 +176,13 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 
 /// A listener on `addr`; `[::]` accepts both families.
 fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_tcp_nodelay(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    tokio::net::TcpListener::from_std(socket.into())
+    let how = crate::sockets::Listen {
+        reuse_port: false,
+        mark: None,
+        nodelay: true,
+        backlog: 1024,
+    };
+    tokio::net::TcpListener::from_std(crate::sockets::listener(addr, &how)?)
 }
 
 async fn accept_loop(
