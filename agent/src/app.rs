@@ -1,5 +1,7 @@
-//! Wiring: load the config, load and attach the capture programs, enroll the configured pods, then
-//! follow config changes until SIGTERM, and drain.
+//! Wiring and the control loop: [`build`] loads the config, loads and attaches the capture
+//! programs, starts every component in dependency order and enrolls the pods, returning a
+//! [`Bound`] agent; [`Bound::run`] follows Kubernetes, CNI and config changes until SIGTERM, and
+//! drains (with [`crate::lifecycle`]).
 //!
 //! One control task owns the capture state ([`Redirect`]) and the set of served pods; it is the
 //! only writer. Connection handlers only read (the original-destination map, their pod's netns).
@@ -39,8 +41,31 @@ use crate::{
     xds::{NodeInfo, XdsClient, XdsConfig},
 };
 
-/// Runs the agent until SIGTERM or SIGINT.
+/// Runs the agent until SIGTERM or SIGINT, then drains.
 pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()> {
+    build(config_path, ebpf_log_level).await?.run().await
+}
+
+/// The agent wired and serving: everything [`build`] started, and what the control loop needs.
+pub struct Bound {
+    config: Config,
+    watch: ConfigWatch,
+    ctx: Arc<ProxyContext>,
+    pods: PodManager,
+    admin: Arc<Admin>,
+    certs: Arc<CertManager>,
+    kube_rx: Option<tokio::sync::watch::Receiver<Arc<crate::kube::KubeState>>>,
+    cni_rx: tokio::sync::mpsc::Receiver<CniRequest>,
+    /// Fired after the drain: stops the control tasks below.
+    shutdown: CancellationToken,
+    control_tasks: TaskTracker,
+}
+
+/// Wires the agent in dependency order and starts serving: readiness first (so probes see why
+/// it is not ready yet), the CA and certificates, the capture programs, the proxy and its state
+/// sources, xDS and the Kubernetes watch, the pods, the admin API. Returns once the agent is
+/// ready.
+pub async fn build(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<Bound> {
     let config = Config::load(&config_path)?;
     if config.waypoint.is_some() {
         anyhow::bail!(
@@ -142,7 +167,7 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
     );
     pods.apply(&config)?;
     readiness.pods.store(Arc::new(pods.state()));
-    let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<CniRequest>(64);
+    let (cni_tx, cni_rx) = tokio::sync::mpsc::channel::<CniRequest>(64);
     let admin = Arc::new(Admin {
         started: std::time::Instant::now(),
         config_path: config_path.clone(),
@@ -163,79 +188,108 @@ pub async fn run(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<()>
             .clone()
             .serve_metrics(config.metrics_address, shutdown.clone()),
     );
-    let mut watch = ConfigWatch::new(&config_path)?;
+    let watch = ConfigWatch::new(&config_path)?;
     readiness
         .started
         .store(true, std::sync::atomic::Ordering::Release);
     info!(node = %config.node, pods = pods.active_count(), "agent ready");
+    Ok(Bound {
+        config,
+        watch,
+        ctx,
+        pods,
+        admin,
+        certs,
+        kube_rx,
+        cni_rx,
+        shutdown,
+        control_tasks,
+    })
+}
 
-    let mut config = config;
-    loop {
-        let event = tokio::select! {
-            Ok(()) = async {
-                match &mut kube_rx {
-                    Some(rx) => rx.changed().await,
-                    None => std::future::pending().await,
+impl Bound {
+    /// The control loop: the one writer of capture state follows Kubernetes, CNI calls and the
+    /// config until SIGTERM or SIGINT; then drains and stops.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Bound {
+            mut config,
+            mut watch,
+            ctx,
+            mut pods,
+            admin,
+            certs,
+            mut kube_rx,
+            mut cni_rx,
+            shutdown,
+            control_tasks,
+        } = self;
+        loop {
+            let event = tokio::select! {
+                Ok(()) = async {
+                    match &mut kube_rx {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(rx) = kube_rx.as_mut() {
+                        pods.set_kube(rx.borrow_and_update().clone());
+                    }
+                    if let Err(e) = pods.apply(&config) {
+                        error!(error = %e, "applying the Kubernetes state failed");
+                    }
+                    admin.pods.store(Arc::new(pods.state()));
+                    continue;
                 }
-            } => {
-                if let Some(rx) = kube_rx.as_mut() {
-                    pods.set_kube(rx.borrow_and_update().clone());
+                Some(req) = cni_rx.recv() => {
+                    let answer = pods.cni(&config, req.op, &req.pod);
+                    let _ = req.reply.send(answer);
+                    admin.pods.store(Arc::new(pods.state()));
+                    continue;
                 }
-                if let Err(e) = pods.apply(&config) {
-                    error!(error = %e, "applying the Kubernetes state failed");
-                }
-                admin.pods.store(Arc::new(pods.state()));
-                continue;
-            }
-            Some(req) = cni_rx.recv() => {
-                let answer = pods.cni(&config, req.op, &req.pod);
-                let _ = req.reply.send(answer);
-                admin.pods.store(Arc::new(pods.state()));
-                continue;
-            }
-            event = watch.next() => event,
-        };
-        match event {
-            Event::Stop => break,
-            Event::Reload => {
-                match watch.reload(&config) {
-                    Ok(new) => {
-                        config = new;
-                        if let Err(e) = pods.apply(&config) {
-                            error!(error = %e, "applying the new config failed");
+                event = watch.next() => event,
+            };
+            match event {
+                Event::Stop => break,
+                Event::Reload => {
+                    match watch.reload(&config) {
+                        Ok(new) => {
+                            config = new;
+                            if let Err(e) = pods.apply(&config) {
+                                error!(error = %e, "applying the new config failed");
+                            }
+                            info!(pods = pods.active_count(), "config applied");
                         }
-                        info!(pods = pods.active_count(), "config applied");
+                        Err(e) => {
+                            error!(error = %e, "config reload refused; keeping the previous config")
+                        }
                     }
-                    Err(e) => {
-                        error!(error = %e, "config reload refused; keeping the previous config")
+                    admin.config.store(Arc::new(config.clone()));
+                    admin.pods.store(Arc::new(pods.state()));
+                }
+                Event::Idle if pods.has_failed() => {
+                    // Pods whose netns was not ready yet: try again.
+                    if let Err(e) = pods.apply(&config) {
+                        error!(error = %e, "retrying enrollment failed");
                     }
+                    admin.pods.store(Arc::new(pods.state()));
                 }
-                admin.config.store(Arc::new(config.clone()));
-                admin.pods.store(Arc::new(pods.state()));
+                Event::Idle if pods.annotating() => pods.sync_annotations(),
+                Event::Idle => {}
             }
-            Event::Idle if pods.has_failed() => {
-                // Pods whose netns was not ready yet: try again.
-                if let Err(e) = pods.apply(&config) {
-                    error!(error = %e, "retrying enrollment failed");
-                }
-                admin.pods.store(Arc::new(pods.state()));
-            }
-            Event::Idle if pods.annotating() => pods.sync_annotations(),
-            Event::Idle => {}
         }
-    }
 
-    let counters = pods.counters();
-    pods.stop_listening().await;
-    lifecycle::drain(&ctx.connections, &ctx.draining, config.drain_timeout).await;
-    lifecycle::stop_control(&shutdown, &certs, &control_tasks).await;
-    info!(
-        ?counters,
-        pin_path = %config.bpf_pin_path.display(),
-        "agent stopped; enrolled pods stay captured and their new connections are refused until \
-         an agent runs again (`ambit-agent cleanup` releases them)"
-    );
-    Ok(())
+        let counters = pods.counters();
+        pods.stop_listening().await;
+        lifecycle::drain(&ctx.connections, &ctx.draining, config.drain_timeout).await;
+        lifecycle::stop_control(&shutdown, &certs, &control_tasks).await;
+        info!(
+            ?counters,
+            pin_path = %config.bpf_pin_path.display(),
+            "agent stopped; enrolled pods stay captured and their new connections are refused until \
+             an agent runs again (`ambit-agent cleanup` releases them)"
+        );
+        Ok(())
+    }
 }
 
 async fn forward_bpf_logs(
