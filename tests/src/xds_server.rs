@@ -37,21 +37,26 @@ struct State {
     nonce: u64,
 }
 
-#[derive(Clone)]
-struct Ads {
-    state: Arc<Mutex<State>>,
-    pushes: broadcast::Sender<DeltaDiscoveryResponse>,
+/// One client's delta ADS stream as the server sees it: what it sent with the stream (its
+/// metadata: the token), its requests, and where the server's responses go.
+pub struct AdsStream {
+    pub metadata: tonic::metadata::MetadataMap,
+    pub requests: Streaming<DeltaDiscoveryRequest>,
+    pub responses: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 }
 
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// The control plane's wire side, and nothing else: each new delta stream is handed to the
+/// owner of the receiver, which decides every response (scripted by a unit test, or the stateful
+/// [`XdsServer`]). Shared by the agent's xDS client tests and the test bed.
+struct HandOff {
+    streams: mpsc::Sender<AdsStream>,
 }
 
 type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
+impl AggregatedDiscoveryService for HandOff {
     type StreamAggregatedResourcesStream = SotwStream;
     type DeltaAggregatedResourcesStream = DeltaStream;
 
@@ -66,47 +71,102 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        let mut incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let state = self.state.clone();
+        let metadata = req.metadata().clone();
+        let _ = self
+            .streams
+            .send(AdsStream {
+                metadata,
+                requests: req.into_inner(),
+                responses: tx,
+            })
+            .await;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves delta ADS over TLS (`cert_pem`/`key_pem`) on `listener` until `shutdown`; every new
+/// stream arrives on the returned receiver. The future must be spawned (or awaited).
+pub fn serve_ads<F>(
+    listener: tokio::net::TcpListener,
+    cert_pem: &str,
+    key_pem: &str,
+    shutdown: F,
+) -> Result<(
+    impl std::future::Future<Output = Result<(), tonic::transport::Error>> + Send + use<F>,
+    mpsc::Receiver<AdsStream>,
+)>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, streams) = mpsc::channel(16);
+    let identity = tonic::transport::Identity::from_pem(cert_pem, key_pem);
+    let server = tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+        .serve_with_incoming_shutdown(
+            AggregatedDiscoveryServiceServer::new(HandOff { streams: tx }),
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        );
+    Ok((server, streams))
+}
+
+/// The state every stream of an [`XdsServer`] shares.
+#[derive(Clone)]
+struct Ads {
+    state: Arc<Mutex<State>>,
+    pushes: broadcast::Sender<DeltaDiscoveryResponse>,
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Ads {
+    /// Serves one stream as istiod does: the full state of a type on its subscription, then
+    /// every push, recording what the client sends.
+    async fn serve(self, stream: AdsStream) {
+        let AdsStream {
+            mut requests,
+            responses: tx,
+            ..
+        } = stream;
+        let state = self.state;
         let mut pushes = self.pushes.subscribe();
-        tokio::spawn(async move {
-            let mut subscribed = 0;
-            loop {
-                tokio::select! {
-                    msg = incoming.next() => {
-                        let Some(Ok(msg)) = msg else { return };
-                        let is_subscription = msg.response_nonce.is_empty();
-                        let type_url = msg.type_url.clone();
-                        {
-                            let mut s = lock(&state);
-                            s.requests.push(msg);
-                            s.received_at.push(Instant::now());
-                        }
-                        if is_subscription {
-                            // Answer a subscription with everything of that type (full state).
-                            let resp = {
-                                let mut s = lock(&state);
-                                s.nonce += 1;
-                                DeltaDiscoveryResponse {
-                                    type_url: type_url.clone(),
-                                    nonce: format!("n{}", s.nonce),
-                                    resources: s.resources.get(&type_url).map(|m| m.values().cloned().collect()).unwrap_or_default(),
-                                    ..Default::default()
-                                }
-                            };
-                            subscribed += 1;
-                            if tx.send(Ok(resp)).await.is_err() { return; }
-                        }
+        let mut subscribed = 0;
+        loop {
+            tokio::select! {
+                msg = requests.next() => {
+                    let Some(Ok(msg)) = msg else { return };
+                    let is_subscription = msg.response_nonce.is_empty();
+                    let type_url = msg.type_url.clone();
+                    {
+                        let mut s = lock(&state);
+                        s.requests.push(msg);
+                        s.received_at.push(Instant::now());
                     }
-                    push = pushes.recv(), if subscribed >= 2 => {
-                        let Ok(push) = push else { return };
-                        if tx.send(Ok(push)).await.is_err() { return; }
+                    if is_subscription {
+                        // Answer a subscription with everything of that type (full state).
+                        let resp = {
+                            let mut s = lock(&state);
+                            s.nonce += 1;
+                            DeltaDiscoveryResponse {
+                                type_url: type_url.clone(),
+                                nonce: format!("n{}", s.nonce),
+                                resources: s.resources.get(&type_url).map(|m| m.values().cloned().collect()).unwrap_or_default(),
+                                ..Default::default()
+                            }
+                        };
+                        subscribed += 1;
+                        if tx.send(Ok(resp)).await.is_err() { return; }
                     }
                 }
+                push = pushes.recv(), if subscribed >= 2 => {
+                    let Ok(push) = push else { return };
+                    if tx.send(Ok(push)).await.is_err() { return; }
+                }
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
     }
 }
 
@@ -165,18 +225,21 @@ impl XdsServer {
         })
         .join()
         .map_err(|_| anyhow!("listener thread panicked"))??;
-        let identity = tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem);
-        let service = AggregatedDiscoveryServiceServer::new(self.ads.clone());
+        let ads = self.ads.clone();
         self.runtime.block_on(async {
             let listener = tokio::net::TcpListener::from_std(std_listener)?;
-            let server = tonic::transport::Server::builder()
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
-                .serve_with_incoming_shutdown(
-                    service,
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    std::future::pending::<()>(),
-                );
+            let (server, mut streams) = serve_ads(
+                listener,
+                &self.cert_pem,
+                &self.key_pem,
+                std::future::pending::<()>(),
+            )?;
             tokio::spawn(server);
+            tokio::spawn(async move {
+                while let Some(stream) = streams.recv().await {
+                    tokio::spawn(ads.clone().serve(stream));
+                }
+            });
             anyhow::Ok(())
         })
     }

@@ -1,24 +1,18 @@
-//! The client against a test ADS server (tonic, TLS with an rcgen certificate, loopback). The
-//! server hands each stream to the test, which reads the client's requests and pushes responses
+//! The client against the test bed's ADS server core (`ambit_testbed::xds_server::serve_ads`:
+//! tonic, TLS with an rcgen certificate, loopback), the one fake control plane of every tier. It
+//! hands each stream to the test, which reads the client's requests and pushes responses
 //! by hand, so every test states exactly what the control plane does.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     path::PathBuf,
-    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use ambit_proto::{
-    envoy::service::discovery::v3::{
-        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-        Resource,
-        aggregated_discovery_service_server::{
-            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-        },
-    },
+    envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource},
     istio::{
         security::{self as sec, Authorization},
         workload::{Address, NetworkAddress, Port, Service, TunnelProtocol, Workload, address},
@@ -26,30 +20,25 @@ use ambit_proto::{
     prost_types::{Any, value::Kind},
 };
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
-use tokio_stream::{
-    Stream,
-    wrappers::{ReceiverStream, TcpListenerStream},
-};
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    Request, Response, Status, Streaming,
-    metadata::MetadataMap,
-    transport::{Server, ServerTlsConfig},
-};
 
 use super::*;
 use crate::policy::Policy;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-/// One client stream as the server sees it.
-struct Conn {
-    metadata: MetadataMap,
-    requests: Streaming<DeltaDiscoveryRequest>,
-    responses: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+/// One client stream as the server sees it (the test bed's fake control plane hands it over).
+type Conn = ambit_testbed::xds_server::AdsStream;
+
+/// What the tests ask of a stream.
+trait ConnExt {
+    async fn recv(&mut self) -> DeltaDiscoveryRequest;
+    async fn subscriptions(&mut self) -> [DeltaDiscoveryRequest; 2];
+    async fn push(&self, resp: DeltaDiscoveryResponse);
+    async fn push_and_reply(&mut self, resp: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest;
 }
 
-impl Conn {
+impl ConnExt for Conn {
     async fn recv(&mut self) -> DeltaDiscoveryRequest {
         tokio::time::timeout(WAIT, self.requests.message())
             .await
@@ -90,43 +79,6 @@ impl Conn {
     }
 }
 
-struct Ads {
-    conns: mpsc::Sender<Conn>,
-}
-
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
-type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = SotwStream;
-    type DeltaAggregatedResourcesStream = ResponseStream;
-
-    async fn stream_aggregated_resources(
-        &self,
-        _: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<SotwStream>, Status> {
-        Err(Status::unimplemented("delta only"))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        req: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let metadata = req.metadata().clone();
-        let _ = self
-            .conns
-            .send(Conn {
-                metadata,
-                requests: req.into_inner(),
-                responses: tx,
-            })
-            .await;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
 /// The server's certificate and key, kept across restarts.
 struct Tls {
     cert_pem: String,
@@ -154,17 +106,14 @@ impl TestServer {
     async fn start(tls: &Tls, addr: SocketAddr) -> TestServer {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let (tx, conns) = mpsc::channel(4);
         let stop = CancellationToken::new();
-        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
-        let server = Server::builder()
-            .tls_config(ServerTlsConfig::new().identity(identity))
-            .expect("server tls")
-            .serve_with_incoming_shutdown(
-                AggregatedDiscoveryServiceServer::new(Ads { conns: tx }),
-                TcpListenerStream::new(listener),
-                stop.clone().cancelled_owned(),
-            );
+        let (server, conns) = ambit_testbed::xds_server::serve_ads(
+            listener,
+            &tls.cert_pem,
+            &tls.key_pem,
+            stop.clone().cancelled_owned(),
+        )
+        .expect("server tls");
         let task = tokio::spawn(async move {
             server.await.expect("server runs");
         });
