@@ -22,6 +22,7 @@ use std::{
     time::Duration,
 };
 
+use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -54,47 +55,118 @@ impl KubePod {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
 
-    fn from_object(o: &Value) -> Option<KubePod> {
-        let meta = &o["metadata"];
-        let strings = |v: &Value| -> BTreeMap<String, String> {
-            v.as_object()
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let mut ips: Vec<IpAddr> = o["status"]["podIPs"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|i| i["ip"].as_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+/// The fields of an object's `metadata` the agent reads. Everything else a list or watch
+/// returns is dropped at parse time, so the watches hold only this.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A `v1.Pod`, as far as enrollment reads it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct PodObject {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PodSpec,
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default)]
+    pub service_account_name: String,
+    #[serde(default)]
+    pub host_network: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: String,
+    #[serde(default)]
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct PodIp {
+    pub ip: String,
+}
+
+/// A `v1.Namespace`: its labels say whether it is in the mesh.
+#[derive(Clone, Debug, Deserialize)]
+pub struct NamespaceObject {
+    pub metadata: ObjectMeta,
+}
+
+/// What a watched kind has in common.
+pub trait Object: serde::de::DeserializeOwned + Clone + Send + Sync + 'static {
+    fn meta(&self) -> &ObjectMeta;
+
+    /// `namespace/name`, or `name` for cluster-scoped objects.
+    fn key(&self) -> String {
+        let m = self.meta();
+        match &m.namespace {
+            Some(ns) => format!("{ns}/{}", m.name),
+            None => m.name.clone(),
+        }
+    }
+}
+
+impl Object for PodObject {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+impl Object for NamespaceObject {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+impl From<&PodObject> for KubePod {
+    fn from(o: &PodObject) -> KubePod {
+        let mut ips: Vec<IpAddr> = o
+            .status
+            .pod_ips
+            .iter()
+            .filter_map(|i| i.ip.parse().ok())
+            .collect();
         if ips.is_empty()
-            && let Some(ip) = o["status"]["podIP"].as_str().and_then(|i| i.parse().ok())
+            && let Ok(ip) = o.status.pod_ip.parse()
         {
             ips.push(ip);
         }
-        let phase = o["status"]["phase"].as_str().unwrap_or("");
-        Some(KubePod {
-            namespace: meta["namespace"].as_str()?.to_owned(),
-            name: meta["name"].as_str()?.to_owned(),
-            uid: meta["uid"].as_str().unwrap_or_default().to_owned(),
-            service_account: o["spec"]["serviceAccountName"]
-                .as_str()
-                .filter(|s| !s.is_empty())
-                .unwrap_or("default")
-                .to_owned(),
-            labels: strings(&meta["labels"]),
-            annotations: strings(&meta["annotations"]),
+        KubePod {
+            namespace: o.metadata.namespace.clone().unwrap_or_default(),
+            name: o.metadata.name.clone(),
+            uid: o.metadata.uid.clone(),
+            service_account: match o.spec.service_account_name.as_str() {
+                "" => "default".to_owned(),
+                sa => sa.to_owned(),
+            },
+            labels: o.metadata.labels.clone(),
+            annotations: o.metadata.annotations.clone(),
             ips,
-            host_network: o["spec"]["hostNetwork"].as_bool().unwrap_or(false),
-            finished: matches!(phase, "Succeeded" | "Failed"),
-        })
+            host_network: o.spec.host_network,
+            finished: matches!(o.status.phase.as_str(), "Succeeded" | "Failed"),
+        }
     }
 }
 
@@ -139,8 +211,8 @@ pub async fn run(
     out: watch::Sender<Arc<KubeState>>,
     shutdown: CancellationToken,
 ) {
-    let (ns_tx, mut ns_rx) = watch::channel(None::<BTreeMap<String, Value>>);
-    let (pod_tx, mut pod_rx) = watch::channel(None::<BTreeMap<String, Value>>);
+    let (ns_tx, mut ns_rx) = watch::channel(None::<Arc<BTreeMap<String, NamespaceObject>>>);
+    let (pod_tx, mut pod_rx) = watch::channel(None::<Arc<BTreeMap<String, PodObject>>>);
     let pods_path = format!(
         "/api/v1/pods?fieldSelector={}",
         url_encode(&format!("spec.nodeName={node}"))
@@ -165,24 +237,15 @@ pub async fn run(
         let state = KubeState {
             synced: namespaces.is_some() && pods.is_some(),
             namespaces: namespaces
-                .unwrap_or_default()
-                .values()
-                .filter_map(|o| {
-                    let labels = o["metadata"]["labels"]
-                        .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    Some((o["metadata"]["name"].as_str()?.to_owned(), labels))
-                })
+                .iter()
+                .flat_map(|m| m.values())
+                .map(|o| (o.metadata.name.clone(), o.metadata.labels.clone()))
                 .collect(),
             pods: pods
-                .unwrap_or_default()
-                .values()
-                .filter_map(KubePod::from_object)
+                .iter()
+                .flat_map(|m| m.values())
+                .filter(|o| o.metadata.namespace.is_some())
+                .map(KubePod::from)
                 .map(|p| (p.key(), p))
                 .collect(),
         };
@@ -194,10 +257,10 @@ pub async fn run(
 /// Lists `path`, then watches it from the list's resource version, publishing the whole set
 /// (by `namespace/name`) after the list and after every event. Relists after errors and when
 /// the version expires, with backoff.
-async fn watch_list(
+async fn watch_list<T: Object>(
     client: Client,
     path: String,
-    out: watch::Sender<Option<BTreeMap<String, Value>>>,
+    out: watch::Sender<Option<Arc<BTreeMap<String, T>>>>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(500);
@@ -212,18 +275,19 @@ async fn watch_list(
                 continue;
             }
         };
-        let mut items: BTreeMap<String, Value> = listed["items"]
+        let mut items: BTreeMap<String, T> = listed["items"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|o| Some((object_key(o)?, o.clone())))
+            .filter_map(|o| parse::<T>(&path, o))
+            .map(|o| (o.key(), o))
             .collect();
         let mut version = listed["metadata"]["resourceVersion"]
             .as_str()
             .unwrap_or("")
             .to_owned();
         debug!(path, items = items.len(), "Kubernetes list");
-        let _ = out.send(Some(items.clone()));
+        let _ = out.send(Some(Arc::new(items.clone())));
         backoff = Duration::from_millis(500);
         // Watch until it ends or fails; a normal end starts another watch from where it was.
         loop {
@@ -256,22 +320,23 @@ async fn watch_list(
                 match event {
                     Ok(Some(event)) => {
                         let object = &event["object"];
+                        // Bookmarks carry only the version; every event moves it.
                         if let Some(v) = object["metadata"]["resourceVersion"].as_str() {
                             version = v.to_owned();
                         }
-                        let Some(key) = object_key(object) else {
+                        let kind = event["type"].as_str();
+                        if !matches!(kind, Some("ADDED" | "MODIFIED" | "DELETED")) {
+                            continue;
+                        }
+                        let Some(object) = parse::<T>(&path, object) else {
                             continue;
                         };
-                        match event["type"].as_str() {
-                            Some("ADDED" | "MODIFIED") => {
-                                items.insert(key, object.clone());
-                            }
-                            Some("DELETED") => {
-                                items.remove(&key);
-                            }
-                            _ => continue,
+                        if kind == Some("DELETED") {
+                            items.remove(&object.key());
+                        } else {
+                            items.insert(object.key(), object);
                         }
-                        let _ = out.send(Some(items.clone()));
+                        let _ = out.send(Some(Arc::new(items.clone())));
                     }
                     Ok(None) => break true,
                     Err(e) => {
@@ -295,13 +360,16 @@ async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) {
     }
 }
 
-fn object_key(o: &Value) -> Option<String> {
-    let meta = &o["metadata"];
-    let name = meta["name"].as_str()?;
-    Some(match meta["namespace"].as_str() {
-        Some(ns) => format!("{ns}/{name}"),
-        None => name.to_owned(),
-    })
+/// One listed or watched object, typed; one the agent cannot read is skipped, counted in the
+/// log (the API server does not send those, but a proxy in between might).
+fn parse<T: Object>(path: &str, o: &Value) -> Option<T> {
+    match T::deserialize(o) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!(path, error = %e, name = %o["metadata"]["name"], "skipping a Kubernetes object the agent cannot read");
+            None
+        }
+    }
 }
 
 /// Percent-encodes a query value.
@@ -433,5 +501,64 @@ pub async fn annotate(client: &Client, pod: &KubePod, enabled: bool) {
         Err(e) => {
             warn!(pod = %pod.key(), error = %e, "cannot update the pod's redirection annotation")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_is_read_into_what_enrollment_needs_and_nothing_else() {
+        let o: Value = serde_json::json!({
+            "kind": "Pod",
+            "metadata": {
+                "name": "curl", "namespace": "default", "uid": "u-1",
+                "resourceVersion": "42", "managedFields": [{"manager": "kubelet"}],
+                "labels": {"app": "curl"}, "annotations": {"a": "b"}
+            },
+            "spec": {"hostNetwork": false, "containers": [{"name": "c", "image": "curl"}]},
+            "status": {"phase": "Running", "podIP": "10.1.0.2",
+                       "podIPs": [{"ip": "10.1.0.2"}, {"ip": "fd00:1::2"}, {"ip": "garbage"}]}
+        });
+        let pod = parse::<PodObject>("/api/v1/pods", &o).expect("a pod");
+        assert_eq!(pod.key(), "default/curl");
+        let k = KubePod::from(&pod);
+        assert_eq!(
+            k.service_account, "default",
+            "no serviceAccountName: default"
+        );
+        assert_eq!(
+            k.ips,
+            [
+                "10.1.0.2".parse::<IpAddr>().expect("ip"),
+                "fd00:1::2".parse().expect("ip")
+            ]
+        );
+        assert!(!k.finished && !k.host_network);
+        assert_eq!(k.labels.get("app").map(String::as_str), Some("curl"));
+
+        // Older API servers: podIP only; a finished pod.
+        let o = serde_json::json!({
+            "metadata": {"name": "job", "namespace": "ns"},
+            "spec": {"serviceAccountName": "runner"},
+            "status": {"phase": "Succeeded", "podIP": "10.1.0.9"}
+        });
+        let k = KubePod::from(&parse::<PodObject>("p", &o).expect("a pod"));
+        assert_eq!(k.service_account, "runner");
+        assert_eq!(k.ips, ["10.1.0.9".parse::<IpAddr>().expect("ip")]);
+        assert!(k.finished);
+    }
+
+    #[test]
+    fn an_object_it_cannot_read_is_skipped_not_fatal() {
+        let nameless = serde_json::json!({"metadata": {"namespace": "default"}});
+        assert!(parse::<PodObject>("p", &nameless).is_none());
+        let bad_labels = serde_json::json!({"metadata": {"name": "x", "labels": {"a": 1}}});
+        assert!(parse::<NamespaceObject>("n", &bad_labels).is_none());
+        let ns = serde_json::json!({"metadata": {"name": "shop",
+            "labels": {"istio.io/dataplane-mode": "ambient"}}});
+        let ns = parse::<NamespaceObject>("n", &ns).expect("a namespace");
+        assert_eq!(ns.key(), "shop");
     }
 }
