@@ -1,6 +1,6 @@
 //! The workload state under a big mesh, through the agent's real path: `istio.workload.Address`
-//! resources converted by `xds::address_from_proto` and handed to `state::Sources` (the one
-//! writer), which applies it to the snapshot and publishes it into a `state::Workloads`.
+//! resources converted by `xds::address_from_proto` and handed to `state::StateWriter` (the one
+//! writer), which applies it to the snapshot and publishes it into a `state::StateStore`.
 //!
 //! Before the timing benches (only under `cargo bench`), it prints the memory the state holds per
 //! workload at 100,000 workloads (the published snapshot, the writer and its interned strings:
@@ -30,7 +30,7 @@ use std::{
 use ambit_agent::{
     config::Config,
     identity::Identity,
-    state::{Sources, Workload, Workloads},
+    state::{StateStore, StateWriter, Workload},
     xds::{XdsSink, address_from_proto},
 };
 use ambit_proto::{
@@ -265,7 +265,7 @@ fn push(
 
 /// What the client does with a validated response: convert every resource, then one
 /// `apply_addresses`.
-fn apply(sources: &Sources, resources: Vec<(String, Address)>, removes: Vec<String>) {
+fn apply(sources: &StateWriter, resources: Vec<(String, Address)>, removes: Vec<String>) {
     let upserts = resources
         .into_iter()
         .map(|(name, a)| {
@@ -276,10 +276,10 @@ fn apply(sources: &Sources, resources: Vec<(String, Address)>, removes: Vec<Stri
     sources.apply_addresses(upserts, removes);
 }
 
-/// A `Sources` with a minimal config, publishing into `workloads` as the agent does.
-fn new_sources(workloads: Arc<Workloads>) -> Sources {
+/// A `StateWriter` with a minimal config, publishing into `workloads` as the agent does.
+fn new_sources(workloads: Arc<StateStore>) -> StateWriter {
     let config = Config::parse("node: n\ncgroup: /x\n", Path::new("b.yaml")).expect("config");
-    Sources::new(Arc::new(config), move |snapshot, _policies| {
+    StateWriter::new(Arc::new(config), move |snapshot, _policies| {
         workloads.replace(snapshot)
     })
 }
@@ -289,7 +289,7 @@ fn report() {
     const N: usize = 100_000;
     COUNTING.store(true, Ordering::Relaxed);
     let before = live();
-    let store = Arc::new(Workloads::default());
+    let store = Arc::new(StateStore::default());
     let sources = new_sources(store.clone());
     let resources = push(0..N, 0..0);
     let t = Instant::now();
@@ -322,7 +322,7 @@ fn report() {
 
     // The same mesh with its 10k services, and one pod's churn on top of it.
     const S: usize = N / PER_SERVICE;
-    let store = Arc::new(Workloads::default());
+    let store = Arc::new(StateStore::default());
     let sources = new_sources(store.clone());
     let t = Instant::now();
     apply(&sources, push(0..N, 0..S), Vec::new());
@@ -355,7 +355,7 @@ fn benches(c: &mut Criterion) {
         b.iter_batched(
             || {
                 (
-                    new_sources(Arc::new(Workloads::default())),
+                    new_sources(Arc::new(StateStore::default())),
                     push(0..10_000, 0..0),
                 )
             },
@@ -371,7 +371,7 @@ fn benches(c: &mut Criterion) {
         b.iter_batched(
             || {
                 (
-                    new_sources(Arc::new(Workloads::default())),
+                    new_sources(Arc::new(StateStore::default())),
                     push(0..10_000, 0..1_000),
                 )
             },
@@ -385,7 +385,7 @@ fn benches(c: &mut Criterion) {
 
     // One pod replaced by a new one (its old resource removed, the new one added) in a mesh of
     // 100k workloads. The old snapshot is dropped inside (no reader holds it), as in the agent.
-    let store = Arc::new(Workloads::default());
+    let store = Arc::new(StateStore::default());
     let s = new_sources(store.clone());
     apply(&s, push(0..100_000, 0..0), Vec::new());
     let mut generation = 0;

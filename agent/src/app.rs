@@ -36,7 +36,7 @@ use crate::{
     proxy::{self, ProxyContext},
     readiness::{self, Readiness},
     redirect::{self, Netns, Redirect, routing},
-    state::Sources,
+    state::StateWriter,
     tls::TrustRoots,
     xds::{NodeInfo, XdsClient, XdsConfig},
 };
@@ -316,7 +316,7 @@ async fn forward_bpf_logs(
 pub(crate) fn build_xds(
     x: &crate::config::XdsSettings,
     config: &Config,
-    sink: Arc<Sources>,
+    sink: Arc<StateWriter>,
 ) -> anyhow::Result<XdsClient> {
     let root = std::fs::read(&x.root_cert)
         .with_context(|| format!("cannot read xds.rootCert {}", x.root_cert.display()))?;

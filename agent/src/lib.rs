@@ -7,7 +7,7 @@
 //!                                            ├─> tunnel (HBONE client, server framing, pool)
 //!                                            │     └─> tls ─> identity (SPIFFE ids, CAs, certs)
 //!                                            └─> copy (byte-counted copy), sockets (listen, connect)
-//! state:      xds ─> state (Workloads, Sources) ─> policy          config (every setting)
+//! state:      xds ─> state (StateStore, StateWriter) ─> policy          config (every setting)
 //! control:    app ─> pods (desired pods, PodManager) ─> redirect, proxy
 //!             admin (API over api.rs types), readiness, metrics, kube, ca_server, waypoint
 //! ```

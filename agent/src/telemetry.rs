@@ -103,7 +103,7 @@ pub fn ebpf_log_level(max: LevelFilter) -> u8 {
 
 /// How a connection was carried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Path {
+pub enum Transport {
     /// Plaintext, agent to destination directly.
     Passthrough,
     /// Inside an HBONE tunnel (mutual TLS).
@@ -112,12 +112,12 @@ pub enum Path {
     Waypoint,
 }
 
-impl Path {
+impl Transport {
     pub fn as_str(self) -> &'static str {
         match self {
-            Path::Passthrough => "passthrough",
-            Path::Hbone => "hbone",
-            Path::Waypoint => "waypoint",
+            Transport::Passthrough => "passthrough",
+            Transport::Hbone => "hbone",
+            Transport::Waypoint => "waypoint",
         }
     }
 }

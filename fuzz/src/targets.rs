@@ -16,7 +16,7 @@ use ambit_agent::{
         self, Action, Cidr, Clause, DecisionReason, DryRunResult, Match, Policy, PolicyStore, Rule,
         Scope, ServiceAccountMatch, StringMatch,
     },
-    state::{Snapshot, Sources},
+    state::{Snapshot, StateWriter},
     xds::{XdsSink, address_from_proto, policy_from_proto},
 };
 use ambit_proto::{
@@ -564,12 +564,12 @@ fn trace() -> bool {
 
 type Published = Arc<Mutex<Option<PolicyStore>>>;
 
-fn sources() -> (Sources, Published) {
+fn sources() -> (StateWriter, Published) {
     let config = Config::parse("node: node-a\ncgroup: /x\n", Path::new("fuzz.yaml"))
         .expect("the base config");
     let published: Published = Arc::default();
     let out = published.clone();
-    let sources = Sources::new(Arc::new(config), move |_, p| {
+    let sources = StateWriter::new(Arc::new(config), move |_, p| {
         if let Some(p) = p {
             *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
         }
@@ -592,7 +592,7 @@ fn policies_of(p: &Published) -> Vec<Policy> {
 /// the removals apply, a rejected one keeps its last good version), keeping the last good bytes
 /// of every resource in `held`.
 fn push(
-    sink: &Sources,
+    sink: &StateWriter,
     policies: bool,
     upserts: Vec<(String, Vec<u8>)>,
     removes: Vec<String>,

@@ -33,7 +33,7 @@ use crate::{
     config::{Config, Pod},
     proxy::{self, PodInfo, PodListeners, ProxyContext},
     redirect::{CaptureOptions, Netns, Redirect, routing},
-    state::Sources,
+    state::StateWriter,
     tls,
 };
 use desired::{Desired, Inputs, Origin, Pinned, Record};
@@ -80,7 +80,7 @@ pub struct PodsState {
 pub struct PodManager {
     redirect: Redirect,
     /// Merges the config and xDS into the data path's state.
-    sources: Arc<Sources>,
+    sources: Arc<StateWriter>,
     ctx: Arc<ProxyContext>,
     node: String,
     active: BTreeMap<String, ActivePod>,
@@ -122,7 +122,7 @@ impl PodManager {
     /// against the pinned enrollments and the kernel, and reloads the CNI pods among them.
     pub fn new(
         redirect: Redirect,
-        sources: Arc<Sources>,
+        sources: Arc<StateWriter>,
         ctx: Arc<ProxyContext>,
         config: &Config,
         kube_client: Option<crate::kube::Client>,

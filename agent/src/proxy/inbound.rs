@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
-    telemetry::Path,
+    telemetry::Transport,
     tunnel::{
         self, TcpSide, metadata,
         server::{self, StreamToken},
@@ -45,7 +45,7 @@ pub fn is_agent_port(port: u16) -> bool {
 }
 
 /// The record an inbound connection to `pod` starts with.
-pub fn access_log(pod: &PodInfo, peer: SocketAddr, path: Path, start: Instant) -> AccessLog {
+pub fn access_log(pod: &PodInfo, peer: SocketAddr, path: Transport, start: Instant) -> AccessLog {
     AccessLog {
         dst_workload: Some(pod.key.clone()),
         dst_identity: Some(pod.identity.clone()),
@@ -62,7 +62,7 @@ pub async fn handle(
     peer: SocketAddr,
     start: Instant,
 ) {
-    let mut result = ConnectionResult::new(access_log(&pod, peer, Path::Passthrough, start));
+    let mut result = ConnectionResult::new(access_log(&pod, peer, Transport::Passthrough, start));
     let outcome = plaintext(&ctx, &pod, downstream, &mut result.log).await;
     result.finish(outcome);
 }
@@ -81,7 +81,7 @@ async fn plaintext(
     // A plaintext client has no verified identity: only policies that allow that admit it.
     let counts = log.counts.clone();
     let conn = InboundConn {
-        path: Path::Passthrough,
+        path: Transport::Passthrough,
         peer: log.src,
         dst,
         client: None,
@@ -244,7 +244,7 @@ pub async fn hbone(
 ) {
     let mut result = ConnectionResult::new(AccessLog {
         src_identity: Some((*client).clone()),
-        ..access_log(&pod, peer, Path::Hbone, Instant::now())
+        ..access_log(&pod, peer, Transport::Hbone, Instant::now())
     });
     let outcome = match hbone_connect(&ctx, &pod, &client, &request, &mut result.log).await {
         Ok((upstream, live, _slot)) => {
@@ -316,7 +316,7 @@ async fn hbone_connect<'c>(
     let service_host = metadata::forwarded_host(request.headers());
     let counts = log.counts.clone();
     let conn = InboundConn {
-        path: Path::Hbone,
+        path: Transport::Hbone,
         peer,
         dst,
         client: Some(client),

@@ -17,14 +17,14 @@ use super::{Direction, copy::ByteCounts};
 use crate::{
     identity::Identity,
     metrics::{Metrics, PeerLabels, TcpLabels},
-    telemetry::Path,
+    telemetry::Transport,
     xds::WorkloadMeta,
 };
 
 /// What is known about a connection when it is registered.
 pub struct ConnInfo {
     pub direction: Direction,
-    pub path: Path,
+    pub path: Transport,
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub src_identity: Option<Identity>,
@@ -174,8 +174,8 @@ fn labels(info: &ConnInfo) -> TcpLabels {
         destination_service_namespace: service_namespace.to_owned(),
         response_flags: "-",
         connection_security_policy: match info.path {
-            Path::Hbone | Path::Waypoint => "mutual_tls",
-            Path::Passthrough => "unknown",
+            Transport::Hbone | Transport::Waypoint => "mutual_tls",
+            Transport::Passthrough => "unknown",
         },
     }
 }
@@ -253,7 +253,7 @@ mod tests {
     fn info(src: SocketAddr, dst: SocketAddr, ns: &str) -> ConnInfo {
         ConnInfo {
             direction: Direction::Inbound,
-            path: Path::Passthrough,
+            path: Transport::Passthrough,
             src,
             dst,
             src_identity: None,

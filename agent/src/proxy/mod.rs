@@ -40,7 +40,7 @@ use crate::{
     identity::{Identity, manager::CertManager},
     policy::{self, Decision, PolicyStore},
     redirect::{Netns, netns},
-    state::{Snapshot, Sources, Workload, Workloads},
+    state::{Snapshot, StateStore, StateWriter, Workload},
     tls::TrustRoots,
     tunnel::{self, client::Pool},
 };
@@ -88,7 +88,7 @@ pub struct ProxyContext {
     pub capture: Arc<dyn capture::Capture>,
     /// Every connection task, so shutdown can drain them.
     pub connections: TaskTracker,
-    pub workloads: Workloads,
+    pub workloads: StateStore,
     pub certs: Arc<CertManager>,
     pub roots: TrustRoots,
     pub pool: Arc<Pool>,
@@ -121,7 +121,7 @@ impl ProxyContext {
         Arc::new(ProxyContext {
             capture,
             connections: TaskTracker::new(),
-            workloads: Workloads::default(),
+            workloads: StateStore::default(),
             certs,
             roots,
             pool: Pool::new(&config.hbone, &config.limits),
@@ -141,9 +141,9 @@ impl ProxyContext {
     /// The one writer of the proxy's state, starting from `config`: every change (config, xDS)
     /// replaces the workloads the handlers read; new policies judge new connections at once and
     /// close open ones they no longer allow.
-    pub fn sources(self: &Arc<Self>, config: &crate::config::Config) -> Arc<Sources> {
+    pub fn sources(self: &Arc<Self>, config: &crate::config::Config) -> Arc<StateWriter> {
         let ctx = self.clone();
-        Arc::new(Sources::new(
+        Arc::new(StateWriter::new(
             Arc::new(config.clone()),
             move |snapshot, policies| {
                 ctx.workloads.replace(snapshot);
@@ -391,7 +391,7 @@ fn inbound_service(
 
 /// A new inbound connection, as [`ProxyContext::admit`] judges it.
 pub struct InboundConn<'a> {
-    pub path: crate::telemetry::Path,
+    pub path: crate::telemetry::Transport,
     pub peer: SocketAddr,
     pub dst: SocketAddr,
     /// The client's verified identity (HBONE); `None` in plaintext.

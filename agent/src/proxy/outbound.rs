@@ -23,7 +23,7 @@ use super::{
 use crate::{
     identity::Identity,
     state::{Near, ServiceEntry, Snapshot, Workload},
-    telemetry::Path,
+    telemetry::Transport,
     tls,
     tunnel::{
         self, TcpSide,
@@ -135,13 +135,13 @@ async fn serve(
     // Through HBONE: to the destination's waypoint, or to the destination itself.
     let (path, tunnel_to, authority, expected_identity) = match (&route.waypoint, &route.workload) {
         (Some(hop), _) => (
-            Path::Waypoint,
+            Transport::Waypoint,
             hop.addr,
             hop.authority,
             hop.identity.clone(),
         ),
         (None, Some(w)) if route.hbone => (
-            Path::Hbone,
+            Transport::Hbone,
             tunnel::client::tunnel_addr(dst.ip()),
             dst,
             w.identity.clone(),
@@ -149,7 +149,7 @@ async fn serve(
         _ => {
             // Not a mesh workload: plaintext, as before capture. Registered (and counted as
             // opened) before connecting, so failed connections are counted too.
-            let live = ctx.live.register(conn_info(Path::Passthrough, None));
+            let live = ctx.live.register(conn_info(Transport::Passthrough, None));
             drop(snapshot);
             let upstream = match ctx.capture.socket(&pod.netns, dst, Source::Pod(src_ip)) {
                 Ok(s) => tokio::select! {
@@ -486,7 +486,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Config,
-        state::Sources,
+        state::StateWriter,
         xds::{AddressResource, XdsService, XdsSink, XdsWorkload},
     };
 
@@ -522,7 +522,7 @@ mod tests {
     fn snapshot(service_waypoint: Option<&str>) -> Arc<Snapshot> {
         let config = Config::parse("node: node-a\ncgroup: /x\n", std::path::Path::new("t.yaml"))
             .expect("config");
-        let sources = Sources::new(Arc::new(config), |_, _| {});
+        let sources = StateWriter::new(Arc::new(config), |_, _| {});
         let svc = XdsService {
             name: "web".into(),
             namespace: "default".into(),
@@ -594,7 +594,7 @@ mod tests {
     fn address_blocks_route_to_their_service() {
         let config = Config::parse("node: node-a\ncgroup: /x\n", std::path::Path::new("t.yaml"))
             .expect("config");
-        let sources = Sources::new(Arc::new(config), |_, _| {});
+        let sources = StateWriter::new(Arc::new(config), |_, _| {});
         let block = |host: &str, ranges: &[&str], vips: &[&str], passthrough: bool| {
             let s = XdsService {
                 name: host.into(),

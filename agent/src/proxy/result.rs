@@ -19,7 +19,7 @@ use super::{
     limits::LimitHit,
     outbound::RouteError,
 };
-use crate::{identity::Identity, policy::Decision, telemetry::Path};
+use crate::{identity::Identity, policy::Decision, telemetry::Transport};
 
 /// Why a connection ended without carrying its bytes, or ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +147,7 @@ pub struct AccessLog {
     pub dst_endpoint: Option<SocketAddr>,
     pub src_identity: Option<Identity>,
     pub dst_identity: Option<Identity>,
-    pub path: Path,
+    pub path: Transport,
     pub counts: Arc<ByteCounts>,
     pub start: Instant,
     /// The authorization decision, for inbound connections.
@@ -172,7 +172,7 @@ impl AccessLog {
             dst_endpoint: None,
             src_identity: None,
             dst_identity: None,
-            path: Path::Passthrough,
+            path: Transport::Passthrough,
             counts: Arc::default(),
             start,
             authz: None,

@@ -23,7 +23,7 @@ use crate::{
     identity::manager::CertManager,
     metrics::{Gauges, Metrics},
     redirect::Netns,
-    state::Sources,
+    state::StateWriter,
 };
 
 const APP_PORT: u16 = 8080;
@@ -60,7 +60,7 @@ struct Node {
     ctx: Arc<ProxyContext>,
     capture: Arc<Loopback>,
     metrics: Arc<Metrics>,
-    _sources: Arc<Sources>,
+    _sources: Arc<StateWriter>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }

@@ -1,10 +1,10 @@
 //! What the agent knows about workloads and services: who is at an IP, which identity it has,
 //! whether it is reached through HBONE, which workloads back a service VIP. Read by the data path
-//! as one consistent [`Snapshot`], without locks; written only by [`Sources`].
+//! as one consistent [`Snapshot`], without locks; written only by [`StateWriter`].
 //!
 //! ```text
-//! local config ──┐                      ┌─> Workloads (ArcSwap<Snapshot>) ──> data path, admin API
-//!                ├─> Sources (1 writer) ┤
+//! local config ──┐                      ┌─> StateStore (ArcSwap<Snapshot>) ──> data path, admin API
+//!                ├─> StateWriter (1 writer) ┤
 //! xDS pushes ────┘                      └─> PolicyStore (when policies change)
 //! ```
 //!
@@ -32,7 +32,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-pub use sources::Sources;
+pub use sources::StateWriter;
 
 use crate::{
     identity::Identity,
@@ -585,13 +585,13 @@ impl Snapshot {
     }
 }
 
-/// The store: one writer ([`Sources`]), many lock-free readers.
+/// The store: one writer ([`StateWriter`]), many lock-free readers.
 #[derive(Default)]
-pub struct Workloads {
+pub struct StateStore {
     current: ArcSwap<Snapshot>,
 }
 
-impl Workloads {
+impl StateStore {
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
     }

@@ -27,7 +27,7 @@ use crate::{
 type Publish = Box<dyn Fn(Arc<Snapshot>, Option<PolicyStore>) + Send + Sync>;
 
 /// The one writer of the data path's state. Every change publishes at once.
-pub struct Sources {
+pub struct StateWriter {
     writer: Mutex<Writer>,
     publish: Publish,
 }
@@ -42,12 +42,12 @@ struct Writer {
     intern: Interner,
 }
 
-impl Sources {
+impl StateWriter {
     /// Starts from `config` (and no xDS state), publishing it at once.
     pub fn new(
         config: Arc<Config>,
         publish: impl Fn(Arc<Snapshot>, Option<PolicyStore>) + Send + Sync + 'static,
-    ) -> Sources {
+    ) -> StateWriter {
         let mut writer = Writer {
             config,
             current: Arc::default(),
@@ -58,7 +58,7 @@ impl Sources {
         writer.current = Arc::new(writer.rebuild());
         let policies = writer.policy_store();
         publish(writer.current.clone(), Some(policies));
-        Sources {
+        StateWriter {
             writer: Mutex::new(writer),
             publish: Box::new(publish),
         }
@@ -84,7 +84,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl XdsSink for Sources {
+impl XdsSink for StateWriter {
     fn apply_addresses(&self, upserts: Vec<(String, AddressResource)>, removes: Vec<String>) {
         let mut w = lock(&self.writer);
         let mut next = (*w.current).clone();
@@ -363,7 +363,7 @@ fn service_from_xds(s: XdsService) -> ServiceDef {
 
 /// The state of `config` alone.
 pub(super) fn build_from_config(config: &Config) -> Snapshot {
-    let sources = Sources::new(Arc::new(config.clone()), |_, _| {});
+    let sources = StateWriter::new(Arc::new(config.clone()), |_, _| {});
     Arc::unwrap_or_clone(sources.snapshot())
 }
 

@@ -6,7 +6,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use super::{Snapshot, Source, Sources};
+use super::{Snapshot, Source, StateWriter};
 use crate::{
     config::Config,
     identity::Identity,
@@ -123,8 +123,8 @@ fn summary(s: &Snapshot) -> Vec<String> {
 }
 
 /// A writer that remembers what it published.
-fn sources(config: Arc<Config>) -> Sources {
-    Sources::new(config, |_, _| {})
+fn sources(config: Arc<Config>) -> StateWriter {
+    StateWriter::new(config, |_, _| {})
 }
 
 #[test]
@@ -340,7 +340,7 @@ fn round_robin_skips_unhealthy_endpoints_and_survives_pushes() {
 fn publishes_policies_only_when_they_change() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let out = seen.clone();
-    let s = Sources::new(config(""), move |_, p| {
+    let s = StateWriter::new(config(""), move |_, p| {
         out.lock().expect("lock").push(p.is_some());
     });
     s.apply_addresses(vec![upsert_w(xw("a", "10.2.0.1", "a", &[]))], Vec::new());
@@ -418,7 +418,7 @@ fn two_workloads_on_one_ip_resolve_by_content_not_by_arrival() {
         for w in order {
             s.apply_addresses(vec![upsert_w(w)], Vec::new());
         }
-        let owner = |s: &Sources| {
+        let owner = |s: &StateWriter| {
             s.snapshot()
                 .by_ip(ip("10.2.3.4"))
                 .map(|w| w.uid().to_owned())
@@ -449,7 +449,7 @@ fn a_vip_claimed_by_two_services_stays_while_either_claims_it() {
         ],
         Vec::new(),
     );
-    let holder = |s: &Sources| {
+    let holder = |s: &StateWriter| {
         s.snapshot()
             .service_by_vip(ip("10.96.3.3"))
             .map(|e| e.key.to_string())

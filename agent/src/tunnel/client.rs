@@ -73,8 +73,9 @@ pub enum Error {
         authority: SocketAddr,
         reason: String,
     },
+    /// The TLS client config could not be built (the pod's certificate or the roots).
     #[error(transparent)]
-    Tls2(#[from] tls::Error),
+    TlsConfig(#[from] tls::Error),
 }
 
 impl Error {

@@ -43,7 +43,7 @@ use crate::{
     identity::manager::CertManager,
     lifecycle::{self, ConfigWatch, Event},
     redirect::Netns,
-    state::{Sources, Workloads},
+    state::{StateStore, StateWriter},
     tls,
     tunnel::client::Pool,
 };
@@ -89,7 +89,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     control.spawn(upstream.clone().run_reaper(shutdown.clone()));
     let ctx = Arc::new(server::Ctx {
         settings: ArcSwap::from_pointee(settings.clone()),
-        state: Workloads::default(),
+        state: StateStore::default(),
         upstream,
         metrics,
         identity: identity.clone(),
@@ -102,7 +102,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     });
     let sources = {
         let ctx = ctx.clone();
-        Arc::new(Sources::new(
+        Arc::new(StateWriter::new(
             Arc::new(config.clone()),
             move |snapshot, _policies| ctx.state.replace(snapshot),
         ))

@@ -37,7 +37,7 @@ use crate::{
     config::AppProtocol,
     identity::Identity,
     proxy,
-    state::{ServiceEntry, Snapshot, Workload, Workloads},
+    state::{ServiceEntry, Snapshot, StateStore, Workload},
     tunnel::{server as tunnel_server, stream::H2Stream},
     xds::GatewayDestination,
 };
@@ -52,7 +52,7 @@ const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// What every connection shares.
 pub struct Ctx {
     pub settings: ArcSwap<Settings>,
-    pub state: Workloads,
+    pub state: StateStore,
     pub upstream: Arc<Upstream>,
     pub metrics: Arc<WaypointMetrics>,
     pub identity: Identity,

@@ -795,7 +795,7 @@ fn the_local_file_and_xds_produce_the_same_state_for_the_same_content() {
     use crate::{
         config::Config,
         policy::{self, PolicyStore},
-        state::{Snapshot, Sources},
+        state::{Snapshot, StateWriter},
     };
     let base = "node: node-b\ncgroup: /x\n";
     let file = format!(
@@ -819,7 +819,7 @@ policies:
     type Published = (Option<Arc<Snapshot>>, Option<PolicyStore>);
     let published: Arc<Mutex<Published>> = Arc::default();
     let out = published.clone();
-    let sources = Sources::new(Arc::new(empty), move |s, p| {
+    let sources = StateWriter::new(Arc::new(empty), move |s, p| {
         let mut out = out.lock().expect("lock");
         out.0 = Some(s);
         if p.is_some() {
@@ -908,7 +908,7 @@ fn policies_named_by_a_workload_apply_to_it() {
     use crate::{
         config::Config,
         policy::{self, Scope},
-        state::Sources,
+        state::StateWriter,
     };
     let config =
         Config::parse("node: n\ncgroup: /x\n", std::path::Path::new("t.yaml")).expect("config");
@@ -917,7 +917,7 @@ fn policies_named_by_a_workload_apply_to_it() {
         AddressResource::Service(_) => unreachable!("a workload"),
     };
     w.authorization_policies = vec!["default/only-w1".into()];
-    let sources = Sources::new(Arc::new(config), |_, _| {});
+    let sources = StateWriter::new(Arc::new(config), |_, _| {});
     sources.apply_addresses(
         vec![("w1".into(), AddressResource::Workload(w))],
         Vec::new(),
