@@ -196,7 +196,9 @@ fn principal_parts(id: &Identity) -> [&str; 5] {
     ]
 }
 
-fn principal_matches(m: &StringMatch, id: &Identity) -> bool {
+/// Whether `id`'s principal (`td/ns/<ns>/sa/<sa>`, Istio's form without `spiffe://`) matches
+/// `m`; L4 and L7 (the waypoint) policies both judge principals with it.
+pub fn principal_matches(m: &StringMatch, id: &Identity) -> bool {
     let parts = principal_parts(id);
     match m {
         StringMatch::Exact(s) => {

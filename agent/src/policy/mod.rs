@@ -41,6 +41,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+pub use compile::principal_matches;
 pub use store::PolicyStore;
 pub use types::{
     Action, Cidr, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch, StringMatch,

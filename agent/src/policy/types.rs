@@ -211,6 +211,20 @@ impl From<StringMatch> for RawStringMatch {
 }
 
 impl StringMatch {
+    /// Istio's pattern form, as `AuthorizationPolicy` YAML (and the waypoint's L7 policies)
+    /// write it: `*` any non-empty value, `prefix*`, `*suffix`, otherwise exact.
+    pub fn from_pattern(pattern: &str) -> StringMatch {
+        if pattern == "*" {
+            StringMatch::Presence {}
+        } else if let Some(prefix) = pattern.strip_suffix('*') {
+            StringMatch::Prefix(prefix.to_owned())
+        } else if let Some(suffix) = pattern.strip_prefix('*') {
+            StringMatch::Suffix(suffix.to_owned())
+        } else {
+            StringMatch::Exact(pattern.to_owned())
+        }
+    }
+
     pub fn matches(&self, value: &str) -> bool {
         match self {
             StringMatch::Exact(s) => value == s,

@@ -7,7 +7,10 @@ use std::net::IpAddr;
 use http::HeaderMap;
 
 use super::config::{Condition, L7Policy, L7Rule, Operation, Source};
-use crate::{identity::Identity, policy::Action};
+use crate::{
+    identity::Identity,
+    policy::{Action, Decision, DecisionReason, StringMatch, principal_matches},
+};
 
 /// What a request is judged on.
 pub struct RequestAttrs<'a> {
@@ -25,33 +28,18 @@ pub struct RequestAttrs<'a> {
     pub service: Option<&'a str>,
 }
 
-/// The outcome, with the reason.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Verdict {
-    pub allowed: bool,
-    /// `namespace/name` of the deciding policy (none when no policy applies, or when no ALLOW
-    /// policy matched).
-    pub policy: Option<String>,
-    /// The matching rule's index.
-    pub rule: Option<usize>,
-}
-
-impl Verdict {
-    /// Text for the 403 body and the log.
-    pub fn reason(&self) -> String {
-        match (&self.policy, self.rule, self.allowed) {
-            (Some(p), Some(r), false) => format!("denied by DENY policy {p}, rule {r}"),
-            (None, _, false) => "denied: no ALLOW policy matched".to_owned(),
-            (Some(p), Some(r), true) => format!("allowed by ALLOW policy {p}, rule {r}"),
-            _ => "allowed: no policy applies".to_owned(),
-        }
-    }
-}
-
 pub use crate::config::waypoint::ConditionKey;
 
-/// Judges `req` by the `policies` that apply to its destination.
-pub fn evaluate(policies: &[L7Policy], req: &RequestAttrs<'_>) -> Verdict {
+/// Judges `req` by the `policies` that apply to its destination, with the decision type of L4
+/// policy (its `describe()` names the policy and rule, for the 403 body and the access log).
+pub fn evaluate(policies: &[L7Policy], req: &RequestAttrs<'_>) -> Decision {
+    let decided = |allowed, policy: Option<String>, rule, reason| Decision {
+        allowed,
+        policy,
+        rule,
+        reason,
+        dry_run: Vec::new(),
+    };
     let applies = |p: &&L7Policy| {
         p.target_refs.is_empty()
             || p.target_refs.iter().any(|t| {
@@ -69,11 +57,12 @@ pub fn evaluate(policies: &[L7Policy], req: &RequestAttrs<'_>) -> Verdict {
             .iter()
             .position(|r| rule_matches(r, req, &principal))
         {
-            return Verdict {
-                allowed: false,
-                policy: Some(p.key()),
-                rule: Some(i),
-            };
+            return decided(
+                false,
+                Some(p.key()),
+                Some(i),
+                DecisionReason::DeniedByPolicy,
+            );
         }
     }
     let mut any_allow = false;
@@ -88,17 +77,18 @@ pub fn evaluate(policies: &[L7Policy], req: &RequestAttrs<'_>) -> Verdict {
             .iter()
             .position(|r| rule_matches(r, req, &principal))
         {
-            return Verdict {
-                allowed: true,
-                policy: Some(p.key()),
-                rule: Some(i),
-            };
+            return decided(
+                true,
+                Some(p.key()),
+                Some(i),
+                DecisionReason::AllowedByPolicy,
+            );
         }
     }
-    Verdict {
-        allowed: !any_allow,
-        policy: None,
-        rule: None,
+    if any_allow {
+        decided(false, None, None, DecisionReason::NoAllowPolicyMatched)
+    } else {
+        decided(true, None, None, DecisionReason::NoAllowPolicy)
     }
 }
 
@@ -109,11 +99,7 @@ fn principal_of(id: &Identity) -> String {
 }
 
 fn rule_matches(rule: &L7Rule, req: &RequestAttrs<'_>, principal: &str) -> bool {
-    (rule.from.is_empty()
-        || rule
-            .from
-            .iter()
-            .any(|f| source_matches(&f.source, req, principal)))
+    (rule.from.is_empty() || rule.from.iter().any(|f| source_matches(&f.source, req)))
         && (rule.to.is_empty() || rule.to.iter().any(|t| operation_matches(&t.operation, req)))
         && rule
             .when
@@ -121,18 +107,9 @@ fn rule_matches(rule: &L7Rule, req: &RequestAttrs<'_>, principal: &str) -> bool 
             .all(|c| condition_matches(c, req, principal))
 }
 
-/// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (anything).
+/// Istio's string match (`StringMatch::from_pattern`, shared with L4 policy).
 fn string_matches(pattern: &str, value: &str) -> bool {
-    if pattern == "*" {
-        return true;
-    }
-    if let Some(prefix) = pattern.strip_suffix('*') {
-        return value.starts_with(prefix);
-    }
-    if let Some(suffix) = pattern.strip_prefix('*') {
-        return value.ends_with(suffix);
-    }
-    pattern == value
+    StringMatch::from_pattern(pattern).matches(value)
 }
 
 /// `values` must contain a match (if given) and `not_values` none.
@@ -145,15 +122,16 @@ fn principal_pattern(p: &str) -> &str {
     p.strip_prefix("spiffe://").unwrap_or(p)
 }
 
-fn source_matches(s: &Source, req: &RequestAttrs<'_>, principal: &str) -> bool {
-    let principals: Vec<&str> = s.principals.iter().map(|p| principal_pattern(p)).collect();
-    let not_principals: Vec<&str> = s
-        .not_principals
-        .iter()
-        .map(|p| principal_pattern(p))
-        .collect();
-    (principals.is_empty() || principals.iter().any(|p| string_matches(p, principal)))
-        && !not_principals.iter().any(|p| string_matches(p, principal))
+fn source_matches(s: &Source, req: &RequestAttrs<'_>) -> bool {
+    // Principals as L4 policy compares them: part by part against the verified identity.
+    let principal = |p: &String| {
+        principal_matches(
+            &StringMatch::from_pattern(principal_pattern(p)),
+            req.principal,
+        )
+    };
+    (s.principals.is_empty() || s.principals.iter().any(principal))
+        && !s.not_principals.iter().any(principal)
         && field_matches(&s.namespaces, &s.not_namespaces, req.principal.namespace())
 }
 
@@ -258,7 +236,7 @@ mod tests {
             (v.allowed, v.policy.as_deref(), v.rule),
             (false, Some("default/no-admin"), Some(0))
         );
-        assert_eq!(v.reason(), "denied by DENY policy default/no-admin, rule 0");
+        assert_eq!(v.describe(), "denied by policy default/no-admin (rule 0)");
         let v = evaluate(&ps, &attrs(&client, "DELETE", "/items/1", &h));
         assert_eq!((v.allowed, v.rule), (false, Some(1)));
         let v = evaluate(&ps, &attrs(&client, "GET", "/items/1", &h));
@@ -268,9 +246,30 @@ mod tests {
         );
         let v = evaluate(&ps, &attrs(&other, "GET", "/items/1", &h));
         assert_eq!((v.allowed, v.policy.as_deref()), (false, None));
-        assert_eq!(v.reason(), "denied: no ALLOW policy matched");
+        assert_eq!(v.describe(), "denied: no allow policy matched");
         // No policy at all: allowed.
         assert!(evaluate(&[], &attrs(&other, "GET", "/", &h)).allowed);
+    }
+
+    #[test]
+    fn principals_match_as_l4_policy_matches_them() {
+        let id = Identity::new("cluster.local", "shop", "cart").expect("id");
+        let other = Identity::new("cluster.local", "shopping", "x").expect("id");
+        let h = HeaderMap::new();
+        let only = |principals: &str| {
+            [policy(&format!(
+                "name: p\nrules:\n- from:\n  - source: {{principals: {principals}}}\n"
+            ))]
+        };
+        // The scheme is optional in a pattern; prefixes stop where the pattern says.
+        let ps = only(r#"["spiffe://cluster.local/ns/shop/sa/cart"]"#);
+        assert!(evaluate(&ps, &attrs(&id, "GET", "/", &h)).allowed);
+        let ps = only(r#"["cluster.local/ns/shop/*"]"#);
+        assert!(evaluate(&ps, &attrs(&id, "GET", "/", &h)).allowed);
+        assert!(!evaluate(&ps, &attrs(&other, "GET", "/", &h)).allowed);
+        // `*`: any authenticated principal.
+        let ps = only(r#"["*"]"#);
+        assert!(evaluate(&ps, &attrs(&other, "GET", "/", &h)).allowed);
     }
 
     #[test]

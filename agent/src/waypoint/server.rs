@@ -614,7 +614,7 @@ async fn route_request(
         },
     );
     if !verdict.allowed {
-        let reason = verdict.reason();
+        let reason = verdict.describe();
         ctx.metrics
             .denied(verdict.policy.as_deref().unwrap_or("none"));
         record.authz = Some(reason.clone());
@@ -626,7 +626,7 @@ async fn route_request(
         );
     }
     if verdict.policy.is_some() {
-        record.authz = Some(verdict.reason());
+        record.authz = Some(verdict.describe());
     }
 
     // Route and backend.
