@@ -17,6 +17,7 @@
 //! next request; the waypoint's identity and listener need a restart.
 
 pub mod authz;
+pub mod forward;
 /// The `waypoint:` section of the config (validated with the rest of it).
 pub use crate::config::waypoint as config;
 pub mod h2c;

@@ -16,7 +16,7 @@ use std::{
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -27,14 +27,13 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use super::{
     authz::{self, RequestAttrs},
     config::{Retry, Waypoint as Settings},
-    h2c,
+    forward, h2c,
     metrics::{RequestLabels, WaypointMetrics},
     path,
     routes::{self, Selection},
     upstream::{Body, BoxError, Checkout, Failure, Upstream, backoff},
 };
 use crate::{
-    config::AppProtocol,
     identity::Identity,
     proxy,
     state::{ServiceEntry, Snapshot, StateStore, Workload},
@@ -373,39 +372,6 @@ fn served_target(snapshot: &Snapshot, dst: SocketAddr, local_ip: IpAddr) -> Resu
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 7.6.1), never forwarded (an `Upgrade: h2c` the waypoint did not
-/// take, e.g. with a body, is answered over HTTP/1.1, as RFC 7540 section 3.2 allows).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    for h in HOP_BY_HOP
-        .iter()
-        .copied()
-        .chain(named.iter().map(String::as_str))
-    {
-        headers.remove(h);
-    }
-    headers.remove("http2-settings");
-}
-
 /// Everything one request's access-log line and metrics need.
 struct Record {
     start: Instant,
@@ -516,7 +482,7 @@ async fn handle(ctx: Arc<Ctx>, tunnel: Arc<Tunnel>, req: Request<Incoming>) -> R
         unreachable!("only the drop takes the record");
     };
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    forward::strip_hop_by_hop(&mut parts.headers);
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         parts.headers.insert("x-request-id", v);
     }
@@ -694,80 +660,19 @@ async fn route_request(
         return local(record, StatusCode::SERVICE_UNAVAILABLE, "UH", body);
     }
 
-    // The request as the endpoint gets it: origin-form, HTTP/1.1, with Host.
+    // The request as the endpoint gets it (see `forward`).
     let (mut parts, body) = req.into_parts();
     let idempotent = is_idempotent(&parts.method);
-    // The port's declared protocol decides HTTP/1.1 or HTTP/2 to the endpoints; without one,
-    // gRPC (which needs HTTP/2 and trailers end to end) is recognised by its content type and
-    // everything else goes as HTTP/1.1, which every HTTP server speaks.
-    let looks_grpc = parts.version == Version::HTTP_2
-        && parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| t.starts_with("application/grpc"));
-    let upstream_h2 = declared.and_then(AppProtocol::http2).unwrap_or(looks_grpc);
-    let wants_trailers = looks_grpc || declared == Some(AppProtocol::Grpc);
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| tunnel.dst.to_string());
-    let authority = path::without_trailing_dot(&authority);
-    // The authority the request was judged and routed by is the Host the endpoint sees (a
-    // differing Host header would otherwise pick another virtual host behind the policy's back),
-    // without a trailing dot, as it was judged.
-    if let Ok(v) = HeaderValue::from_str(&authority) {
-        parts.headers.insert(header::HOST, v);
-    }
-    strip_hop_by_hop(&mut parts.headers);
-    if upstream_h2 {
-        if wants_trailers {
-            // The one TE value HTTP/2 allows, and gRPC requires.
-            parts
-                .headers
-                .insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        parts.headers.remove(header::HOST);
-    }
-    if let Ok(v) = HeaderValue::from_str(&record.request_id) {
-        parts.headers.insert("x-request-id", v);
-    }
-    let client = tunnel.peer.ip().to_string();
-    let forwarded_for = match parts
-        .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(earlier) => format!("{earlier}, {client}"),
-        None => client,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        parts.headers.insert("x-forwarded-for", v);
-    }
-    let mut target = match parts.uri.query() {
-        Some(q) => format!("{}?{q}", record.path),
-        None => record.path.clone(),
-    };
-    if upstream_h2 {
-        // HTTP/2 carries the authority in the URI (`:authority`), not in Host.
-        target = format!("http://{authority}{target}");
-    }
-    parts.uri = target
-        .parse::<Uri>()
-        .unwrap_or_else(|_| Uri::from_static("/"));
-    parts.version = if upstream_h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
+    let protocol = forward::protocol(declared, &parts);
+    forward::rewrite(
+        &mut parts,
+        protocol,
+        &record.path,
+        &record.request_id,
+        tunnel.peer.ip(),
+        tunnel.dst,
+    );
+    let upstream_h2 = protocol.h2;
     // Keep small bodies so the request can be sent again.
     let replayable = body.is_end_stream()
         || body
