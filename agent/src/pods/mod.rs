@@ -34,7 +34,6 @@ use crate::{
     proxy::{self, PodInfo, PodListeners, ProxyContext},
     redirect::{CaptureOptions, Netns, Redirect, routing},
     state::StateWriter,
-    tls,
 };
 use desired::{Desired, Inputs, Origin, Pinned, Record};
 
@@ -494,7 +493,7 @@ impl PodManager {
             open: Arc::default(),
         });
         let cancel = CancellationToken::new();
-        self.listeners.spawn(follow_pod_cert(
+        self.listeners.spawn(proxy::follow_pod_cert(
             self.ctx.clone(),
             info.clone(),
             cancel.clone(),
@@ -576,17 +575,4 @@ impl PodManager {
         )
         .await;
     }
-}
-
-/// Keeps a pod's HBONE server certificate current (see [`tls::follow_server_config`]).
-async fn follow_pod_cert(ctx: Arc<ProxyContext>, pod: Arc<PodInfo>, cancel: CancellationToken) {
-    tls::follow_server_config(
-        &ctx.certs,
-        &pod.identity,
-        &ctx.roots,
-        &ctx.trust_domain,
-        &pod.hbone_tls,
-        cancel,
-    )
-    .await
 }

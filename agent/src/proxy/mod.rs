@@ -506,6 +506,19 @@ pub(crate) fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
+/// Keeps a pod's HBONE server certificate current (see [`crate::tls::follow_server_config`]).
+pub async fn follow_pod_cert(ctx: Arc<ProxyContext>, pod: Arc<PodInfo>, cancel: CancellationToken) {
+    crate::tls::follow_server_config(
+        &ctx.certs,
+        &pod.identity,
+        &ctx.roots,
+        &ctx.trust_domain,
+        &pod.hbone_tls,
+        cancel,
+    )
+    .await
+}
+
 /// Starts serving a pod's listeners until `cancel` fires. Accepted connections are tracked by
 /// `ctx.connections` and outlive the listeners (they drain on their own).
 pub fn serve_pod(

@@ -112,20 +112,11 @@ impl Node {
                 inbound: listen(ambit_common::INBOUND_PORT),
                 hbone: listen(ambit_common::HBONE_PORT),
             };
-            {
-                let (ctx, pod, cancel) = (ctx.clone(), pod.clone(), cancel.clone());
-                tasks.spawn(async move {
-                    crate::tls::follow_server_config(
-                        &ctx.certs,
-                        &pod.identity,
-                        &ctx.roots,
-                        &ctx.trust_domain,
-                        &pod.hbone_tls,
-                        cancel,
-                    )
-                    .await
-                });
-            }
+            tasks.spawn(super::follow_pod_cert(
+                ctx.clone(),
+                pod.clone(),
+                cancel.clone(),
+            ));
             super::serve_pod(ctx.clone(), pod.clone(), listeners, cancel.clone(), &tasks)
                 .expect("serve pod");
             // The first certificate is issued in the background; wait for the server config.
