@@ -57,19 +57,29 @@ impl KubePod {
     }
 }
 
+/// A field that may be absent or `null` (the API server omits empty fields, a proxy in between
+/// may write them as `null`): the type's default either way.
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// The fields of an object's `metadata` the agent reads. Everything else a list or watch
 /// returns is dropped at parse time, so the watches hold only this.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub namespace: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub uid: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub labels: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -77,34 +87,35 @@ pub struct ObjectMeta {
 #[derive(Clone, Debug, Deserialize)]
 pub struct PodObject {
     pub metadata: ObjectMeta,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub spec: PodSpec,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub status: PodStatus,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpec {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub service_account_name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub host_network: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatus {
-    #[serde(default, rename = "podIPs")]
+    #[serde(default, rename = "podIPs", deserialize_with = "nullable")]
     pub pod_ips: Vec<PodIp>,
-    #[serde(default, rename = "podIP")]
+    #[serde(default, rename = "podIP", deserialize_with = "nullable")]
     pub pod_ip: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub phase: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct PodIp {
+    #[serde(default, deserialize_with = "nullable")]
     pub ip: String,
 }
 
@@ -328,13 +339,20 @@ async fn watch_list<T: Object>(
                         if !matches!(kind, Some("ADDED" | "MODIFIED" | "DELETED")) {
                             continue;
                         }
-                        let Some(object) = parse::<T>(&path, object) else {
-                            continue;
-                        };
-                        if kind == Some("DELETED") {
-                            items.remove(&object.key());
-                        } else {
-                            items.insert(object.key(), object);
+                        match (kind, parse::<T>(&path, object)) {
+                            (Some("DELETED"), Some(o)) => {
+                                items.remove(&o.key());
+                            }
+                            // A deletion needs only the name: never keep a pod that is gone.
+                            (Some("DELETED"), None) => {
+                                let Some(key) = raw_key(object) else { continue };
+                                items.remove(&key);
+                            }
+                            (_, Some(o)) => {
+                                items.insert(o.key(), o);
+                            }
+                            // An update it cannot read keeps what it knew.
+                            (_, None) => continue,
                         }
                         let _ = out.send(Some(Arc::new(items.clone())));
                     }
@@ -358,6 +376,16 @@ async fn sleep_or_cancel(d: Duration, shutdown: &CancellationToken) {
         _ = shutdown.cancelled() => {}
         _ = tokio::time::sleep(d) => {}
     }
+}
+
+/// `namespace/name` (or `name`) of an object it could not otherwise read.
+fn raw_key(o: &Value) -> Option<String> {
+    let meta = &o["metadata"];
+    let name = meta["name"].as_str()?;
+    Some(match meta["namespace"].as_str() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    })
 }
 
 /// One listed or watched object, typed; one the agent cannot read is skipped, counted in the
@@ -548,6 +576,22 @@ mod tests {
         assert_eq!(k.service_account, "runner");
         assert_eq!(k.ips, ["10.1.0.9".parse::<IpAddr>().expect("ip")]);
         assert!(k.finished);
+    }
+
+    #[test]
+    fn null_fields_read_as_absent() {
+        let o = serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "labels": null, "uid": null},
+            "spec": {"serviceAccountName": null, "hostNetwork": null},
+            "status": {"podIP": null, "podIPs": [{"ip": null}, {"ip": "10.1.0.4"}], "phase": null}
+        });
+        let k = KubePod::from(&parse::<PodObject>("p", &o).expect("a pod despite the nulls"));
+        assert_eq!(k.service_account, "default");
+        assert_eq!(k.ips, ["10.1.0.4".parse::<IpAddr>().expect("ip")]);
+        assert_eq!(
+            raw_key(&serde_json::json!({"metadata": {"name": "x", "namespace": "y"}})).as_deref(),
+            Some("y/x")
+        );
     }
 
     #[test]

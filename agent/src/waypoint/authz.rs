@@ -107,9 +107,12 @@ fn rule_matches(rule: &L7Rule, req: &RequestAttrs<'_>, principal: &str) -> bool 
             .all(|c| condition_matches(c, req, principal))
 }
 
-/// Istio's string match (`StringMatch::from_pattern`, shared with L4 policy).
+/// Istio's string match (`StringMatch::from_pattern`, shared with L4 policy), except that `*`
+/// matches any value, empty included: Istio makes it a presence match for headers, hosts and
+/// the rest, so `values: ["*"]` on a DENY catches `x-debug:` with an empty value too.
+/// (Principals are never empty; they go through `principal_matches`.)
 fn string_matches(pattern: &str, value: &str) -> bool {
-    StringMatch::from_pattern(pattern).matches(value)
+    pattern == "*" || StringMatch::from_pattern(pattern).matches(value)
 }
 
 /// `values` must contain a match (if given) and `not_values` none.
@@ -270,6 +273,18 @@ mod tests {
         // `*`: any authenticated principal.
         let ps = only(r#"["*"]"#);
         assert!(evaluate(&ps, &attrs(&other, "GET", "/", &h)).allowed);
+    }
+
+    #[test]
+    fn a_wildcard_deny_catches_an_empty_header_value() {
+        let deny = [policy(
+            "name: no-debug\naction: DENY\nrules:\n- when:\n  - key: request.headers[x-debug]\n    values: [\"*\"]\n",
+        )];
+        let id = Identity::new("cluster.local", "default", "client").expect("id");
+        let mut empty = HeaderMap::new();
+        empty.insert("x-debug", "".parse().expect("value"));
+        assert!(!evaluate(&deny, &attrs(&id, "GET", "/", &empty)).allowed);
+        assert!(evaluate(&deny, &attrs(&id, "GET", "/", &HeaderMap::new())).allowed);
     }
 
     #[test]
