@@ -55,6 +55,27 @@ impl Drop for TempDir {
     }
 }
 
+/// Validation (rightly) refuses loopback pod IPs: pods, peers and waypoint addresses get their
+/// loopback ones after it (`addresses`: config address -> loopback address).
+fn remap(config: &mut Config, addresses: &[(IpAddr, IpAddr)]) {
+    let lo = |ip: &mut IpAddr| {
+        if let Some((_, l)) = addresses.iter().find(|(at, _)| at == ip) {
+            *ip = *l;
+        }
+    };
+    config.pods.iter_mut().flat_map(|p| &mut p.ips).for_each(lo);
+    config
+        .peers
+        .iter_mut()
+        .flat_map(|p| &mut p.ips)
+        .for_each(lo);
+    config
+        .services
+        .iter_mut()
+        .filter_map(|s| s.waypoint.as_mut())
+        .for_each(|w| lo(&mut w.address));
+}
+
 /// One node: its proxy, its state writer, and the pods it serves.
 struct Node {
     ctx: Arc<ProxyContext>,
@@ -70,19 +91,7 @@ impl Node {
     /// its address's ports 15001, 15006 and 15008.
     async fn start(yaml: &str, addresses: &[(IpAddr, IpAddr)]) -> Node {
         let mut config = Config::parse(yaml, std::path::Path::new("inproc.yaml")).expect("config");
-        // Validation (rightly) refuses loopback pod IPs: the pods get theirs after it.
-        let on_loopback = |ips: &mut Vec<IpAddr>| {
-            for ip in ips {
-                if let Some((_, lo)) = addresses.iter().find(|(pod, _)| pod == ip) {
-                    *ip = *lo;
-                }
-            }
-        };
-        config.pods.iter_mut().for_each(|p| on_loopback(&mut p.ips));
-        config
-            .peers
-            .iter_mut()
-            .for_each(|p| on_loopback(&mut p.ips));
+        remap(&mut config, addresses);
         let (ca, roots) = crate::app::build_ca(&config).expect("built-in CA");
         let certs = CertManager::new(ca, config.cert_lifetime);
         certs.set_identities(config.enrolled_pods().map(|p| p.identity.clone()));
@@ -139,8 +148,8 @@ impl Node {
     }
 
     /// The app at `src` (a pod of this node) dials `dst`: the connection is "redirected" to the
-    /// pod's outbound listener, as the connect hook would. Sends `message`, returns the answer
-    /// (empty when the connection was refused or closed).
+    /// pod's outbound listener, as the connect hook would. Sends `message` (then half-closes,
+    /// unless it is an HTTP `GET`), returns the answer (empty when refused or closed).
     async fn dial(&self, src: IpAddr, dst: SocketAddr, message: &[u8]) -> Vec<u8> {
         let socket = TcpSocket::new_v4().expect("socket");
         socket
@@ -153,7 +162,11 @@ impl Node {
             .await
             .expect("connect to the outbound listener");
         let mut answer = Vec::new();
-        if stream.write_all(message).await.is_ok() && stream.shutdown().await.is_ok() {
+        // An echo needs the half-close to finish; an HTTP client waits for the answer instead.
+        let half_close = !message.starts_with(b"GET ");
+        if stream.write_all(message).await.is_ok()
+            && (!half_close || stream.shutdown().await.is_ok())
+        {
             let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
         }
         answer
@@ -326,6 +339,134 @@ async fn a_deny_on_the_destination_refuses_in_process_and_nothing_reaches_the_ap
                 && l.contains(r#"response_flags="DENY""#)),
         "{client}"
     );
+    node_a.stop().await;
+    node_b.stop().await;
+}
+
+/// An HTTP app at `addr`: answers every request `200 ok`, closing the connection.
+async fn http_app(addr: SocketAddr) {
+    let listener = TcpListener::bind(addr).await.expect("bind app");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_with_a_waypoint_goes_through_it_in_process_and_its_l7_policy_applies() {
+    let (a, b, w) = (ip("127.35.0.2"), ip("127.36.0.2"), ip("127.37.0.9"));
+    const WAYPOINT: &str = "10.250.0.9";
+    let dir = TempDir::new("waypoint");
+    let common = format!(
+        "stateDir: {}\nnamespaces: {{default: {{labels: {{istio.io/dataplane-mode: ambient}}}}}}\n",
+        dir.0.display()
+    );
+    let service = format!(
+        "services:\n  - {{namespace: default, name: echo, vips: [{VIP}], \
+         ports: [{{port: 80, targetPort: {APP_PORT}}}], waypoint: {{address: {WAYPOINT}}}}}\n"
+    );
+    let server_peer = format!(
+        "  - {{namespace: default, name: server, serviceAccount: echo, ips: [{SERVER}], services: [default/echo]}}\n"
+    );
+    let waypoint_peer = format!(
+        "  - {{namespace: default, name: waypoint, serviceAccount: waypoint, ips: [{WAYPOINT}]}}\n"
+    );
+    let node_a = format!(
+        "node: node-a\ncgroup: /unused\n{common}\
+         pods:\n  - {{namespace: default, name: client, serviceAccount: sleep, ips: [{CLIENT}], netns: /proc/self/ns/net}}\n\
+         peers:\n{server_peer}{waypoint_peer}{service}"
+    );
+    let node_b = format!(
+        "node: node-b\ncgroup: /unused\n{common}\
+         pods:\n  - {{namespace: default, name: server, serviceAccount: echo, ips: [{SERVER}], netns: /proc/self/ns/net}}\n\
+         peers:\n{waypoint_peer}"
+    );
+    let waypoint = format!(
+        "node: node-w\n{common}peers:\n{server_peer}{service}\
+         waypoint:\n  namespace: default\n  name: waypoint\n  listen: \"{w}:15008\"\n  \
+         authorization:\n    - {{name: no-admin, action: DENY, rules: [{{to: [{{operation: {{paths: [/admin*]}}}}]}}]}}\n"
+    );
+    let addresses = [(ip(CLIENT), a), (ip(SERVER), b), (ip(WAYPOINT), w)];
+    let node_a = Node::start(&node_a, &addresses).await;
+    let node_b = Node::start(&node_b, &addresses).await;
+    http_app(SocketAddr::new(b, APP_PORT)).await;
+
+    // The waypoint, wired as `ambit-agent waypoint` wires it, its sockets on loopback.
+    let mut config =
+        Config::parse(&waypoint, std::path::Path::new("waypoint.yaml")).expect("waypoint config");
+    remap(&mut config, &addresses);
+    let (control, stop) = (TaskTracker::new(), CancellationToken::new());
+    let (ctx, writer, _certs) = crate::waypoint::build(
+        &config,
+        Arc::new(Loopback::default()),
+        Netns::own().expect("own netns"),
+        &control,
+        &stop,
+    )
+    .expect("waypoint");
+    writer.set_config(Arc::new(config.clone()));
+    let listener = TcpListener::bind(SocketAddr::new(w, ambit_common::HBONE_PORT))
+        .await
+        .expect("bind waypoint");
+    control.spawn(crate::waypoint::accept_loop(
+        ctx.clone(),
+        listener,
+        stop.clone(),
+    ));
+    tokio::time::timeout(WAIT, async {
+        while ctx.tls.load().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("waypoint certificate within 10 s");
+
+    let vip = SocketAddr::new(ip(VIP), 80);
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n");
+    let answer = node_a.dial(a, vip, get("/items").as_bytes()).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+        "through the waypoint to the app: {answer:?}"
+    );
+    let answer = node_a.dial(a, vip, get("/admin/x").as_bytes()).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 403") && answer.contains("default/no-admin"),
+        "the waypoint's L7 DENY answers, naming the policy: {answer:?}"
+    );
+    // The waypoint reports both requests, from the client's verified identity.
+    let metrics = ctx.metrics.render(&Default::default());
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains(r#"source_principal="spiffe://cluster.local/ns/default/sa/sleep""#)
+                && l.contains(r#"response_code="403""#)),
+        "{metrics}"
+    );
+
+    stop.cancel();
+    ctx.draining.cancel();
+    control.close();
+    let _ = tokio::time::timeout(WAIT, control.wait()).await;
     node_a.stop().await;
     node_b.stop().await;
 }

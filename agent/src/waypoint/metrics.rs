@@ -64,6 +64,7 @@ struct Counters {
 }
 
 /// Read at scrape time.
+#[derive(Default)]
 pub struct Gauges {
     pub ejected_endpoints: usize,
     pub pool_connections_opened: u64,

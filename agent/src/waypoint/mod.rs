@@ -69,67 +69,15 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     let control = TaskTracker::new();
-    let (ca, roots) = crate::app::build_ca(&config)?;
-    let certs = CertManager::new(ca, config.cert_lifetime);
-    certs.set_identities([identity.clone()]);
-
-    let metrics = Arc::new(metrics::WaypointMetrics::default());
-    let pool = Pool::new(&config.hbone, &config.limits);
-    control.spawn(pool.clone().run_reaper(shutdown.clone()));
     let netns = Netns::open(Path::new("/proc/self/ns/net"))
         .context("cannot open the waypoint's own network namespace")?;
-    let upstream = upstream::Upstream::new(
-        pool,
+    let (ctx, sources, certs) = build(
+        &config,
+        Arc::new(crate::proxy::capture::Kernel::sockets_only()),
         netns,
-        certs.clone(),
-        roots.clone(),
-        identity.clone(),
-        metrics.clone(),
-        config.hbone.idle_timeout,
-    );
-    control.spawn(upstream.clone().run_reaper(shutdown.clone()));
-    let ctx = Arc::new(server::Ctx {
-        settings: ArcSwap::from_pointee(settings.clone()),
-        state: StateStore::default(),
-        upstream,
-        metrics,
-        identity: identity.clone(),
-        tls: ArcSwapOption::empty(),
-        draining: CancellationToken::new(),
-        connections: TaskTracker::new(),
-        hbone_server: crate::tunnel::server::ServerSettings::from_config(&config),
-        budgets: crate::proxy::limits::Budgets::new(config.limits.clone()),
-        open: Arc::default(),
-    });
-    let sources = {
-        let ctx = ctx.clone();
-        Arc::new(StateWriter::new(
-            Arc::new(config.clone()),
-            move |snapshot, _policies| ctx.state.replace(snapshot),
-        ))
-    };
-    if let Some(x) = &config.xds {
-        let client = Arc::new(crate::app::build_xds(x, &config, sources.clone())?);
-        control.spawn(client.run(shutdown.clone()));
-    }
-
-    // The server certificate follows rotations; connections wait for the first one.
-    {
-        let ctx = ctx.clone();
-        let (certs, shutdown) = (certs.clone(), shutdown.clone());
-        let trust_domain = config.trust_domain.clone();
-        control.spawn(async move {
-            tls::follow_server_config(
-                &certs,
-                &ctx.identity,
-                &roots,
-                &trust_domain,
-                &ctx.tls,
-                shutdown,
-            )
-            .await
-        });
-    }
+        &control,
+        &shutdown,
+    )?;
     let listener = bind(settings.listen)
         .with_context(|| format!("cannot listen on {} for HBONE", settings.listen))?;
     let accept_stop = CancellationToken::new();
@@ -175,6 +123,84 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A waypoint wired from `config` (with a `waypoint:` section): the context its HBONE server
+/// serves from, the writer of its state (config, and xDS when configured) and its certificates.
+/// Sockets to endpoints come from `capture` in `netns`. The pool and upstream reapers, the xDS
+/// client and the certificate follower run on `control` until `shutdown`.
+pub fn build(
+    config: &Config,
+    capture: Arc<dyn crate::proxy::capture::Capture>,
+    netns: Netns,
+    control: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Arc<server::Ctx>, Arc<StateWriter>, Arc<CertManager>)> {
+    let settings = config
+        .waypoint
+        .clone()
+        .context("the config has no `waypoint:` section")?;
+    let identity = settings.identity().clone();
+    let (ca, roots) = crate::app::build_ca(config)?;
+    let certs = CertManager::new(ca, config.cert_lifetime);
+    certs.set_identities([identity.clone()]);
+
+    let metrics = Arc::new(metrics::WaypointMetrics::default());
+    let pool = Pool::new(&config.hbone, &config.limits);
+    control.spawn(pool.clone().run_reaper(shutdown.clone()));
+    let upstream = upstream::Upstream::new(
+        pool,
+        upstream::Sockets { capture, netns },
+        certs.clone(),
+        roots.clone(),
+        identity.clone(),
+        metrics.clone(),
+        config.hbone.idle_timeout,
+    );
+    control.spawn(upstream.clone().run_reaper(shutdown.clone()));
+    let ctx = Arc::new(server::Ctx {
+        settings: ArcSwap::from_pointee(settings.clone()),
+        state: StateStore::default(),
+        upstream,
+        metrics,
+        identity: identity.clone(),
+        tls: ArcSwapOption::empty(),
+        draining: CancellationToken::new(),
+        connections: TaskTracker::new(),
+        hbone_server: crate::tunnel::server::ServerSettings::from_config(config),
+        budgets: crate::proxy::limits::Budgets::new(config.limits.clone()),
+        open: Arc::default(),
+    });
+    let sources = {
+        let ctx = ctx.clone();
+        Arc::new(StateWriter::new(
+            Arc::new(config.clone()),
+            move |snapshot, _policies| ctx.state.replace(snapshot),
+        ))
+    };
+    if let Some(x) = &config.xds {
+        let client = Arc::new(crate::app::build_xds(x, config, sources.clone())?);
+        control.spawn(client.run(shutdown.clone()));
+    }
+
+    // The server certificate follows rotations; connections wait for the first one.
+    {
+        let ctx = ctx.clone();
+        let (certs, shutdown) = (certs.clone(), shutdown.clone());
+        let trust_domain = config.trust_domain.clone();
+        control.spawn(async move {
+            tls::follow_server_config(
+                &certs,
+                &ctx.identity,
+                &roots,
+                &trust_domain,
+                &ctx.tls,
+                shutdown,
+            )
+            .await
+        });
+    }
+    Ok((ctx, sources, certs))
+}
+
 /// A listener on `addr`; `[::]` accepts both families.
 fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let how = crate::sockets::Listen {
@@ -186,7 +212,8 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::from_std(crate::sockets::listener(addr, &how)?)
 }
 
-async fn accept_loop(
+/// Accepts HBONE connections on `listener` until `stop`, each within the connection budget.
+pub async fn accept_loop(
     ctx: Arc<server::Ctx>,
     listener: tokio::net::TcpListener,
     stop: CancellationToken,

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{config::OutlierDetection, metrics::WaypointMetrics};
+use crate::proxy::capture::{Capture, Source};
 use crate::{
     identity::{Identity, manager::CertManager},
     proxy,
@@ -96,7 +97,7 @@ impl Checkout {
 /// Everything the waypoint needs to reach endpoints.
 pub struct Upstream {
     pub pool: Arc<Pool>,
-    netns: Netns,
+    sockets: Sockets,
     certs: Arc<CertManager>,
     roots: TrustRoots,
     identity: Identity,
@@ -111,6 +112,19 @@ pub struct Upstream {
     tasks: TaskTracker,
 }
 
+/// Where the waypoint's sockets to endpoints come from: `capture` (the kernel; loopback in the
+/// in-process tests), in the waypoint's netns.
+pub struct Sockets {
+    pub capture: Arc<dyn Capture>,
+    pub netns: Netns,
+}
+
+impl Sockets {
+    fn socket(&self, dst: SocketAddr, local_ip: IpAddr) -> std::io::Result<tokio::net::TcpSocket> {
+        self.capture.socket(&self.netns, dst, Source::Pod(local_ip))
+    }
+}
+
 /// A byte stream to an endpoint: an HBONE stream, or TCP for workloads outside the mesh.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
@@ -122,7 +136,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Upstream {
     pub fn new(
         pool: Arc<Pool>,
-        netns: Netns,
+        sockets: Sockets,
         certs: Arc<CertManager>,
         roots: TrustRoots,
         identity: Identity,
@@ -131,7 +145,7 @@ impl Upstream {
     ) -> Arc<Upstream> {
         Arc::new(Upstream {
             pool,
-            netns,
+            sockets,
             certs,
             roots,
             identity,
@@ -411,7 +425,9 @@ impl Upstream {
         local_ip: IpAddr,
     ) -> Result<Box<dyn Io>, Failure> {
         if !workload.hbone {
-            let socket = proxy::upstream_socket(&self.netns, addr, None)
+            let socket = self
+                .sockets
+                .socket(addr, local_ip)
                 .map_err(|e| Failure::Connect(format!("{addr}: {e}")))?;
             let tcp = proxy::connect(socket, addr)
                 .await
@@ -437,7 +453,7 @@ impl Upstream {
             .pool
             .connect(
                 key,
-                || proxy::upstream_socket(&self.netns, tunnel_to, None),
+                || self.sockets.socket(tunnel_to, local_ip),
                 || tls::client_config(&cert, &self.roots, expected),
                 addr,
                 TunnelHeaders {
