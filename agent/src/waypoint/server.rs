@@ -30,6 +30,7 @@ use super::{
     forward, h2c,
     metrics::{RequestLabels, WaypointMetrics},
     path,
+    retry::{self, AfterAnswer},
     routes::{self, Selection},
     upstream::{Body, BoxError, Checkout, Failure, Upstream, backoff},
 };
@@ -708,6 +709,10 @@ async fn route_request(
         r
     };
 
+    let repeatable = retry::Repeatable {
+        idempotent,
+        replayable: kept.is_some(),
+    };
     let od = settings.outlier_detection.clone();
     let addrs: Vec<SocketAddr> = candidates.iter().map(|(_, a)| *a).collect();
     let attempts = async {
@@ -750,18 +755,20 @@ async fn route_request(
                     let status = resp.status();
                     ctx.upstream
                         .record(*addr, !status.is_server_error(), &addrs, &od);
-                    let retryable =
-                        retry.codes.contains(&status.as_u16()) && idempotent && kept.is_some();
-                    if retryable && n < retry.attempts {
-                        debug!(endpoint = %addr, %status, "retrying");
-                        last = Some((status, "URX", format!("{addr} answered {status}")));
-                        continue;
+                    match retry::after_answer(retry, repeatable, status, n) {
+                        AfterAnswer::Retry => {
+                            debug!(endpoint = %addr, %status, "retrying");
+                            last = Some((status, "URX", format!("{addr} answered {status}")));
+                            continue;
+                        }
+                        AfterAnswer::Answer { exhausted } => {
+                            if exhausted {
+                                // Every try answered a retryable error: the last answer goes back.
+                                record.flags = "URX";
+                            }
+                            return Ok((resp, checkout));
+                        }
                     }
-                    if retryable && n > 0 {
-                        // Every try answered a retryable error: the last answer goes back.
-                        record.flags = "URX";
-                    }
-                    return Ok((resp, checkout));
                 }
                 Err(e) => {
                     ctx.upstream.record(*addr, false, &addrs, &od);
@@ -769,9 +776,9 @@ async fn route_request(
                         Failure::Connect(_) => (StatusCode::SERVICE_UNAVAILABLE, "UF"),
                         Failure::Broken(_) => (StatusCode::BAD_GATEWAY, "UC"),
                     };
-                    let safe = matches!(e, Failure::Connect(_)) || idempotent;
+                    let connect_failed = matches!(e, Failure::Connect(_));
                     last = Some((status, flags, format!("{addr}: {e}")));
-                    if !(safe && kept.is_some()) {
+                    if !retry::may_retry_failure(repeatable, connect_failed) {
                         break;
                     }
                 }
