@@ -36,6 +36,7 @@ mod bed;
 mod binaries;
 mod cgroup;
 mod cmd;
+mod mesh;
 mod process;
 mod workload;
 
@@ -54,6 +55,7 @@ pub use binaries::{
     testpod as testpod_bin,
 };
 pub use cgroup::cgroup2_mount;
+pub use mesh::{Mesh, MeshSpec};
 pub use process::Process;
 pub use workload::{ClientHandle, ClientReport, Server};
 

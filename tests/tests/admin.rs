@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_testbed::{Agent, Node, Pod, TestBed, log_str, metrics::sum, poll};
+use ambit_testbed::{Agent, MeshSpec, Node, Pod, TestBed, log_str, metrics::sum, poll};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
@@ -30,19 +30,15 @@ struct Mesh {
 /// `echo` (VIP 10.96.0.20:80 -> 8080). Both nodes hold the policy that denies `sleep` (as a
 /// control plane gives every node every policy).
 fn mesh() -> Mesh {
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let client = bed
-        .add_pod_in(&node_a, "client", "default", "client")
-        .expect("client");
-    let sleep = bed
-        .add_pod_in(&node_a, "sleep", "default", "sleep")
-        .expect("sleep");
-    let outsider = bed.add_pod(&node_a, "outsider").expect("outsider");
-    let server = bed
-        .add_pod_in(&node_b, "server", "default", "server")
-        .expect("server");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod_as("client", "default", "client")
+        .pod_as("sleep", "default", "sleep")
+        .unenrolled("outsider")
+        .node("node-b")
+        .pod_as("server", "default", "server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("build the mesh");
     let policies = json!([{
         "name": "deny-sleep", "namespace": "default", "scope": "NAMESPACE", "action": "DENY",
         "rules": [{"clauses": [{"matches": [{
@@ -51,30 +47,24 @@ fn mesh() -> Mesh {
     }]);
     let services = json!([{"namespace": "default", "name": "echo", "vips": [VIP],
                            "ports": [{"port": 80, "targetPort": PORT}]}]);
-    let mut config_a = bed.agent_config(&node_a);
-    config_a
-        .enroll(&client)
-        .enroll(&sleep)
-        .add_pod(&outsider, false)
-        .add_peer(&server);
+    let mut config_a = m.take_config("node-a");
     config_a.peers[0].services = vec!["default/echo".into()];
     config_a.extra.insert("policies".into(), policies.clone());
     config_a.extra.insert("services".into(), services);
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server).add_peer(&client).add_peer(&sleep);
+    let mut config_b = m.take_config("node-b");
     config_b.extra.insert("policies".into(), policies);
-    let agent_a = bed.start_agent(&config_a).expect("agent-a");
-    let agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let agent_a = m.bed.start_agent(&config_a).expect("agent-a");
+    let agent_b = m.bed.start_agent(&config_b).expect("agent-b");
     Mesh {
-        bed,
-        node_a,
-        node_b,
-        client,
-        sleep,
-        outsider,
-        server,
+        node_a: m.take_node("node-a"),
+        node_b: m.take_node("node-b"),
+        client: m.take_pod("client"),
+        sleep: m.take_pod("sleep"),
+        outsider: m.take_pod("outsider"),
+        server: m.take_pod("server"),
         agent_a,
         agent_b,
+        bed: m.bed,
     }
 }
 

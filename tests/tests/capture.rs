@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use ambit_testbed::{Agent, AgentConfig, Node, Pod, TestBed, log_field, log_message, log_str};
+use ambit_testbed::{
+    Agent, AgentConfig, MeshSpec, Node, Pod, TestBed, log_field, log_message, log_str,
+};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -31,32 +33,32 @@ struct Mesh {
 }
 
 fn mesh() -> Mesh {
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("create bed");
-    let node_a = bed.add_node("node-a").expect("add node-a");
-    let node_b = bed.add_node("node-b").expect("add node-b");
-    let client = bed.add_pod(&node_a, "client").expect("add client");
-    let outsider = bed.add_pod(&node_a, "outsider").expect("add outsider");
-    let server = bed.add_pod(&node_b, "server").expect("add server");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .unenrolled("outsider")
+        .node("node-b")
+        .pod("server")
+        .without_peers()
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("build the mesh");
+    let server = m.take_pod("server");
     let echo = server.serve(PORT).expect("start echo server");
-
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.enroll(&client).add_pod(&outsider, false);
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server);
-    let agent_a = bed.start_agent(&config_a).expect("start agent on node-a");
-    let agent_b = bed.start_agent(&config_b).expect("start agent on node-b");
+    let (config_a, config_b) = (m.take_config("node-a"), m.take_config("node-b"));
+    let agent_a = m.bed.start_agent(&config_a).expect("start agent on node-a");
+    let agent_b = m.bed.start_agent(&config_b).expect("start agent on node-b");
     Mesh {
-        bed,
-        node_a,
-        node_b,
-        client,
-        outsider,
+        node_a: m.take_node("node-a"),
+        node_b: m.take_node("node-b"),
+        client: m.take_pod("client"),
+        outsider: m.take_pod("outsider"),
         server,
         config_a,
         config_b,
         agent_a,
         agent_b,
         echo,
+        bed: m.bed,
     }
 }
 

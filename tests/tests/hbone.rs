@@ -11,7 +11,7 @@ use std::{
 };
 
 use ambit_testbed::{
-    Agent, AgentConfig, Node, Pod, TestBed, log_field, log_message, log_str,
+    Agent, AgentConfig, MeshSpec, Node, Pod, TestBed, log_field, log_message, log_str,
     wire::{Capture, contains, pattern},
 };
 use serde_json::{Value, json};
@@ -43,31 +43,26 @@ struct Mesh {
 
 impl Mesh {
     fn new() -> Mesh {
-        let bed =
-            TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("create bed");
-        let node_a = bed.add_node("node-a").expect("add node-a");
-        let node_b = bed.add_node("node-b").expect("add node-b");
-        let client = bed.add_pod(&node_a, "client").expect("add client");
-        let outsider = bed.add_pod(&node_a, "outsider").expect("add outsider");
-        let server = bed.add_pod(&node_b, "server").expect("add server");
+        let mut m = MeshSpec::new()
+            .node("node-a")
+            .pod("client")
+            .unenrolled("outsider")
+            .node("node-b")
+            .pod("server")
+            .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+            .expect("build the mesh");
+        let server = m.take_pod("server");
         let echo = server.serve(PORT).expect("start echo server");
-        let mut config_a = bed.agent_config(&node_a);
-        config_a
-            .enroll(&client)
-            .add_pod(&outsider, false)
-            .add_peer(&server);
-        let mut config_b = bed.agent_config(&node_b);
-        config_b.enroll(&server).add_peer(&client);
         Mesh {
-            bed,
-            node_a,
-            node_b,
-            client,
-            outsider,
+            node_a: m.take_node("node-a"),
+            node_b: m.take_node("node-b"),
+            client: m.take_pod("client"),
+            outsider: m.take_pod("outsider"),
             server,
-            config_a,
-            config_b,
+            config_a: m.take_config("node-a"),
+            config_b: m.take_config("node-b"),
             echo,
+            bed: m.bed,
         }
     }
 
