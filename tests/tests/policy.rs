@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ambit_testbed::{Agent, TestBed, log_message, log_str};
+use ambit_testbed::{Agent, MeshSpec, log_message, log_str};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
@@ -30,27 +30,20 @@ fn deny_by_principal_refuses_that_source_only_and_a_policy_change_applies_at_onc
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let sleep = bed
-        .add_pod_in(&node_a, "sleep", "default", "sleep")
-        .expect("sleep");
-    let curl = bed
-        .add_pod_in(&node_a, "curl", "default", "curl")
-        .expect("curl");
-    let outsider = bed.add_pod(&node_a, "outsider").expect("outsider");
-    let server = bed.add_pod(&node_b, "server").expect("server");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod_as("sleep", "default", "sleep")
+        .pod_as("curl", "default", "curl")
+        .unenrolled("outsider")
+        .node("node-b")
+        .pod("server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("build the mesh");
+    let (sleep, curl) = (m.take_pod("sleep"), m.take_pod("curl"));
+    let server = m.take_pod("server");
     let echo = server.serve(PORT).expect("echo");
-
-    let mut config_a = bed.agent_config(&node_a);
-    config_a
-        .enroll(&sleep)
-        .enroll(&curl)
-        .add_pod(&outsider, false)
-        .add_peer(&server);
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server).add_peer(&sleep).add_peer(&curl);
+    let (config_a, mut config_b) = (m.take_config("node-a"), m.take_config("node-b"));
+    let bed = &m.bed;
     let deny_sleep = json!([{
         "name": "deny-sleep", "namespace": "default", "scope": "NAMESPACE", "action": "DENY",
         "rules": [{"clauses": [{"matches": [{
@@ -110,20 +103,19 @@ fn an_allow_policy_requiring_an_identity_refuses_plaintext_and_dry_run_only_logs
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let client = bed.add_pod(&node_a, "client").expect("client");
-    let outsider = bed.add_pod(&node_a, "outsider").expect("outsider");
-    let server = bed.add_pod(&node_b, "server").expect("server");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .unenrolled("outsider")
+        .node("node-b")
+        .pod("server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("build the mesh");
+    let (client, outsider) = (m.take_pod("client"), m.take_pod("outsider"));
+    let server = m.take_pod("server");
     let _echo = server.serve(PORT).expect("echo");
-    let mut config_a = bed.agent_config(&node_a);
-    config_a
-        .enroll(&client)
-        .add_pod(&outsider, false)
-        .add_peer(&server);
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server).add_peer(&client);
+    let (config_a, mut config_b) = (m.take_config("node-a"), m.take_config("node-b"));
+    let bed = &m.bed;
     config_b.extra.insert(
         "policies".into(),
         json!([
@@ -176,21 +168,22 @@ fn a_new_deny_closes_open_connections_it_no_longer_allows() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let sleep = bed
-        .add_pod_in(&node_a, "sleep", "default", "sleep")
-        .expect("sleep");
-    let curl = bed
-        .add_pod_in(&node_a, "curl", "default", "curl")
-        .expect("curl");
-    let server = bed.add_pod(&node_b, "server").expect("server");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod_as("sleep", "default", "sleep")
+        .pod_as("curl", "default", "curl")
+        .node("node-b")
+        .pod("server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("build the mesh");
+    let (sleep, curl, server) = (
+        m.take_pod("sleep"),
+        m.take_pod("curl"),
+        m.take_pod("server"),
+    );
     let echo = server.serve(PORT).expect("echo");
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.enroll(&sleep).enroll(&curl).add_peer(&server);
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server).add_peer(&sleep).add_peer(&curl);
+    let (config_a, mut config_b) = (m.take_config("node-a"), m.take_config("node-b"));
+    let bed = &m.bed;
     let _agent_a = bed.start_agent(&config_a).expect("agent-a");
     let agent_b = bed.start_agent(&config_b).expect("agent-b");
     let dst = server.v4(PORT);
