@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use ambit_testbed::{TestBed, log_str};
+use ambit_testbed::{MeshSpec, log_str};
 use serde_json::json;
 
 const PORT: u16 = 8080;
@@ -15,12 +15,19 @@ fn a_vip_spreads_over_its_endpoints_follows_changes_and_refuses_when_empty() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let client = bed.add_pod(&node_a, "client").expect("client");
-    let one = bed.add_pod(&node_b, "echo-1").expect("echo-1");
-    let two = bed.add_pod(&node_b, "echo-2").expect("echo-2");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .node("node-b")
+        .pod("echo-1")
+        .pod("echo-2")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("build the mesh");
+    let (client, one, two) = (
+        m.take_pod("client"),
+        m.take_pod("echo-1"),
+        m.take_pod("echo-2"),
+    );
     let echo_one = one.serve(PORT).expect("serve 1");
     let echo_two = two.serve(PORT).expect("serve 2");
 
@@ -29,14 +36,12 @@ fn a_vip_spreads_over_its_endpoints_follows_changes_and_refuses_when_empty() {
          "ports": [{"port": 80, "targetPort": PORT}]},
         {"namespace": "default", "name": "empty", "vips": ["10.96.0.11"], "ports": [{"port": 80}]}
     ]);
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.enroll(&client).add_peer(&one).add_peer(&two);
+    let (mut config_a, config_b) = (m.take_config("node-a"), m.take_config("node-b"));
+    let bed = &m.bed;
     for p in &mut config_a.peers {
         p.services = vec!["default/echo".into()];
     }
     config_a.extra.insert("services".into(), services.clone());
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&one).enroll(&two).add_peer(&client);
     let agent_a = bed.start_agent(&config_a).expect("agent-a");
     let _agent_b = bed.start_agent(&config_b).expect("agent-b");
 
