@@ -47,6 +47,10 @@ pub struct Status {
     pub not_ready: Vec<String>,
     /// The config file the agent runs from.
     pub config_file: String,
+    /// Why the file's current content is not in force: the last reload was refused (it does not
+    /// validate, or it changes a setting only a restart applies). `None` once one applies.
+    #[serde(default)]
+    pub config_refused: Option<String>,
     pub trust_domain: String,
     /// Enrolled (captured) local pods.
     pub enrolled_pods: usize,

@@ -172,6 +172,7 @@ pub async fn build(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<B
         started: std::time::Instant::now(),
         config_path: config_path.clone(),
         config: ArcSwap::from_pointee(config.clone()),
+        config_refused: arc_swap::ArcSwapOption::empty(),
         ctx: ctx.clone(),
         readiness: readiness.clone(),
         certs: certs.clone(),
@@ -254,13 +255,15 @@ impl Bound {
                     match watch.reload(&config) {
                         Ok(new) => {
                             config = new;
+                            admin.config_refused.store(None);
                             if let Err(e) = pods.apply(&config) {
                                 error!(error = %e, "applying the new config failed");
                             }
                             info!(pods = pods.active_count(), "config applied");
                         }
                         Err(e) => {
-                            error!(error = %e, "config reload refused; keeping the previous config")
+                            error!(error = %e, "config reload refused; keeping the previous config");
+                            admin.config_refused.store(Some(Arc::new(format!("{e:#}"))));
                         }
                     }
                     admin.config.store(Arc::new(config.clone()));

@@ -265,6 +265,11 @@ fn routes(method: &str, target: &str) -> Reply {
                 "no certificate yet for spiffe://cluster.local/ns/default/sa/web".into(),
             ],
             config_file: "/etc/ambit/config.yaml".into(),
+            config_refused: Some(
+                "nodeAddresses cannot change while the agent runs; restart the agent to change \
+                 it, or put the old value back"
+                    .into(),
+            ),
             trust_domain: "cluster.local".into(),
             enrolled_pods: 1,
             adopted_pods: vec!["default/web".into()],
@@ -661,6 +666,8 @@ fn status_shows_what_is_wrong() {
         "waiting for the kubernetes source to sync",
         "served as the earlier agent left them: default/web",
         "1 netns captured without a record (connections refused): cookies 4242",
+        "last change refused: nodeAddresses cannot change while the agent runs",
+        "the previous config stays in force",
     ] {
         assert!(text.contains(needle), "{needle:?} missing in:\n{text}");
     }

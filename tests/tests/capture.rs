@@ -364,6 +364,16 @@ fn unenrolling_restores_direct_traffic_and_reenrolling_captures_again() {
         reason.contains("nodeAddresses") && reason.contains("restart"),
         "the refusal names the setting and what to do: {reason}"
     );
+    let status = m
+        .agent_a
+        .ambitctl_json(&["status"])
+        .expect("ambitctl status");
+    assert!(
+        status["configRefused"]
+            .as_str()
+            .is_some_and(|r| r.contains("nodeAddresses")),
+        "ambitctl status says the file's content is not in force: {status}"
+    );
     let report = m.client.connect(dst, 10).expect("run client");
     assert_echoed(&report, dst, 10);
     assert_eq!(

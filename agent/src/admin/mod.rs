@@ -38,6 +38,8 @@ pub struct Admin {
     pub config_path: PathBuf,
     /// The config in force (updated on every reload that applies).
     pub config: ArcSwap<Config>,
+    /// Why the last reload was refused, until one applies.
+    pub config_refused: arc_swap::ArcSwapOption<String>,
     pub ctx: Arc<ProxyContext>,
     pub readiness: Arc<Readiness>,
     pub certs: Arc<CertManager>,
@@ -182,6 +184,7 @@ impl Admin {
             ready: not_ready.is_empty(),
             not_ready,
             config_file: self.config_path.display().to_string(),
+            config_refused: self.config_refused.load_full().map(|e| (*e).clone()),
             trust_domain: config.trust_domain.clone(),
             enrolled_pods: pods.enrolled.len(),
             adopted_pods: pods

@@ -137,7 +137,15 @@ pub fn status(s: api::Status, p: Painter) -> String {
         ("Ready", ready),
         (
             "Config",
-            format!("{} (trust domain {})", s.config_file, s.trust_domain),
+            match &s.config_refused {
+                None => format!("{} (trust domain {})", s.config_file, s.trust_domain),
+                Some(why) => format!(
+                    "{} (trust domain {}), {}: {why}; the previous config stays in force",
+                    s.config_file,
+                    s.trust_domain,
+                    p.paint("last change refused", Style::Bad)
+                ),
+            },
         ),
         ("xDS", xds),
         ("CA", ca_text),
