@@ -29,7 +29,8 @@ struct PodSpec {
 #[derive(Default)]
 pub struct MeshSpec {
     nodes: Vec<(String, Vec<PodSpec>)>,
-    peers: bool,
+    /// [`MeshSpec::without_peers`].
+    no_peers: bool,
 }
 
 /// The built topology. Fields are public so tests can take what they hold (`pods.remove(..)`).
@@ -45,10 +46,7 @@ pub struct Mesh {
 
 impl MeshSpec {
     pub fn new() -> MeshSpec {
-        MeshSpec {
-            nodes: Vec::new(),
-            peers: true,
-        }
+        MeshSpec::default()
     }
 
     /// Adds a node; the pods that follow go on it.
@@ -74,7 +72,7 @@ impl MeshSpec {
 
     /// No peers: each node knows only its own pods (traffic to others is passthrough).
     pub fn without_peers(mut self) -> MeshSpec {
-        self.peers = false;
+        self.no_peers = true;
         self
     }
 
@@ -98,6 +96,15 @@ impl MeshSpec {
         if self.nodes.iter().any(|(n, _)| n.is_empty()) {
             bail!("MeshSpec: a pod was added before any node");
         }
+        let mut names = std::collections::BTreeSet::new();
+        for p in self.nodes.iter().flat_map(|(_, pods)| pods) {
+            if !names.insert(&p.name) {
+                bail!(
+                    "MeshSpec: pod {} is named twice (pods are found by name)",
+                    p.name
+                );
+            }
+        }
         let bed = TestBed::with_testpod_bin(testpod_bin).context("create bed")?;
         let mut nodes = BTreeMap::new();
         let mut pods = BTreeMap::new();
@@ -117,7 +124,7 @@ impl MeshSpec {
             for p in specs {
                 config.add_pod(&pods[&p.name], p.enrolled);
             }
-            if self.peers {
+            if !self.no_peers {
                 for (_, theirs) in self.nodes.iter().filter(|(other, _)| other != name) {
                     for p in theirs.iter().filter(|p| p.enrolled) {
                         config.add_peer(&pods[&p.name]);

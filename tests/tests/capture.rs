@@ -374,6 +374,15 @@ fn unenrolling_restores_direct_traffic_and_reenrolling_captures_again() {
             .is_some_and(|r| r.contains("nodeAddresses")),
         "ambitctl status says the file's content is not in force: {status}"
     );
+    // Once a change applies, the refusal is gone.
+    m.agent_a
+        .reload(&m.config_a)
+        .expect("the unchanged config applies");
+    let status = m
+        .agent_a
+        .ambitctl_json(&["status"])
+        .expect("ambitctl status");
+    assert!(status["configRefused"].is_null(), "{status}");
     let report = m.client.connect(dst, 10).expect("run client");
     assert_echoed(&report, dst, 10);
     assert_eq!(
