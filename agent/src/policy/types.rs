@@ -214,14 +214,22 @@ impl StringMatch {
     /// Istio's pattern form, as `AuthorizationPolicy` YAML (and the waypoint's L7 policies)
     /// write it: `*` any non-empty value, `prefix*`, `*suffix`, otherwise exact.
     pub fn from_pattern(pattern: &str) -> StringMatch {
-        if pattern == "*" {
-            StringMatch::Presence {}
-        } else if let Some(prefix) = pattern.strip_suffix('*') {
-            StringMatch::Prefix(prefix.to_owned())
-        } else if let Some(suffix) = pattern.strip_prefix('*') {
-            StringMatch::Suffix(suffix.to_owned())
-        } else {
-            StringMatch::Exact(pattern.to_owned())
+        match Pattern::of(pattern) {
+            Pattern::Present => StringMatch::Presence {},
+            Pattern::Prefix(p) => StringMatch::Prefix(p.to_owned()),
+            Pattern::Suffix(s) => StringMatch::Suffix(s.to_owned()),
+            Pattern::Exact(e) => StringMatch::Exact(e.to_owned()),
+        }
+    }
+
+    /// `from_pattern(pattern).matches(value)` without building the match: the waypoint judges
+    /// every request with it.
+    pub fn pattern_matches(pattern: &str, value: &str) -> bool {
+        match Pattern::of(pattern) {
+            Pattern::Present => !value.is_empty(),
+            Pattern::Prefix(p) => value.starts_with(p),
+            Pattern::Suffix(s) => value.ends_with(s),
+            Pattern::Exact(e) => value == e,
         }
     }
 
@@ -231,6 +239,28 @@ impl StringMatch {
             StringMatch::Prefix(s) => value.starts_with(s.as_str()),
             StringMatch::Suffix(s) => value.ends_with(s.as_str()),
             StringMatch::Presence {} => !value.is_empty(),
+        }
+    }
+}
+
+/// Istio's pattern form, borrowed (see [`StringMatch::from_pattern`]).
+enum Pattern<'a> {
+    Present,
+    Prefix(&'a str),
+    Suffix(&'a str),
+    Exact(&'a str),
+}
+
+impl<'a> Pattern<'a> {
+    fn of(pattern: &'a str) -> Pattern<'a> {
+        if pattern == "*" {
+            Pattern::Present
+        } else if let Some(prefix) = pattern.strip_suffix('*') {
+            Pattern::Prefix(prefix)
+        } else if let Some(suffix) = pattern.strip_prefix('*') {
+            Pattern::Suffix(suffix)
+        } else {
+            Pattern::Exact(pattern)
         }
     }
 }

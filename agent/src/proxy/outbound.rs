@@ -194,8 +194,8 @@ async fn serve(
     }
     .header_value();
     drop(snapshot);
-    let traceparent = metadata::new_traceparent();
-    log.trace = Some(traceparent.clone());
+    log.trace = Some(metadata::new_traceparent());
+    let traceparent = log.trace.as_deref().unwrap_or_default();
     // Fail closed: no certificate, no connection (never plaintext instead).
     let cert = ctx
         .certs
@@ -220,7 +220,7 @@ async fn serve(
         authority,
         TunnelHeaders {
             client_ip: src_ip,
-            traceparent: Some(&traceparent),
+            traceparent: Some(traceparent),
             baggage: Some(&baggage),
             service_host: route
                 .service

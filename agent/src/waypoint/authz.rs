@@ -112,7 +112,7 @@ fn rule_matches(rule: &L7Rule, req: &RequestAttrs<'_>, principal: &str) -> bool 
 /// the rest, so `values: ["*"]` on a DENY catches `x-debug:` with an empty value too.
 /// (Principals are never empty; they go through `principal_matches`.)
 fn string_matches(pattern: &str, value: &str) -> bool {
-    pattern == "*" || StringMatch::from_pattern(pattern).matches(value)
+    pattern == "*" || StringMatch::pattern_matches(pattern, value)
 }
 
 /// `values` must contain a match (if given) and `not_values` none.
