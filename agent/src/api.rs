@@ -248,7 +248,8 @@ pub struct ConnectionView {
     pub id: u64,
     /// `inbound` or `outbound`.
     pub direction: String,
-    /// `hbone`, `passthrough` or `waypoint`.
+    /// `hbone`, `passthrough`, `waypoint`, `kernel` (spliced same-node) or `local` (same-node,
+    /// copied by the agent).
     pub path: String,
     pub src: String,
     pub dst: String,
@@ -277,6 +278,10 @@ pub struct BpfView {
     pub maps: Vec<BpfMapView>,
     /// Program counters (summed over CPUs), by name.
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// Whether same-node connections are spliced in the kernel: `on`, `off (...)` or
+    /// `unavailable: <why>`. `None` when read from bpffs without the agent (`--offline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub splice: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -117,10 +117,18 @@ pub async fn build(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<B
             .map_err(|e| anyhow::anyhow!("cannot poll the eBPF log ring buffer: {e}"))?;
     control_tasks.spawn(forward_bpf_logs(bpf_logs, shutdown.clone()));
 
+    let splice = if config.acceleration.same_node {
+        redirect.splicer().map_err(|e| {
+            warn!(error = %e, "cannot load the same-node splice; connections between this node's pods are carried in user space");
+            format!("unavailable: {e}")
+        })
+    } else {
+        Err("off (acceleration.sameNode: false)".to_owned())
+    };
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let ctx = ProxyContext::new(
         &config,
-        Arc::new(proxy::capture::Kernel::new(orig_dst)),
+        Arc::new(proxy::capture::Kernel::new(orig_dst, splice)),
         certs.clone(),
         roots,
         metrics.clone(),

@@ -110,6 +110,12 @@ pub enum Transport {
     Hbone,
     /// Inside an HBONE tunnel to the destination's waypoint (mutual TLS), which carries it on.
     Waypoint,
+    /// Between two pods of this node, spliced in the kernel after admission: both identities
+    /// are the agent's own pods', the policy was judged, and the bytes never leave the node.
+    Kernel,
+    /// Between two pods of this node, copied by the agent in user space: the kernel could not
+    /// take the connection (a full splice map).
+    Local,
 }
 
 impl Transport {
@@ -118,6 +124,8 @@ impl Transport {
             Transport::Passthrough => "passthrough",
             Transport::Hbone => "hbone",
             Transport::Waypoint => "waypoint",
+            Transport::Kernel => "kernel",
+            Transport::Local => "local",
         }
     }
 }

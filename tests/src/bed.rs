@@ -945,10 +945,13 @@ impl Node {
             |c| self.spawn(c),
             cmd,
             &format!("node {}", self.info.name),
-            addr,
-            bytes,
-            0,
-            timeout_ms,
+            crate::workload::ClientRun {
+                addr,
+                bytes,
+                hold_ms: 0,
+                timeout_ms,
+                extra: &[],
+            },
         )?
         .wait()
     }

@@ -478,15 +478,54 @@ impl Pod {
             |c| self.spawn(c),
             cmd,
             &format!("pod {}", self.name()),
-            addr,
-            bytes,
-            hold_ms,
-            timeout_ms,
+            ClientRun {
+                addr,
+                bytes,
+                hold_ms,
+                timeout_ms,
+                extra: &[],
+            },
         )
     }
 }
 
 impl Pod {
+    /// Starts a client that sends `bytes` to `addr`, waits `hold_ms`, and then resets the
+    /// connection (`SO_LINGER` 0) instead of closing it; it reports a `reset` event.
+    pub fn spawn_connect_reset(
+        &self,
+        addr: SocketAddr,
+        bytes: usize,
+        hold_ms: u64,
+    ) -> Result<ClientHandle> {
+        let bin = self.bed.testpod_bin()?;
+        let cmd = self.try_command(&bin)?;
+        spawn_client(
+            |c| self.spawn(c),
+            cmd,
+            &format!("pod {}", self.name()),
+            ClientRun {
+                addr,
+                bytes,
+                hold_ms,
+                timeout_ms: DEFAULT_TIMEOUT_MS,
+                extra: &["--reset"],
+            },
+        )
+    }
+
+    /// Like [`Pod::serve`], resetting each connection once it has echoed `bytes`.
+    pub fn serve_then_reset(&self, port: u16, bytes: u64) -> Result<Server> {
+        let args = [
+            "serve".to_owned(),
+            "--port".to_owned(),
+            port.to_string(),
+            "--reset-after".to_owned(),
+            bytes.to_string(),
+        ];
+        self.start_server(port, &args)
+    }
+
     /// `ambit-testpod flood`: `connections` connections to `addr` held open at once, `bytes` sent
     /// and echoed on each; returns its `flood` event (`opened`, `echoed`, `errors`).
     pub fn flood(&self, addr: SocketAddr, connections: usize, bytes: usize) -> Result<Value> {
@@ -515,17 +554,30 @@ impl Pod {
     }
 }
 
+/// What one `ambit-testpod connect` does (see [`Pod::connect_with`]); `extra` are more flags.
+pub(crate) struct ClientRun<'a> {
+    pub addr: SocketAddr,
+    pub bytes: usize,
+    pub hold_ms: u64,
+    pub timeout_ms: u64,
+    pub extra: &'a [&'a str],
+}
+
 /// Starts `ambit-testpod connect` (`cmd` is the binary, set up to run where it should) with
 /// `spawn` (a pod's or a node's, which tracks the process). `who` names it in errors.
 pub(crate) fn spawn_client(
     spawn: impl FnOnce(&mut Command) -> Result<Process>,
     mut cmd: Command,
     who: &str,
-    addr: SocketAddr,
-    bytes: usize,
-    hold_ms: u64,
-    timeout_ms: u64,
+    run: ClientRun<'_>,
 ) -> Result<ClientHandle> {
+    let ClientRun {
+        addr,
+        bytes,
+        hold_ms,
+        timeout_ms,
+        extra,
+    } = run;
     cmd.args([
         "connect".to_owned(),
         addr.to_string(),
@@ -536,6 +588,7 @@ pub(crate) fn spawn_client(
         "--timeout-ms".to_owned(),
         timeout_ms.to_string(),
     ])
+    .args(extra)
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());

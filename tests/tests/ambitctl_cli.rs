@@ -386,6 +386,7 @@ fn routes(method: &str, target: &str) -> Reply {
                 entries: Some(990),
             }],
             counters: [("inbound_dropped_no_listener".to_owned(), 3)].into(),
+            splice: Some("unavailable: eBPF program ambit_splice: not supported".into()),
         }),
         ("GET", "/config") => ok(json!({"node": "node-a", "xds": null})),
         ("GET", "/logging") => ok(api::LogLevel {
@@ -826,6 +827,10 @@ fn bpf_from_the_agent_and_offline() {
     assert_column(&text, "POD", "(no pod: stale)");
     assert_column(&text, "FILL", "99%");
     assert_column(&text, "VALUE", "3");
+    assert!(
+        text.contains("Same-node splice") && text.contains("unavailable: eBPF program"),
+        "{text}"
+    );
 
     // Offline reads bpffs, not the socket: a missing pin directory is an error (exit 1) that
     // names it, with no request to the agent.

@@ -5,7 +5,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ambit_testbed::{
@@ -450,6 +450,20 @@ fn a_connection_cut_at_the_drain_timeout_is_still_in_the_access_log() {
         .spawn_connect(dst, 100, 4_000, 8_000)
         .expect("start long client");
     long.wait_connected(WAIT).expect("long client connected");
+    // The kernel completes the handshake before the agent accepts: stop only once the agent
+    // holds the connection (a SIGTERM in between finds nothing open, and logs nothing).
+    let deadline = Instant::now() + WAIT;
+    while !m
+        .agent_a
+        .ambitctl_json(&["connections"])
+        .is_ok_and(|c| c.as_array().is_some_and(|c| !c.is_empty()))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never took the connection"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let status = m.agent_a.stop().expect("agent-a stops on SIGTERM");
     assert!(status.success(), "clean exit: {status:?}");
     let report = long.wait().expect("long client finished");

@@ -12,10 +12,16 @@ use serde_json::Value;
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(15);
 
+/// The pinned cgroup links (not `sk_lookup`, one per pod, nor the agent's own, unpinned splice
+/// program on its sockhash).
 fn cgroup_links(state: &Value) -> usize {
     state["programs"]
         .as_array()
-        .map(|p| p.iter().filter(|p| p["kind"] != "sk_lookup").count())
+        .map(|p| {
+            p.iter()
+                .filter(|p| p["kind"] != "sk_lookup" && p["kind"] != "sk_skb/stream_verdict")
+                .count()
+        })
         .unwrap_or(0)
 }
 

@@ -386,6 +386,24 @@ impl Admin {
                 e.ips = p.ips.iter().map(ToString::to_string).collect();
             }
         }
+        // The splice maps are the agent's own (not pinned): only it can show them.
+        view.splice = Some(self.ctx.capture.splice_state());
+        if let Some(splicer) = self.ctx.capture.splicer() {
+            use ambit_common as common;
+            view.programs.push(api::BpfProgramView {
+                name: common::program::SPLICE.to_owned(),
+                kind: "sk_skb/stream_verdict".to_owned(),
+                attached_to: vec![format!("sockhash {}", common::MAP_SPLICE)],
+            });
+            let (sockets, max_entries) = splicer.fill();
+            for name in [common::MAP_SPLICE_SOCKETS, common::MAP_SPLICE] {
+                view.maps.push(api::BpfMapView {
+                    name: name.to_owned(),
+                    max_entries,
+                    entries: Some(sockets),
+                });
+            }
+        }
         Ok(view)
     }
 

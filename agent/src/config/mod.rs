@@ -97,6 +97,30 @@ pub enum CaConfig {
     },
 }
 
+/// Data-path acceleration by the kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Acceleration {
+    /// Connections between two pods of this node, once admitted (destination resolved, no
+    /// waypoint, L4 policy allows), are spliced in the kernel: no copy through the agent and
+    /// no TLS (the bytes never leave the node). Default on; where the kernel cannot, or when
+    /// off, they take the HBONE path. Read at start.
+    pub same_node: bool,
+}
+
+impl Default for Acceleration {
+    fn default() -> Self {
+        Acceleration { same_node: true }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAcceleration {
+    #[serde(default)]
+    same_node: Option<bool>,
+}
+
 /// HBONE tunnel tuning.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -407,6 +431,8 @@ pub struct Config {
     pub cert_lifetime: Duration,
     pub hbone: HboneConfig,
     pub limits: Limits,
+    /// What the kernel carries instead of the agent.
+    pub acceleration: Acceleration,
     /// Pods on this node.
     pub pods: Vec<Pod>,
     /// Workloads on other nodes.
@@ -569,6 +595,8 @@ struct RawConfig {
     hbone: RawHbone,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    acceleration: RawAcceleration,
     #[serde(default)]
     pods: Vec<RawPod>,
     #[serde(default)]
@@ -1510,6 +1538,9 @@ impl RawConfig {
             cert_lifetime,
             hbone,
             limits,
+            acceleration: Acceleration {
+                same_node: self.acceleration.same_node.unwrap_or(true),
+            },
             peers,
             node: node.clone(),
             kubernetes,

@@ -14,7 +14,7 @@ use std::{
 
 use tokio::net::TcpSocket;
 
-use crate::redirect::{Netns, OrigDst};
+use crate::redirect::{Netns, OrigDst, Splicer};
 
 /// Whose address a socket leaves with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +33,17 @@ pub trait Capture: Send + Sync + 'static {
 
     /// A socket for `dst` that leaves from the pod in `netns` as `src`, not yet connected.
     fn socket(&self, netns: &Netns, dst: SocketAddr, src: Source) -> io::Result<TcpSocket>;
+
+    /// The kernel splice for same-node connections, where it is loaded and turned on.
+    fn splicer(&self) -> Option<&Splicer> {
+        None
+    }
+
+    /// Whether same-node connections are spliced, for `ambitctl bpf`: `on`, `off (config)`, or
+    /// why the kernel cannot.
+    fn splice_state(&self) -> String {
+        "unavailable (no kernel capture)".to_owned()
+    }
 }
 
 /// Capture by the kernel: the eBPF programs' map, and sockets opened in the pod's netns with the
@@ -40,18 +51,25 @@ pub trait Capture: Send + Sync + 'static {
 pub struct Kernel {
     /// `None` where nothing is captured (the waypoint), so no destination was recorded.
     orig_dst: Option<OrigDst>,
+    /// The same-node splice, or why there is none.
+    splice: Result<Splicer, String>,
 }
 
 impl Kernel {
-    pub fn new(orig_dst: OrigDst) -> Kernel {
+    /// Capture with `orig_dst`; same-node connections are spliced by `splice` if it loaded.
+    pub fn new(orig_dst: OrigDst, splice: Result<Splicer, String>) -> Kernel {
         Kernel {
             orig_dst: Some(orig_dst),
+            splice,
         }
     }
 
     /// For a process that captures nothing but opens sockets in netns (the waypoint).
     pub fn sockets_only() -> Kernel {
-        Kernel { orig_dst: None }
+        Kernel {
+            orig_dst: None,
+            splice: Err("off (nothing captured)".to_owned()),
+        }
     }
 }
 
@@ -67,6 +85,17 @@ impl Capture for Kernel {
             Source::Transparent(ip) => Some(ip),
         };
         super::upstream_socket(netns, dst, transparent)
+    }
+
+    fn splicer(&self) -> Option<&Splicer> {
+        self.splice.as_ref().ok()
+    }
+
+    fn splice_state(&self) -> String {
+        match &self.splice {
+            Ok(_) => "on".to_owned(),
+            Err(why) => why.clone(),
+        }
     }
 }
 

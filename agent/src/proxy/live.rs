@@ -174,7 +174,11 @@ fn labels(info: &ConnInfo) -> TcpLabels {
         destination_service_namespace: service_namespace.to_owned(),
         response_flags: "-",
         connection_security_policy: match info.path {
-            Transport::Hbone | Transport::Waypoint => "mutual_tls",
+            // Spliced: no TLS, but both peers authenticated as the agent's own pods, which is
+            // what the label promises its readers (Kiali's lock, STRICT checks).
+            Transport::Hbone | Transport::Waypoint | Transport::Kernel | Transport::Local => {
+                "mutual_tls"
+            }
             Transport::Passthrough => "unknown",
         },
     }

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod live;
 pub mod outbound;
 pub mod result;
+pub mod splice;
 #[cfg(test)]
 mod tests;
 
@@ -105,6 +106,8 @@ pub struct ProxyContext {
     pub budgets: Arc<limits::Budgets>,
     /// How the pods' HBONE listeners treat clients.
     pub hbone_server: tunnel::server::ServerSettings,
+    /// The pods this agent serves, by IP: same-node destinations (see [`splice`]).
+    local_pods: std::sync::RwLock<std::collections::HashMap<IpAddr, Arc<PodInfo>>>,
 }
 
 impl ProxyContext {
@@ -131,6 +134,7 @@ impl ProxyContext {
             draining: CancellationToken::new(),
             budgets: limits::Budgets::new(config.limits.clone()),
             hbone_server: tunnel::server::ServerSettings::from_config(config),
+            local_pods: Default::default(),
             gate: match &config.xds {
                 Some(x) => gate::SyncGate::closed(x.sync_hold, x.max_held_connections),
                 None => gate::SyncGate::open(),
@@ -159,6 +163,32 @@ impl ProxyContext {
                 }
             },
         ))
+    }
+
+    /// The pod this agent serves at `ip`, if any.
+    pub fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodInfo>> {
+        let pods = self.local_pods.read().unwrap_or_else(|p| p.into_inner());
+        pods.get(&ip.to_canonical()).cloned()
+    }
+
+    /// Serves `pod` at its IPs until it is forgotten (a later pod with the same IP wins).
+    fn remember_pod(&self, pod: &Arc<PodInfo>) {
+        let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
+        for ip in &pod.ips {
+            pods.insert(ip.to_canonical(), pod.clone());
+        }
+    }
+
+    fn forget_pod(&self, pod: &Arc<PodInfo>) {
+        let mut pods = self.local_pods.write().unwrap_or_else(|p| p.into_inner());
+        for ip in &pod.ips {
+            if pods
+                .get(&ip.to_canonical())
+                .is_some_and(|p| Arc::ptr_eq(p, pod))
+            {
+                pods.remove(&ip.to_canonical());
+            }
+        }
     }
 
     /// Holds a new connection until the state is synced (see [`gate`]); a refusal is counted
@@ -547,7 +577,19 @@ pub fn serve_pod(
         cancel.clone(),
     ));
     let l = TcpListener::from_std(listeners.hbone)?;
-    tasks.spawn(accept_loop(ctx, pod, l, Listener::Hbone, cancel));
+    tasks.spawn(accept_loop(
+        ctx.clone(),
+        pod.clone(),
+        l,
+        Listener::Hbone,
+        cancel.clone(),
+    ));
+    // A same-node destination while its listeners serve.
+    ctx.remember_pod(&pod);
+    tasks.spawn(async move {
+        cancel.cancelled().await;
+        ctx.forget_pod(&pod);
+    });
     Ok(())
 }
 

@@ -19,6 +19,7 @@ use super::{
     copy::{self, Side},
     live::ConnInfo,
     result::{AccessLog, ConnectionResult, Error},
+    splice::{self, SameNode},
 };
 use crate::{
     identity::Identity,
@@ -131,6 +132,35 @@ async fn serve(
         counts: counts.clone(),
         start,
     };
+
+    // Between two of this node's pods: admitted at the destination, then spliced in the kernel.
+    if route.waypoint.is_none()
+        && route.hbone
+        && let Some(w) = &route.workload
+        && let Some(dst_pod) = splice::destination(ctx, dst)
+        && dst_pod.identity == w.identity
+    {
+        log.path = Transport::Kernel;
+        log.dst_identity = Some(dst_pod.identity.clone());
+        let live = ctx
+            .live
+            .register(conn_info(Transport::Kernel, Some(dst_pod.identity.clone())));
+        let service_host = route
+            .service
+            .as_ref()
+            .and_then(|s| s.def.as_ref())
+            .map(|d| d.hostname.clone());
+        drop(snapshot);
+        let hop = SameNode {
+            src_pod: pod,
+            dst_pod,
+            src: log_src(src_ip, peer),
+            dst,
+            service_host: service_host.as_deref(),
+            out_live: &live.conn,
+        };
+        return splice::serve(ctx, hop, downstream, log).await;
+    }
 
     // Through HBONE: to the destination's waypoint, or to the destination itself.
     let (path, tunnel_to, authority, expected_identity) = match (&route.waypoint, &route.workload) {

@@ -108,6 +108,7 @@ pub fn inspect(pin_path: &Path, cgroup: &str) -> Result<BpfView, String> {
             .collect(),
         maps,
         counters,
+        splice: None,
     })
 }
 

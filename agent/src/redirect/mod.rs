@@ -20,6 +20,7 @@ pub mod cgroup;
 mod inspect;
 pub mod netns;
 pub mod routing;
+pub mod splice;
 
 use std::{
     collections::BTreeMap,
@@ -42,6 +43,7 @@ use tracing::{debug, info, warn};
 
 pub use inspect::inspect;
 pub use netns::Netns;
+pub use splice::Splicer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -420,6 +422,12 @@ impl Redirect {
             self.unenroll(*cookie, &[])?;
         }
         Ok(stale)
+    }
+
+    /// Loads the same-node splice (its verdict program and maps; see [`splice`]). Fails on a
+    /// kernel without `sk_skb` programs or sockhash maps.
+    pub fn splicer(&mut self) -> Result<Splicer, Error> {
+        Splicer::load(&mut self.ebpf)
     }
 
     /// The programs' event counters, summed over CPUs.

@@ -52,6 +52,15 @@ pub const MAP_EXCLUDED_OUT: &str = "AMBIT_EXCL_OUT";
 pub const MAP_EXCLUDED_IN: &str = "AMBIT_EXCL_IN";
 /// Per-CPU event counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "AMBIT_COUNTERS";
+/// The agent's sockets of same-node connections it hands to the kernel: socket cookie (`u64`)
+/// -> socket. No program is attached to it: it is where the splice program redirects to.
+/// Neither splice map is pinned: the sockets are the agent's, and go with it.
+pub const MAP_SPLICE_SOCKETS: &str = "AMBIT_SPLICE_SOCKS";
+/// The same sockets once spliced: socket cookie (`u64`) -> socket. The `sk_skb` verdict program
+/// ([`program::SPLICE`]) is attached here, so it runs on every chunk they receive.
+pub const MAP_SPLICE: &str = "AMBIT_SPLICE";
+/// Splice pairs: socket cookie (`u64`) -> the cookie of the socket its bytes are sent out on.
+pub const MAP_SPLICE_PEER: &str = "AMBIT_SPLICE_PEER";
 
 /// The source address of kubelet health probes (Istio's `169.254.7.127`), in network order as
 /// the kernel stores IPv4 addresses. The probe marker binds the kubelet's connections to pods to
@@ -73,6 +82,8 @@ pub const MAX_PODS: u32 = 4096;
 pub const MAX_CONNECTIONS: u32 = 65536;
 /// Capacity of [`MAP_INBOUND_LISTENERS`] (pod IPs per node).
 pub const MAX_POD_IPS: u32 = 8192;
+/// Capacity of each splice map, in sockets (two per spliced connection).
+pub const MAX_SPLICED_SOCKETS: u32 = 32768;
 /// Capacity of the small configuration maps.
 pub const MAX_CONFIG_ENTRIES: u32 = 256;
 
@@ -92,6 +103,9 @@ pub mod program {
     /// On the host's cgroup: nobody binds the probe source.
     pub const BIND_GUARD4: &str = "ambit_bind_guard4";
     pub const BIND_GUARD6: &str = "ambit_bind_guard6";
+    /// `sk_skb` stream verdict on [`super::MAP_SPLICE`]: a spliced socket's bytes go out on
+    /// its peer.
+    pub const SPLICE: &str = "ambit_splice";
 }
 
 /// Indexes into [`MAP_COUNTERS`].
@@ -121,12 +135,17 @@ pub enum Counter {
     ProbeSourceBindRefused = 9,
     /// `sk_lookup` let a kubelet probe through to the app.
     InboundProbePassed = 10,
+    /// The splice program sent a received chunk out on the peer socket.
+    SpliceRedirected = 11,
+    /// The splice program had no peer for a socket (or the peer was gone): the chunk was
+    /// dropped, and the agent resets the connection.
+    SpliceNoPeer = 12,
 }
 
 impl Counter {
     /// Number of counters; the size of [`MAP_COUNTERS`].
     pub const COUNT: u32 = 16;
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 13] = [
         Counter::Connect4Redirected,
         Counter::Connect6Redirected,
         Counter::RedirectRecordFailed,
@@ -138,6 +157,8 @@ impl Counter {
         Counter::ProbeMarkFailed,
         Counter::ProbeSourceBindRefused,
         Counter::InboundProbePassed,
+        Counter::SpliceRedirected,
+        Counter::SpliceNoPeer,
     ];
 
     /// Stable snake_case name for logs, metrics and `ambitctl`.
@@ -154,6 +175,8 @@ impl Counter {
             Counter::ProbeMarkFailed => "probe_mark_failed",
             Counter::ProbeSourceBindRefused => "probe_source_bind_refused",
             Counter::InboundProbePassed => "inbound_probe_passed",
+            Counter::SpliceRedirected => "splice_redirected",
+            Counter::SpliceNoPeer => "splice_no_peer",
         }
     }
 }

@@ -23,6 +23,12 @@
 //! - `bind_guard4/6`: no process of the host may bind the probe source itself (`bpf_bind` does
 //!   not run this hook, so only the probe marker can).
 //!
+//! Same-node splice (on the agent's own sockets, not a cgroup):
+//! - `splice` (`sk_skb` stream verdict on the `AMBIT_SPLICE` sockhash): a connection between two pods of this
+//!   node, once the agent has admitted it, is carried by the kernel: each chunk the agent's
+//!   socket on one side receives is sent out on its socket on the other side, without a copy
+//!   into the agent. The agent keeps both sockets (to count, list and close the connection).
+//!
 //! The agent's sockets carry `SO_MARK` [`AGENT_MARK`] and are never redirected. Everything fails
 //! closed: a redirect that cannot be recorded is refused, and an enrolled pod whose listener is gone
 //! (agent down) refuses inbound plaintext rather than delivering it around the mesh.
@@ -35,8 +41,8 @@
 
 use ambit_common::{
     AGENT_MARK, AGENT_MARK_MASK, Addr, Counter, EnrolledPod, HBONE_PORT, INBOUND_PORT, IpKey,
-    MAX_CONFIG_ENTRIES, MAX_CONNECTIONS, MAX_POD_IPS, MAX_PODS, OUTBOUND_PORT, PROBE_SOURCE4,
-    PROBE_SOURCE6, SocketKey, V4_MAPPED_WORD,
+    MAX_CONFIG_ENTRIES, MAX_CONNECTIONS, MAX_POD_IPS, MAX_PODS, MAX_SPLICED_SOCKETS, OUTBOUND_PORT,
+    PROBE_SOURCE4, PROBE_SOURCE6, SocketKey, V4_MAPPED_WORD,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -45,9 +51,9 @@ use aya_ebpf::{
         bpf_sock_addr, sk_action, sockaddr,
     },
     helpers::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 
@@ -88,6 +94,15 @@ static EXCLUDED_IN: HashMap<u16, u8> = HashMap::pinned(MAX_CONFIG_ENTRIES, 0);
 
 #[map(name = "AMBIT_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+#[map(name = "AMBIT_SPLICE_SOCKS")]
+static SPLICE_SOCKETS: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+#[map(name = "AMBIT_SPLICE")]
+static SPLICE: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+#[map(name = "AMBIT_SPLICE_PEER")]
+static SPLICE_PEER: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -628,6 +643,34 @@ pub fn ambit_bind_guard6(ctx: SockAddrContext) -> i32 {
         return REJECT;
     }
     ALLOW
+}
+
+/// A chunk a spliced socket received goes out on its peer (the agent's socket on the other side
+/// of the connection). The agent pairs the sockets in [`SPLICE_PEER`] and puts both in
+/// [`SPLICE_SOCKETS`] *before* it adds either to [`SPLICE`], so a peer is always there; if one
+/// is not (the agent is closing the connection), the chunk is dropped and counted: never passed
+/// up to the agent's socket, whose reader is gone.
+#[stream_verdict]
+pub fn ambit_splice(ctx: SkBuffContext) -> u32 {
+    // A bare FIN arrives as an empty chunk. Sent on, it would break the peer's transmit queue
+    // (an empty send is an error there); the agent passes the FIN on itself, after the bytes.
+    if ctx.len() == 0 {
+        return sk_action::SK_DROP;
+    }
+    // SAFETY: the helper only reads the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(peer) = (unsafe { SPLICE_PEER.get(&cookie) }).copied() else {
+        count(Counter::SpliceNoPeer);
+        return sk_action::SK_DROP;
+    };
+    let verdict = SPLICE_SOCKETS.redirect_skb(&ctx, peer, 0);
+    if verdict == i64::from(sk_action::SK_PASS) {
+        count(Counter::SpliceRedirected);
+    } else {
+        count(Counter::SpliceNoPeer);
+    }
+    verdict as u32
 }
 
 #[cfg(not(test))]

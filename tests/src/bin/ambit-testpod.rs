@@ -2,8 +2,8 @@
 //! event is one JSON object per line on stdout, flushed at once, so the bed can follow along.
 //!
 //! ```text
-//! ambit-testpod serve --port P [--v6only]
-//! ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]
+//! ambit-testpod serve --port P [--v6only] [--reset-after BYTES]
+//! ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS] [--reset]
 //! ambit-testpod http --port P --name NAME
 //! ambit-testpod flood ADDR --connections N --bytes B [--timeout-ms MS]
 //! ```
@@ -12,7 +12,9 @@
 //! then reads each one's echo back, and reports one `flood` event with the counts.
 //!
 //! `serve` is a dual-stack echo server on `[::]:P`; `connect` sends N bytes of a fixed pattern,
-//! reads the echo concurrently and checks it. `http` is a dual-stack HTTP/1.1 server (kept-alive
+//! reads the echo concurrently and checks it. `--reset` (connect) resets the connection after
+//! sending instead of closing it; `--reset-after` (serve) resets each connection once it has
+//! echoed that many bytes. `http` is a dual-stack HTTP/1.1 server (kept-alive
 //! connections) answering `NAME METHOD PATH` with `x-served-by: NAME`; `/status/<code>` answers
 //! that status and `/delay/<ms>` answers after that long. Each request is a `request` event.
 
@@ -26,8 +28,8 @@ use std::{
 use serde_json::{Value, json};
 use socket2::{Domain, Protocol, Socket, Type};
 
-const USAGE: &str = "usage:\n  ambit-testpod serve --port P [--v6only]\n  \
-                     ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS]\n  \
+const USAGE: &str = "usage:\n  ambit-testpod serve --port P [--v6only] [--reset-after BYTES]\n  \
+                     ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS] [--reset]\n  \
                      ambit-testpod http --port P --name NAME\n  \
                      ambit-testpod flood ADDR --connections N --bytes B [--timeout-ms MS]\n\
                      (--hold-ms: send half the bytes, pause, send the rest)";
@@ -94,16 +96,24 @@ fn parse_num<T: std::str::FromStr>(s: &str, flag: &str) -> Result<T, String> {
 struct ServeArgs {
     port: u16,
     v6only: bool,
+    reset_after: Option<u64>,
 }
 
 fn parse_serve(args: &[String]) -> Result<ServeArgs, String> {
     let mut port = None;
     let mut v6only = false;
+    let mut reset_after = None;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
             "--port" => port = Some(parse_num(flag_value(args, &mut i, "--port")?, "--port")?),
             "--v6only" => v6only = true,
+            "--reset-after" => {
+                reset_after = Some(parse_num(
+                    flag_value(args, &mut i, "--reset-after")?,
+                    "--reset-after",
+                )?);
+            }
             other => return Err(format!("serve: unexpected argument {other:?}\n{USAGE}")),
         }
         i += 1;
@@ -111,6 +121,7 @@ fn parse_serve(args: &[String]) -> Result<ServeArgs, String> {
     Ok(ServeArgs {
         port: port.ok_or_else(|| format!("serve needs --port\n{USAGE}"))?,
         v6only,
+        reset_after,
     })
 }
 
@@ -119,6 +130,7 @@ struct ConnectArgs {
     bytes: u64,
     hold: Duration,
     timeout: Duration,
+    reset: bool,
 }
 
 fn parse_connect(args: &[String]) -> Result<ConnectArgs, String> {
@@ -126,9 +138,11 @@ fn parse_connect(args: &[String]) -> Result<ConnectArgs, String> {
     let mut bytes = None;
     let mut hold_ms = 0u64;
     let mut timeout_ms = 5000u64;
+    let mut reset = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
+            "--reset" => reset = true,
             "--bytes" => bytes = Some(parse_num(flag_value(args, &mut i, "--bytes")?, "--bytes")?),
             "--hold-ms" => {
                 hold_ms = parse_num(flag_value(args, &mut i, "--hold-ms")?, "--hold-ms")?;
@@ -155,6 +169,7 @@ fn parse_connect(args: &[String]) -> Result<ConnectArgs, String> {
         bytes: bytes.ok_or_else(|| format!("connect needs --bytes\n{USAGE}"))?,
         hold: Duration::from_millis(hold_ms),
         timeout: Duration::from_millis(timeout_ms),
+        reset,
     })
 }
 
@@ -181,13 +196,14 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     emit(json!({"event": "listening", "port": args.port}));
     raise_fd_limit();
+    let reset_after = args.reset_after;
     loop {
         match listener.accept() {
             Ok((stream, peer)) => {
                 // Small stacks: a flood test holds thousands of connections at once.
                 let spawned = std::thread::Builder::new()
                     .stack_size(256 * 1024)
-                    .spawn(move || echo(stream, peer));
+                    .spawn(move || echo(stream, peer, reset_after));
                 if let Err(e) = spawned {
                     emit(error_event("accept", &e, "cannot start a thread"));
                 }
@@ -200,7 +216,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn echo(mut stream: TcpStream, peer: SocketAddr) {
+fn echo(mut stream: TcpStream, peer: SocketAddr, reset_after: Option<u64>) {
     let peer = canonical(peer);
     let local = stream
         .local_addr()
@@ -217,6 +233,12 @@ fn echo(mut stream: TcpStream, peer: SocketAddr) {
                     break Err(e);
                 }
                 bytes += n as u64;
+                if reset_after.is_some_and(|r| bytes >= r) {
+                    // Closed with SO_LINGER 0: the peer gets an RST.
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    emit(json!({"event": "closed", "peer": peer, "bytes": bytes, "reset": true}));
+                    return;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => break Err(e),
@@ -250,6 +272,7 @@ fn parse_http(args: &[String]) -> Result<(ServeArgs, String), String> {
         ServeArgs {
             port: port.ok_or_else(|| format!("http needs --port\n{USAGE}"))?,
             v6only: false,
+            reset_after: None,
         },
         name.ok_or_else(|| format!("http needs --name\n{USAGE}"))?,
     ))
@@ -456,6 +479,12 @@ fn connect(args: ConnectArgs) -> ExitCode {
             sent += n as u64;
         }
         std::thread::sleep(pause);
+    }
+    if args.reset {
+        // Every fd of the socket closes at exit; with SO_LINGER 0 that sends an RST.
+        let _ = socket2::SockRef::from(&writer).set_linger(Some(Duration::ZERO));
+        emit(json!({"event": "reset", "sent": sent}));
+        std::process::exit(0);
     }
     if let Err(e) = writer.shutdown(Shutdown::Write) {
         return io_error(e, "cannot shut down the sending side");

@@ -376,7 +376,11 @@ pub fn connections(mut list: Vec<api::ConnectionView>, p: Painter) -> String {
 }
 
 pub fn bpf(b: api::BpfView, p: Painter) -> String {
-    let mut out = fields(&[("Pin path", b.pin_path), ("Cgroup", b.cgroup)]);
+    let mut head = vec![("Pin path", b.pin_path), ("Cgroup", b.cgroup)];
+    if let Some(splice) = b.splice {
+        head.push(("Same-node splice", splice));
+    }
+    let mut out = fields(&head);
 
     let mut programs = Table::new(&["PROGRAM", "KIND", "ATTACHED-TO"]);
     for prog in b.programs {

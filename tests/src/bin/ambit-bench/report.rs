@@ -358,9 +358,9 @@ pub fn build(inputs: &Inputs) -> Report {
     if let Some(traffic) = inputs.traffic {
         let _ = writeln!(
             table,
-            "| figure | direct, same node | same-node | × direct | direct, cross node | cross-node | × direct | waypoint | × direct | target (cross-node) |"
+            "| figure | direct, same node | same-node (spliced) | × direct | same-node, user space | × direct | direct, cross node | cross-node | × direct | waypoint | × direct | target (cross-node) |"
         );
-        let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for f in figures(traffic) {
             let stats: BTreeMap<PathId, Option<Stat>> =
                 f.values.iter().map(|(p, v)| (*p, Stat::of(v))).collect();
@@ -410,12 +410,14 @@ pub fn build(inputs: &Inputs) -> Report {
             }
             let _ = writeln!(
                 table,
-                "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 f.label,
                 f.unit,
                 cell(stat(PathId::DirectSame)),
                 cell(stat(PathId::Same)),
                 ratio_cell(PathId::Same),
+                cell(stat(PathId::SameUserSpace)),
+                ratio_cell(PathId::SameUserSpace),
                 cell(stat(PathId::DirectCross)),
                 cell(stat(PathId::Cross)),
                 ratio_cell(PathId::Cross),

@@ -29,6 +29,10 @@ pub enum PathId {
     DirectSame,
     #[serde(rename = "same-node")]
     Same,
+    /// The same pods through node-a's agent with `acceleration.sameNode: false`: HBONE to the
+    /// local pod, every byte through the agent (what `same-node` was before the kernel splice).
+    #[serde(rename = "same-node-user-space")]
+    SameUserSpace,
     #[serde(rename = "direct-cross-node")]
     DirectCross,
     #[serde(rename = "cross-node")]
@@ -39,9 +43,10 @@ pub enum PathId {
 }
 
 impl PathId {
-    pub const ALL: [PathId; 5] = [
+    pub const ALL: [PathId; 6] = [
         PathId::DirectSame,
         PathId::Same,
+        PathId::SameUserSpace,
         PathId::DirectCross,
         PathId::Cross,
         PathId::Waypoint,
@@ -53,6 +58,7 @@ impl PathId {
         match self {
             PathId::DirectSame => "direct-same-node",
             PathId::Same => "same-node",
+            PathId::SameUserSpace => "same-node-user-space",
             PathId::DirectCross => "direct-cross-node",
             PathId::Cross => "cross-node",
             PathId::Waypoint => "waypoint",
@@ -62,7 +68,7 @@ impl PathId {
     /// The direct path a mesh path is compared with (the same pods, no agent).
     pub fn reference(self) -> Option<PathId> {
         match self {
-            PathId::Same => Some(PathId::DirectSame),
+            PathId::Same | PathId::SameUserSpace => Some(PathId::DirectSame),
             PathId::Cross | PathId::Waypoint => Some(PathId::DirectCross),
             _ => None,
         }
@@ -78,7 +84,12 @@ impl PathId {
                 "client and server pods on node-a, no agent running and no eBPF attached"
             }
             PathId::Same => {
-                "the same pods, both enrolled: through node-a's agent (HBONE to the local pod)"
+                "the same pods, both enrolled: admitted by node-a's agent, then spliced in the \
+                 kernel (acceleration.sameNode, the default)"
+            }
+            PathId::SameUserSpace => {
+                "the same pods through node-a's agent with acceleration.sameNode: false (HBONE \
+                 to the local pod, every byte through the agent)"
             }
             PathId::DirectCross => {
                 "client pod on node-a, server pod on node-b, no agent running and no eBPF attached"
@@ -246,7 +257,7 @@ const WAYPOINT_VIP: &str = "10.96.0.80";
 impl Topology {
     fn server(&self, path: PathId) -> &Pod {
         match path {
-            PathId::DirectSame | PathId::Same => &self.server_a,
+            PathId::DirectSame | PathId::Same | PathId::SameUserSpace => &self.server_a,
             PathId::DirectCross | PathId::Cross | PathId::Waypoint => &self.server_b,
         }
     }
@@ -321,6 +332,29 @@ pub fn run(bed: &TestBed, runner: &Runner, settings: &Settings) -> Result<Traffi
     config_w.add_peer(&topo.server_b).add_peer(&topo.client);
     backs_web(&mut config_w.peers);
     config_w.extra.insert("services".into(), services);
+
+    header("bench: same node in user space (acceleration.sameNode: false)");
+    let mut config_off = config_a.clone();
+    config_off.extra.insert(
+        "acceleration".into(),
+        serde_json::json!({"sameNode": false}),
+    );
+    let agent_off = bed
+        .start_agent_with_log_filter(&config_off, AGENT_LOG)
+        .context("the agent on node-a (splice off) did not start")?;
+    warm_up(runner, &topo, &[PathId::SameUserSpace])?;
+    measure(
+        runner,
+        settings,
+        &topo,
+        &[PathId::SameUserSpace],
+        &[&agent_off],
+        &mut runs,
+    )?;
+    agent_off
+        .stop()
+        .context("stopping node-a's agent (splice off)")?;
+
     let agent_a = bed
         .start_agent_with_log_filter(&config_a, AGENT_LOG)
         .context("the agent on node-a did not start")?;
