@@ -383,7 +383,10 @@ fn a_reset_from_either_side_resets_the_other_and_half_close_passes_through() {
         .echo
         .wait_for_event(|e| e["event"] == "closed" && e.get("error").is_some(), WAIT)
         .expect("the server's connection ends with an error");
-    assert_eq!(closed["error"], "ConnectionReset", "{closed}");
+    assert!(
+        closed["error"] == "ConnectionReset" || closed["error"] == "BrokenPipe",
+        "{closed}"
+    );
     let line = agent
         .wait_for_connection_log(mark, "outbound", dst, WAIT)
         .expect("outbound log");
@@ -401,9 +404,12 @@ fn a_reset_from_either_side_resets_the_other_and_half_close_passes_through() {
         .connect(s.server.v4(PORT + 1), 1024 * 1024)
         .expect("client");
     assert!(!report.ok, "{report:#?}");
-    assert_eq!(
-        report.error_kind.as_deref(),
-        Some("ConnectionReset"),
+    // The RST reaches the client as a reset, or (if it was writing when it came) a broken pipe.
+    assert!(
+        matches!(
+            report.error_kind.as_deref(),
+            Some("ConnectionReset" | "BrokenPipe")
+        ),
         "{report:#?}"
     );
     let line = agent

@@ -1,9 +1,10 @@
 //! `ambit-bench`: Ambit against the direct path on the network-namespace test bed, with real,
 //! Debian-packaged load tools (what `cargo xtask bench` runs once the release binaries are built).
 //!
-//! Three paths between the same pods: `direct` (no agent: measured between the same-node pods and
+//! Paths between the same pods: `direct` (no agent: measured between the same-node pods and
 //! between the cross-node pods, each mesh path's reference), `same-node` (through the node's
-//! agent) and `cross-node` (through both agents and HBONE mTLS). iperf3 (1 and 4 streams, both
+//! agent, spliced in the kernel), `same-node-user-space` (the same with the splice off) and
+//! `cross-node` (through both agents and HBONE mTLS). iperf3 (1 and 4 streams, both
 //! directions), sockperf TCP ping-pong with 1 KiB messages, nginx loaded by wrk (kept
 //! connections) and hey (a new connection per request); agent CPU and memory from /proc; and one
 //! agent fed 1k/10k/100k synthetic workloads by a test xDS server. Every figure is the median of

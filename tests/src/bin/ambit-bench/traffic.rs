@@ -651,7 +651,8 @@ fn measure(
     runs: &mut Vec<Run>,
 ) -> Result<()> {
     let limit = Duration::from_secs(settings.seconds) + TOOL_GRACE;
-    let mut sockperf_runs: u16 = 0;
+    // Counted across calls: a port a mesh path used may still be held on the server.
+    static SOCKPERF_RUNS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
     for round in 0..settings.runs {
         for scenario in SCENARIOS {
             for &path in paths {
@@ -662,11 +663,12 @@ fn measure(
                 // The load ends at a pod of this bed (a VIP leads to one).
                 let server = topo.server(path);
                 runner.check_target(server.ipv4().into())?;
-                let sockperf_port = SOCKPERF_PORT + sockperf_runs % 1000;
+                let sockperf_port =
+                    SOCKPERF_PORT + SOCKPERF_RUNS.load(std::sync::atomic::Ordering::Relaxed) % 1000;
                 let args = client_command(settings, scenario, &topo.target(path), sockperf_port);
                 let sockperf_server = match scenario {
                     Scenario::Sockperf => {
-                        sockperf_runs += 1;
+                        SOCKPERF_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         Some(start_sockperf_server(runner, server, sockperf_port)?)
                     }
                     _ => None,
