@@ -423,3 +423,38 @@ fn a_reset_from_either_side_resets_the_other_and_half_close_passes_through() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_same_node_destination_behind_a_waypoint_is_never_spliced_around_it() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod_as("client", "default", "client")
+        .pod_as("server", "default", "server")
+        .unenrolled("waypoint")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("build the mesh");
+    let (client, server) = (m.take_pod("client"), m.take_pod("server"));
+    let waypoint = m.take_pod("waypoint");
+    let echo = server.serve(PORT).expect("echo");
+    let mut config = m.take_config("node-a");
+    // Known to the mesh (so its identity can be verified), but nothing serves it.
+    config.remove_pod(&waypoint).add_peer(&waypoint);
+    config.pod_mut("server").expect("server entry").waypoint =
+        Some(json!({"address": waypoint.ipv4()}));
+    let agent = m.bed.start_agent(&config).expect("agent");
+
+    // No waypoint runs: the connection goes to it (and fails), never straight to the pod.
+    let dst = server.v4(PORT);
+    let mark = agent.mark();
+    let r = client.connect_with(dst, 100, 0, 3000).expect("client");
+    assert!(!r.ok, "no waypoint, no connection: {r:#?}");
+    let line = agent
+        .wait_for_connection_log(mark, "outbound", dst, WAIT)
+        .expect("outbound log");
+    assert_eq!(log_str(&line, "path"), Some("waypoint"), "{line}");
+    assert!(echo.accepted_peers().is_empty(), "nothing reached the app");
+    assert_eq!(splice_entries(&agent).1, 0);
+}
