@@ -472,20 +472,13 @@ impl Pod {
         hold_ms: u64,
         timeout_ms: u64,
     ) -> Result<ClientHandle> {
-        let bin = self.bed.testpod_bin()?;
-        let cmd = self.try_command(&bin)?;
-        spawn_client(
-            |c| self.spawn(c),
-            cmd,
-            &format!("pod {}", self.name()),
-            ClientRun {
-                addr,
-                bytes,
-                hold_ms,
-                timeout_ms,
-                extra: &[],
-            },
-        )
+        self.spawn_client(ClientRun {
+            addr,
+            bytes,
+            hold_ms,
+            timeout_ms,
+            extra: &[],
+        })
     }
 }
 
@@ -498,20 +491,19 @@ impl Pod {
         bytes: usize,
         hold_ms: u64,
     ) -> Result<ClientHandle> {
+        self.spawn_client(ClientRun {
+            addr,
+            bytes,
+            hold_ms,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            extra: &["--reset"],
+        })
+    }
+
+    fn spawn_client(&self, run: ClientRun<'_>) -> Result<ClientHandle> {
         let bin = self.bed.testpod_bin()?;
         let cmd = self.try_command(&bin)?;
-        spawn_client(
-            |c| self.spawn(c),
-            cmd,
-            &format!("pod {}", self.name()),
-            ClientRun {
-                addr,
-                bytes,
-                hold_ms,
-                timeout_ms: DEFAULT_TIMEOUT_MS,
-                extra: &["--reset"],
-            },
-        )
+        spawn_client(|c| self.spawn(c), cmd, &format!("pod {}", self.name()), run)
     }
 
     /// Like [`Pod::serve`], resetting each connection once it has echoed `bytes`.

@@ -92,6 +92,22 @@ fn splice_entries(agent: &Agent) -> (String, u64) {
     (state, entries)
 }
 
+/// Waits until the `AMBIT_SPLICE` map holds `n` sockets (two per spliced connection).
+fn wait_for_splice_entries(agent: &Agent, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = splice_entries(agent).1;
+        if now == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the splice map holds {now} sockets, not {n}, after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_same_node_transfer_is_spliced_in_the_kernel_and_counted_exactly() {
     if !ambit_testbed::privileged() {
@@ -234,11 +250,7 @@ fn a_deny_closes_an_open_spliced_connection_and_a_denied_one_never_reaches_the_a
         .expect("client");
     held.wait_connected(WAIT).expect("connected");
     s.echo.wait_for_accepts(1, WAIT).expect("accepted");
-    let deadline = Instant::now() + WAIT;
-    while splice_entries(&agent).1 != 2 {
-        assert!(Instant::now() < deadline, "never spliced");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_splice_entries(&agent, 2);
 
     let mark = agent.mark();
     s.config.extra.insert(
@@ -305,11 +317,7 @@ fn restart_and_unenrolling_leave_no_splice_entries_and_off_means_hbone() {
         .spawn_connect(dst, 2 * 1024 * 1024, 8000, 10_000)
         .expect("client");
     held.wait_connected(WAIT).expect("connected");
-    let deadline = Instant::now() + WAIT;
-    while splice_entries(&agent).1 != 2 {
-        assert!(Instant::now() < deadline, "never spliced");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_splice_entries(&agent, 2);
     agent.stop().expect("stop");
     let report = held.wait_timeout(WAIT).expect("held client");
     assert!(!report.ok, "the agent's sockets went with it: {report:#?}");
@@ -325,11 +333,7 @@ fn restart_and_unenrolling_leave_no_splice_entries_and_off_means_hbone() {
         .spawn_connect(dst, 2 * 1024 * 1024, 8000, 10_000)
         .expect("client");
     held.wait_connected(WAIT).expect("connected");
-    let deadline = Instant::now() + WAIT;
-    while splice_entries(&agent).1 != 2 {
-        assert!(Instant::now() < deadline, "never spliced");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_splice_entries(&agent, 2);
     let enrolled = s.config.clone();
     s.config.remove_pod(&s.client).remove_pod(&s.server);
     agent.reload(&s.config).expect("reload");
@@ -417,11 +421,7 @@ fn a_reset_from_either_side_resets_the_other_and_half_close_passes_through() {
         .expect("outbound log");
     assert_eq!(log_str(&line, "fault"), Some("upstream"), "{line}");
     drop(resetting);
-    let deadline = Instant::now() + WAIT;
-    while splice_entries(&agent).1 != 0 {
-        assert!(Instant::now() < deadline, "splice entries left behind");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_splice_entries(&agent, 0);
 }
 
 #[test]
