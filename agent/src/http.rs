@@ -1,12 +1,16 @@
-//! A deliberately small HTTP/1.1 server for the agent's local endpoints: readiness (15021),
-//! metrics (15020) and the admin API (unix socket). One request per connection, bodies only with
-//! `content-length` (bounded), answers with `connection: close`: what probes, Prometheus,
-//! `ambitctl` and the CNI plugin need, and nothing a peer could stretch (bounded head, body and
-//! time).
+//! The HTTP/1.1 server of the agent's local endpoints: readiness (15021), metrics (15020) and the
+//! admin API (unix socket), on hyper. One request per connection, answered with `connection:
+//! close`: what probes, Prometheus, `ambitctl` and the CNI plugin need, and nothing a peer could
+//! stretch (bounded connections, head, body and time). Handlers see a [`Request`] with the path
+//! and query already percent-decoded and the body read.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use hyper::{StatusCode, body::Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -73,21 +77,6 @@ impl Response {
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        403 => "Forbidden",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
 /// A TCP listener for a local endpoint, shared (`SO_REUSEPORT`) with the agent that replaces this
 /// one during a rolling update, so probes always find a listener on the port.
 pub fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -145,115 +134,82 @@ pub async fn serve<S, A, AF, H, HF>(
     }
 }
 
-/// Reads one request from `stream` (head and body bounded: 16 KiB and 64 KiB), answers it with
-/// `handle`, and closes the stream; a malformed or oversized request gets a 4xx.
-pub async fn answer<S, H, HF>(mut stream: S, handle: H) -> std::io::Result<()>
+/// Reads one request from `stream` with hyper's HTTP/1.1 server (head bounded at 16 KiB, body at
+/// 64 KiB, either `content-length` or chunked), answers it with `handle`, and closes the stream.
+/// A request hyper cannot parse gets its 400 (or 431 for an oversized head); a request line that
+/// parses but whose path or query is not valid percent-encoded UTF-8, and a body that is cut
+/// short, get a 400 saying so; a body over the bound gets a 413.
+pub async fn answer<S, H, HF>(stream: S, handle: H) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     H: Fn(Request) -> HF,
     HF: Future<Output = Response>,
 {
-    let mut data = Vec::with_capacity(1024);
-    let mut buf = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if data.len() >= MAX_HEAD {
-            let r = Response::text(400, "request head too large\n");
-            return write(&mut stream, &r).await;
-        }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break data.len();
-        }
-        data.extend_from_slice(&buf[..n]);
-    };
-    let Some(mut request) = parse(&data[..head_end]) else {
-        let r = Response::text(400, "malformed request line\n");
-        return write(&mut stream, &r).await;
-    };
-    let length = match content_length(&data[..head_end]) {
-        Ok(n) => n,
-        Err(why) => return write(&mut stream, &Response::text(400, why)).await,
-    };
-    if length > MAX_BODY {
-        let r = Response::text(413, "request body too large\n");
-        return write(&mut stream, &r).await;
-    }
-    let mut body = data.split_off(head_end);
-    while body.len() < length {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            let r = Response::text(400, "request body cut short\n");
-            return write(&mut stream, &r).await;
-        }
-        body.extend_from_slice(&buf[..n]);
-    }
-    body.truncate(length);
-    request.body = body;
-    let response = handle(request).await;
-    write(&mut stream, &response).await
-}
-
-async fn write<S: AsyncWrite + Unpin>(stream: &mut S, r: &Response) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        r.status,
-        reason(r.status),
-        r.content_type,
-        r.body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&r.body).await?;
-    stream.shutdown().await
-}
-
-/// The `content-length` of a request head (0 without one); chunked bodies are refused.
-fn content_length(head: &[u8]) -> Result<usize, &'static str> {
-    let text = std::str::from_utf8(head).map_err(|_| "request head is not UTF-8\n")?;
-    let mut length = 0;
-    for line in text.split("\r\n").skip(1) {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
+    let handle = &handle;
+    let service = hyper::service::service_fn(move |req: ::http::Request<Incoming>| async move {
+        let response = match read(req).await {
+            Ok(request) => handle(request).await,
+            Err(refusal) => refusal,
         };
-        if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err("chunked request bodies are not supported; send content-length\n");
-        }
-        if name.eq_ignore_ascii_case("content-length") {
-            length = value
-                .trim()
-                .parse()
-                .map_err(|_| "invalid content-length\n")?;
-        }
-    }
-    Ok(length)
+        Ok::<_, std::convert::Infallible>(encode(response))
+    });
+    hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        // A client may shut its side down once it has sent the request (the fuzz target and
+        // `printf ... | nc` do): still answer it.
+        .half_close(true)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+        .map_err(std::io::Error::other)
 }
 
-/// The request line of `head`: `METHOD target HTTP/1.x`.
-fn parse(head: &[u8]) -> Option<Request> {
-    let line = head.split(|b| *b == b'\n').next()?;
-    let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
-    let mut parts = line.split(' ');
-    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    if !version.starts_with("HTTP/1.") || parts.next().is_some() || !target.starts_with('/') {
-        return None;
-    }
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let query = query
+/// The request of `req` as the handlers take it, or the answer that refuses it.
+async fn read(req: ::http::Request<Incoming>) -> Result<Request, Response> {
+    let (parts, body) = req.into_parts();
+    let bad = || {
+        Response::text(
+            400,
+            "the path or query is not valid percent-encoded UTF-8\n",
+        )
+    };
+    let path = percent_decode(parts.uri.path()).ok_or_else(bad)?;
+    let query = parts
+        .uri
+        .query()
+        .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             Some((percent_decode(k)?, percent_decode(v)?))
         })
-        .collect::<Option<Vec<_>>>()?;
-    Some(Request {
-        method: method.to_owned(),
-        path: percent_decode(path)?,
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(bad)?;
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(Response::text(413, "request body too large\n"));
+        }
+        Err(_) => return Err(Response::text(400, "request body cut short\n")),
+    };
+    Ok(Request {
+        method: parts.method.as_str().to_owned(),
+        path,
         query,
-        body: Vec::new(),
+        body,
     })
+}
+
+fn encode(r: Response) -> ::http::Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = ::http::Response::new(Full::new(Bytes::from(r.body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        ::http::header::CONTENT_TYPE,
+        ::http::HeaderValue::from_static(r.content_type),
+    );
+    response
 }
 
 /// `%XX` and `+` decoding of a URL component; `None` when it is not valid UTF-8 afterwards.
@@ -284,31 +240,79 @@ fn percent_decode(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
     use super::*;
 
-    #[test]
-    fn parses_request_lines_and_queries() {
-        let r = parse(
+    /// Sends `parts` to [`answer`] (one write each, the stream half-closed after) with a handler
+    /// that echoes what it saw; returns the raw answer.
+    async fn exchange(parts: &[&[u8]]) -> String {
+        let (mut client, server) = tokio::io::duplex(256 * 1024);
+        let task = tokio::spawn(answer(server, |r: Request| async move {
+            let query: Vec<String> = r.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let body = String::from_utf8_lossy(&r.body).into_owned();
+            Response::text(
+                200,
+                format!("{} {} [{}] {body}", r.method, r.path, query.join(" ")),
+            )
+        }));
+        for part in parts {
+            // The server may answer (and close) before it has read everything.
+            if client.write_all(part).await.is_err() {
+                break;
+            }
+        }
+        let _ = client.shutdown().await;
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.expect("read");
+        let _ = task.await.expect("join");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn status(answer: &str) -> u16 {
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+    }
+
+    #[tokio::test]
+    async fn decodes_paths_and_queries() {
+        let out = exchange(&[
             b"GET /explain?src=default%2Fclient&dst=10.0.0.1%3A80 HTTP/1.1\r\nHost: x\r\n\r\n",
-        )
-        .expect("valid");
-        assert_eq!(r.method, "GET");
-        assert_eq!(r.path, "/explain");
-        assert_eq!(r.param("src"), Some("default/client"));
-        assert_eq!(r.param("dst"), Some("10.0.0.1:80"));
-        assert_eq!(r.param("nope"), None);
-        let r = parse(b"PUT /logging?level=info,ambit_agent%3A%3Axds=debug HTTP/1.0\r\n\r\n")
-            .expect("valid");
-        assert_eq!(r.param("level"), Some("info,ambit_agent::xds=debug"));
+        ])
+        .await;
+        assert!(
+            out.ends_with("GET /explain [src=default/client dst=10.0.0.1:80] "),
+            "{out}"
+        );
+        let out =
+            exchange(&[b"PUT /logging?level=info,ambit_agent%3A%3Axds=debug HTTP/1.0\r\n\r\n"])
+                .await;
+        assert!(
+            out.ends_with("PUT /logging [level=info,ambit_agent::xds=debug] "),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_what_is_not_a_request_without_calling_the_handler() {
         for bad in [
             &b"GET\r\n\r\n"[..],
             b"GET /x HTTP/2\r\n\r\n",
-            b"GET x HTTP/1.1\r\n\r\n",
             b"GET /x?a=%zz HTTP/1.1\r\n\r\n",
             b"GET /x?a=%4 HTTP/1.1\r\n\r\n",
-            b"\xff\xfe",
+            b"GET /%ff HTTP/1.1\r\n\r\n",
+            b"\xff\xfe\r\n\r\n",
         ] {
-            assert_eq!(parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
+            let out = exchange(&[bad]).await;
+            let code = status(&out);
+            assert!(
+                (400..500).contains(&code) || code == 505,
+                "{:?} -> {out:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -318,8 +322,9 @@ mod tests {
         let task = tokio::spawn(answer(server, |r: Request| async move {
             Response::json(200, &serde_json::json!({ "path": r.path }))
         }));
+        // A second request on the same connection is not answered.
         client
-            .write_all(b"GET /status HTTP/1.1\r\nhost: ambit\r\n\r\n")
+            .write_all(b"GET /status HTTP/1.1\r\nhost: ambit\r\n\r\nGET /again HTTP/1.1\r\n\r\n")
             .await
             .expect("write");
         let mut out = String::new();
@@ -327,23 +332,43 @@ mod tests {
         task.await.expect("join").expect("answer");
         assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
         assert!(out.contains("content-type: application/json"), "{out}");
+        assert!(out.contains("connection: close"), "{out}");
         assert!(out.ends_with("{\n  \"path\": \"/status\"\n}\n"), "{out}");
     }
 
     #[tokio::test]
-    async fn reads_a_body_of_content_length_bytes() {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let task = tokio::spawn(answer(server, |r: Request| async move {
-            Response::text(200, String::from_utf8_lossy(&r.body).into_owned())
-        }));
-        client
-            .write_all(b"POST /cni/add HTTP/1.1\r\ncontent-length: 11\r\n\r\nhello")
-            .await
-            .expect("write");
-        client.write_all(b" world").await.expect("write");
-        let mut out = String::new();
-        client.read_to_string(&mut out).await.expect("read");
-        task.await.expect("join").expect("answer");
-        assert!(out.ends_with("\r\n\r\nhello world"), "{out}");
+    async fn reads_content_length_and_chunked_bodies() {
+        let out = exchange(&[
+            b"POST /cni/add HTTP/1.1\r\ncontent-length: 11\r\n\r\nhello",
+            b" world",
+        ])
+        .await;
+        assert!(out.ends_with("POST /cni/add [] hello world"), "{out}");
+        let out = exchange(&[
+            b"POST /cni/add HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            b"6\r\n world\r\n0\r\n\r\n",
+        ])
+        .await;
+        assert!(out.ends_with("POST /cni/add [] hello world"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn bounds_the_head_and_the_body() {
+        let long = format!(
+            "GET /x HTTP/1.1\r\nx-long: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
+        assert_eq!(status(&exchange(&[long.as_bytes()]).await), 431);
+        let head = format!(
+            "POST /x HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        let body = vec![b'b'; MAX_BODY + 1];
+        let out = exchange(&[head.as_bytes(), &body]).await;
+        assert_eq!(status(&out), 413, "{out}");
+        assert!(out.ends_with("request body too large\n"), "{out}");
+        let out = exchange(&[b"POST /x HTTP/1.1\r\ncontent-length: 10\r\n\r\nshort"]).await;
+        assert_eq!(status(&out), 400, "{out}");
+        assert!(out.ends_with("request body cut short\n"), "{out}");
     }
 }

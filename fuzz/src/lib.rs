@@ -11,7 +11,7 @@
 //! | [`xds`] | xDS `Address` and `Authorization` decoding, and a sequence of incremental pushes gives the same state as the final set applied at once |
 //! | [`path`] | the waypoint's path normalization is idempotent and never leaves dot segments, repeated slashes, parameters or escaped slashes |
 //! | [`hbone`] | the HBONE server's HTTP/2 handling over an in-memory duplex: the connection ends within 2 s, no more streams than frames sent, no task left behind, no panic |
-//! | [`http`] | the agent's small HTTP/1.1 server answers every input with a bounded response |
+//! | [`http`] | the agent's HTTP/1.1 server answers every input with a bounded response |
 //! | [`identity`] | SPIFFE identities parse and print back the same; certificate parsing never panics |
 //! | [`config`] | any YAML is refused or accepted without a panic, and an accepted config prints |
 //! | [`cni`] | the CNI plugin's network config, `CNI_ARGS` and `prevResult` parsing |

@@ -2,19 +2,23 @@
 //! by `ambitctl` (questions from an operator) and `ambit-cni` (the CNI plugin telling the agent
 //! about a pod).
 //!
-//! Synchronous on purpose: both callers ask one question and act on the answer, so a blocking
-//! `UnixStream` bounded by a deadline is all they need (no async runtime, no HTTP crate). The
+//! Synchronous to its callers: both ask one question and act on the answer, so each call runs
+//! hyper's HTTP/1.1 client on a current-thread runtime of its own, bounded by a deadline. The
 //! deadline is per call: a status query should fail fast, a CNI ADD waits for the pod's
 //! enrollment. Failures to reach the agent say what to check, since that is the first thing an
 //! operator hits when the agent is down.
 
 use std::{
-    io::{self, BufRead, BufReader, Read, Write},
+    io,
     os::unix::{fs::FileTypeExt, net::UnixStream},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use bytes::Bytes;
+use http::header;
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::api;
@@ -22,9 +26,8 @@ use super::api;
 /// How long a call may take unless the caller says otherwise ([`Client::with_timeout`]).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bounds on what we accept, so a confused peer cannot make us read forever.
-const MAX_LINE: u64 = 64 * 1024;
-const MAX_HEADERS: usize = 100;
-const MAX_BODY: u64 = 512 * 1024 * 1024;
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_BODY: usize = 512 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -177,37 +180,37 @@ impl Client {
     /// Sends one request (a JSON body when `body` is `Some`) and returns the body of a 2xx
     /// answer.
     fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Vec<u8>, Error> {
-        let deadline = Instant::now() + self.timeout;
         let stream = self.connect()?;
-        let content = match body {
-            None => String::new(),
-            Some([]) => "Content-Length: 0\r\n".to_owned(),
-            Some(b) => format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                b.len()
-            ),
-        };
-        let mut message = format!(
-            "{method} {path} HTTP/1.1\r\nHost: ambit\r\nConnection: close\r\n\
-             Accept: application/json\r\nUser-Agent: {}/{}\r\n{content}\r\n",
-            self.name,
-            env!("CARGO_PKG_VERSION")
-        )
-        .into_bytes();
-        message.extend_from_slice(body.unwrap_or_default());
-        let mut io = Deadline {
-            stream: &stream,
-            deadline,
-        };
-        // A peer that answers and closes before reading (an early error, or not our server at
-        // all) makes the write fail; its answer is still worth reading.
-        let written = io.write_all(&message);
-        let response = read_response(&mut BufReader::new(io)).map_err(|e| match (e, written) {
-            (ReadError::Malformed(detail), _) => self.bad(detail),
-            (_, Err(e)) | (ReadError::Io(e), Ok(())) => self.io_error(e),
-            (ReadError::Eof, Ok(())) => {
-                self.bad("the connection closed before the answer was complete")
-            }
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "ambit")
+            .header(header::ACCEPT, "application/json")
+            .header(
+                header::USER_AGENT,
+                format!("{}/{}", self.name, env!("CARGO_PKG_VERSION")),
+            );
+        match body {
+            None => {}
+            Some([]) => request = request.header(header::CONTENT_LENGTH, 0),
+            Some(_) => request = request.header(header::CONTENT_TYPE, "application/json"),
+        }
+        let request = request
+            .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
+            .map_err(|e| self.bad(format!("BUG: cannot build the request: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| self.io_error(e))?;
+        let response = runtime.block_on(async {
+            stream.set_nonblocking(true).map_err(|e| self.io_error(e))?;
+            let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| self.io_error(e))?;
+            tokio::time::timeout(self.timeout, self.exchange(stream, request))
+                .await
+                .map_err(|_| Error::Timeout {
+                    socket: self.socket.clone(),
+                    timeout: self.timeout,
+                })?
         })?;
         if (200..300).contains(&response.status) {
             return Ok(response.body);
@@ -228,6 +231,84 @@ impl Client {
             status: response.status,
             message,
         })
+    }
+
+    /// One request and its whole answer on `stream`.
+    async fn exchange(
+        &self,
+        stream: tokio::net::UnixStream,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<Response, Error> {
+        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(MAX_HEAD)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.hyper_error(e))?;
+        let answer = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| self.hyper_error(e))?;
+            let status = response.status();
+            let body = match Limited::new(response.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes().to_vec(),
+                Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                    return Err(self.bad(format!("body larger than {} MiB", MAX_BODY >> 20)));
+                }
+                Err(e) => match e.downcast::<hyper::Error>() {
+                    Ok(e) => return Err(self.hyper_error(*e)),
+                    Err(e) => return Err(self.bad(e.to_string())),
+                },
+            };
+            Ok(Response {
+                status: status.as_u16(),
+                reason: status.canonical_reason().unwrap_or("").to_owned(),
+                body,
+            })
+        };
+        let mut answer = std::pin::pin!(answer);
+        // The block owns the connection and drops it as soon as it ends, which ends the
+        // answer's wait too (a pinned `connection` would live to the end of this function).
+        #[allow(clippy::redundant_async_block)]
+        let mut connection = std::pin::pin!(async move { connection.await });
+        tokio::select! {
+            r = &mut answer => r,
+            // The connection may end first (the agent closes after its answer, or sends bytes
+            // after it) with the answer already read: that answer counts. Otherwise the
+            // answer's own error is the precise one.
+            c = &mut connection => match (answer.await, c) {
+                (Ok(r), _) => Ok(r),
+                (Err(e), Ok(())) => Err(e),
+                (Err(Error::Io { .. }), Err(c)) => Err(self.hyper_error(c)),
+                (Err(e), Err(_)) => Err(e),
+            },
+        }
+    }
+
+    /// What a failed exchange means for the operator.
+    fn hyper_error(&self, e: hyper::Error) -> Error {
+        if e.is_parse() || e.is_parse_status() {
+            return self.bad(format!(
+                "not an HTTP/1.x response ({e}); is this the agent's admin socket?"
+            ));
+        }
+        if e.is_incomplete_message() {
+            return self.bad("the connection closed before the answer was complete");
+        }
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<io::Error>() {
+                if io.kind() == io::ErrorKind::UnexpectedEof {
+                    return self.bad("the connection closed before the answer was complete");
+                }
+                return self.io_error(io::Error::new(io.kind(), io.to_string()));
+            }
+            source = s.source();
+        }
+        Error::Io {
+            socket: self.socket.clone(),
+            source: io::Error::other(e),
+        }
     }
 
     fn connect(&self) -> Result<UnixStream, Error> {
@@ -268,42 +349,6 @@ impl Client {
     }
 }
 
-/// The socket, with every read and write bounded by what is left until `deadline`: the call's
-/// timeout covers the whole exchange, not each syscall.
-struct Deadline<'a> {
-    stream: &'a UnixStream,
-    deadline: Instant,
-}
-
-impl Deadline<'_> {
-    /// What is left, or a `TimedOut` error when nothing is.
-    fn remaining(&self) -> io::Result<Duration> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        Ok(left)
-    }
-}
-
-impl Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.set_read_timeout(Some(self.remaining()?))?;
-        self.stream.read(buf)
-    }
-}
-
-impl Write for Deadline<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.stream.set_write_timeout(Some(self.remaining()?))?;
-        self.stream.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 fn is_socket(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
@@ -313,125 +358,6 @@ struct Response {
     status: u16,
     reason: String,
     body: Vec<u8>,
-}
-
-#[derive(Debug)]
-enum ReadError {
-    Io(io::Error),
-    /// The stream ended before a line or body was complete.
-    Eof,
-    Malformed(String),
-}
-
-impl From<io::Error> for ReadError {
-    fn from(e: io::Error) -> Self {
-        ReadError::Io(e)
-    }
-}
-
-fn malformed<T>(detail: impl Into<String>) -> Result<T, ReadError> {
-    Err(ReadError::Malformed(detail.into()))
-}
-
-/// Reads one HTTP/1.1 response: status line, headers, and a body delimited by
-/// `Transfer-Encoding: chunked`, `Content-Length`, or the end of the stream.
-fn read_response(r: &mut impl BufRead) -> Result<Response, ReadError> {
-    let status_line = read_line(r)?;
-    let mut parts = status_line.splitn(3, ' ');
-    let (version, code, reason) = (parts.next(), parts.next(), parts.next().unwrap_or(""));
-    if !version.is_some_and(|v| v.starts_with("HTTP/1.")) {
-        return malformed(format!(
-            "not an HTTP/1.x response (starts with {status_line:?}); is this the agent's admin socket?"
-        ));
-    }
-    let Some(status) = code.and_then(|c| c.parse::<u16>().ok()) else {
-        return malformed(format!("bad status line {status_line:?}"));
-    };
-
-    let mut content_length = None;
-    let mut chunked = false;
-    for n in 0.. {
-        let line = read_line(r)?;
-        if line.is_empty() {
-            break;
-        }
-        if n == MAX_HEADERS {
-            return malformed(format!("more than {MAX_HEADERS} headers"));
-        }
-        let Some((name, value)) = line.split_once(':') else {
-            return malformed(format!("bad header line {line:?}"));
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            match value.parse::<u64>() {
-                Ok(len) if len <= MAX_BODY => content_length = Some(len),
-                _ => return malformed(format!("bad Content-Length {value:?}")),
-            }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value
-                .rsplit(',')
-                .next()
-                .is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
-        }
-    }
-
-    let mut body = Vec::new();
-    if chunked {
-        loop {
-            let line = read_line(r)?;
-            let size = line.split(';').next().unwrap_or("").trim();
-            let Ok(size) = u64::from_str_radix(size, 16) else {
-                return malformed(format!("bad chunk size line {line:?}"));
-            };
-            if size == 0 {
-                // Trailers (ignored) up to the empty line.
-                while !read_line(r)?.is_empty() {}
-                break;
-            }
-            if body.len() as u64 + size > MAX_BODY {
-                return malformed("body too large");
-            }
-            read_exactly(r, size, &mut body)?;
-            if !read_line(r)?.is_empty() {
-                return malformed("chunk not followed by CRLF");
-            }
-        }
-    } else if let Some(len) = content_length {
-        read_exactly(r, len, &mut body)?;
-    } else {
-        r.take(MAX_BODY).read_to_end(&mut body)?;
-    }
-    Ok(Response {
-        status,
-        reason: reason.to_owned(),
-        body,
-    })
-}
-
-/// One line without its CRLF (or LF); an error at the end of the stream.
-fn read_line(r: &mut impl BufRead) -> Result<String, ReadError> {
-    let mut line = Vec::new();
-    r.take(MAX_LINE).read_until(b'\n', &mut line)?;
-    if line.last() != Some(&b'\n') {
-        return if line.len() as u64 == MAX_LINE {
-            malformed("line too long")
-        } else {
-            Err(ReadError::Eof)
-        };
-    }
-    line.pop();
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    String::from_utf8(line).or_else(|_| malformed("header line is not UTF-8"))
-}
-
-fn read_exactly(r: &mut impl BufRead, len: u64, body: &mut Vec<u8>) -> Result<(), ReadError> {
-    let read = r.take(len).read_to_end(body)?;
-    if (read as u64) < len {
-        return Err(ReadError::Eof);
-    }
-    Ok(())
 }
 
 /// Percent-encodes a query parameter value (everything but RFC 3986's unreserved characters).
@@ -449,36 +375,14 @@ pub fn encode(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{os::unix::net::UnixListener, sync::mpsc};
+    use std::{
+        io::{Read as _, Write as _},
+        os::unix::net::UnixListener,
+        sync::mpsc,
+        time::Instant,
+    };
 
     use super::*;
-
-    fn parse(raw: &str) -> Result<Response, ReadError> {
-        read_response(&mut raw.as_bytes())
-    }
-
-    #[test]
-    fn content_length_body() {
-        let r = parse("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloEXTRA").expect("parses");
-        assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
-    }
-
-    #[test]
-    fn chunked_body() {
-        let raw = "HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n\
-                   3\r\nabc\r\nA;x=y\r\n0123456789\r\n0\r\nTrailer: 1\r\n\r\n";
-        let r = parse(raw).expect("parses");
-        assert_eq!(r.status, 404);
-        assert_eq!(r.body, b"abc0123456789");
-    }
-
-    #[test]
-    fn body_to_eof_and_truncation() {
-        let r = parse("HTTP/1.0 200 OK\n\n{}").expect("parses");
-        assert_eq!(r.body, b"{}");
-        assert!(parse("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort").is_err());
-        assert!(parse("SSH-2.0-OpenSSH\r\n").is_err());
-    }
 
     #[test]
     fn encodes_query_values() {
@@ -534,7 +438,11 @@ mod tests {
                 if let Some((head, body)) = text.split_once("\r\n\r\n") {
                     let len = head
                         .lines()
-                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(str::to_owned)
+                        })
                         .and_then(|v| v.parse::<usize>().ok())
                         .unwrap_or(0);
                     if body.len() >= len || n == 0 {
@@ -570,11 +478,11 @@ mod tests {
             "{request}"
         );
         assert!(
-            request.contains("Content-Type: application/json\r\n"),
+            request.contains("content-type: application/json\r\n"),
             "{request}"
         );
-        assert!(request.contains("Content-Length: 23\r\n"), "{request}");
-        assert!(request.contains("User-Agent: ambit-cni/"), "{request}");
+        assert!(request.contains("content-length: 23\r\n"), "{request}");
+        assert!(request.contains("user-agent: ambit-cni/"), "{request}");
         assert!(
             request.ends_with("\r\n\r\n{\"namespace\":\"default\"}"),
             "{request}"
@@ -597,6 +505,32 @@ mod tests {
             "{err:?}"
         );
         assert!(!err.is_unreachable());
+    }
+
+    #[test]
+    fn reads_chunked_answers_and_refuses_what_is_not_one() {
+        let cases: [(&'static str, &str); 3] = [
+            (
+                "HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 3\r\nabc\r\nA;x=y\r\n0123456789\r\n0\r\nTrailer: 1\r\n\r\n",
+                "the agent answered 404: abc0123456789",
+            ),
+            ("SSH-2.0-OpenSSH\r\n", "is this the agent's admin socket?"),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort",
+                "the connection closed before the answer was complete",
+            ),
+        ];
+        for (answer, expected) in cases {
+            let dir = TempSocket::new("answers");
+            let listener = UnixListener::bind(dir.path()).expect("bind");
+            let _requests = serve_once(listener, answer);
+            let err = Client::new("ambitctl", dir.path())
+                .get::<serde_json::Value>("/status")
+                .expect_err("not a 2xx JSON answer");
+            assert!(err.to_string().contains(expected), "{answer:?}: {err}");
+            assert!(!err.is_unreachable(), "{err:?}");
+        }
     }
 
     #[test]

@@ -1,13 +1,19 @@
 //! A small Kubernetes API client: GET (list), GET with `watch=true` (a stream of JSON events),
-//! and merge-PATCH, over HTTP/1.1 with TLS to the cluster's CA and the service account's bearer
-//! token. Only what the agent needs, on the TLS stack the agent already has.
+//! and merge-PATCH, with hyper's HTTP/1.1 client over TLS to the cluster's CA and the service
+//! account's bearer token. Only what the agent needs, on the TLS stack the agent already has;
+//! every answer is bounded (a list at 64 MiB, a watch event at 16 MiB).
 
 use std::{sync::Arc, time::Duration};
 
+use bytes::Bytes;
+use http::header;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 
@@ -124,29 +130,34 @@ impl Client {
         }
     }
 
-    /// Sends a request; returns the status and a reader positioned at the body.
+    /// Sends a request on a new connection (hyper's HTTP/1.1 client); returns the status and
+    /// the body, with the task that drives the connection.
     async fn send(
         &self,
         method: &'static str,
         path: &str,
         content_type: Option<&str>,
-        body: &[u8],
+        body: Vec<u8>,
     ) -> Result<Response, Error> {
         let fail = |detail: String| Error::Request {
             method,
             path: path.to_owned(),
             detail,
         };
-        let mut stream = self.connect().await.map_err(fail)?;
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
             self.host.clone()
         };
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nUser-Agent: ambit-agent/{}\r\nConnection: close\r\n",
-            env!("CARGO_PKG_VERSION")
-        );
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, host)
+            .header(header::ACCEPT, "application/json")
+            .header(
+                header::USER_AGENT,
+                concat!("ambit-agent/", env!("CARGO_PKG_VERSION")),
+            );
         if let Some(token_path) = self.token_path.as_ref().filter(|p| p.exists()) {
             // Re-read every time: projected tokens are rotated by the kubelet.
             let token = std::fs::read_to_string(token_path).map_err(|e| {
@@ -155,67 +166,31 @@ impl Client {
                     token_path.display()
                 ))
             })?;
-            head.push_str(&format!("Authorization: Bearer {}\r\n", token.trim()));
+            request = request.header(header::AUTHORIZATION, format!("Bearer {}", token.trim()));
         }
         if let Some(ct) = content_type {
-            head.push_str(&format!(
-                "Content-Type: {ct}\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
+            request = request.header(header::CONTENT_TYPE, ct);
         }
-        head.push_str("\r\n");
-        stream
-            .write_all(head.as_bytes())
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| fail(format!("cannot build the request: {e}")))?;
+        let stream = self.connect().await.map_err(fail)?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| fail(e.to_string()))?;
-        stream
-            .write_all(body)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader
-            .read_line(&mut line)
+        // Ends when the answer has been read (or the connection fails); aborted with the body.
+        let driver = AbortOnDrop(tokio::spawn(async move {
+            let _ = connection.await;
+        }));
+        let response = sender
+            .send_request(request)
             .await
             .map_err(|e| fail(format!("no answer: {e}")))?;
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| fail(format!("not an HTTP answer: {line:?}")))?;
-        let mut chunked = false;
-        let mut length = None;
-        loop {
-            line.clear();
-            reader
-                .read_line(&mut line)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                let v = v.trim();
-                if k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-                {
-                    chunked = true;
-                } else if k.eq_ignore_ascii_case("content-length") {
-                    length = v.parse::<u64>().ok();
-                }
-            }
-        }
         Ok(Response {
-            status,
+            status: response.status().as_u16(),
             body: Body {
-                reader,
-                chunked,
-                remaining: if chunked {
-                    0
-                } else {
-                    length.unwrap_or(u64::MAX)
-                },
-                done: false,
+                incoming: response.into_body(),
+                _driver: driver,
             },
         })
     }
@@ -232,7 +207,7 @@ impl Client {
     }
 
     async fn get_inner(&self, path: &str) -> Result<Value, Error> {
-        let mut r = self.send("GET", path, None, &[]).await?;
+        let mut r = self.send("GET", path, None, Vec::new()).await?;
         let body = r.body.read_all().await.map_err(|e| Error::Request {
             method: "GET",
             path: path.to_owned(),
@@ -255,7 +230,7 @@ impl Client {
                     "PATCH",
                     path,
                     Some("application/merge-patch+json"),
-                    body.as_bytes(),
+                    body.into_bytes(),
                 )
                 .await?;
             let answer = r.body.read_all().await.unwrap_or_default();
@@ -272,7 +247,7 @@ impl Client {
 
     /// Starts a watch: `path` must carry `watch=true` and the resource version to start from.
     pub async fn watch(&self, path: &str) -> Result<Watch, Error> {
-        let mut r = tokio::time::timeout(TIMEOUT, self.send("GET", path, None, &[]))
+        let mut r = tokio::time::timeout(TIMEOUT, self.send("GET", path, None, Vec::new()))
             .await
             .map_err(|_| Error::Request {
                 method: "GET",
@@ -327,64 +302,32 @@ struct Response {
     body: Body,
 }
 
-/// A response body: content-length, chunked, or until the connection closes.
+/// A response body, read as hyper delivers it (content-length, chunked or to the end).
 struct Body {
-    reader: BufReader<Box<dyn Stream>>,
-    chunked: bool,
-    /// Bytes left in the current chunk (chunked) or in the body.
-    remaining: u64,
-    done: bool,
+    incoming: Incoming,
+    /// The task that drives the connection; the body ends with it.
+    _driver: AbortOnDrop,
 }
+
+/// The most a list (or an error answer) may be.
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
+/// The most one watch event may be: a Pod or Namespace object is a few KiB.
+const MAX_EVENT: usize = 16 * 1024 * 1024;
 
 impl Body {
     /// The next bytes of the body; empty at its end.
-    async fn next(&mut self) -> Result<Vec<u8>, String> {
-        if self.done {
-            return Ok(Vec::new());
-        }
-        if self.chunked && self.remaining == 0 {
-            let mut line = String::new();
-            self.reader
-                .read_line(&mut line)
-                .await
-                .map_err(|e| e.to_string())?;
-            if line.trim().is_empty() {
-                // The CRLF that ends the previous chunk.
-                line.clear();
-                self.reader
-                    .read_line(&mut line)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            let size = line.trim().split(';').next().unwrap_or("");
-            if size.is_empty() {
-                self.done = true;
-                return Ok(Vec::new());
-            }
-            self.remaining =
-                u64::from_str_radix(size, 16).map_err(|_| format!("bad chunk size {size:?}"))?;
-            if self.remaining == 0 {
-                self.done = true;
-                return Ok(Vec::new());
+    async fn next(&mut self) -> Result<Bytes, String> {
+        loop {
+            match self.incoming.frame().await {
+                None => return Ok(Bytes::new()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => return Ok(data),
+                    // Trailers, or an empty chunk: nothing to hand on.
+                    _ => continue,
+                },
             }
         }
-        let want = self.remaining.min(64 * 1024) as usize;
-        let mut buf = vec![0u8; want];
-        let n = self
-            .reader
-            .read(&mut buf)
-            .await
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            self.done = true;
-            return Ok(Vec::new());
-        }
-        buf.truncate(n);
-        self.remaining -= n as u64;
-        if !self.chunked && self.remaining == 0 {
-            self.done = true;
-        }
-        Ok(buf)
     }
 
     async fn read_all(&mut self) -> Result<Vec<u8>, String> {
@@ -394,11 +337,23 @@ impl Body {
             if b.is_empty() {
                 return Ok(out);
             }
-            if out.len() + b.len() > 64 * 1024 * 1024 {
-                return Err("the answer is larger than 64 MiB".to_owned());
+            if out.len() + b.len() > MAX_ANSWER {
+                return Err(format!(
+                    "the answer is larger than {} MiB",
+                    MAX_ANSWER >> 20
+                ));
             }
             out.extend_from_slice(&b);
         }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -444,7 +399,170 @@ impl Watch {
             if more.is_empty() {
                 return Ok(None);
             }
+            if self.buf.len() + more.len() > MAX_EVENT {
+                return Err(Error::Request {
+                    method: "GET",
+                    path: self.path.clone(),
+                    detail: format!(
+                        "a watch event is larger than {} MiB (or has no line end)",
+                        MAX_EVENT >> 20
+                    ),
+                });
+            }
             self.buf.extend_from_slice(&more);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// A loopback "API server" answering each connection with the next of `answers` (raw
+    /// HTTP, written in the pieces given); returns the client and the requests' heads.
+    async fn server(
+        answers: Vec<Vec<Vec<u8>>>,
+    ) -> (Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for pieces in answers {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                for piece in pieces {
+                    let _ = s.write_all(&piece).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        let client = Client::new(&KubeSettings {
+            api_server: format!("http://127.0.0.1:{port}"),
+            token_path: "/nonexistent/token".into(),
+            ca_cert: "/nonexistent/ca.crt".into(),
+            netns_path_prefix: None,
+        })
+        .expect("loopback http is allowed");
+        (client, rx)
+    }
+
+    fn chunk(data: &[u8]) -> Vec<u8> {
+        let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    #[tokio::test]
+    async fn lists_and_watches_over_chunked_answers() {
+        let list = br#"{"kind":"PodList","items":[]}"#;
+        let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+        let (client, mut heads) = server(vec![
+            vec![format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{}",
+                list.len(),
+                String::from_utf8_lossy(list)
+            )
+            .into_bytes()],
+            vec![
+                head.to_vec(),
+                // One event split across chunks, then two in one chunk.
+                chunk(br#"{"type":"ADDED","object":{"metadata":"#),
+                chunk(b"{\"name\":\"a\"}}}\n"),
+                chunk(b"{\"type\":\"DELETED\",\"object\":{}}\n\n{\"type\":\"BOOKMARK\",\"object\":{}}\n"),
+                b"0\r\n\r\n".to_vec(),
+            ],
+        ])
+        .await;
+        let listed = client.get("/api/v1/pods").await.expect("list");
+        assert_eq!(listed["kind"], "PodList");
+        let request = heads.recv().await.expect("a request");
+        assert!(
+            request.starts_with("GET /api/v1/pods HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(request.contains("accept: application/json"), "{request}");
+        assert!(
+            !request.contains("authorization"),
+            "no token file: {request}"
+        );
+
+        let mut watch = client
+            .watch("/api/v1/pods?watch=true&resourceVersion=1")
+            .await
+            .expect("watch");
+        let mut types = Vec::new();
+        while let Some(event) = watch.next().await.expect("event") {
+            types.push(event["type"].as_str().unwrap_or("?").to_owned());
+            if types.len() == 1 {
+                assert_eq!(event["object"]["metadata"]["name"], "a");
+            }
+        }
+        assert_eq!(types, ["ADDED", "DELETED", "BOOKMARK"]);
+    }
+
+    #[tokio::test]
+    async fn errors_say_what_the_api_said() {
+        let status = br#"{"kind":"Status","message":"pods is forbidden"}"#;
+        let (client, _heads) = server(vec![
+            vec![
+                format!(
+                    "HTTP/1.1 403 Forbidden\r\ncontent-length: {}\r\n\r\n{}",
+                    status.len(),
+                    String::from_utf8_lossy(status)
+                )
+                .into_bytes(),
+            ],
+            vec![b"HTTP/1.1 410 Gone\r\ncontent-length: 0\r\n\r\n".to_vec()],
+            vec![
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
+                chunk(br#"{"type":"ERROR","object":{"code":410,"message":"too old"}}"#),
+                chunk(b"\n"),
+            ],
+        ])
+        .await;
+        let e = client.get("/api/v1/pods").await.expect_err("403");
+        let text = e.to_string();
+        assert!(text.contains("HTTP 403: pods is forbidden"), "{text}");
+        assert!(text.contains("ClusterRole"), "{text}");
+        let e = client.watch("/api/v1/pods?watch=true").await.err();
+        assert!(matches!(e, Some(Error::Gone(_))), "{e:?}");
+        let mut watch = client
+            .watch("/api/v1/pods?watch=true")
+            .await
+            .expect("watch");
+        let e = watch.next().await.expect_err("an ERROR event");
+        assert!(matches!(e, Error::Gone(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_watch_event_without_an_end_is_bounded() {
+        let (client, _heads) = server(vec![vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
+            chunk(&vec![b'x'; MAX_EVENT / 2]),
+            chunk(&vec![b'x'; MAX_EVENT / 2 + 1]),
+        ]])
+        .await;
+        let mut watch = client
+            .watch("/api/v1/pods?watch=true")
+            .await
+            .expect("watch");
+        let e = watch.next().await.expect_err("too large");
+        assert!(e.to_string().contains("larger than 16 MiB"), "{e}");
     }
 }
