@@ -1,4 +1,5 @@
-//! Prometheus metrics (`GET /metrics`, port 15020 by default), in the text exposition format.
+//! Prometheus metrics (`GET /metrics`, port 15020 by default), in the OpenMetrics text format
+//! written by prometheus-client (as ztunnel's).
 //!
 //! Istio's TCP metrics, with the labels Istio's dashboards query, reported once per connection
 //! by the agent that proxied it (`reporter="source"` outbound, `"destination"` inbound):
@@ -17,10 +18,16 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt::Write as _,
     hash::Hash,
     sync::Mutex,
     time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet},
+    metrics::MetricType,
+    registry::Registry,
 };
 
 /// How long a label set may stay idle before it is dropped.
@@ -266,7 +273,6 @@ impl Metrics {
 
     /// The exposition text.
     pub fn render(&self, g: &Gauges) -> String {
-        let mut out = String::with_capacity(4096);
         let (tcp, expired): (Vec<(TcpLabels, TcpCounts)>, u64) = {
             let mut series = lock(&self.tcp);
             // A label set with a connection still open stays, however long it has been.
@@ -275,183 +281,146 @@ impl Metrics {
             v.sort_by(|a, b| a.0.cmp(&b.0));
             (v, series.expired())
         };
+        let mut e = Exposition::default();
         type Family = (&'static str, &'static str, fn(&TcpCounts) -> u64);
         let families: [Family; 4] = [
             (
-                "istio_tcp_connections_opened_total",
+                "istio_tcp_connections_opened",
                 "TCP connections opened",
                 |c| c.opened,
             ),
             (
-                "istio_tcp_connections_closed_total",
+                "istio_tcp_connections_closed",
                 "TCP connections closed",
                 |c| c.closed,
             ),
             (
-                "istio_tcp_sent_bytes_total",
+                "istio_tcp_sent_bytes",
                 "Bytes sent by the destination back to the source (response bytes), counted when the connection closes",
                 |c| c.response_bytes,
             ),
             (
-                "istio_tcp_received_bytes_total",
+                "istio_tcp_received_bytes",
                 "Bytes received from the source for the destination (request bytes), counted when the connection closes",
                 |c| c.request_bytes,
             ),
         ];
         for (name, help, value) in families {
-            header(&mut out, name, help, "counter");
+            let f = e.counters(name, help);
             for (labels, counts) in &tcp {
-                sample(&mut out, name, &labels.pairs(), value(counts));
+                f.counter(owned(&labels.pairs()), value(counts));
             }
         }
-
-        counter(
-            &mut out,
-            "ambit_metric_series_expired_total",
+        e.counter(
+            "ambit_metric_series_expired",
             "Label sets of istio_tcp_* dropped after being idle for 10 minutes (no connection open or changed)",
             expired,
         );
-
-        let name = "ambit_authorization_denials_total";
-        header(
-            &mut out,
-            name,
+        let f = e.counters(
+            "ambit_authorization_denials",
             "Connections refused by authorization policy, by direction and deciding policy (none: no ALLOW policy matched)",
-            "counter",
         );
         for ((direction, policy), n) in lock(&self.denials).iter() {
-            sample(
-                &mut out,
-                name,
-                &[("direction", direction), ("policy", policy)],
+            f.counter(
+                vec![
+                    ("direction", (*direction).to_owned()),
+                    ("policy", policy.clone()),
+                ],
                 *n,
             );
         }
-
-        let name = "ambit_connections_refused_total";
-        header(
-            &mut out,
-            name,
+        let f = e.counters(
+            "ambit_connections_refused",
             "Connections refused before a byte was sent because a limit was hit or the state they need was missing, by direction and reason",
-            "counter",
         );
         for ((direction, reason), n) in lock(&self.refusals).iter() {
-            sample(
-                &mut out,
-                name,
-                &[("direction", direction), ("reason", reason)],
-                *n,
-            );
+            f.counter(owned(&[("direction", direction), ("reason", reason)]), *n);
         }
-        gauge(
-            &mut out,
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        e.gauge(
             "ambit_held_connections",
             "New connections waiting for the control plane's first full state",
-            g.held_connections as u64,
+            count(g.held_connections),
         );
-
-        gauge(
-            &mut out,
+        e.gauge(
             "ambit_enrolled_pods",
             "Local pods whose traffic is captured",
-            g.enrolled_pods as u64,
+            count(g.enrolled_pods),
         );
-        gauge(
-            &mut out,
+        e.gauge(
             "ambit_open_connections",
             "Connections the agent proxies now",
-            g.open_connections as u64,
+            count(g.open_connections),
         );
-        gauge(
-            &mut out,
+        e.gauge(
             "ambit_workloads",
             "Workloads known (all sources)",
-            g.workloads as u64,
+            count(g.workloads),
         );
-        gauge(
-            &mut out,
+        e.gauge(
             "ambit_services",
             "Services known (all sources)",
-            g.services as u64,
+            count(g.services),
         );
-        gauge(
-            &mut out,
+        e.gauge(
             "ambit_authorization_policies",
             "Authorization policies held",
-            g.policies as u64,
+            count(g.policies),
         );
-
-        let name = "ambit_ebpf_events_total";
-        header(
-            &mut out,
-            name,
+        let f = e.counters(
+            "ambit_ebpf_events",
             "Events counted by the eBPF capture programs (redirects, passes, drops), by counter",
-            "counter",
         );
         for (counter, n) in &g.bpf {
-            sample(&mut out, name, &[("counter", counter)], *n);
+            f.counter(vec![("counter", counter.clone())], *n);
         }
-
-        let name = "ambit_certificate_expiry_timestamp_seconds";
-        header(
-            &mut out,
-            name,
+        let f = e.gauges(
+            "ambit_certificate_expiry_timestamp_seconds",
             "When each workload identity's current certificate expires (Unix seconds)",
-            "gauge",
         );
         for (identity, at) in &g.cert_expiry {
-            sample_i(&mut out, name, &[("identity", identity)], *at);
+            f.gauge(vec![("identity", identity.clone())], *at);
         }
-
         if let Some(x) = &g.xds {
-            counter(
-                &mut out,
-                "ambit_xds_pushes_total",
+            e.counter(
+                "ambit_xds_pushes",
                 "xDS responses processed (every valid resource applied)",
                 x.pushes,
             );
-            counter(
-                &mut out,
-                "ambit_xds_nacks_total",
+            e.counter(
+                "ambit_xds_nacks",
                 "xDS responses NACKed because at least one resource was rejected",
                 x.nacks,
             );
-            let name = "ambit_xds_rejected_resources_total";
-            header(
-                &mut out,
-                name,
+            let f = e.counters(
+                "ambit_xds_rejected_resources",
                 "xDS resources rejected (each alone; the rest of their response applied), by type",
-                "counter",
             );
             for (kind, n) in &x.rejected {
-                sample(&mut out, name, &[("type", kind)], *n);
+                f.counter(vec![("type", kind.to_string())], *n);
             }
-            gauge(
-                &mut out,
+            e.gauge(
                 "ambit_xds_connected",
                 "1 while an xDS stream is open",
-                u64::from(x.connected),
+                i64::from(x.connected),
             );
         }
-        counter(
-            &mut out,
-            "ambit_hbone_connections_opened_total",
+        e.counter(
+            "ambit_hbone_connections_opened",
             "HBONE (mTLS) connections opened by the pool",
             g.pool_connections_opened,
         );
-        counter(
-            &mut out,
-            "ambit_hbone_streams_opened_total",
+        e.counter(
+            "ambit_hbone_streams_opened",
             "HBONE CONNECT streams opened",
             g.pool_streams_opened,
         );
-        gauge(
-            &mut out,
+        e.gauge(
             "ambit_hbone_connections",
             "HBONE connections open in the pool",
-            g.pool_open_connections as u64,
+            count(g.pool_open_connections),
         );
-        out
+        e.text()
     }
 }
 
@@ -460,51 +429,158 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-pub(crate) fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// The OpenMetrics content type `/metrics` answers with (prometheus-client's text format, as
+/// ztunnel's).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// One scrape's metric families, written out by prometheus-client's OpenMetrics text encoder
+/// (names, escaping, `_total`/`_bucket` suffixes, `# EOF`). The values are read from the
+/// agent's own state when scraped: the label sets that expire ([`Series`]) and the gauges other
+/// components own have no long-lived prometheus-client metric to live in.
+#[derive(Debug, Default)]
+pub(crate) struct Exposition {
+    families: Vec<MetricFamily>,
 }
 
-pub(crate) fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
-    header(out, name, help, "gauge");
-    let _ = writeln!(out, "{name} {v}");
+#[derive(Debug)]
+pub(crate) struct MetricFamily {
+    /// Without the type's suffix: a counter `x` is sampled as `x_total`.
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    samples: Vec<(Labels, Value)>,
 }
 
-pub(crate) fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    header(out, name, help, "counter");
-    let _ = writeln!(out, "{name} {v}");
+/// A sample's labels, in order.
+pub(crate) type Labels = Vec<(&'static str, String)>;
+
+#[derive(Debug)]
+enum Value {
+    Counter(u64),
+    Gauge(i64),
+    /// Sum, count and per-bucket (not cumulative) counts by upper bound, ending with +Inf.
+    Histogram(f64, u64, Vec<(f64, u64)>),
 }
 
-pub(crate) fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], v: u64) {
-    labelled(out, name, labels);
-    let _ = writeln!(out, " {v}");
-}
+impl Exposition {
+    fn family(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        kind: MetricType,
+    ) -> &mut MetricFamily {
+        debug_assert!(!name.ends_with("_total"), "{name}: the encoder adds _total");
+        self.families.push(MetricFamily {
+            name,
+            help,
+            kind,
+            samples: Vec::new(),
+        });
+        self.families.last_mut().expect("BUG: pushed above")
+    }
 
-fn sample_i(out: &mut String, name: &str, labels: &[(&str, &str)], v: i64) {
-    labelled(out, name, labels);
-    let _ = writeln!(out, " {v}");
-}
+    /// A counter family; add its samples with [`MetricFamily::counter`].
+    pub(crate) fn counters(&mut self, name: &'static str, help: &'static str) -> &mut MetricFamily {
+        self.family(name, help, MetricType::Counter)
+    }
 
-pub(crate) fn labelled(out: &mut String, name: &str, labels: &[(&str, &str)]) {
-    out.push_str(name);
-    out.push('{');
-    for (i, (k, v)) in labels.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
+    /// A histogram family; add its samples with [`MetricFamily::histogram`].
+    pub(crate) fn histograms(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+    ) -> &mut MetricFamily {
+        self.family(name, help, MetricType::Histogram)
+    }
+
+    /// A gauge family; add its samples with [`MetricFamily::gauge`].
+    pub(crate) fn gauges(&mut self, name: &'static str, help: &'static str) -> &mut MetricFamily {
+        self.family(name, help, MetricType::Gauge)
+    }
+
+    /// A counter without labels.
+    pub(crate) fn counter(&mut self, name: &'static str, help: &'static str, v: u64) {
+        self.counters(name, help).counter(Vec::new(), v);
+    }
+
+    /// A gauge without labels.
+    pub(crate) fn gauge(&mut self, name: &'static str, help: &'static str, v: i64) {
+        self.gauges(name, help).gauge(Vec::new(), v);
+    }
+
+    /// The exposition text.
+    pub(crate) fn text(self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut out = String::with_capacity(8192);
+        // Writing to a String fails only if an encoder does, which ours never make fail.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            tracing::warn!(error = %e, "BUG: cannot encode the metrics");
         }
-        out.push_str(k);
-        out.push_str("=\"");
-        for ch in v.chars() {
-            match ch {
-                '\\' => out.push_str("\\\\"),
-                '"' => out.push_str("\\\""),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
+        out
+    }
+}
+
+impl MetricFamily {
+    pub(crate) fn counter(&mut self, labels: Labels, v: u64) -> &mut Self {
+        self.samples.push((labels, Value::Counter(v)));
+        self
+    }
+
+    pub(crate) fn gauge(&mut self, labels: Labels, v: i64) -> &mut Self {
+        self.samples.push((labels, Value::Gauge(v)));
+        self
+    }
+
+    /// `buckets`: per-bucket counts by upper bound (the encoder makes them cumulative); the
+    /// `+Inf` bucket is added to make the total `count`.
+    pub(crate) fn histogram(
+        &mut self,
+        labels: Labels,
+        sum: f64,
+        count: u64,
+        buckets: impl IntoIterator<Item = (f64, u64)>,
+    ) -> &mut Self {
+        let mut buckets: Vec<(f64, u64)> = buckets.into_iter().collect();
+        let finite: u64 = buckets.iter().map(|(_, n)| n).sum();
+        buckets.push((f64::INFINITY, count.saturating_sub(finite)));
+        self.samples
+            .push((labels, Value::Histogram(sum, count, buckets)));
+        self
+    }
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for f in &self.families {
+            let mut family = encoder.encode_descriptor(f.name, f.help, None, f.kind)?;
+            for (labels, value) in &f.samples {
+                if labels.is_empty() {
+                    value.encode(&mut family)?;
+                } else {
+                    value.encode(&mut family.encode_family(labels)?)?;
+                }
             }
         }
-        out.push('"');
+        Ok(())
     }
-    out.push('}');
+}
+
+impl Value {
+    fn encode(&self, m: &mut MetricEncoder) -> Result<(), std::fmt::Error> {
+        match self {
+            Value::Counter(v) => m.encode_counter::<NoLabelSet, _, u64>(v, None),
+            Value::Gauge(v) => m.encode_gauge(v),
+            Value::Histogram(sum, count, buckets) => {
+                m.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)
+            }
+        }
+    }
+}
+
+/// Owned copies of `pairs`, for an [`Exposition`] sample.
+pub(crate) fn owned(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
 }
 
 #[cfg(test)]
@@ -569,7 +645,7 @@ mod tests {
             format!("istio_tcp_sent_bytes_total{{{denied}}} 2"),
             "ambit_authorization_denials_total{direction=\"inbound\",policy=\"default/deny \\\"x\\\"\"} 1"
                 .to_owned(),
-            "# TYPE istio_tcp_sent_bytes_total counter".to_owned(),
+            "# TYPE istio_tcp_sent_bytes counter".to_owned(),
         ] {
             assert!(text.lines().any(|t| t == line), "missing {line} in\n{text}");
         }

@@ -25,7 +25,10 @@ pub fn of_node(node: &Node) -> HashMap<String, f64> {
     );
     let (head, body) = raw.split_once("\r\n\r\n").expect("http answer");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    assert!(
+        head.contains("application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
     parse_exposition(body)
 }
 
@@ -52,13 +55,17 @@ pub fn http_get_in(netns: &Path, addr: SocketAddr, path: &str) -> String {
     .expect("metrics thread")
 }
 
-/// Parses Prometheus text exposition strictly enough to catch a malformed line: every sample's
-/// family was declared with `# TYPE` before it, label values are quoted and escaped, values
-/// are numbers. Returns `name{labels}` -> value.
+/// Parses the OpenMetrics text exposition strictly enough to catch a malformed line: every
+/// sample's family was declared with `# TYPE` before it (a counter `x` is sampled as `x_total`,
+/// a histogram as `x_bucket`, `x_sum`, `x_count`), label values are quoted and escaped, values
+/// are numbers, and the text ends with `# EOF`. Returns `name{labels}` -> value.
 pub fn parse_exposition(text: &str) -> HashMap<String, f64> {
     let mut typed: HashMap<String, String> = HashMap::new();
     let mut samples = HashMap::new();
-    for line in text.lines() {
+    let body = text
+        .strip_suffix("# EOF\n")
+        .unwrap_or_else(|| panic!("the exposition does not end with # EOF:\n{text}"));
+    for line in body.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
             assert!(
@@ -83,7 +90,24 @@ pub fn parse_exposition(text: &str) -> HashMap<String, f64> {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
             "{line}"
         );
-        assert!(typed.contains_key(name), "sample before its TYPE: {line}");
+        let family = [
+            ("counter", "_total"),
+            ("histogram", "_bucket"),
+            ("histogram", "_sum"),
+            ("histogram", "_count"),
+        ]
+        .iter()
+        .find_map(|(kind, suffix)| {
+            let family = name.strip_suffix(suffix)?;
+            (typed.get(family).map(String::as_str) == Some(*kind)).then_some(family)
+        })
+        .unwrap_or(name);
+        assert!(
+            typed
+                .get(family)
+                .is_some_and(|kind| family != name || kind == "gauge" || kind == "untyped"),
+            "sample before its TYPE (or without its type's suffix): {line}"
+        );
         if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
             let inner = labels
                 .strip_prefix('{')

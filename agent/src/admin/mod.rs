@@ -93,7 +93,7 @@ impl Admin {
             let response = if r.path == "/metrics" {
                 Response {
                     status: 200,
-                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    content_type: crate::metrics::CONTENT_TYPE,
                     body: admin.metrics_text().into_bytes(),
                 }
             } else {

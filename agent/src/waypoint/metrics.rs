@@ -2,9 +2,9 @@
 //! `istio_request_duration_milliseconds`) with `reporter="waypoint"` and the labels Istio's
 //! dashboards query, and its own (`ambit_waypoint_*`): retries, ejections, denials.
 
-use std::{collections::HashMap, fmt::Write as _, sync::Mutex};
+use std::{collections::HashMap, sync::Mutex};
 
-use crate::metrics::{SERIES_TTL, Series, counter, gauge, header, labelled, lock, sample};
+use crate::metrics::{Exposition, SERIES_TTL, Series, lock, owned};
 
 /// Istio's default request-duration buckets, in milliseconds.
 const BUCKETS_MS: [f64; 19] = [
@@ -37,7 +37,7 @@ pub struct RequestLabels {
 struct Histogram {
     count: u64,
     sum_ms: f64,
-    /// Per bucket (not cumulative); the cumulative counts are made when rendering.
+    /// Per bucket (not cumulative); the encoder makes them cumulative.
     buckets: [u64; BUCKETS_MS.len()],
 }
 
@@ -101,115 +101,70 @@ impl WaypointMetrics {
     }
 
     pub fn render(&self, g: &Gauges) -> String {
-        let mut out = String::new();
-        let mut requests = lock(&self.requests);
-        requests.expire(|_| false);
-        let mut rows: Vec<(&RequestLabels, &Histogram)> = requests.iter().collect();
-        rows.sort_by(|a, b| a.0.cmp(b.0));
-        header(
-            &mut out,
-            "istio_requests_total",
-            "Requests handled by the waypoint.",
-            "counter",
-        );
-        for (l, h) in &rows {
-            let code = l.response_code.to_string();
-            sample(&mut out, "istio_requests_total", &pairs(l, &code), h.count);
-        }
-        header(
-            &mut out,
-            "istio_request_duration_milliseconds",
-            "Time from the request's arrival to the end of its response, in milliseconds.",
-            "histogram",
-        );
-        for (l, h) in &rows {
-            let code = l.response_code.to_string();
-            let base = pairs(l, &code);
-            let mut cumulative = 0;
-            for (i, b) in BUCKETS_MS.iter().enumerate() {
-                cumulative += h.buckets[i];
-                let le = b.to_string();
-                let mut with_le = base.to_vec();
-                with_le.push(("le", &le));
-                sample(
-                    &mut out,
-                    "istio_request_duration_milliseconds_bucket",
-                    &with_le,
-                    cumulative,
-                );
+        let mut e = Exposition::default();
+        {
+            let mut requests = lock(&self.requests);
+            requests.expire(|_| false);
+            let mut rows: Vec<(&RequestLabels, &Histogram)> = requests.iter().collect();
+            rows.sort_by(|a, b| a.0.cmp(b.0));
+            let f = e.counters("istio_requests", "Requests handled by the waypoint.");
+            for (l, h) in &rows {
+                let code = l.response_code.to_string();
+                f.counter(owned(&pairs(l, &code)), h.count);
             }
-            let mut inf = base.to_vec();
-            inf.push(("le", "+Inf"));
-            sample(
-                &mut out,
-                "istio_request_duration_milliseconds_bucket",
-                &inf,
-                h.count,
+            let f = e.histograms(
+                "istio_request_duration_milliseconds",
+                "Time from the request's arrival to the end of its response, in milliseconds.",
             );
-            labelled(&mut out, "istio_request_duration_milliseconds_sum", &base);
-            let _ = writeln!(out, " {}", h.sum_ms);
-            sample(
-                &mut out,
-                "istio_request_duration_milliseconds_count",
-                &base,
-                h.count,
-            );
+            for (l, h) in &rows {
+                let code = l.response_code.to_string();
+                let buckets = BUCKETS_MS.iter().copied().zip(h.buckets.iter().copied());
+                f.histogram(owned(&pairs(l, &code)), h.sum_ms, h.count, buckets);
+            }
         }
-        drop(requests);
         let c = lock(&self.counters);
-        counter(
-            &mut out,
-            "ambit_waypoint_retries_total",
+        e.counter(
+            "ambit_waypoint_retries",
             "Requests sent again after a failed try.",
             c.retries,
         );
-        counter(
-            &mut out,
-            "ambit_waypoint_ejections_total",
+        e.counter(
+            "ambit_waypoint_ejections",
             "Endpoints ejected by outlier detection.",
             c.ejections,
         );
-        header(
-            &mut out,
-            "ambit_waypoint_denied_requests_total",
+        let f = e.counters(
+            "ambit_waypoint_denied_requests",
             "Requests refused with 403 by L7 authorization, by deciding policy.",
-            "counter",
         );
         let mut denials: Vec<_> = c.denials.iter().collect();
         denials.sort();
         for (policy, n) in denials {
-            sample(
-                &mut out,
-                "ambit_waypoint_denied_requests_total",
-                &[("policy", policy)],
-                *n,
-            );
+            f.counter(vec![("policy", policy.clone())], *n);
         }
-        gauge(
-            &mut out,
+        drop(c);
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        e.gauge(
             "ambit_waypoint_ejected_endpoints",
             "Endpoints currently skipped by outlier detection.",
-            g.ejected_endpoints as u64,
+            count(g.ejected_endpoints),
         );
-        counter(
-            &mut out,
-            "ambit_hbone_pool_connections_opened_total",
+        e.counter(
+            "ambit_hbone_pool_connections_opened",
             "Upstream HBONE connections opened.",
             g.pool_connections_opened,
         );
-        counter(
-            &mut out,
-            "ambit_hbone_pool_streams_opened_total",
+        e.counter(
+            "ambit_hbone_pool_streams_opened",
             "Upstream HBONE streams opened.",
             g.pool_streams_opened,
         );
-        gauge(
-            &mut out,
+        e.gauge(
             "ambit_hbone_pool_open_connections",
             "Upstream HBONE connections open now.",
-            g.pool_open_connections as u64,
+            count(g.pool_open_connections),
         );
-        out
+        e.text()
     }
 }
 
@@ -275,9 +230,14 @@ mod tests {
                 .to_owned()
         };
         assert!(line("istio_requests_total{", "response_code=\"200\"").ends_with(" 2"));
-        assert!(line("istio_request_duration_milliseconds_bucket{", "le=\"1\"").ends_with(" 0"));
-        assert!(line("istio_request_duration_milliseconds_bucket{", "le=\"5\"").ends_with(" 1"));
-        assert!(line("istio_request_duration_milliseconds_bucket{", "le=\"50\"").ends_with(" 2"));
-        assert!(line("istio_request_duration_milliseconds_sum{", "").ends_with(" 43"));
+        let bucket = "istio_request_duration_milliseconds_bucket{";
+        assert!(line(bucket, "le=\"1.0\"").ends_with(" 0"));
+        assert!(line(bucket, "le=\"5.0\"").ends_with(" 1"));
+        assert!(line(bucket, "le=\"50.0\"").ends_with(" 2"));
+        assert!(line(bucket, "le=\"+Inf\"").ends_with(" 2"));
+        assert!(line("istio_request_duration_milliseconds_sum{", "").ends_with(" 43.0"));
+        assert!(line("istio_request_duration_milliseconds_count{", "").ends_with(" 2"));
+        assert!(out.contains("# TYPE istio_request_duration_milliseconds histogram\n"));
+        assert!(out.ends_with("# EOF\n"), "{out}");
     }
 }

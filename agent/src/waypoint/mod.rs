@@ -273,7 +273,7 @@ async fn serve_metrics(
                 let pool = ctx.upstream.pool.stats();
                 Response {
                     status: 200,
-                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    content_type: crate::metrics::CONTENT_TYPE,
                     body: ctx
                         .metrics
                         .render(&metrics::Gauges {
