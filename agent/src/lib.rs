@@ -14,6 +14,7 @@
 //!
 //! See ARCHITECTURE.md for the data path and the runtime layout.
 
+pub mod addrs;
 pub mod admin;
 pub mod api;
 pub mod app;

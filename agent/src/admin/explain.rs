@@ -12,6 +12,7 @@ use std::{
 use super::{Admin, api};
 use crate::policy::Decision;
 use crate::{
+    addrs::OrigDstAddr,
     identity::Identity,
     proxy::outbound::{Pick, route},
     state::{Snapshot, Workload},
@@ -170,7 +171,7 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
         let r = match route(
             &snapshot,
             source.ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            dst,
+            OrigDstAddr(dst),
             Pick::Peek,
         ) {
             Ok(r) => r,
@@ -206,20 +207,20 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
         }
         if let Some(svc) = &r.service {
             out.service = Some(svc.key.to_string());
-            out.endpoint = Some(r.dst.to_string());
+            out.endpoint = Some(r.endpoint.0.to_string());
             steps.push(match &r.locality {
                 Some(why) => format!(
                     "{dst} is a VIP of service {}: the next connection goes to endpoint {}, \
                      chosen by locality: {why} (round robin among the best of {} endpoints)",
                     svc.key,
-                    r.dst,
+                    r.endpoint.0,
                     svc.endpoints.len()
                 ),
                 None => format!(
                     "{dst} is a VIP of service {}: the next connection goes to endpoint {} ({} \
                      endpoints, round robin)",
                     svc.key,
-                    r.dst,
+                    r.endpoint.0,
                     svc.endpoints.len()
                 ),
             });
@@ -233,7 +234,7 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
                     "{} is a mesh workload: tunnelled over HBONE (mTLS) to {}:15008, expecting \
                      identity {}",
                     w.display_name(),
-                    r.dst.ip(),
+                    r.endpoint.0.ip(),
                     w.identity
                 ));
                 let src_identity = source.workload.as_ref().map(|w| w.identity.clone());
@@ -241,7 +242,7 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
                     &snapshot,
                     src_identity.as_ref(),
                     src_addr,
-                    r.dst,
+                    r.endpoint.0,
                     w.identity.namespace(),
                 );
                 authorize(&mut out, &mut steps, d, w);
@@ -258,7 +259,7 @@ pub(super) fn explain(admin: &Admin, src: &str, dst: &str) -> ApiResult<api::Exp
                 out.path = "passthrough".to_owned();
                 steps.push(format!(
                     "{} is not a known workload: plaintext passthrough",
-                    r.dst
+                    r.endpoint.0
                 ));
             }
         }

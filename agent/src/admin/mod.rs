@@ -193,7 +193,7 @@ impl Admin {
                 .filter(|p| p.adopted)
                 .map(|p| p.key.clone())
                 .collect(),
-            held_netns: pods.held_netns.clone(),
+            held_netns: pods.held_netns.iter().map(|c| c.0).collect(),
             waiting_for: pods.waiting_for.map(str::to_owned),
             failed_pods: pods
                 .failed
@@ -380,7 +380,7 @@ impl Admin {
             if let Some(p) = pods
                 .enrolled
                 .iter()
-                .find(|p| p.netns_cookie == e.netns_cookie)
+                .find(|p| p.netns_cookie.0 == e.netns_cookie)
             {
                 e.pod = Some(p.key.clone());
                 e.ips = p.ips.iter().map(ToString::to_string).collect();

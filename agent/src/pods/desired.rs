@@ -19,6 +19,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    addrs::NetnsCookie,
     config::{Config, NetnsRef, Pod},
     identity::Identity,
     kube::KubeState,
@@ -76,7 +77,7 @@ pub struct Inputs<'a> {
     /// Kubernetes pods a CNI DEL released, kept out until the API drops them too.
     pub cni_deleted: &'a BTreeSet<String>,
     /// Capture state the agent found pinned at start and has not resolved yet, by netns cookie.
-    pub pinned: &'a BTreeMap<u64, Pinned>,
+    pub pinned: &'a BTreeMap<NetnsCookie, Pinned>,
 }
 
 /// The decision.
@@ -95,9 +96,9 @@ pub struct Desired {
     /// Pinned netns cookies to keep captured even if no pod is served in them: claimed by a pod
     /// (kept if its enrollment fails), adopted, or unknown while a source has not synced. Every
     /// other pinned cookie that no served pod holds is released.
-    pub keep_pinned: BTreeSet<u64>,
+    pub keep_pinned: BTreeSet<NetnsCookie>,
     /// Pinned netns kept captured without being served (no usable record), by cookie.
-    pub held: BTreeSet<u64>,
+    pub held: BTreeSet<NetnsCookie>,
     /// The source that has not synced yet, if one has not: until it has, nothing pinned is
     /// released.
     pub waiting_for: Option<&'static str>,
@@ -246,6 +247,10 @@ pub fn desired(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cookies<const N: usize>(ns: [u64; N]) -> BTreeSet<NetnsCookie> {
+        ns.into_iter().map(NetnsCookie).collect()
+    }
     use crate::kube::KubePod;
 
     const CONFIG: &str = "node: node-a\ncgroup: /x\n";
@@ -311,7 +316,7 @@ mod tests {
         kube_mode: bool,
         kube: Option<KubeState>,
         cni: BTreeMap<String, Pod>,
-        pinned: BTreeMap<u64, Pinned>,
+        pinned: BTreeMap<NetnsCookie, Pinned>,
     }
 
     impl Case {
@@ -350,14 +355,14 @@ mod tests {
         let mut case = Case::new();
         case.kube_mode = true;
         case.pinned.insert(
-            7,
+            NetnsCookie(7),
             live(
                 Origin::Kubernetes,
                 pod("default", "web", "10.1.0.2", "/run/netns/web"),
             ),
         );
-        case.pinned.insert(8, Pinned::Unknown);
-        case.pinned.insert(9, Pinned::Gone);
+        case.pinned.insert(NetnsCookie(8), Pinned::Unknown);
+        case.pinned.insert(NetnsCookie(9), Pinned::Gone);
         for kube in [None, Some(kube(false, &["default"], &[]))] {
             case.kube = kube;
             let d = case.run();
@@ -365,8 +370,12 @@ mod tests {
             assert_eq!(enrolled(&d), ["default/web"], "served as the record says");
             assert!(d.adopted.contains("default/web"));
             assert_eq!(d.origins["default/web"], Origin::Kubernetes);
-            assert_eq!(d.keep_pinned, [7, 8].into(), "unknown kept, gone released");
-            assert_eq!(d.held, [8].into(), "nothing to serve in the unknown one");
+            assert_eq!(
+                d.keep_pinned,
+                cookies([7, 8]),
+                "unknown kept, gone released"
+            );
+            assert_eq!(d.held, cookies([8]), "nothing to serve in the unknown one");
         }
     }
 
@@ -377,10 +386,13 @@ mod tests {
         let web = pod("default", "web", "10.1.0.2", "/run/netns/web");
         let gone = pod("default", "deleted", "10.1.0.3", "/run/netns/deleted");
         let opted_out = pod("other", "db", "10.1.0.4", "/run/netns/db");
-        case.pinned.insert(7, live(Origin::Kubernetes, web.clone()));
-        case.pinned.insert(8, live(Origin::Kubernetes, gone));
-        case.pinned.insert(9, live(Origin::Kubernetes, opted_out));
-        case.pinned.insert(10, Pinned::Unknown);
+        case.pinned
+            .insert(NetnsCookie(7), live(Origin::Kubernetes, web.clone()));
+        case.pinned
+            .insert(NetnsCookie(8), live(Origin::Kubernetes, gone));
+        case.pinned
+            .insert(NetnsCookie(9), live(Origin::Kubernetes, opted_out));
+        case.pinned.insert(NetnsCookie(10), Pinned::Unknown);
         case.kube = Some(kube(
             true,
             &["default"],
@@ -407,7 +419,7 @@ mod tests {
         assert!(d.adopted.is_empty());
         assert_eq!(
             d.keep_pinned,
-            [7].into(),
+            cookies([7]),
             "deleted, opted out and unknown released"
         );
         assert!(d.held.is_empty());
@@ -427,13 +439,13 @@ mod tests {
             "pods:\n- {namespace: default, name: web, ips: [10.1.0.2], netns: /run/netns/web, enrolled: true}\n",
         );
         case.pinned.insert(
-            7,
+            NetnsCookie(7),
             live(
                 Origin::Config,
                 pod("default", "old", "10.1.0.9", "/run/netns/old"),
             ),
         );
-        case.pinned.insert(8, Pinned::Unknown);
+        case.pinned.insert(NetnsCookie(8), Pinned::Unknown);
         let d = case.run();
         assert_eq!(d.waiting_for, None);
         assert_eq!(enrolled(&d), ["default/web"]);
@@ -445,11 +457,11 @@ mod tests {
         let mut case = Case::new();
         let web = pod("default", "web", "10.1.0.2", "/run/netns/cni-1");
         case.cni.insert(web.key(), web.clone());
-        case.pinned.insert(7, live(Origin::Cni, web));
+        case.pinned.insert(NetnsCookie(7), live(Origin::Cni, web));
         let d = case.run();
         assert_eq!(enrolled(&d), ["default/web"]);
         assert_eq!(d.origins["default/web"], Origin::Cni);
-        assert_eq!(d.keep_pinned, [7].into());
+        assert_eq!(d.keep_pinned, cookies([7]));
         assert!(d.adopted.is_empty());
     }
 
@@ -469,7 +481,7 @@ mod tests {
         let a = pod("default", "a", "10.1.0.2", "/run/netns/cni-a");
         case.cni.insert(a.key(), a);
         case.pinned.insert(
-            7,
+            NetnsCookie(7),
             live(
                 Origin::Kubernetes,
                 pod("default", "b", "10.1.0.3", "/proc/42/ns/net"),
@@ -500,7 +512,8 @@ mod tests {
         // Same name, another uid: the record's netns is the old sandbox.
         let mut old = pod("default", "web", "10.1.0.2", "/proc/42/ns/net");
         old.uid = Some("uid-old".into());
-        case.pinned.insert(7, live(Origin::Kubernetes, old.clone()));
+        case.pinned
+            .insert(NetnsCookie(7), live(Origin::Kubernetes, old.clone()));
         case.kube = Some(kube(
             true,
             &["default"],
@@ -526,8 +539,8 @@ mod tests {
             "pods:\n- {namespace: default, name: web, ips: [10.1.0.2], netns: /run/netns/web, enrolled: true}\n",
         );
         let d = case.run();
-        assert_eq!(d.keep_pinned, [7].into());
-        assert_eq!(d.held, [7].into());
+        assert_eq!(d.keep_pinned, cookies([7]));
+        assert_eq!(d.held, cookies([7]));
         assert!(d.adopted.is_empty());
     }
 
@@ -536,7 +549,8 @@ mod tests {
         let mut case = Case::new();
         case.kube_mode = true;
         let web = pod("default", "web", "10.1.0.2", "/run/netns/web");
-        case.pinned.insert(7, live(Origin::Kubernetes, web));
+        case.pinned
+            .insert(NetnsCookie(7), live(Origin::Kubernetes, web));
         let mut kp = kube_pod("default", "web", "10.1.0.2");
         kp.labels.insert(
             crate::config::DATAPLANE_MODE_LABEL.to_owned(),

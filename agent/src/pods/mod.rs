@@ -30,6 +30,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
+    addrs::NetnsCookie,
     config::{Config, Pod},
     proxy::{self, PodInfo, PodListeners, ProxyContext},
     redirect::{CaptureOptions, Netns, Redirect, routing},
@@ -53,7 +54,7 @@ struct ActivePod {
 pub struct EnrolledPod {
     /// `namespace/name`.
     pub key: String,
-    pub netns_cookie: u64,
+    pub netns_cookie: NetnsCookie,
     pub ips: Vec<std::net::IpAddr>,
     /// The source that claims it: `config`, `kubernetes` or `cni`.
     pub origin: &'static str,
@@ -69,7 +70,7 @@ pub struct PodsState {
     pub failed: Vec<(String, String)>,
     /// Netns an earlier agent left enrolled that stay captured, unserved (no usable record),
     /// until every pod source has synced: their new connections are refused.
-    pub held_netns: Vec<u64>,
+    pub held_netns: Vec<NetnsCookie>,
     /// The pod source that has not synced yet (`kubernetes`), if any: nothing an earlier agent
     /// left is released before it has.
     pub waiting_for: Option<&'static str>,
@@ -106,14 +107,14 @@ pub struct PodManager {
     next_pod_id: u32,
     /// Capture state found pinned at start and not resolved yet (cleared once every source has
     /// synced).
-    pinned: BTreeMap<u64, Pinned>,
+    pinned: BTreeMap<NetnsCookie, Pinned>,
     /// From the last decision, for the admin API and readiness.
     adopted: BTreeSet<String>,
-    held: BTreeSet<u64>,
+    held: BTreeSet<NetnsCookie>,
     waiting_for: Option<&'static str>,
     records_path: PathBuf,
     /// What was last saved to `records_path`.
-    saved: Option<BTreeMap<u64, Record>>,
+    saved: Option<BTreeMap<NetnsCookie, Record>>,
 }
 
 impl PodManager {
@@ -129,7 +130,7 @@ impl PodManager {
     ) -> PodManager {
         let records_path = records::path(&config.state_dir);
         let mut saved = records::load(&records_path, &config.node, &config.trust_domain);
-        let mut cookies: BTreeSet<u64> = redirect.enrolled_cookies().into_iter().collect();
+        let mut cookies: BTreeSet<NetnsCookie> = redirect.enrolled_cookies().into_iter().collect();
         cookies.extend(redirect.pinned_pod_links());
         let mut pinned = BTreeMap::new();
         let mut cni_pods = BTreeMap::new();
@@ -321,7 +322,7 @@ impl PodManager {
 
         // Release pinned state nobody claims; keep what is served, what the decision keeps, and
         // the netns of pods that should be served and failed (they stay captured, fail closed).
-        let mut keep: BTreeSet<u64> = self
+        let mut keep: BTreeSet<NetnsCookie> = self
             .active
             .values()
             .map(|a| a.info.netns.cookie())
@@ -334,7 +335,7 @@ impl PodManager {
                 keep.insert(ns.cookie());
             }
         }
-        let keep: Vec<u64> = keep.into_iter().collect();
+        let keep: Vec<NetnsCookie> = keep.into_iter().collect();
         let pruned = self.redirect.prune(&keep)?;
         let served_ips: Vec<IpAddr> = self
             .active
@@ -369,7 +370,7 @@ impl PodManager {
     /// Saves what the next agent needs to adopt the served pods (and the pinned ones still
     /// held with a record), when it changed.
     fn save_records(&mut self) {
-        let mut records: BTreeMap<u64, Record> = self
+        let mut records: BTreeMap<NetnsCookie, Record> = self
             .pinned
             .iter()
             .filter_map(|(cookie, p)| match p {
@@ -509,7 +510,7 @@ impl PodManager {
             // Fail closed: the netns stays enrolled (captured, refused) rather than released.
             return Err(e).context("cannot serve the pod's listeners");
         }
-        info!(pod = %key, netns_cookie = cookie, ips = ?pod.ips, origin = origin.as_str(), "pod enrolled");
+        info!(pod = %key, netns_cookie = %cookie, ips = ?pod.ips, origin = origin.as_str(), "pod enrolled");
         self.active.insert(
             key,
             ActivePod {

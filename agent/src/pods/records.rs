@@ -21,6 +21,7 @@ use tracing::warn;
 
 use super::desired::{Origin, Record};
 use crate::{
+    addrs::NetnsCookie,
     config::{NetnsRef, Pod},
     identity::Identity,
 };
@@ -41,7 +42,7 @@ struct File {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Entry {
-    netns_cookie: u64,
+    netns_cookie: NetnsCookie,
     origin: Origin,
     namespace: String,
     name: String,
@@ -66,7 +67,7 @@ fn boot_id() -> String {
 /// The records saved by an earlier agent of `node` in this boot, by netns cookie. A missing
 /// file is no records; an unreadable one, or one from another node or boot, is logged and
 /// ignored (pinned state without a record is then held until every source has synced).
-pub fn load(path: &Path, node: &str, trust_domain: &str) -> BTreeMap<u64, Record> {
+pub fn load(path: &Path, node: &str, trust_domain: &str) -> BTreeMap<NetnsCookie, Record> {
     let text = match std::fs::metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return BTreeMap::new(),
         Ok(m) if m.len() > MAX_FILE_BYTES => {
@@ -133,7 +134,7 @@ pub fn load(path: &Path, node: &str, trust_domain: &str) -> BTreeMap<u64, Record
 }
 
 /// Replaces the records with `records` (by netns cookie).
-pub fn save(path: &Path, node: &str, records: &BTreeMap<u64, Record>) -> io::Result<()> {
+pub fn save(path: &Path, node: &str, records: &BTreeMap<NetnsCookie, Record>) -> io::Result<()> {
     let file = File {
         boot_id: boot_id(),
         node: node.to_owned(),
@@ -183,8 +184,8 @@ mod tests {
             services: Vec::new(),
             waypoint: None,
         };
-        let records: BTreeMap<u64, Record> = [(
-            42,
+        let records: BTreeMap<NetnsCookie, Record> = [(
+            NetnsCookie(42),
             Record {
                 origin: Origin::Cni,
                 pod,

@@ -14,7 +14,10 @@ use std::{
 
 use tokio::net::TcpSocket;
 
-use crate::redirect::{Netns, OrigDst, Splicer};
+use crate::{
+    addrs::{ClientAddr, OrigDstAddr},
+    redirect::{Netns, OrigDst, Splicer},
+};
 
 /// Whose address a socket leaves with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,8 +31,8 @@ pub enum Source {
 /// What the proxy needs from capture.
 pub trait Capture: Send + Sync + 'static {
     /// The original destination of a connection accepted on the outbound listener of the pod
-    /// in `netns`, from `peer` (the app socket's local address).
-    fn original_dst(&self, netns: &Netns, peer: SocketAddr) -> Option<SocketAddr>;
+    /// in `netns`, from `client` (the app socket's own address).
+    fn original_dst(&self, netns: &Netns, client: ClientAddr) -> Option<OrigDstAddr>;
 
     /// A socket for `dst` that leaves from the pod in `netns` as `src`, not yet connected.
     fn socket(&self, netns: &Netns, dst: SocketAddr, src: Source) -> io::Result<TcpSocket>;
@@ -74,8 +77,8 @@ impl Kernel {
 }
 
 impl Capture for Kernel {
-    fn original_dst(&self, netns: &Netns, peer: SocketAddr) -> Option<SocketAddr> {
-        self.orig_dst.as_ref()?.lookup(netns.cookie(), peer)
+    fn original_dst(&self, netns: &Netns, client: ClientAddr) -> Option<OrigDstAddr> {
+        self.orig_dst.as_ref()?.lookup(netns.cookie(), client)
     }
 
     fn socket(&self, netns: &Netns, dst: SocketAddr, src: Source) -> io::Result<TcpSocket> {
@@ -105,7 +108,7 @@ impl Capture for Kernel {
 #[cfg(test)]
 #[derive(Default)]
 pub struct Loopback {
-    redirects: std::sync::Mutex<std::collections::HashMap<SocketAddr, SocketAddr>>,
+    redirects: std::sync::Mutex<std::collections::HashMap<ClientAddr, OrigDstAddr>>,
 }
 
 #[cfg(test)]
@@ -115,17 +118,17 @@ impl Loopback {
         self.redirects
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(from, to);
+            .insert(ClientAddr(from), OrigDstAddr(to));
     }
 }
 
 #[cfg(test)]
 impl Capture for Loopback {
-    fn original_dst(&self, _netns: &Netns, peer: SocketAddr) -> Option<SocketAddr> {
+    fn original_dst(&self, _netns: &Netns, client: ClientAddr) -> Option<OrigDstAddr> {
         self.redirects
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&peer)
+            .remove(&client)
     }
 
     fn socket(&self, _netns: &Netns, dst: SocketAddr, src: Source) -> io::Result<TcpSocket> {

@@ -38,6 +38,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::{
+    addrs::ClientAddr,
     identity::{Identity, manager::CertManager},
     policy::{self, Decision, PolicyStore},
     redirect::{Netns, netns},
@@ -662,7 +663,8 @@ async fn accept_loop(
         match kind {
             Listener::Outbound => {
                 let span = info_span!("outbound", id, pod = %pod.key, src = %peer);
-                let handle = outbound::handle(ctx.clone(), pod.clone(), stream, peer, start);
+                let handle =
+                    outbound::handle(ctx.clone(), pod.clone(), stream, ClientAddr(peer), start);
                 ctx.connections.spawn(
                     async move {
                         let _slot = slot;

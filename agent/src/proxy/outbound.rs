@@ -22,6 +22,7 @@ use super::{
     splice::{self, SameNode},
 };
 use crate::{
+    addrs::{ClientAddr, EndpointAddr, OrigDstAddr},
     identity::Identity,
     state::{Near, ServiceEntry, Snapshot, Workload},
     telemetry::Transport,
@@ -41,13 +42,13 @@ pub async fn handle(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodInfo>,
     downstream: TcpStream,
-    peer: SocketAddr,
+    client: ClientAddr,
     start: Instant,
 ) {
     let mut result = ConnectionResult::new(AccessLog {
         src_workload: Some(pod.key.clone()),
         src_identity: Some(pod.identity.clone()),
-        ..AccessLog::new(super::Direction::Outbound, peer, start)
+        ..AccessLog::new(super::Direction::Outbound, client.0, start)
     });
     let outcome = serve(&ctx, &pod, downstream, &mut result.log).await;
     result.finish(outcome);
@@ -60,7 +61,7 @@ async fn serve(
     log: &mut AccessLog,
 ) -> Result<(), Error> {
     let (peer, start, counts) = (log.src, log.start, log.counts.clone());
-    let Some(dst) = ctx.capture.original_dst(&pod.netns, peer) else {
+    let Some(OrigDstAddr(dst)) = ctx.capture.original_dst(&pod.netns, ClientAddr(peer)) else {
         // Not redirected by connect4 (someone dialed 15001 directly), or the client is gone.
         warn!("no original destination recorded for this connection; closing it");
         return Err(Error::NoOriginalDestination);
@@ -79,13 +80,14 @@ async fn serve(
     };
 
     let snapshot = ctx.workloads.snapshot();
-    let route = route(&snapshot, src_ip, dst, Pick::Next).map_err(|e| {
+    let route = route(&snapshot, src_ip, OrigDstAddr(dst), Pick::Next).map_err(|e| {
         log.dst_service = Some(e.service().to_owned());
         Error::Route(e)
     })?;
     let service_key: Option<String> = route.service.as_ref().map(|s| s.key.to_string());
     log.dst_service = service_key.clone();
-    let dst = route.dst;
+    // From here on the connection goes to the endpoint, not to what was dialed.
+    let EndpointAddr(dst) = route.endpoint;
     if route.service.is_some() && route.waypoint.is_none() {
         log.dst_endpoint = Some(dst);
     }
@@ -301,9 +303,9 @@ pub enum Pick {
 pub struct Route {
     /// The service whose VIP `dst` is.
     pub service: Option<Arc<ServiceEntry>>,
-    /// The address connected to: `dst`, or the endpoint picked for a VIP (the VIP itself when
-    /// the service's waypoint picks).
-    pub dst: SocketAddr,
+    /// The address connected to: the one dialed, or the endpoint picked for a VIP (the VIP
+    /// itself when the service's waypoint picks).
+    pub endpoint: EndpointAddr,
     /// The workload at that address, if known.
     pub workload: Option<Arc<Workload>>,
     /// Through HBONE (the workload is in the mesh); otherwise passthrough.
@@ -366,16 +368,17 @@ impl RouteError {
     }
 }
 
-/// Resolves `dst` for a connection from `src_ip`: a service with a waypoint goes to the
+/// Resolves `dialed` for a connection from `src_ip`: a service with a waypoint goes to the
 /// waypoint (asking it for the VIP); otherwise a VIP to one of its endpoints (on the mapped port),
 /// then the workload at the address, whether it speaks HBONE, and its waypoint if it has one.
 /// A waypoint's own connections are never sent back to it.
 pub fn route(
     snapshot: &Snapshot,
     src_ip: IpAddr,
-    dst: SocketAddr,
+    dialed: OrigDstAddr,
     pick: Pick,
 ) -> Result<Route, RouteError> {
+    let OrigDstAddr(dst) = dialed;
     let service = snapshot.service_by_vip(dst.ip()).cloned();
     if let Some(svc) = &service
         && let Some(gw) = svc.def.as_ref().and_then(|d| d.waypoint.as_ref())
@@ -390,7 +393,7 @@ pub fn route(
         if hop.addr.ip() != src_ip {
             return Ok(Route {
                 service,
-                dst,
+                endpoint: EndpointAddr(dst),
                 workload: None,
                 hbone: true,
                 waypoint: Some(hop),
@@ -461,7 +464,7 @@ fn route_to_address(
     };
     Ok(Route {
         service,
-        dst,
+        endpoint: EndpointAddr(dst),
         workload,
         hbone,
         waypoint,
@@ -586,13 +589,13 @@ mod tests {
     fn a_workload_with_a_waypoint_is_reached_through_it_asking_for_the_workload() {
         let snap = snapshot(None);
         let dst: SocketAddr = "10.2.0.2:8080".parse().expect("addr");
-        let r = route(&snap, ip("10.1.0.2"), dst, Pick::Next).expect("route");
+        let r = route(&snap, ip("10.1.0.2"), OrigDstAddr(dst), Pick::Next).expect("route");
         let hop = r.waypoint.expect("through the waypoint");
         assert_eq!(hop.addr, "10.2.0.9:15008".parse().expect("addr"));
         assert_eq!(hop.authority, dst);
         assert_eq!(hop.identity.service_account(), "waypoint");
         // The waypoint's own connection to the workload goes straight to it.
-        let r = route(&snap, ip("10.2.0.9"), dst, Pick::Next).expect("route");
+        let r = route(&snap, ip("10.2.0.9"), OrigDstAddr(dst), Pick::Next).expect("route");
         assert!(
             r.waypoint.is_none() && r.hbone,
             "no loop back to the waypoint"
@@ -603,7 +606,7 @@ mod tests {
     fn a_service_with_a_waypoint_hands_the_waypoint_the_vip() {
         let snap = snapshot(Some("10.2.0.9"));
         let vip: SocketAddr = "10.96.0.1:80".parse().expect("addr");
-        let r = route(&snap, ip("10.1.0.2"), vip, Pick::Next).expect("route");
+        let r = route(&snap, ip("10.1.0.2"), OrigDstAddr(vip), Pick::Next).expect("route");
         let hop = r.waypoint.expect("through the waypoint");
         assert_eq!(hop.authority, vip, "the waypoint picks the endpoint");
         assert!(r.workload.is_none());
@@ -686,7 +689,7 @@ mod tests {
             Pick::Next,
         )
         .expect("route");
-        assert_eq!(wide.dst, "10.2.0.2:8080".parse().expect("a"));
+        assert_eq!(wide.endpoint.0, "10.2.0.2:8080".parse().expect("a"));
         let narrow = route(
             &snap,
             ip("10.1.0.2"),
@@ -694,7 +697,7 @@ mod tests {
             Pick::Next,
         )
         .expect("route");
-        assert_eq!(narrow.dst, "10.50.1.7:80".parse().expect("a"));
+        assert_eq!(narrow.endpoint.0, "10.50.1.7:80".parse().expect("a"));
         assert!(narrow.hbone && narrow.workload.is_some());
         assert!(matches!(
             route(

@@ -41,6 +41,8 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 
+use crate::addrs::{ClientAddr, NetnsCookie, OrigDstAddr};
+
 pub use inspect::inspect;
 pub use netns::Netns;
 pub use splice::Splicer;
@@ -106,22 +108,25 @@ pub struct OrigDst {
 
 impl OrigDst {
     /// The original destination of a connection accepted on a pod's outbound listener, looked up
-    /// by the peer (the client socket's local address) inside the pod's netns.
-    pub fn lookup(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+    /// by the client socket's own address inside the pod's netns.
+    pub fn lookup(&self, netns: NetnsCookie, client: ClientAddr) -> Option<OrigDstAddr> {
         let key = SocketKey {
-            netns_cookie,
-            ip: ip_words(peer.ip()),
-            port: peer.port(),
+            netns_cookie: netns.0,
+            ip: ip_words(client.0.ip()),
+            port: client.0.port(),
             _pad: [0; 6],
         };
-        self.map.get(&key, 0).ok().map(|a| addr_to_std(&a))
+        self.map
+            .get(&key, 0)
+            .ok()
+            .map(|a| OrigDstAddr(addr_to_std(&a)))
     }
 }
 
 /// What the capture layer knows about one enrolled pod, for logs and `ambitctl`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EnrolledNetns {
-    pub cookie: u64,
+    pub cookie: NetnsCookie,
     pub pod_id: u32,
 }
 
@@ -350,7 +355,7 @@ impl Redirect {
             &self.pod_link_path(netns.cookie()),
         )?;
         self.enrolled
-            .insert(netns.cookie(), enrolled_pod(pod_id, ips), 0)
+            .insert(netns.cookie().0, enrolled_pod(pod_id, ips), 0)
             .map_err(|cause| Error::Map {
                 name: common::MAP_ENROLLED,
                 cause,
@@ -360,8 +365,8 @@ impl Redirect {
 
     /// Reverses [`Redirect::enroll`]: outbound capture off, `sk_lookup` detached, listeners
     /// unregistered. Works for netns that no longer exist (only the cookie is needed).
-    pub fn unenroll(&mut self, cookie: u64, ips: &[IpAddr]) -> Result<(), Error> {
-        match self.enrolled.remove(&cookie) {
+    pub fn unenroll(&mut self, cookie: NetnsCookie, ips: &[IpAddr]) -> Result<(), Error> {
+        match self.enrolled.remove(&cookie.0) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(cause) => {
                 return Err(Error::Map {
@@ -394,12 +399,16 @@ impl Redirect {
     }
 
     /// Cookies currently in the enrollment map (including ones left by an earlier agent).
-    pub fn enrolled_cookies(&self) -> Vec<u64> {
-        self.enrolled.keys().filter_map(Result::ok).collect()
+    pub fn enrolled_cookies(&self) -> Vec<NetnsCookie> {
+        self.enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .map(NetnsCookie)
+            .collect()
     }
 
     /// Cookies that have a pinned `sk_lookup` link.
-    pub fn pinned_pod_links(&self) -> Vec<u64> {
+    pub fn pinned_pod_links(&self) -> Vec<NetnsCookie> {
         let Ok(dir) = fs::read_dir(self.pin_path.join("pods")) else {
             return Vec::new();
         };
@@ -409,8 +418,8 @@ impl Redirect {
 
     /// Removes enrollment state for every cookie not in `keep` (left by an earlier agent for pods
     /// that are gone or no longer enrolled).
-    pub fn prune(&mut self, keep: &[u64]) -> Result<Vec<u64>, Error> {
-        let mut stale: Vec<u64> = self
+    pub fn prune(&mut self, keep: &[NetnsCookie]) -> Result<Vec<NetnsCookie>, Error> {
+        let mut stale: Vec<NetnsCookie> = self
             .enrolled_cookies()
             .into_iter()
             .chain(self.pinned_pod_links())
@@ -445,7 +454,7 @@ impl Redirect {
             .collect()
     }
 
-    fn pod_link_path(&self, cookie: u64) -> PathBuf {
+    fn pod_link_path(&self, cookie: NetnsCookie) -> PathBuf {
         self.pin_path.join("pods").join(cookie.to_string())
     }
 }

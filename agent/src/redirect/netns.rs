@@ -16,6 +16,8 @@ use std::{
 
 use nix::sched::CloneFlags;
 
+use crate::addrs::NetnsCookie;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open network namespace {path}: {cause} (does the pod still exist?)")]
@@ -43,7 +45,7 @@ pub fn init_agent_netns() -> io::Result<()> {
 pub struct Netns {
     file: File,
     path: PathBuf,
-    cookie: u64,
+    cookie: NetnsCookie,
 }
 
 impl Netns {
@@ -55,7 +57,7 @@ impl Netns {
         let mut ns = Netns {
             file,
             path: path.to_owned(),
-            cookie: 0,
+            cookie: NetnsCookie(0),
         };
         let sock =
             ns.run(|| socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None))?;
@@ -64,10 +66,12 @@ impl Netns {
             path: path.to_owned(),
             cause,
         })?;
-        ns.cookie = netns_cookie(sock.as_fd()).map_err(|cause| Error::Cookie {
-            path: path.to_owned(),
-            cause,
-        })?;
+        ns.cookie = netns_cookie(sock.as_fd())
+            .map(NetnsCookie)
+            .map_err(|cause| Error::Cookie {
+                path: path.to_owned(),
+                cause,
+            })?;
         Ok(ns)
     }
 
@@ -81,6 +85,7 @@ impl Netns {
         })?;
         let cookie = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)
             .and_then(|sock| netns_cookie(sock.as_fd()))
+            .map(NetnsCookie)
             .map_err(|cause| Error::Cookie {
                 path: path.to_owned(),
                 cause,
@@ -93,7 +98,7 @@ impl Netns {
     }
 
     /// The kernel's cookie for this namespace: the key of the enrollment map.
-    pub fn cookie(&self) -> u64 {
+    pub fn cookie(&self) -> NetnsCookie {
         self.cookie
     }
 
