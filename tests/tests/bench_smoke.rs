@@ -89,6 +89,13 @@ fn bench_quick_measures_every_path_and_reports_sane_figures() {
             .expect("the JSON report parses");
     assert_eq!(report["mode"], "quick");
     assert_eq!(report["failed_runs"], 0, "{stderr}");
+    // The chart beside it has a bar for the cross-node path of the first figure.
+    let chart = fs::read_to_string(out.with_extension("svg")).expect("read the SVG chart");
+    assert!(
+        chart.starts_with("<svg ") && chart.ends_with("</svg>\n"),
+        "{chart}"
+    );
+    assert!(chart.contains("<title>cross-node: "), "{chart}");
     for section in [
         "environment",
         "settings",

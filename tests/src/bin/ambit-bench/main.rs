@@ -9,11 +9,14 @@
 //! connections) and hey (a new connection per request); agent CPU and memory from /proc; and one
 //! agent fed 1k/10k/100k synthetic workloads by a test xDS server. Every figure is the median of
 //! the runs, with min and max and the ratio to direct; the targets get a pass/miss mark
-//! (a miss is reported, not a failure). Output: a Markdown table on stdout, JSON to `--out`.
+//! (a miss is reported, not a failure). Output: a Markdown table on stdout, JSON to `--out` and
+//! beside it an SVG chart of every figure as a ratio to direct (`--chart-from FILE.json` draws it
+//! again for an earlier report).
 //!
 //! Load goes only to pods of the bed; every process and namespace it made is removed at the end,
 //! on error and on Ctrl-C.
 
+mod chart;
 mod os;
 mod procfs;
 mod report;
@@ -71,6 +74,9 @@ struct Cli {
     /// Keep the bed's temp dir (agent configs and logs, tool files) after the run.
     #[arg(long)]
     keep_logs: bool,
+    /// Run nothing: draw the chart of an earlier report (FILE.json) to FILE.svg.
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["quick", "out", "no_traffic", "no_scale"])]
+    chart_from: Option<PathBuf>,
 }
 
 pub fn header(title: &str) {
@@ -96,6 +102,21 @@ const FULL_SCALE_STEPS: [usize; 3] = [1_000, 10_000, 100_000];
 const QUICK_SKIPPED_STEP: usize = 100_000;
 
 fn run(cli: &Cli) -> Result<ExitCode> {
+    if let Some(json) = &cli.chart_from {
+        let text = std::fs::read_to_string(json)
+            .with_context(|| format!("cannot read {}", json.display()))?;
+        let report: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a JSON report of ambit-bench", json.display()))?;
+        if report["schema"] != "ambit-bench/1" {
+            bail!(
+                "{} is not an ambit-bench/1 report (its schema is {})",
+                json.display(),
+                report["schema"]
+            );
+        }
+        println!("Chart: {}", write_chart(json, &report)?.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmark needs root for network namespaces, cgroups and eBPF; run it as root");
     }
@@ -245,9 +266,11 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         all.extend(rest);
     }
     write_json(&out, &json)?;
+    let chart = write_chart(&out, &json)?;
 
     println!("{}", report.table);
     println!("JSON report: {}", out.display());
+    println!("Chart: {}", chart.display());
     let missed = report.checks.iter().filter(|c| !c.pass).count();
     eprintln!(
         "\nbench finished in {:.0} s; {} of {} targets met (misses are reported, not failures)",
@@ -287,6 +310,14 @@ fn default_out() -> Result<PathBuf> {
         .and_then(Path::parent)
         .context("cannot find the target dir above this program")?;
     Ok(target.join("bench").join("latest.json"))
+}
+
+/// The chart of `report` beside its JSON at `json_path` (the same name, `.svg`).
+fn write_chart(json_path: &Path, report: &Value) -> Result<PathBuf> {
+    let path = json_path.with_extension("svg");
+    std::fs::write(&path, chart::svg(report))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
