@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use ambit_testbed::{
-    Agent, Node, Pod, TestBed,
+    Agent, MeshSpec, Node, Pod, TestBed,
     h2raw::{self, ENHANCE_YOUR_CALM, GOAWAY, HEADERS, REFUSED_STREAM, RST_STREAM, RawH2},
     log_str,
     metrics::{of_node, sum},
@@ -33,23 +33,29 @@ struct Bed {
 }
 
 fn bed(extra_b: serde_json::Value, extra_a: serde_json::Value) -> Bed {
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let client = bed.add_pod(&node_a, "client").expect("client");
-    let attacker = bed.add_pod(&node_a, "attacker").expect("attacker");
-    let server = bed.add_pod(&node_b, "server").expect("server");
+    // Only node-a knows its peer (the server); node-b judges the client by its certificate.
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .unenrolled("attacker")
+        .node("node-b")
+        .pod("server")
+        .without_peers()
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (client, attacker, server) = (
+        m.take_pod("client"),
+        m.take_pod("attacker"),
+        m.take_pod("server"),
+    );
+    let (mut config_a, mut config_b) = (m.take_config("node-a"), m.take_config("node-b"));
+    let node_b = m.take_node("node-b");
+    let bed = m.bed;
     let echo = server.serve(PORT).expect("echo");
-    let mut config_a = bed.agent_config(&node_a);
-    config_a
-        .enroll(&client)
-        .add_pod(&attacker, false)
-        .add_peer(&server);
+    config_a.add_peer(&server);
     for (k, v) in extra_a.as_object().into_iter().flatten() {
         config_a.extra.insert(k.clone(), v.clone());
     }
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server);
     // The server backs a service, for the service-hostname CONNECT test.
     if let Some(p) = config_b.pods.iter_mut().find(|p| p.name == server.name()) {
         p.services = vec!["default/echo".into()];

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ambit_testbed::{Pod, TestBed};
+use ambit_testbed::{MeshSpec, Pod};
 
 const PORT: u16 = 8080;
 
@@ -38,20 +38,19 @@ fn a_client_reset_closes_the_connection_to_the_app_across_the_mesh() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let client = bed.add_pod(&node_a, "client").expect("client");
-    let server = bed.add_pod(&node_b, "server").expect("server");
+    let m = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .node("node-b")
+        .pod("server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (client, server) = (&m.pods["client"], &m.pods["server"]);
     let echo = server.serve(PORT).expect("echo");
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.enroll(&client).add_peer(&server);
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server).add_peer(&client);
-    let _agent_a = bed.start_agent(&config_a).expect("agent-a");
-    let _agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let _agent_a = m.bed.start_agent(&m.configs["node-a"]).expect("agent-a");
+    let _agent_b = m.bed.start_agent(&m.configs["node-b"]).expect("agent-b");
 
-    connect_and_reset(&client, server.v4(PORT));
+    connect_and_reset(client, server.v4(PORT));
     // The echo server got its 100 bytes, answered, and then only waits: its connection must be
     // closed by the agent once the client's reset arrives.
     echo.wait_for_event(|v| v["event"] == "closed", Duration::from_secs(10))

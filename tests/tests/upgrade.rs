@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use ambit_testbed::{TestBed, log_str, poll};
+use ambit_testbed::{MeshSpec, log_str, poll};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -30,18 +30,18 @@ fn a_surge_upgrade_drains_the_old_agent_and_never_leaks_plaintext() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let client = bed.add_pod(&node_a, "client").expect("client");
-    let server = bed.add_pod(&node_b, "server").expect("server");
+    let m = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .node("node-b")
+        .pod("server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (bed, client, server) = (&m.bed, &m.pods["client"], &m.pods["server"]);
+    let (config_a, config_b) = (&m.configs["node-a"], &m.configs["node-b"]);
     let echo = server.serve(PORT).expect("echo");
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.enroll(&client).add_peer(&server);
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server).add_peer(&client);
-    let old = bed.start_agent(&config_a).expect("old agent");
-    let agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let old = bed.start_agent(config_a).expect("old agent");
+    let agent_b = bed.start_agent(config_b).expect("agent-b");
     let before = old.ambitctl_json(&["bpf"]).expect("bpf");
     assert_eq!(cgroup_links(&before), 7, "{before:#}");
 
@@ -52,7 +52,7 @@ fn a_surge_upgrade_drains_the_old_agent_and_never_leaks_plaintext() {
     long.wait_connected(WAIT).expect("long transfer connected");
 
     // The new agent starts next to the old one.
-    let new = bed.start_agent(&config_a).expect("new agent");
+    let new = bed.start_agent(config_a).expect("new agent");
     for _ in 0..4 {
         let r = client.connect(server.v4(PORT), 10_000).expect("client");
         assert!(r.ok, "during the overlap: {r:#?}");
