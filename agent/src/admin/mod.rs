@@ -354,7 +354,7 @@ impl Admin {
                 api::ConnectionView {
                     id: c.id,
                     direction: i.direction.as_str().to_owned(),
-                    path: i.path.as_str().to_owned(),
+                    path: c.path().as_str().to_owned(),
                     src: i.src.to_string(),
                     dst: i.dst.to_string(),
                     src_workload: i.src_workload.clone(),

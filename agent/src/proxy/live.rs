@@ -58,6 +58,8 @@ pub struct LiveConn {
     reason: Mutex<Option<String>>,
     /// Istio's `response_flags` for its close: `-` unless set (see [`LiveConn::flag`]).
     flags: Mutex<&'static str>,
+    /// A connection registered as spliced that the kernel could not take, copied by the agent.
+    in_user_space: std::sync::atomic::AtomicBool,
 }
 
 impl LiveConn {
@@ -78,6 +80,27 @@ impl LiveConn {
     /// or `CONNECT` (the destination could not be reached).
     pub fn flag(&self, flags: &'static str) {
         *self.flags.lock().unwrap_or_else(|p| p.into_inner()) = flags;
+    }
+
+    /// A connection registered with path `kernel` is copied by the agent after all (the splice
+    /// could not take it): from now on it shows as `local`.
+    pub fn carried_in_user_space(&self) {
+        self.in_user_space
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How its bytes travel now: the registered path, except a spliced connection the kernel
+    /// could not take (`local`).
+    pub fn path(&self) -> Transport {
+        if self.info.path == Transport::Kernel
+            && self
+                .in_user_space
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            Transport::Local
+        } else {
+            self.info.path
+        }
     }
 
     fn close(&self, reason: String) {
@@ -213,6 +236,7 @@ impl LiveConns {
             close: CancellationToken::new(),
             reason: Mutex::new(None),
             flags: Mutex::new("-"),
+            in_user_space: Default::default(),
         });
         self.lock().insert(id, conn.clone());
         Registration {
@@ -275,6 +299,24 @@ mod tests {
             counts: Arc::default(),
             start: Instant::now(),
         }
+    }
+
+    #[test]
+    fn a_spliced_connection_the_kernel_did_not_take_shows_as_local() {
+        let live = LiveConns::default();
+        let a: SocketAddr = "10.1.0.2:1000".parse().expect("addr");
+        let b: SocketAddr = "10.1.0.3:80".parse().expect("addr");
+        let spliced = live.register(ConnInfo {
+            path: Transport::Kernel,
+            ..info(a, b, "default")
+        });
+        let other = live.register(info(b, a, "default"));
+        assert_eq!(spliced.conn.path(), Transport::Kernel);
+        spliced.conn.carried_in_user_space();
+        other.conn.carried_in_user_space();
+        assert_eq!(spliced.conn.path(), Transport::Local);
+        // Only a spliced one changes: any other path stays what it was.
+        assert_eq!(other.conn.path(), Transport::Passthrough);
     }
 
     #[tokio::test]

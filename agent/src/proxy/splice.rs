@@ -127,7 +127,16 @@ pub async fn serve(
             return Err(mine);
         }
     };
-    let outcome = carry(ctx, downstream, upstream, &counts, &in_live, log).await;
+    let outcome = carry(
+        ctx,
+        downstream,
+        upstream,
+        &counts,
+        [out_live, &in_live.conn],
+        &in_live,
+        log,
+    )
+    .await;
     inbound.log.path = log.path;
     inbound.finish(outcome.as_ref().map(|_| ()).map_err(duplicate));
     drop(in_live);
@@ -140,11 +149,12 @@ async fn carry(
     downstream: TcpStream,
     upstream: TcpStream,
     counts: &Arc<ByteCounts>,
+    both: [&LiveConn; 2],
     in_live: &Registration<'_>,
     log: &mut AccessLog,
 ) -> Result<(), Error> {
     let Some(splicer) = ctx.capture.splicer() else {
-        return user_space(downstream, upstream, counts, in_live, log).await;
+        return user_space(downstream, upstream, counts, both, in_live, log).await;
     };
     // Out of tokio's reactor: the kernel carries the data, and its wake-ups must not reach us.
     let a = downstream
@@ -175,7 +185,7 @@ async fn carry(
             let (a, b) = (TcpStream::from_std(a), TcpStream::from_std(b));
             let a = a.map_err(copy_error(Side::Downstream))?;
             let b = b.map_err(copy_error(Side::Upstream))?;
-            user_space(a, b, counts, in_live, log).await
+            user_space(a, b, counts, both, in_live, log).await
         }
         Err(e) => {
             reset(&a);
@@ -190,10 +200,15 @@ async fn user_space(
     a: TcpStream,
     b: TcpStream,
     counts: &Arc<ByteCounts>,
+    both: [&LiveConn; 2],
     in_live: &Registration<'_>,
     log: &mut AccessLog,
 ) -> Result<(), Error> {
     log.path = Transport::Local;
+    // `ambitctl connections` shows both sides as copied by the agent, as the access log does.
+    for live in both {
+        live.carried_in_user_space();
+    }
     tokio::select! {
         r = copy::copy_bidirectional(a, b, counts.clone()) => r.map_err(Error::Copy),
         () = in_live.conn.closed() => Err(Error::Closed(in_live.conn.close_reason().unwrap_or_default())),
