@@ -207,6 +207,8 @@ pub struct Gauges {
     pub workloads: usize,
     pub services: usize,
     pub policies: usize,
+    /// Kubernetes objects the agent cannot read (their pods are not captured).
+    pub kube_unreadable: usize,
 }
 
 impl Default for Metrics {
@@ -366,6 +368,11 @@ impl Metrics {
             "ambit_authorization_policies",
             "Authorization policies held",
             count(g.policies),
+        );
+        e.gauge(
+            "ambit_kubernetes_unreadable_objects",
+            "Pods of this node and namespaces the agent cannot read from the Kubernetes API (their pods are not captured; ambitctl status names them)",
+            count(g.kube_unreadable),
         );
         let f = e.counters(
             "ambit_ebpf_events",

@@ -153,6 +153,21 @@ impl KubeApi {
         );
     }
 
+    /// Creates or replaces the pod object at `namespace/name` with `object` as given (for
+    /// objects the agent must cope with, not only ones [`KubeApi::set_pod`] makes).
+    pub fn set_pod_object(&self, key: &str, object: Value) {
+        let exists = self.lock().pods.contains_key(key);
+        let key = key.to_owned();
+        self.change(
+            "pods",
+            if exists { "MODIFIED" } else { "ADDED" },
+            object,
+            |st, o| {
+                st.pods.insert(key, o);
+            },
+        );
+    }
+
     /// The patches received, by pod key.
     pub fn patches(&self) -> Vec<(String, Value)> {
         self.lock().patches.clone()

@@ -181,3 +181,76 @@ fn namespace_and_pod_labels_enroll_and_release_running_pods_live() {
         api.patches()
     );
 }
+
+#[test]
+fn a_pod_object_the_agent_cannot_read_is_named_and_counted_not_silently_skipped() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
+    let node = bed.add_node("node-a").expect("node");
+    let server = bed
+        .add_pod_in(&node, "server", "default", "server")
+        .expect("server");
+    let api = KubeApi::start_in(&node.netns_path()).expect("fake API server");
+    api.set_namespace("default", json!({"istio.io/dataplane-mode": "ambient"}));
+    api.set_pod("node-a", &server, json!({"app": "server"}));
+    // A pod in the mesh whose object does not have the shape the agent reads (labels that are
+    // not strings): the agent cannot know its addresses, so it cannot capture it.
+    let weird = |labels: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "weird", "namespace": "default", "uid": "uid-weird",
+                            "labels": labels},
+               "spec": {"nodeName": "node-a", "serviceAccountName": "default"},
+               "status": {"phase": "Pending"}})
+    };
+    api.set_pod_object("default/weird", weird(json!({"app": 7})));
+    let token = bed.tmp_dir().join("kube-token");
+    std::fs::write(&token, "test-token\n").expect("token");
+    let mut config = bed.agent_config(&node);
+    config.extra.insert(
+        "kubernetes".into(),
+        json!({"apiServer": api.url(), "tokenPath": token,
+               "netnsPathPrefix": format!("/run/netns/ab-{}-", bed.id())}),
+    );
+    let agent = bed.start_agent(&config).expect("agent");
+    wait_enrolled(&agent, &["default/server"]);
+
+    let failed = |agent: &Agent| -> Vec<Value> {
+        let s = agent.ambitctl_json(&["status"]).expect("status");
+        s["failedPods"].as_array().cloned().unwrap_or_default()
+    };
+    let named = poll(WAIT, || {
+        failed(&agent)
+            .into_iter()
+            .find(|f| f["pod"] == "pod default/weird")
+    })
+    .expect("the unreadable pod is among the failed pods");
+    let error = named["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("cannot read this object from the Kubernetes API")
+            && error.contains("not captured"),
+        "{named}"
+    );
+    let metrics = ambit_testbed::metrics::of_node(&node);
+    assert_eq!(
+        metrics.get("ambit_kubernetes_unreadable_objects"),
+        Some(&1.0),
+        "{metrics:#?}"
+    );
+
+    // Once the object reads, it is no longer reported.
+    api.set_pod_object("default/weird", weird(json!({"app": "weird"})));
+    let cleared = poll(WAIT, || {
+        failed(&agent)
+            .iter()
+            .all(|f| f["pod"] != "pod default/weird")
+            .then_some(())
+    });
+    assert!(cleared.is_some(), "still reported: {:#?}", failed(&agent));
+    let metrics = ambit_testbed::metrics::of_node(&node);
+    assert_eq!(
+        metrics.get("ambit_kubernetes_unreadable_objects"),
+        Some(&0.0)
+    );
+}

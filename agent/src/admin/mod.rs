@@ -432,6 +432,7 @@ impl Admin {
             workloads: snapshot.workload_count(),
             services: snapshot.service_count(),
             policies: self.ctx.policies.load().len(),
+            kube_unreadable: self.pods.load().unreadable,
         };
         self.ctx.live.metrics().render(&gauges)
     }

@@ -190,6 +190,30 @@ pub struct KubeState {
     pub pods: BTreeMap<String, KubePod>,
     /// Both lists have arrived at least once.
     pub synced: bool,
+    /// Objects of the watched kinds the agent could not read (`namespace <name>` or
+    /// `pod <namespace>/<name>` -> why), at most [`MAX_UNREADABLE`]. A pod among them is not
+    /// captured (its addresses and netns are unknown), so `ambitctl status` lists it as failed
+    /// and `ambit_kubernetes_unreadable_objects` counts them.
+    pub unreadable: BTreeMap<String, String>,
+}
+
+/// How many unreadable objects are remembered by name (the count beyond is not kept).
+pub const MAX_UNREADABLE: usize = 100;
+
+/// What one list-and-watch publishes: the objects read, and the ones that could not be.
+pub struct Listed<T> {
+    pub items: BTreeMap<String, T>,
+    /// Raw key -> why, at most [`MAX_UNREADABLE`].
+    pub unreadable: BTreeMap<String, String>,
+}
+
+impl<T: Clone> Clone for Listed<T> {
+    fn clone(&self) -> Self {
+        Listed {
+            items: self.items.clone(),
+            unreadable: self.unreadable.clone(),
+        }
+    }
 }
 
 impl KubeState {
@@ -222,8 +246,8 @@ pub async fn run(
     out: watch::Sender<Arc<KubeState>>,
     shutdown: CancellationToken,
 ) {
-    let (ns_tx, mut ns_rx) = watch::channel(None::<Arc<BTreeMap<String, NamespaceObject>>>);
-    let (pod_tx, mut pod_rx) = watch::channel(None::<Arc<BTreeMap<String, PodObject>>>);
+    let (ns_tx, mut ns_rx) = watch::channel(None::<Arc<Listed<NamespaceObject>>>);
+    let (pod_tx, mut pod_rx) = watch::channel(None::<Arc<Listed<PodObject>>>);
     let pods_path = format!(
         "/api/v1/pods?fieldSelector={}",
         url_encode(&format!("spec.nodeName={node}"))
@@ -245,16 +269,28 @@ pub async fn run(
         }
         let namespaces = ns_rx.borrow_and_update().clone();
         let pods = pod_rx.borrow_and_update().clone();
+        let unreadable = namespaces
+            .iter()
+            .flat_map(|l| &l.unreadable)
+            .map(|(k, e)| (format!("namespace {k}"), e.clone()))
+            .chain(
+                pods.iter()
+                    .flat_map(|l| &l.unreadable)
+                    .map(|(k, e)| (format!("pod {k}"), e.clone())),
+            )
+            .take(MAX_UNREADABLE)
+            .collect();
         let state = KubeState {
             synced: namespaces.is_some() && pods.is_some(),
             namespaces: namespaces
                 .iter()
-                .flat_map(|m| m.values())
+                .flat_map(|l| l.items.values())
                 .map(|o| (o.metadata.name.clone(), o.metadata.labels.clone()))
                 .collect(),
+            unreadable,
             pods: pods
                 .iter()
-                .flat_map(|m| m.values())
+                .flat_map(|l| l.items.values())
                 .filter(|o| o.metadata.namespace.is_some())
                 .map(KubePod::from)
                 .map(|p| (p.key(), p))
@@ -271,7 +307,7 @@ pub async fn run(
 async fn watch_list<T: Object>(
     client: Client,
     path: String,
-    out: watch::Sender<Option<Arc<BTreeMap<String, T>>>>,
+    out: watch::Sender<Option<Arc<Listed<T>>>>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(500);
@@ -286,19 +322,19 @@ async fn watch_list<T: Object>(
                 continue;
             }
         };
-        let mut items: BTreeMap<String, T> = listed["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|o| parse::<T>(&path, o))
-            .map(|o| (o.key(), o))
-            .collect();
+        let mut listing = Listed {
+            items: BTreeMap::new(),
+            unreadable: BTreeMap::new(),
+        };
+        for o in listed["items"].as_array().into_iter().flatten() {
+            listing.read(&path, o);
+        }
         let mut version = listed["metadata"]["resourceVersion"]
             .as_str()
             .unwrap_or("")
             .to_owned();
-        debug!(path, items = items.len(), "Kubernetes list");
-        let _ = out.send(Some(Arc::new(items.clone())));
+        debug!(path, items = listing.items.len(), "Kubernetes list");
+        let _ = out.send(Some(Arc::new(listing.clone())));
         backoff = Duration::from_millis(500);
         // Watch until it ends or fails; a normal end starts another watch from where it was.
         loop {
@@ -339,22 +375,19 @@ async fn watch_list<T: Object>(
                         if !matches!(kind, Some("ADDED" | "MODIFIED" | "DELETED")) {
                             continue;
                         }
-                        match (kind, parse::<T>(&path, object)) {
-                            (Some("DELETED"), Some(o)) => {
-                                items.remove(&o.key());
-                            }
+                        if kind == Some("DELETED") {
                             // A deletion needs only the name: never keep a pod that is gone.
-                            (Some("DELETED"), None) => {
-                                let Some(key) = raw_key(object) else { continue };
-                                items.remove(&key);
-                            }
-                            (_, Some(o)) => {
-                                items.insert(o.key(), o);
-                            }
-                            // An update it cannot read keeps what it knew.
-                            (_, None) => continue,
+                            let key = parse::<T>(object)
+                                .map(|o| o.key())
+                                .or_else(|_| raw_key(object).ok_or(()));
+                            let Ok(key) = key else { continue };
+                            listing.items.remove(&key);
+                            listing.unreadable.remove(&key);
+                        } else {
+                            // An update it cannot read keeps what it knew, and says so.
+                            listing.read(&path, object);
                         }
-                        let _ = out.send(Some(Arc::new(items.clone())));
+                        let _ = out.send(Some(Arc::new(listing.clone())));
                     }
                     Ok(None) => break true,
                     Err(e) => {
@@ -388,16 +421,31 @@ fn raw_key(o: &Value) -> Option<String> {
     })
 }
 
-/// One listed or watched object, typed; one the agent cannot read is skipped, counted in the
-/// log (the API server does not send those, but a proxy in between might).
-fn parse<T: Object>(path: &str, o: &Value) -> Option<T> {
-    match T::deserialize(o) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            warn!(path, error = %e, name = %o["metadata"]["name"], "skipping a Kubernetes object the agent cannot read");
-            None
+impl<T: Object> Listed<T> {
+    /// Takes in one listed or watched object: a readable one replaces what was known of it; one
+    /// the agent cannot read keeps what was known and is remembered as unreadable (the API
+    /// server does not send those, but a proxy in between or a newer API version might).
+    fn read(&mut self, path: &str, o: &Value) {
+        match parse::<T>(o) {
+            Ok(t) => {
+                let key = t.key();
+                self.unreadable.remove(&key);
+                self.items.insert(key, t);
+            }
+            Err(e) => {
+                warn!(path, error = %e, name = %o["metadata"]["name"], "a Kubernetes object the agent cannot read");
+                let key = raw_key(o).unwrap_or_else(|| "(no name)".to_owned());
+                if self.unreadable.len() < MAX_UNREADABLE || self.unreadable.contains_key(&key) {
+                    self.unreadable.insert(key, e.to_string());
+                }
+            }
         }
     }
+}
+
+/// One listed or watched object, typed.
+fn parse<T: Object>(o: &Value) -> Result<T, serde_json::Error> {
+    T::deserialize(o)
 }
 
 /// Percent-encodes a query value.
@@ -549,7 +597,7 @@ mod tests {
             "status": {"phase": "Running", "podIP": "10.1.0.2",
                        "podIPs": [{"ip": "10.1.0.2"}, {"ip": "fd00:1::2"}, {"ip": "garbage"}]}
         });
-        let pod = parse::<PodObject>("/api/v1/pods", &o).expect("a pod");
+        let pod = parse::<PodObject>(&o).expect("a pod");
         assert_eq!(pod.key(), "default/curl");
         let k = KubePod::from(&pod);
         assert_eq!(
@@ -572,7 +620,7 @@ mod tests {
             "spec": {"serviceAccountName": "runner"},
             "status": {"phase": "Succeeded", "podIP": "10.1.0.9"}
         });
-        let k = KubePod::from(&parse::<PodObject>("p", &o).expect("a pod"));
+        let k = KubePod::from(&parse::<PodObject>(&o).expect("a pod"));
         assert_eq!(k.service_account, "runner");
         assert_eq!(k.ips, ["10.1.0.9".parse::<IpAddr>().expect("ip")]);
         assert!(k.finished);
@@ -585,7 +633,7 @@ mod tests {
             "spec": {"serviceAccountName": null, "hostNetwork": null},
             "status": {"podIP": null, "podIPs": [{"ip": null}, {"ip": "10.1.0.4"}], "phase": null}
         });
-        let k = KubePod::from(&parse::<PodObject>("p", &o).expect("a pod despite the nulls"));
+        let k = KubePod::from(&parse::<PodObject>(&o).expect("a pod despite the nulls"));
         assert_eq!(k.service_account, "default");
         assert_eq!(k.ips, ["10.1.0.4".parse::<IpAddr>().expect("ip")]);
         assert_eq!(
@@ -595,14 +643,43 @@ mod tests {
     }
 
     #[test]
-    fn an_object_it_cannot_read_is_skipped_not_fatal() {
+    fn an_object_it_cannot_read_is_remembered_as_unreadable_not_fatal() {
         let nameless = serde_json::json!({"metadata": {"namespace": "default"}});
-        assert!(parse::<PodObject>("p", &nameless).is_none());
+        assert!(parse::<PodObject>(&nameless).is_err());
         let bad_labels = serde_json::json!({"metadata": {"name": "x", "labels": {"a": 1}}});
-        assert!(parse::<NamespaceObject>("n", &bad_labels).is_none());
-        let ns = serde_json::json!({"metadata": {"name": "shop",
-            "labels": {"istio.io/dataplane-mode": "ambient"}}});
-        let ns = parse::<NamespaceObject>("n", &ns).expect("a namespace");
-        assert_eq!(ns.key(), "shop");
+        assert!(parse::<NamespaceObject>(&bad_labels).is_err());
+        let good = |labels: serde_json::Value| serde_json::json!({"metadata": {"name": "x", "labels": labels}});
+
+        let mut listing = Listed::<NamespaceObject> {
+            items: BTreeMap::new(),
+            unreadable: BTreeMap::new(),
+        };
+        listing.read(
+            "n",
+            &good(serde_json::json!({"istio.io/dataplane-mode": "ambient"})),
+        );
+        // An update it cannot read keeps what it knew, and is named with why.
+        listing.read("n", &bad_labels);
+        assert_eq!(
+            listing.items["x"].metadata.labels["istio.io/dataplane-mode"],
+            "ambient"
+        );
+        assert!(
+            listing.unreadable["x"].contains("invalid type"),
+            "{:?}",
+            listing.unreadable
+        );
+        // A readable version clears it.
+        listing.read("n", &good(serde_json::json!({})));
+        assert!(listing.unreadable.is_empty());
+        assert!(listing.items["x"].metadata.labels.is_empty());
+        // Bounded, however many there are.
+        for i in 0..MAX_UNREADABLE + 50 {
+            listing.read(
+                "n",
+                &serde_json::json!({"metadata": {"name": format!("bad-{i}"), "labels": 7}}),
+            );
+        }
+        assert_eq!(listing.unreadable.len(), MAX_UNREADABLE);
     }
 }

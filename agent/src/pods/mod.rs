@@ -74,6 +74,9 @@ pub struct PodsState {
     /// The pod source that has not synced yet (`kubernetes`), if any: nothing an earlier agent
     /// left is released before it has.
     pub waiting_for: Option<&'static str>,
+    /// Kubernetes objects (pods of this node, namespaces) the agent cannot read; each is also
+    /// among `failed`.
+    pub unreadable: usize,
 }
 
 /// Keeps the served pods equal to what [`desired::desired`] decides.
@@ -227,9 +230,18 @@ impl PodManager {
                 .failed
                 .iter()
                 .map(|(k, e)| (k.clone(), e.clone()))
+                .chain(self.kube.iter().flat_map(|k| &k.unreadable).map(|(what, e)| {
+                    (
+                        what.clone(),
+                        format!(
+                            "the agent cannot read this object from the Kubernetes API ({e});                              the pods it describes are not captured"
+                        ),
+                    )
+                }))
                 .collect(),
             held_netns: self.held.iter().copied().collect(),
             waiting_for: self.waiting_for,
+            unreadable: self.kube.as_ref().map_or(0, |k| k.unreadable.len()),
         }
     }
 
