@@ -39,11 +39,19 @@ enum Command {
         args: Vec<String>,
     },
     /// Setup, build, and run the two-node demo with real traffic through the agents
-    /// (`ambit-demo`; arguments after `--` go to it, e.g. `-- --hold`, `-- --help`).
+    /// (`ambit-demo`; arguments after `--` go to it, e.g. `-- --help`); `--keep` leaves it
+    /// running to poke at, `--down` removes it.
     Demo {
         /// Skip setup and build; use the binaries already in the target dir.
         #[arg(long)]
         no_build: bool,
+        /// After the scenes, leave the two nodes running in the background and print the
+        /// `ambitctl` and `ip netns exec` commands to try; `--down` removes them.
+        #[arg(long, conflicts_with = "down")]
+        keep: bool,
+        /// Remove a demo left running by `--keep`.
+        #[arg(long)]
+        down: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -89,7 +97,12 @@ fn main() -> ExitCode {
     let result: Result<ExitCode> = match cli.command {
         Command::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Command::Test { args } => util::test(&args),
-        Command::Demo { no_build, args } => util::demo(no_build, &args),
+        Command::Demo {
+            no_build,
+            keep,
+            down,
+            args,
+        } => util::demo(no_build, keep, down, &args),
         Command::Bench {
             quick,
             out,

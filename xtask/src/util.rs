@@ -91,11 +91,13 @@ const AGENT_BIN_ENV: &str = "AMBIT_AGENT_BIN";
 const TESTPOD_BIN_ENV: &str = "AMBIT_TESTPOD_BIN";
 
 /// `cargo xtask demo [--no-build] [-- args]`: setup, build, then `ambit-demo args`.
-pub fn demo(no_build: bool, args: &[String]) -> Result<ExitCode> {
+pub fn demo(no_build: bool, keep: bool, down: bool, args: &[String]) -> Result<ExitCode> {
     if !is_root() {
         bail!("the demo needs root for network namespaces, cgroups and eBPF; run it as root");
     }
-    if !no_build {
+    // Taking a kept demo down needs only the binary that runs it.
+    let skip_build = no_build || (down && debug_bin("ambit-demo").is_file());
+    if !skip_build {
         crate::setup::run()?;
         build_bins()?;
     }
@@ -108,8 +110,16 @@ pub fn demo(no_build: bool, args: &[String]) -> Result<ExitCode> {
         );
     }
     let mut cmd = Command::new(&demo);
+    if down {
+        cmd.arg("--down");
+    } else if keep {
+        cmd.arg("--keep");
+    }
     cmd.args(args);
     step(&format!("$ {}", command_line(&cmd)));
+    if keep {
+        return demo_in_background(cmd);
+    }
     let status = cmd
         .status()
         .with_context(|| format!("cannot run {}", demo.display()))?;
@@ -118,6 +128,60 @@ pub fn demo(no_build: bool, args: &[String]) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What `ambit-demo --keep` prints once the cluster is ready (`demo::KEPT_MARKER` there).
+const KEPT_MARKER: &str = "ambit-demo: kept";
+
+/// Runs the demo in a process group of its own (Ctrl-C here does not reach it), its output in
+/// `target/demo/keep.log`, shown here until it says the cluster is kept (or it ends); then
+/// returns, leaving it running.
+fn demo_in_background(mut cmd: Command) -> Result<ExitCode> {
+    use std::{io::Read as _, os::unix::process::CommandExt as _};
+    let dir = target_dir().join("demo");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log = dir.join("keep.log");
+    let out =
+        std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut child = cmd
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("cannot start the demo")?;
+    let mut reader = std::fs::File::open(&log)?;
+    let mut shown = String::new();
+    let started = std::time::Instant::now();
+    loop {
+        let mut more = String::new();
+        reader.read_to_string(&mut more)?;
+        eprint!("{more}");
+        shown.push_str(&more);
+        if shown.contains(KEPT_MARKER) {
+            step(&format!(
+                "the demo keeps running in the background (pid {}; its output: {}); `cargo xtask demo --down` removes it",
+                child.id(),
+                log.display()
+            ));
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(status) = child.try_wait()? {
+            // Whatever it wrote last.
+            let mut rest = String::new();
+            reader.read_to_string(&mut rest)?;
+            eprint!("{rest}");
+            bail!("the demo ended before it was ready to keep ({status}); see above");
+        }
+        if started.elapsed() > std::time::Duration::from_secs(600) {
+            bail!(
+                "the demo was not ready after 10 minutes (pid {}; {}); `cargo xtask demo --down` stops it",
+                child.id(),
+                log.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// `cargo xtask test [-- args]`.

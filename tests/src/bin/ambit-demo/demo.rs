@@ -18,6 +18,19 @@ use crate::{header, sigint, step};
 const PORT: u16 = 8080;
 /// The virtual IP of service `web`, which has a waypoint.
 const WEB_VIP: &str = "10.96.0.20";
+/// The port node-b's policy `no-9090` denies.
+const DENIED_PORT: u16 = 9090;
+/// Where a kept demo (`--keep`) says who it is, for `--down`; `AMBIT_DEMO_KEEP_FILE` moves it
+/// (the test suite's own demo must not touch a user's).
+const KEEP_FILE: &str = "/run/ambit-demo.json";
+const KEEP_FILE_ENV: &str = "AMBIT_DEMO_KEEP_FILE";
+
+fn keep_file() -> std::path::PathBuf {
+    std::env::var_os(KEEP_FILE_ENV).map_or_else(|| KEEP_FILE.into(), Into::into)
+}
+/// The line a kept demo prints once the cluster is ready to poke at (`cargo xtask demo --keep`
+/// waits for it).
+pub const KEPT_MARKER: &str = "ambit-demo: kept";
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -25,8 +38,12 @@ pub struct Options {
     #[arg(long, default_value_t = 64 * 1024)]
     bytes: usize,
     /// After the report, keep the cluster up until Ctrl-C (to look around with `ip netns exec`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keep")]
     hold: bool,
+    /// After the report, print the commands to try and keep the cluster up until SIGTERM or
+    /// `--down` (what `cargo xtask demo --keep` runs in the background).
+    #[arg(long)]
+    keep: bool,
     /// Keep the agents' configs and logs after teardown.
     #[arg(long)]
     keep_logs: bool,
@@ -48,7 +65,8 @@ pub fn run(options: &Options) -> Result<()> {
     }
     // The bed lives inside `demo`, so it is torn down before we report how the demo ended.
     let result = demo(options, &agent_bin, &testpod_bin);
-    if sigint::interrupted() {
+    // A kept demo ends by a signal (`--down`): that is its normal end once it was kept.
+    if sigint::interrupted() && !(options.keep && result.is_ok()) {
         bail!("demo interrupted; the cluster was torn down");
     }
     result?;
@@ -133,6 +151,13 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         .add_peer(&server_a)
         .add_peer(&web_v1);
     backs_web(&mut config_b);
+    // Something for `explain` to deny: nothing in namespace default takes connections on 9090
+    // (on both nodes, as a control plane pushes a namespace's policies to every node).
+    let no_9090 = serde_json::json!([{"name": "no-9090", "namespace": "default",
+        "scope": "NAMESPACE", "action": "DENY",
+        "rules": [{"clauses": [{"matches": [{"destinationPorts": [DENIED_PORT]}]}]}]}]);
+    config_a.extra.insert("policies".into(), no_9090.clone());
+    config_b.extra.insert("policies".into(), no_9090);
     let mut config_w = bed.waypoint_config(&waypoint);
     config_w
         .add_peer(&web_v1)
@@ -312,9 +337,18 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
     }
 
     check_interrupt()?;
-    waypoint_scene(&bed, &client_a, [&web_v1, &web_v2], &waypoint, &config_w)?;
+    let _waypoint = waypoint_scene(&bed, &client_a, [&web_v1, &web_v2], &waypoint, &config_w)?;
 
-    if options.hold {
+    if options.keep {
+        keep(
+            &bed,
+            &[&agent_a, &agent_b],
+            &client_a,
+            &server_b,
+            &outsider,
+            &web_v2,
+        )?;
+    } else if options.hold {
         header("demo: holding the cluster (Ctrl-C to tear down)");
         for name in bed.netns_names() {
             step(&format!("ip netns exec {name} <command>"));
@@ -340,7 +374,7 @@ fn waypoint_scene(
     web: [&Pod; 2],
     waypoint_pod: &Pod,
     config: &ambit_testbed::AgentConfig,
-) -> Result<()> {
+) -> Result<(Agent, [ambit_testbed::Server; 2])> {
     header(&format!(
         "demo: HTTP to service web ({WEB_VIP}:80) through a waypoint: 80/20 split, /admin denied"
     ));
@@ -410,7 +444,8 @@ fn waypoint_scene(
             text("duration_ms").unwrap_or_default(),
         ));
     }
-    Ok(())
+    // Kept running by the caller (for `--keep`).
+    Ok((waypoint, servers))
 }
 
 /// A socket address from a log field, with IPv4-mapped IPv6 shown as IPv4.
@@ -509,6 +544,153 @@ impl Capture {
             ),
         })
     }
+}
+
+/// `--keep`: the commands to try on the live cluster, then wait for SIGTERM (`--down`) or Ctrl-C.
+fn keep(
+    bed: &TestBed,
+    agents: &[&Agent; 2],
+    client: &Pod,
+    server: &Pod,
+    outsider: &Pod,
+    web_v2: &Pod,
+) -> Result<()> {
+    let ambitctl = ambit_testbed::ambitctl_bin()?;
+    let ctl = |agent: &Agent| {
+        format!(
+            "{} --socket {}",
+            ambitctl.display(),
+            agent.admin_socket().display()
+        )
+    };
+    let (a, b) = (ctl(agents[0]), ctl(agents[1]));
+    // Inside the pod's cgroup (the capture programs see only the pods' cgroups), then its netns:
+    // in that order, because `ip netns exec` remounts /sys, hiding the cgroup mount.
+    let in_pod = |pod: &Pod, command: &str| {
+        format!(
+            "sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {} {command}'",
+            pod.cgroup_dir().display(),
+            pod.netns_name(),
+        )
+    };
+    header("demo: kept running; try these (as root)");
+    let lines = [
+        "# each node, its pods, the mesh it knows".to_owned(),
+        format!("{a} status"),
+        format!("{b} workloads"),
+        "# connections as they happen (run the curls below in another terminal)".to_owned(),
+        format!("{a} connections --watch"),
+        "# an allowed flow, and one the policy no-9090 denies".to_owned(),
+        format!(
+            "{a} explain --from default/{} {}",
+            client.name(),
+            server.v4(PORT)
+        ),
+        format!(
+            "{a} explain --from default/{} {}:{DENIED_PORT}",
+            client.name(),
+            server.ipv4()
+        ),
+        "# HTTP through the waypoint (80/20 between web-v1 and web-v2; /admin is denied)"
+            .to_owned(),
+        in_pod(client, &format!("curl -s http://{WEB_VIP}/hello")),
+        in_pod(client, &format!("curl -s http://{WEB_VIP}/admin")),
+        format!(
+            "# from {} (not in the mesh) to web-v2: plaintext, judged by node-b's agent",
+            outsider.name()
+        ),
+        in_pod(
+            outsider,
+            &format!("curl -s --max-time 3 http://{}/hello", web_v2.v4(PORT)),
+        ),
+        "# the eBPF programs and maps, and each agent's log".to_owned(),
+        format!("{a} bpf"),
+        format!(
+            "tail -f {} {}",
+            agents[0].log_path().display(),
+            agents[1].log_path().display()
+        ),
+        "# remove it all".to_owned(),
+        "cargo xtask demo --down".to_owned(),
+    ];
+    for line in &lines {
+        println!("  {line}");
+    }
+    let record = serde_json::json!({
+        "pid": std::process::id(),
+        "bed": bed.id(),
+        "netns": bed.netns_names(),
+        "sockets": agents.iter().map(|a| a.admin_socket().display().to_string()).collect::<Vec<_>>(),
+    });
+    let file = keep_file();
+    std::fs::write(&file, serde_json::to_string_pretty(&record)? + "\n")
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    eprintln!("{KEPT_MARKER} (pid {})", std::process::id());
+    while !sigint::interrupted() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = std::fs::remove_file(&file);
+    Ok(())
+}
+
+/// `--down`: stops the kept demo (SIGTERM; it tears its cluster down) and waits for it.
+pub fn down() -> Result<()> {
+    let file = keep_file();
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            step(&format!("no kept demo (nothing at {})", file.display()));
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    };
+    let record: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not the demo's record", file.display()))?;
+    let pid = record["pid"]
+        .as_u64()
+        .and_then(|p| i32::try_from(p).ok())
+        .with_context(|| format!("{} has no pid", file.display()))?;
+    // Gone, or a zombie its parent has not reaped yet (it has torn everything down by then).
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| state != 'Z' && state != 'X')
+        })
+    };
+    // Only signal what is really the demo (the pid may have been reused since).
+    let is_demo = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.contains("ambit-demo"));
+    if alive(pid) && is_demo {
+        step(&format!(
+            "stopping the kept demo (pid {pid}); it tears its cluster down"
+        ));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .with_context(|| format!("cannot signal pid {pid}"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if alive(pid) {
+            bail!(
+                "the kept demo (pid {pid}) did not stop within 60 s; see its log (target/demo/keep.log)"
+            );
+        }
+    } else {
+        step(&format!(
+            "the kept demo (pid {pid}) is gone; removing what it left"
+        ));
+    }
+    let _ = std::fs::remove_file(&file);
+    let cleaned = ambit_testbed::cleanup_stale();
+    if !cleaned.is_empty() {
+        step(&format!("removed leftovers: {cleaned:?}"));
+    }
+    step("the demo cluster is down");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -23,6 +23,9 @@ struct Cli {
     /// Only remove the namespaces, links, cgroups and pins left by crashed test beds, then exit.
     #[arg(long)]
     cleanup_stale: bool,
+    /// Stop a demo kept with `--keep` (it tears its cluster down), then exit.
+    #[arg(long, conflicts_with = "cleanup_stale")]
+    down: bool,
 }
 
 pub fn header(title: &str) {
@@ -35,7 +38,9 @@ pub fn step(message: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = if cli.cleanup_stale {
+    let result = if cli.down {
+        demo::down()
+    } else if cli.cleanup_stale {
         let cleaned = ambit_testbed::cleanup_stale();
         if !cleaned.is_empty() {
             step(&format!(

@@ -1,5 +1,6 @@
-//! Ctrl-C during the demo: the first SIGINT sets a flag so the demo stops at its next step and
-//! tears the test bed down through the normal `Drop` paths; a second one exits at once.
+//! Ctrl-C during the demo (or SIGTERM, which `--down` sends a kept demo): the first one sets a
+//! flag so the demo stops at its next step and tears the test bed down through the normal `Drop`
+//! paths; a second one exits at once.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,20 +21,24 @@ extern "C" fn on_sigint(_: libc::c_int) {
     unsafe { libc::write(libc::STDERR_FILENO, FIRST.as_ptr().cast(), FIRST.len()) };
 }
 
-/// Installs the handler. No SA_RESTART, so a blocking call returns early with EINTR.
+/// Installs the handler for SIGINT and SIGTERM. No SA_RESTART, so a blocking call returns early
+/// with EINTR.
 pub fn install() -> Result<()> {
     let action = SigAction::new(
         SigHandler::Handler(on_sigint),
         SaFlags::empty(),
         SigSet::empty(),
     );
-    // SAFETY: the handler only touches an atomic and calls async-signal-safe functions
-    // (write, _exit), so it is sound whenever the signal arrives.
-    unsafe { sigaction(Signal::SIGINT, &action) }.context("cannot install the SIGINT handler")?;
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only touches an atomic and calls async-signal-safe functions
+        // (write, _exit), so it is sound whenever the signal arrives.
+        unsafe { sigaction(signal, &action) }
+            .with_context(|| format!("cannot install the {signal} handler"))?;
+    }
     Ok(())
 }
 
-/// Whether Ctrl-C was pressed.
+/// Whether Ctrl-C was pressed (or SIGTERM received).
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
