@@ -1,6 +1,6 @@
-//! The demo a newcomer pokes at: `ambit-demo --keep` runs the scenes, prints the commands to try
-//! and keeps the two nodes up; the printed commands work against the live mesh; `--down` stops
-//! it and nothing of its cluster is left.
+//! The demo a newcomer pokes at: `ambit-demo --keep` runs the scenes (among them locality-aware
+//! load balancing), prints the commands to try and keeps the two nodes up; the printed commands
+//! work against the live mesh; `--down` stops it and nothing of its cluster is left.
 
 use std::{
     fs,
@@ -80,6 +80,13 @@ fn a_kept_demo_answers_the_commands_it_prints_and_goes_down_without_leftovers() 
         std::thread::sleep(Duration::from_millis(200));
     }
     let text = output(&log);
+    // The scenes ran: service nearby kept each client's connections on its own node.
+    for line in [
+        "client-a (node-a): 6 connections to nearby -> server-a (node-a) served 6, server-b (node-b) served 0",
+        "client-b (node-b): 6 connections to nearby -> server-a (node-a) served 0, server-b (node-b) served 6",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
     let record: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&keep_file).expect("the keep record"))
             .expect("the record is JSON");

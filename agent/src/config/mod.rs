@@ -287,6 +287,57 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// The waypoint traffic to the service goes through.
     pub waypoint: Option<WaypointRef>,
+    /// Locality preferences, as istiod sends them (`load_balancing`); unset: round robin over
+    /// every healthy endpoint.
+    pub load_balancing: Option<LoadBalancingConfig>,
+}
+
+/// A service's locality preferences: Istio's `LoadBalancing` (what `trafficDistribution:
+/// PreferClose` and `internalTrafficPolicy: Local` become), for a service of the local config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancingConfig {
+    /// The scopes an endpoint should share with the client, most important first.
+    #[serde(default)]
+    pub routing_preference: Vec<LocalityScope>,
+    /// `FAILOVER` (default): the endpoints sharing the most scopes there are; `STRICT`: only
+    /// endpoints sharing all of them (none: refused); `STANDARD`: preferences ignored.
+    #[serde(default)]
+    pub mode: LoadBalancingMode,
+    /// `ONLY_HEALTHY` (default) or `ALLOW_ALL` (unhealthy endpoints are candidates too).
+    #[serde(default)]
+    pub health_policy: HealthPolicy,
+}
+
+/// A locality level (Istio's `LoadBalancing.Scope`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LocalityScope {
+    Network,
+    Region,
+    Zone,
+    Subzone,
+    Node,
+    Cluster,
+}
+
+/// Istio's `LoadBalancing.Mode`, without `PASSTHROUGH` (a local service always has endpoints).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LoadBalancingMode {
+    Standard,
+    Strict,
+    #[default]
+    Failover,
+}
+
+/// Istio's `LoadBalancing.HealthPolicy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HealthPolicy {
+    #[default]
+    OnlyHealthy,
+    AllowAll,
 }
 
 impl Service {
@@ -690,6 +741,8 @@ struct RawService {
     ports: Vec<ServicePort>,
     #[serde(default)]
     waypoint: Option<WaypointRef>,
+    #[serde(default)]
+    load_balancing: Option<LoadBalancingConfig>,
 }
 
 #[derive(Deserialize)]
@@ -1227,6 +1280,24 @@ impl RawConfig {
                     "port 0 is not a port".into(),
                 ));
             }
+            if let Some(lb) = &sv.load_balancing {
+                let prefs = &lb.routing_preference;
+                if let Some(j) = (1..prefs.len()).find(|&j| prefs[..j].contains(&prefs[j])) {
+                    return Err(invalid(
+                        format!("services[{i}].loadBalancing.routingPreference[{j}]"),
+                        format!("{:?} is listed twice", prefs[j]),
+                    ));
+                }
+                if prefs.is_empty() && lb.mode != LoadBalancingMode::Standard {
+                    return Err(invalid(
+                        format!("services[{i}].loadBalancing.routingPreference"),
+                        format!(
+                            "mode {:?} needs at least one scope (NETWORK, REGION, ZONE, SUBZONE, NODE, CLUSTER)",
+                            lb.mode
+                        ),
+                    ));
+                }
+            }
             let hostname = sv
                 .hostname
                 .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", sv.name, sv.namespace));
@@ -1237,6 +1308,7 @@ impl RawConfig {
                 vips: sv.vips,
                 ports: sv.ports,
                 waypoint: sv.waypoint,
+                load_balancing: sv.load_balancing,
             });
         }
         // A workload names a service as `namespace/hostname` (as xDS does) or `namespace/name`.
@@ -1700,6 +1772,48 @@ pods:
             parse(&explicit).expect("valid").pods[0].enrolled,
             "explicit wins"
         );
+    }
+
+    #[test]
+    fn service_locality_preferences_are_read_and_checked() {
+        let with = |lb: &str| {
+            GOOD.replace(
+                "pods:\n",
+                &format!(
+                    "services:\n  - {{namespace: default, name: echo, vips: [10.96.0.10], ports: [{{port: 80}}], loadBalancing: {lb}}}\npods:\n"
+                ),
+            )
+        };
+        let c = parse(&with("{routingPreference: [NODE, ZONE]}")).expect("valid");
+        let lb = c.services[0].load_balancing.as_ref().expect("read");
+        assert_eq!(
+            lb.routing_preference,
+            [LocalityScope::Node, LocalityScope::Zone]
+        );
+        assert_eq!(
+            lb.mode,
+            LoadBalancingMode::Failover,
+            "PreferClose's mode by default"
+        );
+        assert_eq!(lb.health_policy, HealthPolicy::OnlyHealthy);
+        let c = parse(&with(
+            "{routingPreference: [NODE], mode: STRICT, healthPolicy: ALLOW_ALL}",
+        ))
+        .expect("valid");
+        let lb = c.services[0].load_balancing.as_ref().expect("read");
+        assert_eq!(
+            (lb.mode, lb.health_policy),
+            (LoadBalancingMode::Strict, HealthPolicy::AllowAll)
+        );
+        for (bad, says) in [
+            ("{routingPreference: [NODE, NODE]}", "routingPreference[1]"),
+            ("{mode: STRICT}", "needs at least one scope"),
+            ("{routingPreference: [HOST]}", "unknown variant"),
+        ] {
+            let e = error_of(&with(bad));
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert!(parse(&with("{mode: STANDARD}")).is_ok());
     }
 
     #[test]

@@ -226,7 +226,7 @@ impl Writer {
                     .iter()
                     .filter_map(|p| Some((p.port, p.app_protocol?)))
                     .collect(),
-                load_balancing: None,
+                load_balancing: s.load_balancing.as_ref().map(load_balancing),
                 waypoint: s.waypoint.map(gateway),
                 source: Source::Config,
             }));
@@ -702,4 +702,32 @@ fn intern_list<T: Hash + Eq>(table: &mut HashSet<Arc<[T]>>, list: Vec<T>) -> Arc
     let new: Arc<[T]> = list.into();
     table.insert(new.clone());
     new
+}
+
+/// A config service's locality preferences as the picker reads them (the same as istiod's).
+fn load_balancing(lb: &crate::config::LoadBalancingConfig) -> crate::xds::LoadBalancing {
+    use crate::{
+        config::{HealthPolicy, LoadBalancingMode, LocalityScope},
+        xds::{LbMode, LoadBalancing, Scope},
+    };
+    LoadBalancing {
+        scopes: lb
+            .routing_preference
+            .iter()
+            .map(|s| match s {
+                LocalityScope::Network => Scope::Network,
+                LocalityScope::Region => Scope::Region,
+                LocalityScope::Zone => Scope::Zone,
+                LocalityScope::Subzone => Scope::Subzone,
+                LocalityScope::Node => Scope::Node,
+                LocalityScope::Cluster => Scope::Cluster,
+            })
+            .collect(),
+        mode: match lb.mode {
+            LoadBalancingMode::Standard => LbMode::Standard,
+            LoadBalancingMode::Strict => LbMode::Strict,
+            LoadBalancingMode::Failover => LbMode::Failover,
+        },
+        allow_unhealthy: lb.health_policy == HealthPolicy::AllowAll,
+    }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: a two-node cluster on the test bed with agents on both nodes, real echo
 //! traffic (same node and across nodes, IPv4 and IPv6, and from a pod outside the mesh), and a
-//! report of which connections went through which agent, from the agents' access logs; then HTTP
-//! through an Ambit waypoint (a weighted split and an L7 denial).
+//! report of which connections went through which agent, from the agents' access logs; a service
+//! with an endpoint on each node that prefers the client's node (locality-aware load balancing);
+//! then HTTP through an Ambit waypoint (a weighted split and an L7 denial).
 
 use std::{
     net::SocketAddr,
@@ -18,6 +19,8 @@ use crate::{header, sigint, step};
 const PORT: u16 = 8080;
 /// The virtual IP of service `web`, which has a waypoint.
 const WEB_VIP: &str = "10.96.0.20";
+/// The virtual IP of service `nearby`, whose endpoints are on both nodes, the client's first.
+const NEARBY_VIP: &str = "10.96.0.30";
 /// The port node-b's policy `no-9090` denies.
 const DENIED_PORT: u16 = 9090;
 /// Where a kept demo (`--keep`) says who it is, for `--down`; `AMBIT_DEMO_KEEP_FILE` moves it
@@ -113,10 +116,24 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
          "ports": [{"port": 80, "targetPort": PORT}]},
         {"namespace": "default", "name": "web-v2", "vips": ["10.96.0.22"],
          "ports": [{"port": 80, "targetPort": PORT}]},
+        // Endpoints on both nodes; as Kubernetes' `trafficDistribution: PreferClose` on a
+        // one-zone cluster becomes: the client's node first, the other when it has none.
+        {"namespace": "default", "name": "nearby", "vips": [NEARBY_VIP],
+         "ports": [{"port": 80, "targetPort": PORT}],
+         "loadBalancing": {"routingPreference": ["NODE"], "mode": "FAILOVER"}},
     ]);
     let backs_web = |config: &mut ambit_testbed::AgentConfig| {
         for (pod, version) in [(&web_v1, "web-v1"), (&web_v2, "web-v2")] {
             let list = vec!["default/web".to_owned(), format!("default/{version}")];
+            if let Some(p) = config.pods.iter_mut().find(|p| p.name == pod.name()) {
+                p.services = list.clone();
+            }
+            if let Some(p) = config.peers.iter_mut().find(|p| p.name == pod.name()) {
+                p.services = list;
+            }
+        }
+        for pod in [&server_a, &server_b] {
+            let list = vec!["default/nearby".to_owned()];
             if let Some(p) = config.pods.iter_mut().find(|p| p.name == pod.name()) {
                 p.services = list.clone();
             }
@@ -218,8 +235,8 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
     check_interrupt()?;
 
     header(&format!("demo: echo servers on port {PORT}, then traffic"));
-    let _echo_a = server_a.serve(PORT)?;
-    let _echo_b = server_b.serve(PORT)?;
+    let echo_a = server_a.serve(PORT)?;
+    let echo_b = server_b.serve(PORT)?;
     let cases: [(&Pod, &Pod, SocketAddr); 8] = [
         (&client_a, &server_a, server_a.v4(PORT)),
         (&client_a, &server_a, server_a.v6(PORT)),
@@ -337,6 +354,12 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
     }
 
     check_interrupt()?;
+    locality_scene(
+        [&agent_a, &agent_b],
+        [&client_a, &client_b],
+        [&echo_a, &echo_b],
+    )?;
+    check_interrupt()?;
     let _waypoint = waypoint_scene(&bed, &client_a, [&web_v1, &web_v2], &waypoint, &config_w)?;
 
     if options.keep {
@@ -364,6 +387,58 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         ));
     }
     header("demo: tearing down");
+    Ok(())
+}
+
+/// Service `nearby` has an endpoint on each node and prefers the client's node: each client's
+/// connections stay on its node, and `explain` says why.
+fn locality_scene(
+    agents: [&Agent; 2],
+    clients: [&Pod; 2],
+    echoes: [&ambit_testbed::Server; 2],
+) -> Result<()> {
+    const CONNECTIONS: usize = 6;
+    header(&format!(
+        "demo: service nearby ({NEARBY_VIP}:80, an endpoint on each node) prefers the client's node"
+    ));
+    let vip: SocketAddr = format!("{NEARBY_VIP}:80").parse()?;
+    for client in clients {
+        let before: Vec<usize> = echoes.iter().map(|e| e.accepted_peers().len()).collect();
+        for _ in 0..CONNECTIONS {
+            check_interrupt()?;
+            let r = client.connect(vip, 1000)?;
+            if !r.ok {
+                bail!("{} -> {vip} failed: {r:?}", client.name());
+            }
+        }
+        let served = |i: usize| echoes[i].accepted_peers().len() - before[i];
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while served(0) + served(1) < CONNECTIONS && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        step(&format!(
+            "{} ({}): {CONNECTIONS} connections to nearby -> server-a (node-a) served {}, server-b (node-b) served {}",
+            client.name(),
+            client.node_name(),
+            served(0),
+            served(1)
+        ));
+    }
+    let explain = agents[0].ambitctl_json(&[
+        "explain",
+        "--from",
+        &format!("default/{}", clients[0].name()),
+        &vip.to_string(),
+    ])?;
+    if let Some(why) = explain["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|s| s.contains("chosen by locality"))
+    {
+        step(&format!("ambitctl explain on node-a: {why}"));
+    }
     Ok(())
 }
 
