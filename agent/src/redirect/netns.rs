@@ -46,6 +46,9 @@ pub struct Netns {
     file: File,
     path: PathBuf,
     cookie: NetnsCookie,
+    /// The process's own netns ([`Netns::own`]): [`Netns::run`] needs no `setns` (and so no
+    /// `CAP_SYS_ADMIN`) to open sockets in it.
+    own: bool,
 }
 
 impl Netns {
@@ -58,6 +61,7 @@ impl Netns {
             file,
             path: path.to_owned(),
             cookie: NetnsCookie(0),
+            own: false,
         };
         let sock =
             ns.run(|| socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None))?;
@@ -94,6 +98,7 @@ impl Netns {
             file,
             path: path.to_owned(),
             cookie,
+            own: true,
         })
     }
 
@@ -109,6 +114,11 @@ impl Netns {
     /// Runs `f` with the calling thread inside this netns, then returns the thread to the agent's
     /// netns. Sockets created by `f` stay in this netns.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, Error> {
+        if self.own {
+            // Every thread of the process is here already (the agent never leaves a thread in
+            // another netns: see below).
+            return Ok(f());
+        }
         let home = AGENT_NETNS
             .get()
             .expect("BUG: init_agent_netns() was not called at startup");
@@ -154,4 +164,23 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The process's own netns is used without entering it: no `setns`, so neither
+    /// `CAP_SYS_ADMIN` nor the agent's startup (`init_agent_netns`, never called in unit tests,
+    /// without which entering panics) is needed.
+    #[test]
+    fn sockets_open_in_the_own_netns_without_entering_it() {
+        let own = Netns::own().expect("own netns");
+        let sock = own
+            .run(|| socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None))
+            .expect("no setns")
+            .expect("socket");
+        let cookie = netns_cookie(sock.as_fd()).expect("cookie");
+        assert_eq!(NetnsCookie(cookie), own.cookie(), "opened where it runs");
+    }
 }

@@ -28,11 +28,7 @@ pub mod routes;
 pub mod server;
 pub mod upstream;
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -70,8 +66,9 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     let control = TaskTracker::new();
-    let netns = Netns::open(Path::new("/proc/self/ns/net"))
-        .context("cannot open the waypoint's own network namespace")?;
+    // Its own netns: its upstream sockets open where it runs, without entering a namespace (so
+    // without CAP_SYS_ADMIN).
+    let netns = Netns::own().context("cannot open the waypoint's own network namespace")?;
     let (ctx, sources, certs) = build(
         &config,
         Arc::new(crate::proxy::capture::Kernel::sockets_only()),
