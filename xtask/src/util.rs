@@ -150,33 +150,48 @@ fn demo_in_background(mut cmd: Command) -> Result<ExitCode> {
         .stderr(out)
         .spawn()
         .context("cannot start the demo")?;
-    let mut reader = std::fs::File::open(&log)?;
+    let pid = child.id();
+    let lost = |e: std::io::Error| {
+        anyhow::anyhow!(
+            "cannot follow the demo's output ({e}); it runs on (pid {pid}, output in {}); \
+             `cargo xtask demo --down` stops it",
+            log.display()
+        )
+    };
+    let mut reader = std::fs::File::open(&log).map_err(lost)?;
     let mut shown = String::new();
+    let mut pending = Vec::new();
     let started = std::time::Instant::now();
     loop {
-        let mut more = String::new();
-        reader.read_to_string(&mut more)?;
+        // Bytes, not text: a read may end inside a character; what is whole is shown.
+        reader.read_to_end(&mut pending).map_err(lost)?;
+        let whole = match std::str::from_utf8(&pending) {
+            Ok(_) => pending.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => pending.len(),
+        };
+        let more: Vec<u8> = pending.drain(..whole).collect();
+        let more = String::from_utf8_lossy(&more);
         eprint!("{more}");
         shown.push_str(&more);
         if shown.contains(KEPT_MARKER) {
             step(&format!(
-                "the demo keeps running in the background (pid {}; its output: {}); `cargo xtask demo --down` removes it",
-                child.id(),
+                "the demo keeps running in the background (pid {pid}; its output: {}); `cargo xtask demo --down` removes it",
                 log.display()
             ));
             return Ok(ExitCode::SUCCESS);
         }
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child.try_wait().map_err(lost)? {
             // Whatever it wrote last.
-            let mut rest = String::new();
-            reader.read_to_string(&mut rest)?;
-            eprint!("{rest}");
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+            pending.extend(rest);
+            eprint!("{}", String::from_utf8_lossy(&pending));
             bail!("the demo ended before it was ready to keep ({status}); see above");
         }
         if started.elapsed() > std::time::Duration::from_secs(600) {
             bail!(
-                "the demo was not ready after 10 minutes (pid {}; {}); `cargo xtask demo --down` stops it",
-                child.id(),
+                "the demo was not ready after 10 minutes (pid {pid}; {}); `cargo xtask demo --down` stops it",
                 log.display()
             );
         }

@@ -10,7 +10,7 @@
 
 use std::{
     io,
-    os::unix::{fs::FileTypeExt, net::UnixStream},
+    os::unix::fs::FileTypeExt,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -180,7 +180,6 @@ impl Client {
     /// Sends one request (a JSON body when `body` is `Some`) and returns the body of a 2xx
     /// answer.
     fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Vec<u8>, Error> {
-        let stream = self.connect()?;
         let mut request = http::Request::builder()
             .method(method)
             .uri(path)
@@ -202,16 +201,18 @@ impl Client {
             .enable_all()
             .build()
             .map_err(|e| self.io_error(e))?;
-        let response = runtime.block_on(async {
-            stream.set_nonblocking(true).map_err(|e| self.io_error(e))?;
-            let stream = tokio::net::UnixStream::from_std(stream).map_err(|e| self.io_error(e))?;
-            tokio::time::timeout(self.timeout, self.exchange(stream, request))
-                .await
-                .map_err(|_| Error::Timeout {
-                    socket: self.socket.clone(),
-                    timeout: self.timeout,
-                })?
-        })?;
+        // One deadline over the whole call, connecting included (an agent at its connection
+        // limit leaves new connections in a full backlog).
+        let call = async {
+            let stream = self.connect().await?;
+            self.exchange(stream, request).await
+        };
+        let response = runtime
+            .block_on(async { tokio::time::timeout(self.timeout, call).await })
+            .map_err(|_| Error::Timeout {
+                socket: self.socket.clone(),
+                timeout: self.timeout,
+            })??;
         if (200..300).contains(&response.status) {
             return Ok(response.body);
         }
@@ -239,9 +240,14 @@ impl Client {
         stream: tokio::net::UnixStream,
         request: http::Request<Full<Bytes>>,
     ) -> Result<Response, Error> {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let io = AnswerFirst {
+            stream,
+            seen: seen.clone(),
+        };
         let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(MAX_HEAD)
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| self.hyper_error(e))?;
         let answer = async {
@@ -271,28 +277,32 @@ impl Client {
         // answer's wait too (a pinned `connection` would live to the end of this function).
         #[allow(clippy::redundant_async_block)]
         let mut connection = std::pin::pin!(async move { connection.await });
-        tokio::select! {
+        let result = tokio::select! {
             r = &mut answer => r,
             // The connection may end first (the agent closes after its answer, or sends bytes
-            // after it) with the answer already read: that answer counts. Otherwise the
-            // answer's own error is the precise one.
+            // after it) with the answer already read: that answer counts.
             c = &mut connection => match (answer.await, c) {
                 (Ok(r), _) => Ok(r),
                 (Err(e), Ok(())) => Err(e),
-                (Err(Error::Io { .. }), Err(c)) => Err(self.hyper_error(c)),
-                (Err(e), Err(_)) => Err(e),
+                // The connection's error is the cause; the answer only saw it end.
+                (Err(_), Err(c)) => Err(self.hyper_error(c)),
             },
+        };
+        // A peer that is not an HTTP server (it may speak first, before our request): say what
+        // it sent, whatever hyper made of it.
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match result {
+            Err(_) if !seen.is_empty() && !seen.starts_with(b"HTTP/") => Err(self.bad(format!(
+                "not an HTTP/1.x response (starts with {:?}); is this the agent's admin socket?",
+                String::from_utf8_lossy(&seen)
+            ))),
+            r => r,
         }
     }
 
     /// What a failed exchange means for the operator.
     fn hyper_error(&self, e: hyper::Error) -> Error {
-        if e.is_parse() || e.is_parse_status() {
-            return self.bad(format!(
-                "not an HTTP/1.x response ({e}); is this the agent's admin socket?"
-            ));
-        }
-        if e.is_incomplete_message() {
+        if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
             return self.bad("the connection closed before the answer was complete");
         }
         let mut source = std::error::Error::source(&e);
@@ -305,15 +315,29 @@ impl Client {
             }
             source = s.source();
         }
-        Error::Io {
-            socket: self.socket.clone(),
-            source: io::Error::other(e),
+        // Not an I/O failure: the peer sent what HTTP/1.1 does not allow (a bad status line, bytes
+        // before any request, ...).
+        self.bad(format!(
+            "not an HTTP/1.x response ({e}); is this the agent's admin socket?"
+        ))
+    }
+
+    /// Connects, waiting while the agent's backlog is full (the caller's deadline bounds it).
+    async fn connect(&self) -> Result<tokio::net::UnixStream, Error> {
+        loop {
+            match tokio::net::UnixStream::connect(&self.socket).await {
+                Ok(s) => return Ok(s),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(self.connect_error(e)),
+            }
         }
     }
 
-    fn connect(&self) -> Result<UnixStream, Error> {
+    fn connect_error(&self, e: io::Error) -> Error {
         let socket = self.socket.clone();
-        UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
+        match e.kind() {
             io::ErrorKind::NotFound => Error::NoSocket {
                 missing_dir: match self.socket.parent() {
                     Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => {
@@ -334,7 +358,7 @@ impl Client {
             },
             io::ErrorKind::ConnectionRefused => Error::Refused { socket },
             _ => self.io_error(e),
-        })
+        }
     }
 
     fn io_error(&self, e: io::Error) -> Error {
@@ -345,6 +369,82 @@ impl Client {
                 timeout: self.timeout,
             },
             _ => Error::Io { socket, source: e },
+        }
+    }
+}
+
+/// The socket, for hyper, with a peer that stopped reading treated as having read: a peer that
+/// answers and closes before our request is written (an early error, or not our server at all)
+/// makes the write fail, and its answer is still what the operator needs to see.
+struct AnswerFirst {
+    stream: tokio::net::UnixStream,
+    /// The first bytes the peer sent (up to [`SEEN`]), to describe a peer that is not HTTP.
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// How much of the peer's first bytes is kept for the error message.
+const SEEN: usize = 40;
+
+fn peer_stopped_reading(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
+impl tokio::io::AsyncRead for AnswerFirst {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() < SEEN {
+            let new = &buf.filled()[before..];
+            let room = SEEN - seen.len();
+            seen.extend_from_slice(&new[..new.len().min(room)]);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for AnswerFirst {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.stream).poll_write(cx, buf) {
+            std::task::Poll::Ready(Err(e)) if peer_stopped_reading(&e) => {
+                std::task::Poll::Ready(Ok(buf.len()))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match std::pin::Pin::new(&mut self.stream).poll_flush(cx) {
+            std::task::Poll::Ready(Err(e)) if peer_stopped_reading(&e) => {
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match std::pin::Pin::new(&mut self.stream).poll_shutdown(cx) {
+            std::task::Poll::Ready(Err(e)) if peer_stopped_reading(&e) => {
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
         }
     }
 }

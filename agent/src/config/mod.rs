@@ -1288,6 +1288,19 @@ impl RawConfig {
                         format!("{:?} is listed twice", prefs[j]),
                     ));
                 }
+                // The local config gives its pods and peers no region, zone, subzone, network
+                // or cluster: those scopes would match every endpoint and do nothing.
+                if let Some(j) = prefs.iter().position(|p| *p != LocalityScope::Node) {
+                    return Err(invalid(
+                        format!("services[{i}].loadBalancing.routingPreference[{j}]"),
+                        format!(
+                            "{:?}: only NODE applies to a service of the local config (its pods \
+                             and peers have no region, zone, subzone, network or cluster; \
+                             services from istiod take every scope)",
+                            prefs[j]
+                        ),
+                    ));
+                }
                 if prefs.is_empty() && lb.mode != LoadBalancingMode::Standard {
                     return Err(invalid(
                         format!("services[{i}].loadBalancing.routingPreference"),
@@ -1784,12 +1797,9 @@ pods:
                 ),
             )
         };
-        let c = parse(&with("{routingPreference: [NODE, ZONE]}")).expect("valid");
+        let c = parse(&with("{routingPreference: [NODE]}")).expect("valid");
         let lb = c.services[0].load_balancing.as_ref().expect("read");
-        assert_eq!(
-            lb.routing_preference,
-            [LocalityScope::Node, LocalityScope::Zone]
-        );
+        assert_eq!(lb.routing_preference, [LocalityScope::Node]);
         assert_eq!(
             lb.mode,
             LoadBalancingMode::Failover,
@@ -1807,6 +1817,7 @@ pods:
         );
         for (bad, says) in [
             ("{routingPreference: [NODE, NODE]}", "routingPreference[1]"),
+            ("{routingPreference: [NODE, ZONE]}", "only NODE applies"),
             ("{mode: STRICT}", "needs at least one scope"),
             ("{routingPreference: [HOST]}", "unknown variant"),
         ] {

@@ -190,21 +190,51 @@ pub struct KubeState {
     pub pods: BTreeMap<String, KubePod>,
     /// Both lists have arrived at least once.
     pub synced: bool,
-    /// Objects of the watched kinds the agent could not read (`namespace <name>` or
-    /// `pod <namespace>/<name>` -> why), at most [`MAX_UNREADABLE`]. A pod among them is not
-    /// captured (its addresses and netns are unknown), so `ambitctl status` lists it as failed
-    /// and `ambit_kubernetes_unreadable_objects` counts them.
-    pub unreadable: BTreeMap<String, String>,
+    /// Objects of the watched kinds the agent cannot read, pods of this node first, then
+    /// namespaces: `pod <namespace>/<name>` or `namespace <name>`. All are here (bounded by what
+    /// the API lists); the reason is kept for the first [`MAX_UNREADABLE`] of each kind.
+    /// `ambitctl status` lists them among the failed pods and
+    /// `ambit_kubernetes_unreadable_objects` counts them.
+    pub unreadable: Vec<(String, Unreadable)>,
 }
 
-/// How many unreadable objects are remembered by name (the count beyond is not kept).
+/// How many unreadable objects of a kind keep their reason.
 pub const MAX_UNREADABLE: usize = 100;
+
+/// An object the agent cannot read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The decode error, for the first [`MAX_UNREADABLE`] of a kind.
+    pub error: Option<String>,
+    /// An earlier version was read and is still what the agent acts on (an update it cannot
+    /// read); otherwise the object is unknown to it (a pod only described by it is not captured).
+    pub kept_previous: bool,
+}
+
+impl Unreadable {
+    /// What `ambitctl status` says of it.
+    pub fn describe(&self) -> String {
+        let why = self.error.as_deref().unwrap_or("reason not kept");
+        if self.kept_previous {
+            format!(
+                "the agent cannot read the latest version of this object from the Kubernetes API \
+                 ({why}); it acts on the last version it read"
+            )
+        } else {
+            format!(
+                "the agent cannot read this object from the Kubernetes API ({why}); a pod only \
+                 known from it is not captured"
+            )
+        }
+    }
+}
 
 /// What one list-and-watch publishes: the objects read, and the ones that could not be.
 pub struct Listed<T> {
     pub items: BTreeMap<String, T>,
-    /// Raw key -> why, at most [`MAX_UNREADABLE`].
-    pub unreadable: BTreeMap<String, String>,
+    /// Raw key -> what is known of it; every unreadable object, its reason for the first
+    /// [`MAX_UNREADABLE`].
+    pub unreadable: BTreeMap<String, Unreadable>,
 }
 
 impl<T: Clone> Clone for Listed<T> {
@@ -269,16 +299,17 @@ pub async fn run(
         }
         let namespaces = ns_rx.borrow_and_update().clone();
         let pods = pod_rx.borrow_and_update().clone();
-        let unreadable = namespaces
+        // Pods first: they are what runs uncaptured.
+        let unreadable = pods
             .iter()
             .flat_map(|l| &l.unreadable)
-            .map(|(k, e)| (format!("namespace {k}"), e.clone()))
+            .map(|(k, u)| (format!("pod {k}"), u.clone()))
             .chain(
-                pods.iter()
+                namespaces
+                    .iter()
                     .flat_map(|l| &l.unreadable)
-                    .map(|(k, e)| (format!("pod {k}"), e.clone())),
+                    .map(|(k, u)| (format!("namespace {k}"), u.clone())),
             )
-            .take(MAX_UNREADABLE)
             .collect();
         let state = KubeState {
             synced: namespaces.is_some() && pods.is_some(),
@@ -435,9 +466,21 @@ impl<T: Object> Listed<T> {
             Err(e) => {
                 warn!(path, error = %e, name = %o["metadata"]["name"], "a Kubernetes object the agent cannot read");
                 let key = raw_key(o).unwrap_or_else(|| "(no name)".to_owned());
-                if self.unreadable.len() < MAX_UNREADABLE || self.unreadable.contains_key(&key) {
-                    self.unreadable.insert(key, e.to_string());
-                }
+                let with_reason = self
+                    .unreadable
+                    .values()
+                    .filter(|u| u.error.is_some())
+                    .count();
+                let keeps_reason = with_reason < MAX_UNREADABLE
+                    || self.unreadable.get(&key).is_some_and(|u| u.error.is_some());
+                let kept_previous = self.items.contains_key(&key);
+                self.unreadable.insert(
+                    key,
+                    Unreadable {
+                        error: keeps_reason.then(|| e.to_string()),
+                        kept_previous,
+                    },
+                );
             }
         }
     }
@@ -664,10 +707,17 @@ mod tests {
             listing.items["x"].metadata.labels["istio.io/dataplane-mode"],
             "ambient"
         );
+        let u = &listing.unreadable["x"];
+        assert!(u.kept_previous, "{u:?}");
         assert!(
-            listing.unreadable["x"].contains("invalid type"),
-            "{:?}",
-            listing.unreadable
+            u.error
+                .as_deref()
+                .is_some_and(|e| e.contains("invalid type")),
+            "{u:?}"
+        );
+        assert!(
+            u.describe().contains("acts on the last version it read"),
+            "{u:?}"
         );
         // A readable version clears it.
         listing.read("n", &good(serde_json::json!({})));
@@ -680,6 +730,15 @@ mod tests {
                 &serde_json::json!({"metadata": {"name": format!("bad-{i}"), "labels": 7}}),
             );
         }
-        assert_eq!(listing.unreadable.len(), MAX_UNREADABLE);
+        // Every one is counted; the reason is kept for the first MAX_UNREADABLE.
+        assert_eq!(listing.unreadable.len(), MAX_UNREADABLE + 50);
+        let reasons = listing.unreadable.values().filter(|u| u.error.is_some());
+        assert_eq!(reasons.count(), MAX_UNREADABLE);
+        let never_read = &listing.unreadable["bad-0"];
+        assert!(!never_read.kept_previous);
+        assert!(
+            never_read.describe().contains("not captured"),
+            "{never_read:?}"
+        );
     }
 }

@@ -304,7 +304,7 @@ mod tests {
             namespaces,
             pods: pods.iter().map(|p| (p.key(), p.clone())).collect(),
             synced,
-            unreadable: BTreeMap::new(),
+            unreadable: Vec::new(),
         }
     }
 

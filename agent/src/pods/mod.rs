@@ -230,14 +230,14 @@ impl PodManager {
                 .failed
                 .iter()
                 .map(|(k, e)| (k.clone(), e.clone()))
-                .chain(self.kube.iter().flat_map(|k| &k.unreadable).map(|(what, e)| {
-                    (
-                        what.clone(),
-                        format!(
-                            "the agent cannot read this object from the Kubernetes API ({e});                              the pods it describes are not captured"
-                        ),
-                    )
-                }))
+                .chain(
+                    self.kube
+                        .iter()
+                        .flat_map(|k| &k.unreadable)
+                        // Pods come first; the count is in `unreadable` and the metric.
+                        .take(crate::kube::MAX_UNREADABLE)
+                        .map(|(what, u)| (what.clone(), u.describe())),
+                )
                 .collect(),
             held_netns: self.held.iter().copied().collect(),
             waiting_for: self.waiting_for,

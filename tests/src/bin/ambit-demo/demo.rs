@@ -59,6 +59,14 @@ pub fn run(options: &Options) -> Result<()> {
     // Beside this program in the target dir, or where the environment points, as for the tests.
     let agent_bin = ambit_testbed::agent_bin()?;
     let testpod_bin = ambit_testbed::testpod_bin()?;
+    if options.keep
+        && let Some(pid) = kept_demo()
+    {
+        bail!(
+            "a demo is kept already (pid {pid}, recorded in {}); `cargo xtask demo --down` stops it first",
+            keep_file().display()
+        );
+    }
     sigint::install()?;
     let cleaned = ambit_testbed::cleanup_stale();
     if !cleaned.is_empty() {
@@ -708,6 +716,29 @@ fn keep(
     Ok(())
 }
 
+/// Whether `pid` is a live `ambit-demo`: not gone, not a zombie its parent has not reaped yet (it
+/// has torn everything down by then), and not a reused pid.
+fn is_running_demo(pid: i32) -> bool {
+    alive(pid)
+        && std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.contains("ambit-demo"))
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
+}
+
+/// The pid of the demo the keep record names, if it still runs.
+fn kept_demo() -> Option<i32> {
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(keep_file()).ok()?).ok()?;
+    let pid = i32::try_from(record["pid"].as_u64()?).ok()?;
+    is_running_demo(pid).then_some(pid)
+}
+
 /// `--down`: stops the kept demo (SIGTERM; it tears its cluster down) and waits for it.
 pub fn down() -> Result<()> {
     let file = keep_file();
@@ -725,18 +756,8 @@ pub fn down() -> Result<()> {
         .as_u64()
         .and_then(|p| i32::try_from(p).ok())
         .with_context(|| format!("{} has no pid", file.display()))?;
-    // Gone, or a zombie its parent has not reaped yet (it has torn everything down by then).
-    let alive = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next())
-                .is_some_and(|state| state != 'Z' && state != 'X')
-        })
-    };
-    // Only signal what is really the demo (the pid may have been reused since).
-    let is_demo = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|c| c.contains("ambit-demo"));
-    if alive(pid) && is_demo {
+    let is_demo = is_running_demo(pid);
+    if is_demo {
         step(&format!(
             "stopping the kept demo (pid {pid}); it tears its cluster down"
         ));
