@@ -135,7 +135,6 @@ impl KubeApi {
             .get(&key)
             .map(|p| p["metadata"]["annotations"].clone())
             .unwrap_or_else(|| json!({}));
-        let exists = self.lock().pods.contains_key(&key);
         let object = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod.name(), "namespace": pod.namespace(),
                          "uid": format!("uid-{}", pod.name()), "labels": labels,
@@ -143,14 +142,7 @@ impl KubeApi {
             "spec": {"nodeName": node, "serviceAccountName": pod.service_account()},
             "status": {"phase": "Running", "podIP": pod.ipv4().to_string(),
                        "podIPs": [{"ip": pod.ipv4().to_string()}, {"ip": pod.ipv6().to_string()}]}});
-        self.change(
-            "pods",
-            if exists { "MODIFIED" } else { "ADDED" },
-            object,
-            |st, o| {
-                st.pods.insert(key, o);
-            },
-        );
+        self.set_pod_object(&key, object);
     }
 
     /// Creates or replaces the pod object at `namespace/name` with `object` as given (for

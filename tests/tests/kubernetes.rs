@@ -5,12 +5,26 @@
 
 use std::time::Duration;
 
-use ambit_testbed::{Agent, LogMark, Pod, TestBed, kube_server::KubeApi, log_str, poll};
+use ambit_testbed::{Agent, LogMark, Node, Pod, TestBed, kube_server::KubeApi, log_str, poll};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(20);
 const ANNOTATION: &str = "ambient.istio.io/redirection";
+
+/// The agent of `node` in Kubernetes mode against `api`, with a token file.
+fn kube_agent(bed: &TestBed, node: &Node, api: &KubeApi) -> Agent {
+    let token = bed.tmp_dir().join("kube-token");
+    std::fs::write(&token, "test-token\n").expect("token");
+    let mut config = bed.agent_config(node);
+    config.extra.insert(
+        "kubernetes".into(),
+        // Other beds running in parallel use the same pod IPs in their own netns.
+        json!({"apiServer": api.url(), "tokenPath": token,
+               "netnsPathPrefix": format!("/run/netns/ab-{}-", bed.id())}),
+    );
+    bed.start_agent(&config).expect("agent")
+}
 
 fn enrolled(agent: &Agent) -> Vec<String> {
     let list = agent
@@ -86,16 +100,7 @@ fn namespace_and_pod_labels_enroll_and_release_running_pods_live() {
     for p in [&client, &server, &other] {
         api.set_pod("node-a", p, json!({"app": p.name()}));
     }
-    let token = bed.tmp_dir().join("kube-token");
-    std::fs::write(&token, "test-token\n").expect("token");
-    let mut config = bed.agent_config(&node);
-    config.extra.insert(
-        "kubernetes".into(),
-        // Other beds running in parallel use the same pod IPs in their own netns.
-        json!({"apiServer": api.url(), "tokenPath": token,
-               "netnsPathPrefix": format!("/run/netns/ab-{}-", bed.id())}),
-    );
-    let agent = bed.start_agent(&config).expect("agent");
+    let agent = kube_agent(&bed, &node, &api);
     let status = poll(WAIT, || {
         let s = agent.ambitctl_json(&["status"]).ok()?;
         (s["ready"] == true).then_some(s)
@@ -205,15 +210,7 @@ fn a_pod_object_the_agent_cannot_read_is_named_and_counted_not_silently_skipped(
                "status": {"phase": "Pending"}})
     };
     api.set_pod_object("default/weird", weird(json!({"app": 7})));
-    let token = bed.tmp_dir().join("kube-token");
-    std::fs::write(&token, "test-token\n").expect("token");
-    let mut config = bed.agent_config(&node);
-    config.extra.insert(
-        "kubernetes".into(),
-        json!({"apiServer": api.url(), "tokenPath": token,
-               "netnsPathPrefix": format!("/run/netns/ab-{}-", bed.id())}),
-    );
-    let agent = bed.start_agent(&config).expect("agent");
+    let agent = kube_agent(&bed, &node, &api);
     wait_enrolled(&agent, &["default/server"]);
 
     let failed = |agent: &Agent| -> Vec<Value> {

@@ -410,42 +410,40 @@ impl tokio::io::AsyncRead for AnswerFirst {
     }
 }
 
+/// A write result with a peer that stopped reading counted as done (see [`AnswerFirst`]).
+fn as_read<T>(polled: std::task::Poll<io::Result<T>>, done: T) -> std::task::Poll<io::Result<T>> {
+    match polled {
+        std::task::Poll::Ready(Err(e)) if peer_stopped_reading(&e) => {
+            std::task::Poll::Ready(Ok(done))
+        }
+        other => other,
+    }
+}
+
 impl tokio::io::AsyncWrite for AnswerFirst {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        match std::pin::Pin::new(&mut self.stream).poll_write(cx, buf) {
-            std::task::Poll::Ready(Err(e)) if peer_stopped_reading(&e) => {
-                std::task::Poll::Ready(Ok(buf.len()))
-            }
-            other => other,
-        }
+        as_read(
+            std::pin::Pin::new(&mut self.stream).poll_write(cx, buf),
+            buf.len(),
+        )
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        match std::pin::Pin::new(&mut self.stream).poll_flush(cx) {
-            std::task::Poll::Ready(Err(e)) if peer_stopped_reading(&e) => {
-                std::task::Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
+        as_read(std::pin::Pin::new(&mut self.stream).poll_flush(cx), ())
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        match std::pin::Pin::new(&mut self.stream).poll_shutdown(cx) {
-            std::task::Poll::Ready(Err(e)) if peer_stopped_reading(&e) => {
-                std::task::Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
+        as_read(std::pin::Pin::new(&mut self.stream).poll_shutdown(cx), ())
     }
 }
 

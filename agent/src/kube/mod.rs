@@ -470,6 +470,8 @@ impl<T: Object> Listed<T> {
                     .unreadable
                     .values()
                     .filter(|u| u.error.is_some())
+                    // Stops at the bound: a mass of unreadable objects costs no more per read.
+                    .take(MAX_UNREADABLE)
                     .count();
                 let keeps_reason = with_reason < MAX_UNREADABLE
                     || self.unreadable.get(&key).is_some_and(|u| u.error.is_some());
