@@ -220,6 +220,11 @@ impl AgentConfig {
         self.pods.iter_mut().find(|p| p.name == name)
     }
 
+    /// The peer entry of the pod called `name`, to edit.
+    pub fn peer_mut(&mut self, name: &str) -> Option<&mut PeerConfig> {
+        self.peers.iter_mut().find(|p| p.name == name)
+    }
+
     /// The config as the agent reads it (JSON, which is valid YAML). A waypoint's config (with
     /// `waypoint` in `extra`) has no cgroup, pin path or pods: a waypoint captures nothing.
     pub fn to_json(&self) -> String {

@@ -96,6 +96,20 @@ impl KubeApi {
         format!("http://{}", self.addr)
     }
 
+    /// Puts `config` in Kubernetes mode against this server: a token file in the bed's
+    /// directory, and pod netns found under the bed's own prefix (other beds running in parallel
+    /// use the same pod IPs in their own netns).
+    pub fn configure(&self, bed: &crate::TestBed, config: &mut crate::AgentConfig) {
+        let token = bed.tmp_dir().join("kube-token");
+        std::fs::write(&token, "test-token\n")
+            .unwrap_or_else(|e| panic!("write {}: {e}", token.display()));
+        config.extra.insert(
+            "kubernetes".into(),
+            json!({"apiServer": self.url(), "tokenPath": token,
+                   "netnsPathPrefix": format!("/run/netns/ab-{}-", bed.id())}),
+        );
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.shared.lock()
     }

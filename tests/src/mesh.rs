@@ -22,7 +22,33 @@ struct PodSpec {
     name: String,
     namespace: String,
     service_account: String,
-    enrolled: bool,
+    role: Role,
+    /// Services it backs (`namespace/name`), in every config that lists it.
+    services: Vec<String>,
+}
+
+/// How the configs describe a pod.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Enrolled on its node, a peer of the others.
+    Enrolled,
+    /// Listed on its node, not captured; unknown to the others.
+    Unenrolled,
+    /// Listed on its node, not captured, and a peer of the others: a waypoint's pod, which
+    /// speaks HBONE itself.
+    UnenrolledPeer,
+    /// Not in its node's config (its agent learns it from the Kubernetes API or the CNI
+    /// plugin), a peer of the others.
+    Elsewhere,
+}
+
+impl Role {
+    fn peer_of_others(self) -> bool {
+        matches!(
+            self,
+            Role::Enrolled | Role::UnenrolledPeer | Role::Elsewhere
+        )
+    }
 }
 
 /// What to build; see the module docs.
@@ -31,6 +57,8 @@ pub struct MeshSpec {
     nodes: Vec<(String, Vec<PodSpec>)>,
     /// [`MeshSpec::without_peers`].
     no_peers: bool,
+    /// [`MeshSpec::everywhere`].
+    extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The built topology. Fields are public so tests can take what they hold (`pods.remove(..)`).
@@ -42,6 +70,10 @@ pub struct Mesh {
     pub pods: BTreeMap<String, Pod>,
     /// Each node's agent config, by node name.
     pub configs: BTreeMap<String, AgentConfig>,
+    /// The pods other nodes know as peers, with the services they back, for
+    /// [`Mesh::waypoint_config`].
+    peers: Vec<(String, Vec<String>)>,
+    extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl MeshSpec {
@@ -62,12 +94,38 @@ impl MeshSpec {
 
     /// An enrolled pod on the last node with its namespace and service account.
     pub fn pod_as(self, name: &str, namespace: &str, service_account: &str) -> MeshSpec {
-        self.push(name, namespace, service_account, true)
+        self.push(name, namespace, service_account, Role::Enrolled)
     }
 
     /// A pod on the last node that its agent lists but does not capture.
     pub fn unenrolled(self, name: &str) -> MeshSpec {
-        self.push(name, "default", "default", false)
+        self.push(name, "default", "default", Role::Unenrolled)
+    }
+
+    /// A pod on the last node that its agent lists but does not capture, and that the other
+    /// nodes know as an HBONE peer: where a waypoint runs.
+    pub fn unenrolled_peer(self, name: &str, namespace: &str, service_account: &str) -> MeshSpec {
+        self.push(name, namespace, service_account, Role::UnenrolledPeer)
+    }
+
+    /// A pod on the last node that its agent's config does not list (the agent learns it from
+    /// the Kubernetes API or the CNI plugin); the other nodes know it as a peer.
+    pub fn listed_elsewhere(self, name: &str, namespace: &str, service_account: &str) -> MeshSpec {
+        self.push(name, namespace, service_account, Role::Elsewhere)
+    }
+
+    /// The last pod backs `services` (`namespace/name`), in every config that lists it.
+    pub fn serves(mut self, services: &[&str]) -> MeshSpec {
+        if let Some(p) = self.nodes.last_mut().and_then(|(_, pods)| pods.last_mut()) {
+            p.services = services.iter().map(|s| (*s).to_owned()).collect();
+        }
+        self
+    }
+
+    /// Sets `key` to `value` at the top of every node's config (`services`, `policies`, ...).
+    pub fn everywhere(mut self, key: &str, value: serde_json::Value) -> MeshSpec {
+        self.extra.insert(key.to_owned(), value);
+        self
     }
 
     /// No peers: each node knows only its own pods (traffic to others is passthrough).
@@ -76,12 +134,13 @@ impl MeshSpec {
         self
     }
 
-    fn push(mut self, name: &str, namespace: &str, service_account: &str, enrolled: bool) -> Self {
+    fn push(mut self, name: &str, namespace: &str, service_account: &str, role: Role) -> Self {
         let pod = PodSpec {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-            enrolled,
+            role,
+            services: Vec::new(),
         };
         match self.nodes.last_mut() {
             Some((_, pods)) => pods.push(pod),
@@ -121,23 +180,39 @@ impl MeshSpec {
         let mut configs = BTreeMap::new();
         for (name, specs) in &self.nodes {
             let mut config = bed.agent_config(name.as_str());
-            for p in specs {
-                config.add_pod(&pods[&p.name], p.enrolled);
+            for p in specs.iter().filter(|p| p.role != Role::Elsewhere) {
+                config.add_pod(&pods[&p.name], p.role == Role::Enrolled);
+                if let Some(entry) = config.pods.last_mut() {
+                    entry.services = p.services.clone();
+                }
             }
             if !self.no_peers {
                 for (_, theirs) in self.nodes.iter().filter(|(other, _)| other != name) {
-                    for p in theirs.iter().filter(|p| p.enrolled) {
+                    for p in theirs.iter().filter(|p| p.role.peer_of_others()) {
                         config.add_peer(&pods[&p.name]);
+                        if let Some(entry) = config.peers.last_mut() {
+                            entry.services = p.services.clone();
+                        }
                     }
                 }
             }
+            config.extra.extend(self.extra.clone());
             configs.insert(name.clone(), config);
         }
+        let peers = self
+            .nodes
+            .iter()
+            .flat_map(|(_, pods)| pods)
+            .filter(|p| p.role.peer_of_others())
+            .map(|p| (p.name.clone(), p.services.clone()))
+            .collect();
         Ok(Mesh {
             bed,
             nodes,
             pods,
             configs,
+            peers,
+            extra: self.extra,
         })
     }
 }
@@ -155,6 +230,27 @@ impl Mesh {
         self.pods
             .remove(name)
             .unwrap_or_else(|| panic!("the mesh has no pod {name}"))
+    }
+
+    /// A config for `ambit-agent waypoint` in pod `name`: every other pod the nodes know as a
+    /// peer is its peer, with the services it backs, and what [`MeshSpec::everywhere`] set.
+    pub fn waypoint_config(&self, name: &str) -> AgentConfig {
+        let pod = self
+            .pods
+            .get(name)
+            .unwrap_or_else(|| panic!("the mesh has no pod {name}"));
+        let mut config = self.bed.waypoint_config(pod);
+        for (peer, services) in self.peers.iter().filter(|(p, _)| p != name) {
+            let Some(p) = self.pods.get(peer) else {
+                continue;
+            };
+            config.add_peer(p);
+            if let Some(entry) = config.peers.last_mut() {
+                entry.services = services.clone();
+            }
+        }
+        config.extra.extend(self.extra.clone());
+        config
     }
 
     /// Takes node `name`'s agent config out.

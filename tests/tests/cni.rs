@@ -18,7 +18,7 @@ use std::{
 };
 
 use ambit_agent::admin::api::CniState;
-use ambit_testbed::{Agent, Node, Pod, TestBed, log_str};
+use ambit_testbed::{Agent, MeshSpec, Node, Pod, TestBed, log_str};
 use serde_json::{Value, json};
 
 /// Where Debian's `containernetworking-plugins` installs the reference plugins.
@@ -570,13 +570,17 @@ fn a_pod_added_through_the_chain_is_captured_from_its_first_connection() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("create bed");
-    let node = bed.add_node("node-a").expect("add node");
-    let server = bed.add_pod(&node, "server").expect("add server");
+    // The server is not in the config (not enrolled); the client comes through the chain.
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .listed_elsewhere("server", "default", "default")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (server, mut config) = (m.take_pod("server"), m.take_config("node-a"));
+    let (bed, node) = (&m.bed, &m.nodes["node-a"]);
     let echo = server.serve(PORT).expect("start echo server");
     let dst: SocketAddr = server.v4(PORT);
 
-    let mut config = bed.agent_config(&node);
     config.extra.insert(
         "namespaces".into(),
         json!({"default": {"labels": {"istio.io/dataplane-mode": "ambient"}}}),
@@ -696,19 +700,17 @@ fn a_restart_keeps_cni_pods_captured_and_served() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("create bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let server = bed
-        .add_pod_in(&node_b, "server", "default", "server")
-        .expect("server");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .node("node-b")
+        .pod_as("server", "default", "server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (server, mut config_a) = (m.take_pod("server"), m.take_config("node-a"));
+    let (bed, node_a) = (&m.bed, &m.nodes["node-a"]);
     let _echo = server.serve(PORT).expect("echo");
     let dst = server.v4(PORT);
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server);
-    let _agent_b = bed.start_agent(&config_b).expect("agent-b");
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.add_peer(&server);
+    let _agent_b = bed.start_agent(&m.configs["node-b"]).expect("agent-b");
     config_a.extra.insert(
         "namespaces".into(),
         json!({"default": {"labels": {"istio.io/dataplane-mode": "ambient"}}}),
@@ -731,7 +733,7 @@ fn a_restart_keeps_cni_pods_captured_and_served() {
         .add(&att)
         .unwrap_or_else(|f| panic!("ADD of a mesh pod: {f:#?}"));
     // node-b reaches the CNI subnet through node-a, as a cluster's routes would.
-    node_b
+    m.nodes["node-b"]
         .exec(&["ip", "route", "add", "10.1.128.0/24", "via", "10.0.0.1"])
         .expect("route to the CNI subnet");
     let tunnelled = |agent: &Agent, when: &str| {

@@ -5,25 +5,18 @@
 
 use std::time::Duration;
 
-use ambit_testbed::{Agent, LogMark, Node, Pod, TestBed, kube_server::KubeApi, log_str, poll};
+use ambit_testbed::{Agent, LogMark, Mesh, MeshSpec, Pod, kube_server::KubeApi, log_str, poll};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(20);
 const ANNOTATION: &str = "ambient.istio.io/redirection";
 
-/// The agent of `node` in Kubernetes mode against `api`, with a token file.
-fn kube_agent(bed: &TestBed, node: &Node, api: &KubeApi) -> Agent {
-    let token = bed.tmp_dir().join("kube-token");
-    std::fs::write(&token, "test-token\n").expect("token");
-    let mut config = bed.agent_config(node);
-    config.extra.insert(
-        "kubernetes".into(),
-        // Other beds running in parallel use the same pod IPs in their own netns.
-        json!({"apiServer": api.url(), "tokenPath": token,
-               "netnsPathPrefix": format!("/run/netns/ab-{}-", bed.id())}),
-    );
-    bed.start_agent(&config).expect("agent")
+/// The agent of node-a in Kubernetes mode against `api`; its config lists no pods.
+fn kube_agent(m: &Mesh, api: &KubeApi) -> Agent {
+    let mut config = m.configs["node-a"].clone();
+    api.configure(&m.bed, &mut config);
+    m.bed.start_agent(&config).expect("agent")
 }
 
 fn enrolled(agent: &Agent) -> Vec<String> {
@@ -80,17 +73,19 @@ fn namespace_and_pod_labels_enroll_and_release_running_pods_live() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node = bed.add_node("node-a").expect("node");
-    let client = bed
-        .add_pod_in(&node, "client", "default", "client")
-        .expect("client");
-    let server = bed
-        .add_pod_in(&node, "server", "default", "server")
-        .expect("server");
-    let other = bed
-        .add_pod_in(&node, "other", "other", "default")
-        .expect("other");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .listed_elsewhere("client", "default", "client")
+        .listed_elsewhere("server", "default", "server")
+        .listed_elsewhere("other", "other", "default")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (client, server, other) = (
+        m.take_pod("client"),
+        m.take_pod("server"),
+        m.take_pod("other"),
+    );
+    let node = &m.nodes["node-a"];
     let _echo = server.serve(PORT).expect("echo");
 
     // The cluster as the API shows it: pods already running, no namespace in the mesh yet.
@@ -100,7 +95,7 @@ fn namespace_and_pod_labels_enroll_and_release_running_pods_live() {
     for p in [&client, &server, &other] {
         api.set_pod("node-a", p, json!({"app": p.name()}));
     }
-    let agent = kube_agent(&bed, &node, &api);
+    let agent = kube_agent(&m, &api);
     let status = poll(WAIT, || {
         let s = agent.ambitctl_json(&["status"]).ok()?;
         (s["ready"] == true).then_some(s)
@@ -192,11 +187,13 @@ fn a_pod_object_the_agent_cannot_read_is_named_and_counted_not_silently_skipped(
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node = bed.add_node("node-a").expect("node");
-    let server = bed
-        .add_pod_in(&node, "server", "default", "server")
-        .expect("server");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .listed_elsewhere("server", "default", "server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let server = m.take_pod("server");
+    let node = &m.nodes["node-a"];
     let api = KubeApi::start_in(&node.netns_path()).expect("fake API server");
     api.set_namespace("default", json!({"istio.io/dataplane-mode": "ambient"}));
     api.set_pod("node-a", &server, json!({"app": "server"}));
@@ -210,7 +207,7 @@ fn a_pod_object_the_agent_cannot_read_is_named_and_counted_not_silently_skipped(
                "status": {"phase": "Pending"}})
     };
     api.set_pod_object("default/weird", weird(json!({"app": 7})));
-    let agent = kube_agent(&bed, &node, &api);
+    let agent = kube_agent(&m, &api);
     wait_enrolled(&agent, &["default/server"]);
 
     let failed = |agent: &Agent| -> Vec<Value> {
@@ -229,7 +226,7 @@ fn a_pod_object_the_agent_cannot_read_is_named_and_counted_not_silently_skipped(
             && error.contains("not captured"),
         "{named}"
     );
-    let metrics = ambit_testbed::metrics::of_node(&node);
+    let metrics = ambit_testbed::metrics::of_node(node);
     assert_eq!(
         metrics.get("ambit_kubernetes_unreadable_objects"),
         Some(&1.0),
@@ -245,7 +242,7 @@ fn a_pod_object_the_agent_cannot_read_is_named_and_counted_not_silently_skipped(
             .then_some(())
     });
     assert!(cleared.is_some(), "still reported: {:#?}", failed(&agent));
-    let metrics = ambit_testbed::metrics::of_node(&node);
+    let metrics = ambit_testbed::metrics::of_node(node);
     assert_eq!(
         metrics.get("ambit_kubernetes_unreadable_objects"),
         Some(&0.0)

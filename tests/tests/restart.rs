@@ -13,7 +13,7 @@ use std::{
 };
 
 use ambit_testbed::{
-    Agent, LogMark, Pod, TestBed,
+    Agent, LogMark, MeshSpec, Pod,
     kube_server::KubeApi,
     log_str, poll,
     wire::{Capture, contains, pattern},
@@ -72,32 +72,28 @@ fn stream(client: &Pod, dst: SocketAddr, stop: &AtomicBool, ok: &AtomicU32, fail
 }
 
 fn restart_keeps_pods_captured(api_down: bool) {
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let client = bed
-        .add_pod_in(&node_a, "client", "default", "client")
-        .expect("client");
-    let server = bed
-        .add_pod_in(&node_b, "server", "default", "server")
-        .expect("server");
+    // node-a's agent learns its client pod from the API; node-b's config names it as a peer.
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .listed_elsewhere("client", "default", "client")
+        .node("node-b")
+        .pod_as("server", "default", "server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (client, server) = (m.take_pod("client"), m.take_pod("server"));
+    let (node_a, mut config_a, config_b) = (
+        m.take_node("node-a"),
+        m.take_config("node-a"),
+        m.take_config("node-b"),
+    );
+    let bed = &m.bed;
     let _echo = server.serve(PORT).expect("echo");
     let dst = server.v4(PORT);
 
     let api = KubeApi::start_in(&node_a.netns_path()).expect("fake API server");
     api.set_namespace("default", json!({"istio.io/dataplane-mode": "ambient"}));
     api.set_pod("node-a", &client, json!({"app": "client"}));
-    let token = bed.tmp_dir().join("kube-token");
-    std::fs::write(&token, "test-token\n").expect("token");
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.add_peer(&server);
-    config_a.extra.insert(
-        "kubernetes".into(),
-        json!({"apiServer": api.url(), "tokenPath": token,
-               "netnsPathPrefix": format!("/run/netns/ab-{}-", bed.id())}),
-    );
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server).add_peer(&client);
+    api.configure(bed, &mut config_a);
     let _agent_b = bed.start_agent(&config_b).expect("agent-b");
     let old = bed.start_agent(&config_a).expect("agent-a");
     let enrolled = poll(WAIT, || {

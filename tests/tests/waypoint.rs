@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use ambit_testbed::{TestBed, log_str};
+use ambit_testbed::{MeshSpec, log_str};
 use serde_json::json;
 
 const PORT: u16 = 8080;
@@ -16,27 +16,26 @@ fn a_waypoint_that_is_down_fails_clearly_and_is_never_bypassed() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let client = bed.add_pod(&node_a, "client").expect("client");
-    let server = bed.add_pod(&node_b, "server").expect("server");
     // A waypoint workload that serves nothing (its proxy is down).
-    let waypoint = bed
-        .add_pod_in(&node_b, "waypoint", "default", "waypoint")
-        .expect("waypoint");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .node("node-b")
+        .pod("server")
+        .unenrolled_peer("waypoint", "default", "waypoint")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (client, server, waypoint) = (
+        m.take_pod("client"),
+        m.take_pod("server"),
+        m.take_pod("waypoint"),
+    );
     let echo = server.serve(PORT).expect("echo");
-
-    let mut config_a = bed.agent_config(&node_a);
-    config_a
-        .enroll(&client)
-        .add_peer(&server)
-        .add_peer(&waypoint);
-    config_a.peers[0].waypoint = Some(json!({"address": waypoint.ipv4()}));
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server).add_peer(&client);
-    let agent_a = bed.start_agent(&config_a).expect("agent-a");
-    let _agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let mut config_a = m.take_config("node-a");
+    config_a.peer_mut("server").expect("server peer").waypoint =
+        Some(json!({"address": waypoint.ipv4()}));
+    let agent_a = m.bed.start_agent(&config_a).expect("agent-a");
+    let _agent_b = m.bed.start_agent(&m.configs["node-b"]).expect("agent-b");
 
     let explain = agent_a
         .ambitctl_json(&[
@@ -84,32 +83,30 @@ fn a_workload_with_a_waypoint_refuses_traffic_that_skipped_it() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let client = bed.add_pod(&node_a, "client").expect("client");
-    let outsider = bed.add_pod(&node_a, "outsider").expect("outsider");
-    let server = bed.add_pod(&node_b, "server").expect("server");
-    let waypoint = bed
-        .add_pod_in(&node_b, "waypoint", "default", "waypoint")
-        .expect("waypoint");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .unenrolled("outsider")
+        .node("node-b")
+        .pod("server")
+        .unenrolled_peer("waypoint", "default", "waypoint")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (client, outsider, server, waypoint) = (
+        m.take_pod("client"),
+        m.take_pod("outsider"),
+        m.take_pod("server"),
+        m.take_pod("waypoint"),
+    );
     let echo = server.serve(PORT).expect("echo");
-
     // node-a's agent does not know about the waypoint (a stale or misconfigured client side).
-    let mut config_a = bed.agent_config(&node_a);
-    config_a
-        .enroll(&client)
-        .add_pod(&outsider, false)
-        .add_peer(&server);
-    let mut config_b = bed.agent_config(&node_b);
-    config_b
-        .enroll(&server)
-        .add_peer(&client)
-        .add_peer(&waypoint);
+    let mut config_a = m.take_config("node-a");
+    config_a.peers.retain(|p| p.name != "waypoint");
+    let mut config_b = m.take_config("node-b");
     config_b.pod_mut("server").expect("server entry").waypoint =
         Some(json!({"address": waypoint.ipv4()}));
-    let _agent_a = bed.start_agent(&config_a).expect("agent-a");
-    let agent_b = bed.start_agent(&config_b).expect("agent-b");
+    let _agent_a = m.bed.start_agent(&config_a).expect("agent-a");
+    let agent_b = m.bed.start_agent(&config_b).expect("agent-b");
 
     for (who, pod) in [("HBONE", &client), ("plaintext", &outsider)] {
         let mark = agent_b.mark();

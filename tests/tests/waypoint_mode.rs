@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use ambit_testbed::{Agent, AgentConfig, Pod, TestBed, log_field, log_str};
+use ambit_testbed::{Agent, AgentConfig, MeshSpec, Pod, TestBed, log_field, log_str};
 use serde_json::{Value, json};
 
 const APP_PORT: u16 = 8080;
@@ -42,67 +42,39 @@ fn services(waypoint_ip: &str) -> Value {
 /// Brings the mesh up (the tests start the apps); `waypoint` edits the waypoint's section before
 /// it starts.
 fn mesh(waypoint: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Mesh {
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let client = bed.add_pod(&node_a, "client").expect("client");
-    let v1 = bed
-        .add_pod_in(&node_b, "v1", "default", "echo")
-        .expect("v1");
-    let v2 = bed
-        .add_pod_in(&node_b, "v2", "default", "echo")
-        .expect("v2");
-    let waypoint_pod = bed
-        .add_pod_in(&node_b, "waypoint", "default", "waypoint")
-        .expect("waypoint pod");
-    let wp_ip = waypoint_pod.ipv4().to_string();
-    let backs = |config: &mut AgentConfig, pod: &Pod, version: &str| {
-        let services = vec!["default/echo".to_owned(), format!("default/echo-{version}")];
-        if let Some(p) = config.pods.iter_mut().find(|p| p.name == pod.name()) {
-            p.services = services;
-        } else if let Some(p) = config.peers.iter_mut().find(|p| p.name == pod.name()) {
-            p.services = services;
-        }
-    };
-
-    let mut config_a = bed.agent_config(&node_a);
-    config_a
-        .enroll(&client)
-        .add_peer(&v1)
-        .add_peer(&v2)
-        .add_peer(&waypoint_pod);
-    backs(&mut config_a, &v1, "v1");
-    backs(&mut config_a, &v2, "v2");
-    config_a.extra.insert("services".into(), services(&wp_ip));
-    let mut config_b = bed.agent_config(&node_b);
-    config_b
-        .enroll(&v1)
-        .enroll(&v2)
-        .add_pod(&waypoint_pod, false)
-        .add_peer(&client);
-    backs(&mut config_b, &v1, "v1");
-    backs(&mut config_b, &v2, "v2");
-    config_b.extra.insert("services".into(), services(&wp_ip));
-    let mut wp = bed.waypoint_config(&waypoint_pod);
-    wp.add_peer(&v1).add_peer(&v2).add_peer(&client);
-    backs(&mut wp, &v1, "v1");
-    backs(&mut wp, &v2, "v2");
+    let mut m = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .node("node-b")
+        .pod_as("v1", "default", "echo")
+        .serves(&["default/echo", "default/echo-v1"])
+        .pod_as("v2", "default", "echo")
+        .serves(&["default/echo", "default/echo-v2"])
+        .unenrolled_peer("waypoint", "default", "waypoint")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let wp_ip = m.pods["waypoint"].ipv4().to_string();
+    for config in m.configs.values_mut() {
+        config.extra.insert("services".into(), services(&wp_ip));
+    }
+    let mut wp = m.waypoint_config("waypoint");
     wp.extra.insert("services".into(), services(&wp_ip));
     waypoint(wp.waypoint_mut());
 
-    let agent_a = bed.start_agent(&config_a).expect("agent-a");
-    let agent_b = bed.start_agent(&config_b).expect("agent-b");
-    let waypoint = bed.start_waypoint(&waypoint_pod, &wp).expect("waypoint");
+    let agent_a = m.bed.start_agent(&m.configs["node-a"]).expect("agent-a");
+    let agent_b = m.bed.start_agent(&m.configs["node-b"]).expect("agent-b");
+    let waypoint_pod = m.take_pod("waypoint");
+    let waypoint = m.bed.start_waypoint(&waypoint_pod, &wp).expect("waypoint");
     Mesh {
-        client,
-        v1,
-        v2,
+        client: m.take_pod("client"),
+        v1: m.take_pod("v1"),
+        v2: m.take_pod("v2"),
         waypoint_pod,
         agent_a,
         agent_b,
         waypoint,
         waypoint_config: wp,
-        bed,
+        bed: m.bed,
     }
 }
 

@@ -15,7 +15,7 @@ use ambit_proto::{
     prost_types::Any,
 };
 use ambit_testbed::{
-    Pod, TestBed, log_message, log_str,
+    Mesh, MeshSpec, Pod, log_message, log_str,
     metrics::sum,
     poll,
     wire::{Capture, contains, pattern},
@@ -93,29 +93,47 @@ fn deny_principal(name: &str, principal: &str) -> Resource {
     }
 }
 
+/// Points every node's agent at the control plane `xds` listening on `addr` (its root
+/// certificate written into the bed), with `more` settings in the `xds` section; each node says
+/// which addresses are its own, as istiod's workloads name nodes by them.
+fn use_xds(mesh: &mut Mesh, xds: &XdsServer, addr: std::net::SocketAddr, more: serde_json::Value) {
+    let root = mesh.bed.tmp_dir().join("xds-root.pem");
+    std::fs::write(&root, xds.cert_pem()).expect("write root");
+    let mut section = json!({"address": format!("https://{addr}"), "rootCert": root});
+    section
+        .as_object_mut()
+        .expect("an object")
+        .extend(more.as_object().cloned().unwrap_or_default());
+    for (name, config) in &mut mesh.configs {
+        config.node_addresses = vec![mesh.nodes[name].underlay_v4().into()];
+        config.extra.insert("xds".into(), section.clone());
+    }
+}
+
 #[test]
 fn a_control_plane_drives_tunnels_and_policy_and_a_bad_push_is_nacked() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let sleep = bed
-        .add_pod_in(&node_a, "sleep", "default", "sleep")
-        .expect("sleep");
-    let curl = bed
-        .add_pod_in(&node_a, "curl", "default", "curl")
-        .expect("curl");
-    let server = bed
-        .add_pod_in(&node_b, "server", "default", "server")
-        .expect("server");
+    let mut mesh = MeshSpec::new()
+        .node("node-a")
+        .pod_as("sleep", "default", "sleep")
+        .pod_as("curl", "default", "curl")
+        .node("node-b")
+        .pod_as("server", "default", "server")
+        .without_peers()
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (sleep, curl, server) = (
+        mesh.take_pod("sleep"),
+        mesh.take_pod("curl"),
+        mesh.take_pod("server"),
+    );
+    let node_a = mesh.nodes["node-a"].clone();
     let echo = server.serve(PORT).expect("echo");
 
     let xds_addr = std::net::SocketAddr::new(node_a.underlay_v4().into(), 15010);
     let xds = XdsServer::start_in_netns(&node_a.netns_path(), xds_addr).expect("xDS server");
-    let root = bed.tmp_dir().join("xds-root.pem");
-    std::fs::write(&root, xds.cert_pem()).expect("write root");
     xds.push(
         ADDRESS_TYPE_URL,
         vec![
@@ -125,18 +143,15 @@ fn a_control_plane_drives_tunnels_and_policy_and_a_bad_push_is_nacked() {
         ],
         Vec::new(),
     );
-
-    let xds_section = json!({"address": format!("https://{xds_addr}"), "rootCert": root});
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.enroll(&sleep).enroll(&curl);
-    config_a.node_addresses = vec![node_a.underlay_v4().into()];
-    config_a.extra.insert("xds".into(), xds_section.clone());
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server);
-    config_b.node_addresses = vec![node_b.underlay_v4().into()];
-    config_b.extra.insert("xds".into(), xds_section);
-    let agent_a = bed.start_agent(&config_a).expect("agent-a");
-    let agent_b = bed.start_agent(&config_b).expect("agent-b");
+    use_xds(&mut mesh, &xds, xds_addr, json!({}));
+    let agent_a = mesh
+        .bed
+        .start_agent(&mesh.configs["node-a"])
+        .expect("agent-a");
+    let agent_b = mesh
+        .bed
+        .start_agent(&mesh.configs["node-b"])
+        .expect("agent-b");
     for agent in [&agent_a, &agent_b] {
         agent
             .wait_for_log(
@@ -234,18 +249,21 @@ fn before_the_control_plane_has_spoken_connections_are_held_never_leaked_nor_adm
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let sleep = bed
-        .add_pod_in(&node_a, "sleep", "default", "sleep")
-        .expect("sleep");
-    let curl = bed
-        .add_pod_in(&node_a, "curl", "default", "curl")
-        .expect("curl");
-    let server = bed
-        .add_pod_in(&node_b, "server", "default", "server")
-        .expect("server");
+    let mut mesh = MeshSpec::new()
+        .node("node-a")
+        .pod_as("sleep", "default", "sleep")
+        .pod_as("curl", "default", "curl")
+        .node("node-b")
+        .pod_as("server", "default", "server")
+        .without_peers()
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (sleep, curl, server) = (
+        mesh.take_pod("sleep"),
+        mesh.take_pod("curl"),
+        mesh.take_pod("server"),
+    );
+    let node_a = mesh.nodes["node-a"].clone();
     let echo = server.serve(PORT).expect("echo");
     let dst = server.v4(PORT);
 
@@ -270,21 +288,16 @@ fn before_the_control_plane_has_spoken_connections_are_held_never_leaked_nor_adm
         )],
         Vec::new(),
     );
-    let root = bed.tmp_dir().join("xds-root.pem");
-    std::fs::write(&root, xds.cert_pem()).expect("write root");
-    let xds_section =
-        json!({"address": format!("https://{xds_addr}"), "rootCert": root, "syncHoldSeconds": 60});
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.enroll(&sleep).enroll(&curl);
-    config_a.node_addresses = vec![node_a.underlay_v4().into()];
-    config_a.extra.insert("xds".into(), xds_section.clone());
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server);
-    config_b.node_addresses = vec![node_b.underlay_v4().into()];
-    config_b.extra.insert("xds".into(), xds_section);
-    let agent_a = bed.start_agent(&config_a).expect("agent-a");
-    let agent_b = bed.start_agent(&config_b).expect("agent-b");
-    let capture = Capture::start(&bed, &node_a).expect("capture");
+    use_xds(&mut mesh, &xds, xds_addr, json!({"syncHoldSeconds": 60}));
+    let agent_a = mesh
+        .bed
+        .start_agent(&mesh.configs["node-a"])
+        .expect("agent-a");
+    let agent_b = mesh
+        .bed
+        .start_agent(&mesh.configs["node-b"])
+        .expect("agent-b");
+    let capture = Capture::start(&mesh.bed, &node_a).expect("capture");
 
     // Without the control plane the destination is not known to be in the mesh: it would leave
     // as plaintext passthrough, and node-b has not heard of the DENY. Both are held instead.
@@ -360,25 +373,32 @@ fn a_connection_held_longer_than_the_sync_hold_is_refused_with_the_reason() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node = bed.add_node("node-a").expect("node-a");
-    let client = bed.add_pod(&node, "client").expect("client");
-    let server = bed.add_pod(&node, "server").expect("server");
+    let mut mesh = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .pod("server")
+        .without_peers()
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (client, server, node) = (
+        mesh.take_pod("client"),
+        mesh.take_pod("server"),
+        mesh.nodes["node-a"].clone(),
+    );
     let echo = server.serve(PORT).expect("echo");
     // A control plane that never answers.
     let xds_addr = std::net::SocketAddr::new(node.underlay_v4().into(), 15010);
     let xds = XdsServer::unstarted(xds_addr).expect("xDS server");
-    let root = bed.tmp_dir().join("xds-root.pem");
-    std::fs::write(&root, xds.cert_pem()).expect("write root");
-    let mut config = bed.agent_config(&node);
-    config.enroll(&client).enroll(&server);
-    config.node_addresses = vec![node.underlay_v4().into()];
-    config.extra.insert(
-        "xds".into(),
-        json!({"address": format!("https://{xds_addr}"), "rootCert": root,
-               "syncHoldSeconds": 1, "maxHeldConnections": 4}),
+    use_xds(
+        &mut mesh,
+        &xds,
+        xds_addr,
+        json!({"syncHoldSeconds": 1, "maxHeldConnections": 4}),
     );
-    let agent = bed.start_agent(&config).expect("agent");
+    let agent = mesh
+        .bed
+        .start_agent(&mesh.configs["node-a"])
+        .expect("agent");
     let mark = agent.mark();
     let report = client
         .connect_with(server.v4(PORT), 100, 0, 10_000)
@@ -457,15 +477,16 @@ fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let sleep = bed
-        .add_pod_in(&node_a, "sleep", "default", "sleep")
-        .expect("sleep");
-    let server = bed
-        .add_pod_in(&node_b, "server", "default", "server")
-        .expect("server");
+    let mut mesh = MeshSpec::new()
+        .node("node-a")
+        .pod_as("sleep", "default", "sleep")
+        .node("node-b")
+        .pod_as("server", "default", "server")
+        .without_peers()
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (sleep, server) = (mesh.take_pod("sleep"), mesh.take_pod("server"));
+    let (node_a, node_b) = (mesh.nodes["node-a"].clone(), mesh.nodes["node-b"].clone());
     let _echo = server.serve(PORT).expect("echo");
     let dst = server.v4(PORT);
 
@@ -559,19 +580,15 @@ fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
     let xds_addr = std::net::SocketAddr::new(node_a.underlay_v4().into(), 15010);
     let xds = XdsServer::start_in_netns(&node_a.netns_path(), xds_addr).expect("xDS server");
     xds.push(ADDRESS_TYPE_URL, state, Vec::new());
-    let root = bed.tmp_dir().join("xds-root.pem");
-    std::fs::write(&root, xds.cert_pem()).expect("write root");
-    let xds_section = json!({"address": format!("https://{xds_addr}"), "rootCert": root});
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.enroll(&sleep);
-    config_a.node_addresses = vec![node_a.underlay_v4().into()];
-    config_a.extra.insert("xds".into(), xds_section.clone());
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&server);
-    config_b.node_addresses = vec![node_b.underlay_v4().into()];
-    config_b.extra.insert("xds".into(), xds_section);
-    let agent_b = bed.start_agent(&config_b).expect("agent-b");
-    let agent_a = bed.start_agent(&config_a).expect("agent-a");
+    use_xds(&mut mesh, &xds, xds_addr, json!({}));
+    let agent_b = mesh
+        .bed
+        .start_agent(&mesh.configs["node-b"])
+        .expect("agent-b");
+    let agent_a = mesh
+        .bed
+        .start_agent(&mesh.configs["node-a"])
+        .expect("agent-a");
 
     let ready = |agent: &ambit_testbed::Agent| {
         poll(WAIT, || {
@@ -737,7 +754,10 @@ fn one_bad_workload_in_the_first_full_state_costs_only_itself() {
 
     // A restart with the same state is ready again, and tunnels.
     agent_a.stop().expect("stop agent-a");
-    let agent_a = bed.start_agent(&config_a).expect("agent-a again");
+    let agent_a = mesh
+        .bed
+        .start_agent(&mesh.configs["node-a"])
+        .expect("agent-a again");
     ready(&agent_a).expect("ready after the restart");
     tunnelled(&agent_a);
 }
@@ -751,18 +771,21 @@ fn locality_preferences_keep_traffic_on_the_node_then_fail_over_or_refuse() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("bed");
-    let node_a = bed.add_node("node-a").expect("node-a");
-    let node_b = bed.add_node("node-b").expect("node-b");
-    let sleep = bed
-        .add_pod_in(&node_a, "sleep", "default", "sleep")
-        .expect("sleep");
-    let near = bed
-        .add_pod_in(&node_a, "web-a", "default", "web")
-        .expect("web-a");
-    let far = bed
-        .add_pod_in(&node_b, "web-b", "default", "web")
-        .expect("web-b");
+    let mut mesh = MeshSpec::new()
+        .node("node-a")
+        .pod_as("sleep", "default", "sleep")
+        .pod_as("web-a", "default", "web")
+        .node("node-b")
+        .pod_as("web-b", "default", "web")
+        .without_peers()
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (sleep, near, far) = (
+        mesh.take_pod("sleep"),
+        mesh.take_pod("web-a"),
+        mesh.take_pod("web-b"),
+    );
+    let node_a = mesh.nodes["node-a"].clone();
     let near_echo = near.serve(PORT).expect("echo a");
     let far_echo = far.serve(PORT).expect("echo b");
     let vip: std::net::SocketAddr = "10.96.9.9:80".parse().expect("vip");
@@ -835,19 +858,15 @@ fn locality_preferences_keep_traffic_on_the_node_then_fail_over_or_refuse() {
         ],
         Vec::new(),
     );
-    let root = bed.tmp_dir().join("xds-root.pem");
-    std::fs::write(&root, xds.cert_pem()).expect("write root");
-    let xds_section = json!({"address": format!("https://{xds_addr}"), "rootCert": root});
-    let mut config_a = bed.agent_config(&node_a);
-    config_a.enroll(&sleep).enroll(&near);
-    config_a.node_addresses = vec![node_a.underlay_v4().into()];
-    config_a.extra.insert("xds".into(), xds_section.clone());
-    let mut config_b = bed.agent_config(&node_b);
-    config_b.enroll(&far);
-    config_b.node_addresses = vec![node_b.underlay_v4().into()];
-    config_b.extra.insert("xds".into(), xds_section);
-    let _agent_b = bed.start_agent(&config_b).expect("agent-b");
-    let agent_a = bed.start_agent(&config_a).expect("agent-a");
+    use_xds(&mut mesh, &xds, xds_addr, json!({}));
+    let _agent_b = mesh
+        .bed
+        .start_agent(&mesh.configs["node-b"])
+        .expect("agent-b");
+    let agent_a = mesh
+        .bed
+        .start_agent(&mesh.configs["node-a"])
+        .expect("agent-a");
     poll(WAIT, || {
         let s = agent_a.ambitctl_json(&["status"]).ok()?;
         (s["ready"] == true).then_some(())

@@ -23,6 +23,7 @@ pub use crate::config::waypoint as config;
 pub mod h2c;
 pub mod metrics;
 pub mod path;
+pub mod plan;
 pub mod retry;
 pub mod routes;
 pub mod server;

@@ -26,12 +26,12 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::{
     authz::{self, RequestAttrs},
-    config::{Retry, Waypoint as Settings},
+    config::Waypoint as Settings,
     forward, h2c,
     metrics::{RequestLabels, WaypointMetrics},
     path,
+    plan::{self, Destination, Plan, Refusal, RequestLine},
     retry::{self, AfterAnswer},
-    routes::{self, Selection},
     upstream::{Body, BoxError, Checkout, Failure, Upstream, backoff},
 };
 use crate::{
@@ -85,6 +85,23 @@ struct Tunnel {
     target: Target,
     /// The client workload, when known (`namespace`, `workload name`).
     src_workload: Option<Arc<Workload>>,
+}
+
+impl Tunnel {
+    fn destination(&self) -> Destination<'_> {
+        match &self.target {
+            Target::Service(s) => Destination {
+                service: Some(&s.key),
+                workload: None,
+                addr: self.dst,
+            },
+            Target::Workload(w) => Destination {
+                service: None,
+                workload: Some(w),
+                addr: self.dst,
+            },
+        }
+    }
 }
 
 /// Serves one accepted HBONE connection until it closes.
@@ -541,32 +558,129 @@ async fn route_request(
     req: Request<Incoming>,
     record: &mut Record,
 ) -> Handled {
-    let local = |record: &mut Record, status: StatusCode, flags: &'static str, body: String| {
-        record.status = status.as_u16();
-        record.flags = flags;
-        if status != StatusCode::FORBIDDEN && record.error.is_none() {
-            record.error = Some(body.trim_end().to_owned());
-        }
-        Handled {
-            response: text(status, body),
-            checkout: None,
-        }
-    };
-    // Judge and route the path the endpoint will see: `/a/../admin` and `/%61dmin` are `/admin`.
-    match path::normalize(req.uri().path()) {
-        Ok(p) => record.path = p,
-        Err(why) => {
-            let body = format!("bad request path {:?}: {why}\n", req.uri().path());
-            return local(record, StatusCode::BAD_REQUEST, "-", body);
+    match dispatch(ctx, tunnel, req, record).await {
+        Ok(handled) => handled,
+        Err(Refusal {
+            status,
+            flags,
+            body,
+        }) => {
+            record.status = status.as_u16();
+            record.flags = flags;
+            if status != StatusCode::FORBIDDEN && record.error.is_none() {
+                record.error = Some(body.trim_end().to_owned());
+            }
+            Handled {
+                response: text(status, body),
+                checkout: None,
+            }
         }
     }
-    let settings = ctx.settings.load_full();
-    let service_key = match &tunnel.target {
-        Target::Service(s) => Some(s.key.to_string()),
-        Target::Workload(_) => None,
-    };
+}
 
-    // L7 authorization.
+/// One request: normalize, authorize, plan, read the body, send (with retries and timeout).
+async fn dispatch(
+    ctx: &Arc<Ctx>,
+    tunnel: &Tunnel,
+    req: Request<Incoming>,
+    record: &mut Record,
+) -> Result<Handled, Refusal> {
+    // Judge and route the path the endpoint will see: `/a/../admin` and `/%61dmin` are `/admin`.
+    record.path = path::normalize(req.uri().path()).map_err(|why| {
+        let body = format!("bad request path {:?}: {why}\n", req.uri().path());
+        Refusal::new(StatusCode::BAD_REQUEST, "-", body)
+    })?;
+    let settings = ctx.settings.load_full();
+    let to = tunnel.destination();
+    authorize(ctx, &settings, tunnel, to.service, &req, record)?;
+    let planned = plan::plan(
+        &settings.routes,
+        &ctx.state.snapshot(),
+        to,
+        &RequestLine {
+            host: &record.host,
+            method: req.method().as_str(),
+            path: &record.path,
+            headers: req.headers(),
+        },
+    );
+    record.route = planned.route;
+    record.backend = planned.backend;
+    let plan = planned.result?;
+
+    // The request as the endpoint gets it (see `forward`).
+    let (mut parts, body) = req.into_parts();
+    let protocol = forward::protocol(plan.declared, &parts);
+    forward::rewrite(
+        &mut parts,
+        protocol,
+        &record.path,
+        &record.request_id,
+        tunnel.peer.ip(),
+        tunnel.dst,
+    );
+    let body = RequestBody::read(body).await?;
+    let repeatable = retry::Repeatable {
+        idempotent: is_idempotent(&parts.method),
+        replayable: matches!(body, RequestBody::Kept(_)),
+    };
+    let attempts = send_with_retries(
+        ctx,
+        tunnel,
+        &plan,
+        &settings.outlier_detection,
+        Outgoing {
+            parts: &parts,
+            h2: protocol.h2,
+            body,
+            repeatable,
+        },
+        record,
+    );
+    let outcome = match plan.timeout {
+        Some(t) => tokio::time::timeout(t, attempts).await.map_err(|_| {
+            let body = format!(
+                "upstream request timeout: no response within {}\n",
+                super::config::GoDuration(t)
+            );
+            Refusal::new(StatusCode::GATEWAY_TIMEOUT, "UT", body)
+        })?,
+        None => attempts.await,
+    };
+    match outcome {
+        Ok((resp, checkout)) => {
+            record.status = resp.status().as_u16();
+            let (parts, body) = resp.into_parts();
+            Ok(Handled {
+                response: Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync()),
+                checkout,
+            })
+        }
+        Err(Some(last)) => Err(Refusal::new(
+            last.status,
+            last.flags,
+            format!(
+                "upstream failed after {} tries: {}\n",
+                record.attempts, last.why
+            ),
+        )),
+        Err(None) => Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UH",
+            "no endpoint could be tried\n".into(),
+        )),
+    }
+}
+
+/// L7 authorization: a denial is answered 403 and counted by the policy that denied.
+fn authorize(
+    ctx: &Ctx,
+    settings: &Settings,
+    tunnel: &Tunnel,
+    service: Option<&str>,
+    req: &Request<Incoming>,
+    record: &mut Record,
+) -> Result<(), Refusal> {
     let verdict = authz::evaluate(
         &settings.authorization,
         &RequestAttrs {
@@ -577,7 +691,7 @@ async fn route_request(
             host: &record.host,
             headers: req.headers(),
             destination_port: tunnel.dst.port(),
-            service: service_key.as_deref(),
+            service,
         },
     );
     if !verdict.allowed {
@@ -585,240 +699,176 @@ async fn route_request(
         ctx.metrics
             .denied(verdict.policy.as_deref().unwrap_or("none"));
         record.authz = Some(reason.clone());
-        return local(
-            record,
+        return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             "-",
             format!("RBAC: access denied: {reason}\n"),
-        );
+        ));
     }
     if verdict.policy.is_some() {
         record.authz = Some(verdict.describe());
     }
+    Ok(())
+}
 
-    // Route and backend.
-    let selection = routes::select(
-        &settings.routes,
-        service_key.as_deref(),
-        tunnel.dst.port(),
-        &record.host,
-        req.method().as_str(),
-        &record.path,
-        req.headers(),
-    );
-    let default_retry = Retry::default();
-    let (backend_key, port, retry, timeout) = match selection {
-        Selection::NoMatch { routes } => {
-            let body = format!(
-                "no rule of route {} matches {} {}\n",
-                routes.join(", "),
-                record.method,
-                record.path
-            );
-            return local(record, StatusCode::NOT_FOUND, "NR", body);
-        }
-        Selection::Direct => (service_key.clone(), tunnel.dst.port(), &default_retry, None),
-        Selection::Rule { route, index, rule } => {
-            record.route = Some(format!("{route}#{index}"));
-            let Some(backend) = routes::pick_backend(rule) else {
-                return local(
-                    record,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UH",
-                    "the route has no backend with weight\n".into(),
-                );
-            };
-            (
-                Some(backend.service_key().to_owned()),
-                backend.port.unwrap_or(tunnel.dst.port()),
-                rule.retry.as_ref().unwrap_or(&default_retry),
-                rule.timeouts.request.map(|d| d.duration()),
-            )
-        }
-    };
-    let snapshot = ctx.state.snapshot();
-    // What the backend's port speaks, when istiod (`app_protocol`) or the config says.
-    let declared = backend_key
-        .as_deref()
-        .and_then(|k| snapshot.service(k))
-        .and_then(|s| s.def.as_ref())
-        .and_then(|d| d.protocol(port));
-    let candidates: Vec<(Arc<Workload>, SocketAddr)> = match (&backend_key, &tunnel.target) {
-        (Some(key), _) => match snapshot.service(key) {
-            Some(svc) => svc.candidates(tunnel.dst.ip(), port).collect(),
-            None => Vec::new(),
-        },
-        (None, Target::Workload(w)) => vec![(w.clone(), tunnel.dst)],
-        (None, Target::Service(_)) => Vec::new(),
-    };
-    drop(snapshot);
-    record.backend = backend_key.clone();
-    if candidates.is_empty() {
-        let body = format!(
-            "no healthy endpoint for {} port {port}\n",
-            backend_key.as_deref().unwrap_or("the destination")
-        );
-        return local(record, StatusCode::SERVICE_UNAVAILABLE, "UH", body);
-    }
+/// A request body: kept whole when small (so the request can be sent again), else streamed
+/// with the first try.
+enum RequestBody {
+    Kept(Bytes),
+    Streamed(Option<Incoming>),
+}
 
-    // The request as the endpoint gets it (see `forward`).
-    let (mut parts, body) = req.into_parts();
-    let idempotent = is_idempotent(&parts.method);
-    let protocol = forward::protocol(declared, &parts);
-    forward::rewrite(
-        &mut parts,
-        protocol,
-        &record.path,
-        &record.request_id,
-        tunnel.peer.ip(),
-        tunnel.dst,
-    );
-    let upstream_h2 = protocol.h2;
-    // Keep small bodies so the request can be sent again.
-    let replayable = body.is_end_stream()
-        || body
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= MAX_RETRY_BODY);
-    let mut stream_body = None;
-    let kept = if replayable {
+impl RequestBody {
+    async fn read(body: Incoming) -> Result<RequestBody, Refusal> {
+        let replayable = body.is_end_stream()
+            || body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= MAX_RETRY_BODY);
+        if !replayable {
+            return Ok(RequestBody::Streamed(Some(body)));
+        }
         match tokio::time::timeout(REQUEST_READ_TIMEOUT, body.collect()).await {
-            Ok(Ok(b)) => Some(b.to_bytes()),
-            Ok(Err(e)) => {
-                let body = format!("reading the request body failed: {e}\n");
-                return local(record, StatusCode::BAD_REQUEST, "DPE", body);
-            }
-            Err(_) => {
-                let body = format!(
+            Ok(Ok(b)) => Ok(RequestBody::Kept(b.to_bytes())),
+            Ok(Err(e)) => Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "DPE",
+                format!("reading the request body failed: {e}\n"),
+            )),
+            Err(_) => Err(Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "DPE",
+                format!(
                     "the request body did not arrive within {}s\n",
                     REQUEST_READ_TIMEOUT.as_secs()
-                );
-                return local(record, StatusCode::REQUEST_TIMEOUT, "DPE", body);
-            }
+                ),
+            )),
         }
-    } else {
-        stream_body = Some(body);
-        None
-    };
-    let build = |body: Body| {
-        let mut r = Request::new(body);
-        *r.method_mut() = parts.method.clone();
-        *r.uri_mut() = parts.uri.clone();
-        *r.version_mut() = parts.version;
-        *r.headers_mut() = parts.headers.clone();
-        r
-    };
+    }
 
-    let repeatable = retry::Repeatable {
-        idempotent,
-        replayable: kept.is_some(),
-    };
-    let od = settings.outlier_detection.clone();
-    let addrs: Vec<SocketAddr> = candidates.iter().map(|(_, a)| *a).collect();
-    let attempts = async {
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut last: Option<(StatusCode, &'static str, String)> = None;
-        for n in 0..=retry.attempts {
-            if n > 0 {
-                tokio::time::sleep(backoff(retry.backoff(), n)).await;
-                ctx.metrics.retried();
-            }
-            let Some(i) = ctx.upstream.choose(&addrs, &tried) else {
-                break;
-            };
-            let (workload, addr) = &candidates[i];
-            tried.push(*addr);
-            record.attempts = n + 1;
-            record.endpoint = Some(*addr);
-            record.dst_workload = Some(workload.clone());
-            let body: Body = match (&kept, stream_body.take()) {
-                (Some(b), _) => Full::new(b.clone())
+    /// The body for the next try; `None` once a streamed body has gone.
+    fn next(&mut self) -> Option<Body> {
+        match self {
+            RequestBody::Kept(b) => Some(
+                Full::new(b.clone())
                     .map_err(|never| match never {})
                     .boxed_unsync(),
-                (None, Some(b)) => b.map_err(BoxError::from).boxed_unsync(),
-                // A streamed body went with the first try: no more tries.
-                (None, None) => break,
-            };
-            let sent = if upstream_h2 {
-                ctx.upstream
-                    .send_h2(workload, *addr, tunnel.local_ip, build(body))
-                    .await
-                    .map(|resp| (resp, None))
-            } else {
-                ctx.upstream
-                    .send(workload, *addr, tunnel.local_ip, build(body))
-                    .await
-                    .map(|(resp, checkout)| (resp, Some(checkout)))
-            };
-            match sent {
-                Ok((resp, checkout)) => {
-                    let status = resp.status();
-                    ctx.upstream
-                        .record(*addr, !status.is_server_error(), &addrs, &od);
-                    match retry::after_answer(retry, repeatable, status, n) {
-                        AfterAnswer::Retry => {
-                            debug!(endpoint = %addr, %status, "retrying");
-                            last = Some((status, "URX", format!("{addr} answered {status}")));
-                            continue;
-                        }
-                        AfterAnswer::Answer { exhausted } => {
-                            if exhausted {
-                                // Every try answered a retryable error: the last answer goes back.
-                                record.flags = "URX";
-                            }
-                            return Ok((resp, checkout));
-                        }
-                    }
-                }
-                Err(e) => {
-                    ctx.upstream.record(*addr, false, &addrs, &od);
-                    let (status, flags) = match e {
-                        Failure::Connect(_) => (StatusCode::SERVICE_UNAVAILABLE, "UF"),
-                        Failure::Broken(_) => (StatusCode::BAD_GATEWAY, "UC"),
-                    };
-                    let connect_failed = matches!(e, Failure::Connect(_));
-                    last = Some((status, flags, format!("{addr}: {e}")));
-                    if !retry::may_retry_failure(repeatable, connect_failed) {
-                        break;
-                    }
-                }
-            }
+            ),
+            RequestBody::Streamed(b) => b.take().map(|b| b.map_err(BoxError::from).boxed_unsync()),
         }
-        Err(last)
-    };
-    let outcome = match timeout {
-        Some(t) => match tokio::time::timeout(t, attempts).await {
-            Ok(r) => r,
-            Err(_) => {
-                let body = format!(
-                    "upstream request timeout: no response within {}\n",
-                    super::config::GoDuration(t)
-                );
-                return local(record, StatusCode::GATEWAY_TIMEOUT, "UT", body);
-            }
-        },
-        None => attempts.await,
-    };
-    match outcome {
-        Ok((resp, checkout)) => {
-            record.status = resp.status().as_u16();
-            let (parts, body) = resp.into_parts();
-            Handled {
-                response: Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync()),
-                checkout,
-            }
-        }
-        Err(Some((status, flags, why))) => {
-            let body = format!("upstream failed after {} tries: {why}\n", record.attempts);
-            local(record, status, flags, body)
-        }
-        Err(None) => local(
-            record,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UH",
-            "no endpoint could be tried\n".into(),
-        ),
     }
+}
+
+/// The request as it goes to endpoints.
+struct Outgoing<'a> {
+    parts: &'a http::request::Parts,
+    /// HTTP/2 to the endpoint (else HTTP/1.1 with a pooled connection).
+    h2: bool,
+    body: RequestBody,
+    repeatable: retry::Repeatable,
+}
+
+impl Outgoing<'_> {
+    fn build(&self, body: Body) -> Request<Body> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.parts.method.clone();
+        *r.uri_mut() = self.parts.uri.clone();
+        *r.version_mut() = self.parts.version;
+        *r.headers_mut() = self.parts.headers.clone();
+        r
+    }
+}
+
+/// Why the last try failed.
+struct LastFailure {
+    status: StatusCode,
+    flags: &'static str,
+    why: String,
+}
+
+/// Tries endpoints of `plan` (outlier-aware, never the same one twice) until one answers with
+/// something that is not retried or the retries are spent. `Err(None)`: no endpoint could be
+/// tried at all.
+async fn send_with_retries(
+    ctx: &Ctx,
+    tunnel: &Tunnel,
+    plan: &Plan,
+    od: &super::config::OutlierDetection,
+    mut out: Outgoing<'_>,
+    record: &mut Record,
+) -> Result<(Response<Incoming>, Option<Checkout>), Option<LastFailure>> {
+    let retry = &plan.retry;
+    let addrs: Vec<SocketAddr> = plan.candidates.iter().map(|(_, a)| *a).collect();
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last: Option<LastFailure> = None;
+    for n in 0..=retry.attempts {
+        if n > 0 {
+            tokio::time::sleep(backoff(retry.backoff(), n)).await;
+            ctx.metrics.retried();
+        }
+        let Some(i) = ctx.upstream.choose(&addrs, &tried) else {
+            break;
+        };
+        let (workload, addr) = &plan.candidates[i];
+        // A streamed body went with the first try: no more tries.
+        let Some(body) = out.body.next() else { break };
+        tried.push(*addr);
+        record.attempts = n + 1;
+        record.endpoint = Some(*addr);
+        record.dst_workload = Some(workload.clone());
+        let sent = if out.h2 {
+            ctx.upstream
+                .send_h2(workload, *addr, tunnel.local_ip, out.build(body))
+                .await
+                .map(|resp| (resp, None))
+        } else {
+            ctx.upstream
+                .send(workload, *addr, tunnel.local_ip, out.build(body))
+                .await
+                .map(|(resp, checkout)| (resp, Some(checkout)))
+        };
+        match sent {
+            Ok((resp, checkout)) => {
+                let status = resp.status();
+                ctx.upstream
+                    .record(*addr, !status.is_server_error(), &addrs, od);
+                match retry::after_answer(retry, out.repeatable, status, n) {
+                    AfterAnswer::Retry => {
+                        debug!(endpoint = %addr, %status, "retrying");
+                        last = Some(LastFailure {
+                            status,
+                            flags: "URX",
+                            why: format!("{addr} answered {status}"),
+                        });
+                    }
+                    AfterAnswer::Answer { exhausted } => {
+                        if exhausted {
+                            // Every try answered a retryable error: the last answer goes back.
+                            record.flags = "URX";
+                        }
+                        return Ok((resp, checkout));
+                    }
+                }
+            }
+            Err(e) => {
+                ctx.upstream.record(*addr, false, &addrs, od);
+                let (status, flags) = match e {
+                    Failure::Connect(_) => (StatusCode::SERVICE_UNAVAILABLE, "UF"),
+                    Failure::Broken(_) => (StatusCode::BAD_GATEWAY, "UC"),
+                };
+                let connect_failed = matches!(e, Failure::Connect(_));
+                last = Some(LastFailure {
+                    status,
+                    flags,
+                    why: format!("{addr}: {e}"),
+                });
+                if !retry::may_retry_failure(out.repeatable, connect_failed) {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last)
 }
 
 /// Logs and counts a finished request.
