@@ -1,8 +1,9 @@
-//! A small stand-in for the Kubernetes API server, for tests of the agent's Kubernetes mode: it
-//! serves the real list and watch JSON of `/api/v1/namespaces` and `/api/v1/pods` (watch events
-//! as a chunked stream, replayed from the requested resource version) and applies JSON merge
-//! patches to pods. It listens on loopback inside a network namespace of the bed (where the
-//! agent runs), over plain HTTP, which the agent allows only to loopback.
+//! A small stand-in for the Kubernetes API server, for tests of the agent's and the waypoint's
+//! Kubernetes mode: it serves the real list and watch JSON of the collections in [`KINDS`]
+//! (watch events as a chunked stream, replayed from the requested resource version) and applies
+//! JSON merge patches to pods and to the `status` of HTTPRoutes and Gateways. It listens on
+//! loopback inside a network namespace of the bed (where the agent runs), over plain HTTP,
+//! which the agent allows only to loopback.
 
 use std::{
     collections::BTreeMap,
@@ -19,16 +20,36 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
 
+/// The collections served: (kind's plural, the path it is listed and watched at).
+pub const KINDS: [(&str, &str); 7] = [
+    ("namespaces", "/api/v1/namespaces"),
+    ("pods", "/api/v1/pods"),
+    ("services", "/api/v1/services"),
+    (
+        "httproutes",
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+    ),
+    ("gateways", "/apis/gateway.networking.k8s.io/v1/gateways"),
+    (
+        "destinationrules",
+        "/apis/networking.istio.io/v1/destinationrules",
+    ),
+    (
+        "authorizationpolicies",
+        "/apis/security.istio.io/v1/authorizationpolicies",
+    ),
+];
+
 #[derive(Default)]
 struct State {
     version: u64,
-    namespaces: BTreeMap<String, Value>,
-    pods: BTreeMap<String, Value>,
-    /// `(resource version, "namespaces" | "pods", event)`, for watches to replay.
+    /// Kind's plural -> `namespace/name` (or `name`) -> object.
+    objects: BTreeMap<&'static str, BTreeMap<String, Value>>,
+    /// `(resource version, kind's plural, event)`, for watches to replay.
     events: Vec<(u64, &'static str, Value)>,
     /// Every request line and its Authorization header, in order.
     requests: Vec<(String, Option<String>)>,
-    /// `(pod key, patch)` of every PATCH.
+    /// `(object key, patch)` of every PATCH.
     patches: Vec<(String, Value)>,
 }
 
@@ -97,17 +118,18 @@ impl KubeApi {
     }
 
     /// Puts `config` in Kubernetes mode against this server: a token file in the bed's
-    /// directory, and pod netns found under the bed's own prefix (other beds running in parallel
-    /// use the same pod IPs in their own netns).
+    /// directory, and (for a node agent) pod netns found under the bed's own prefix (other beds
+    /// running in parallel use the same pod IPs in their own netns).
     pub fn configure(&self, bed: &crate::TestBed, config: &mut crate::AgentConfig) {
         let token = bed.tmp_dir().join("kube-token");
         std::fs::write(&token, "test-token\n")
             .unwrap_or_else(|e| panic!("write {}: {e}", token.display()));
-        config.extra.insert(
-            "kubernetes".into(),
-            json!({"apiServer": self.url(), "tokenPath": token,
-                   "netnsPathPrefix": format!("/run/netns/ab-{}-", bed.id())}),
-        );
+        let mut section = json!({"apiServer": self.url(), "tokenPath": token});
+        // A waypoint finds no pods.
+        if !config.extra.contains_key("waypoint") {
+            section["netnsPathPrefix"] = json!(format!("/run/netns/ab-{}-", bed.id()));
+        }
+        config.extra.insert("kubernetes".into(), section);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -126,27 +148,59 @@ impl KubeApi {
 
     /// Creates or replaces namespace `name` with `labels`.
     pub fn set_namespace(&self, name: &str, labels: Value) {
-        let exists = self.lock().namespaces.contains_key(name);
         let object = json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": name, "uid": format!("ns-{name}"), "labels": labels}});
-        let name = name.to_owned();
+        self.set_object("namespaces", name, object);
+    }
+
+    /// Creates or replaces the object of `kind` (a plural of [`KINDS`]) at `key`
+    /// (`namespace/name`, or `name`); its `metadata.generation` counts its versions.
+    pub fn set_object(&self, kind: &str, key: &str, mut object: Value) {
+        let kind = kind_of(kind);
+        let previous = self.object(kind, key);
+        let generation = previous
+            .as_ref()
+            .and_then(|p| p["metadata"]["generation"].as_u64())
+            .unwrap_or(0)
+            + 1;
+        object["metadata"]["generation"] = json!(generation);
+        let key = key.to_owned();
         self.change(
-            "namespaces",
-            if exists { "MODIFIED" } else { "ADDED" },
+            kind,
+            if previous.is_some() {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            },
             object,
             |st, o| {
-                st.namespaces.insert(name, o);
+                st.objects.entry(kind).or_default().insert(key, o);
             },
         );
+    }
+
+    /// Deletes the object of `kind` at `key`, if there is one.
+    pub fn delete_object(&self, kind: &str, key: &str) {
+        let kind = kind_of(kind);
+        let Some(object) = self.object(kind, key) else {
+            return;
+        };
+        let key = key.to_owned();
+        self.change(kind, "DELETED", object, |st, _| {
+            st.objects.entry(kind).or_default().remove(&key);
+        });
+    }
+
+    /// The object of `kind` at `key`, as the server holds it now.
+    pub fn object(&self, kind: &str, key: &str) -> Option<Value> {
+        self.lock().objects.get(kind)?.get(key).cloned()
     }
 
     /// Creates or replaces a running pod on `node`.
     pub fn set_pod(&self, node: &str, pod: &crate::Pod, labels: Value) {
         let key = format!("{}/{}", pod.namespace(), pod.name());
         let annotations = self
-            .lock()
-            .pods
-            .get(&key)
+            .object("pods", &key)
             .map(|p| p["metadata"]["annotations"].clone())
             .unwrap_or_else(|| json!({}));
         let object = json!({"apiVersion": "v1", "kind": "Pod",
@@ -162,26 +216,17 @@ impl KubeApi {
     /// Creates or replaces the pod object at `namespace/name` with `object` as given (for
     /// objects the agent must cope with, not only ones [`KubeApi::set_pod`] makes).
     pub fn set_pod_object(&self, key: &str, object: Value) {
-        let exists = self.lock().pods.contains_key(key);
-        let key = key.to_owned();
-        self.change(
-            "pods",
-            if exists { "MODIFIED" } else { "ADDED" },
-            object,
-            |st, o| {
-                st.pods.insert(key, o);
-            },
-        );
+        self.set_object("pods", key, object);
     }
 
-    /// The patches received, by pod key.
+    /// The patches received, by object key.
     pub fn patches(&self) -> Vec<(String, Value)> {
         self.lock().patches.clone()
     }
 
     /// The pod's annotation `name`, as the server holds it now.
     pub fn annotation(&self, key: &str, name: &str) -> Option<String> {
-        self.lock().pods.get(key)?["metadata"]["annotations"][name]
+        self.object("pods", key)?["metadata"]["annotations"][name]
             .as_str()
             .map(str::to_owned)
     }
@@ -215,13 +260,20 @@ impl Shared {
         self.changed.notify_all();
     }
 
-    fn patch(&self, key: &str, patch: Value) -> Option<Value> {
-        let mut object = self.lock().pods.get(key)?.clone();
+    /// Merges `patch` into the object of `kind` at `key`; a `status` patch changes only the
+    /// status (and, like the real server, not the generation).
+    fn patch(&self, kind: &'static str, key: &str, patch: Value, status: bool) -> Option<Value> {
+        let mut object = self.lock().objects.get(kind)?.get(key)?.clone();
+        let patch = if status {
+            json!({"status": patch.get("status").cloned().unwrap_or(Value::Null)})
+        } else {
+            patch
+        };
         merge(&mut object, &patch);
         self.lock().patches.push((key.to_owned(), patch));
         let k = key.to_owned();
-        self.change("pods", "MODIFIED", object.clone(), |st, o| {
-            st.pods.insert(k, o);
+        self.change(kind, "MODIFIED", object.clone(), |st, o| {
+            st.objects.entry(kind).or_default().insert(k, o);
         });
         Some(object)
     }
@@ -232,6 +284,15 @@ impl Drop for KubeApi {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.changed.notify_all();
     }
+}
+
+/// The `'static` name of a kind in [`KINDS`].
+fn kind_of(kind: &str) -> &'static str {
+    KINDS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(k, _)| *k)
+        .unwrap_or_else(|| panic!("the fake API server serves no {kind:?}; add it to KINDS"))
 }
 
 /// RFC 7386 merge patch.
@@ -290,19 +351,27 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) -> std::io::Result<()> {
             .map(str::to_owned)
     };
     let mut out = stream;
-    let kind: &'static str = match path {
-        "/api/v1/namespaces" => "namespaces",
-        "/api/v1/pods" => "pods",
-        p if method == "PATCH" && p.starts_with("/api/v1/namespaces/") => {
-            let rest: Vec<&str> = p
-                .trim_start_matches("/api/v1/namespaces/")
-                .split('/')
-                .collect();
+    let listed = KINDS.iter().find(|(_, p)| *p == path).map(|(k, _)| *k);
+    let kind: &'static str = match listed {
+        Some(kind) if method == "GET" => kind,
+        _ if method == "PATCH" => {
+            let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let rest: Vec<&str> = path.split('/').collect();
             let answer = match rest.as_slice() {
-                [ns, "pods", name] => {
-                    let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    api.patch(&format!("{ns}/{name}"), patch)
+                ["", "api", "v1", "namespaces", ns, "pods", name] => {
+                    api.patch("pods", &format!("{ns}/{name}"), patch, false)
                 }
+                [
+                    "",
+                    "apis",
+                    "gateway.networking.k8s.io",
+                    "v1",
+                    "namespaces",
+                    ns,
+                    kind @ ("httproutes" | "gateways"),
+                    name,
+                    "status",
+                ] => api.patch(kind_of(kind), &format!("{ns}/{name}"), patch, true),
                 _ => None,
             };
             return match answer {
@@ -324,10 +393,12 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) -> std::io::Result<()> {
     };
     if param("watch").as_deref() != Some("true") {
         let st = api.lock();
-        let items: Vec<Value> = match kind {
-            "namespaces" => st.namespaces.values().cloned().collect(),
-            _ => st.pods.values().cloned().collect(),
-        };
+        let items: Vec<Value> = st
+            .objects
+            .get(kind)
+            .into_iter()
+            .flat_map(|o| o.values().cloned())
+            .collect();
         let list = json!({"apiVersion": "v1", "kind": "List",
             "metadata": {"resourceVersion": st.version.to_string()}, "items": items});
         drop(st);

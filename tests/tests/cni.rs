@@ -591,7 +591,7 @@ fn a_pod_added_through_the_chain_is_captured_from_its_first_connection() {
     let dir = bed.tmp_dir().join("cni");
     std::fs::create_dir_all(&dir).expect("cni dir");
     let runtime = Runtime::new(
-        &node,
+        node,
         &dir,
         "10.1.128.0/24",
         json!({
@@ -603,25 +603,21 @@ fn a_pod_added_through_the_chain_is_captured_from_its_first_connection() {
     );
 
     // A pod of namespace `other` (not labelled): it starts and is not captured.
-    let stranger = bare_pod(&bed, &node, "stranger", "other");
+    let stranger = bare_pod(bed, node, "stranger", "other");
     let stranger_att = Attachment::new(stranger.netns_path(), "other", "stranger");
     let stranger_result = runtime
         .add(&stranger_att)
         .unwrap_or_else(|f| panic!("ADD of a pod outside the mesh: {f:#?}"));
     let stranger_ip = result_ipv4(&stranger_result[1]);
     assert_eq!(stranger_result[1], stranger_result[0]);
-    let before = redirected(&node);
+    let before = redirected(node);
     let report = stranger.connect(dst, 1000).expect("run client");
     assert!(report.ok, "{report:#?}");
-    assert_eq!(
-        redirected(&node),
-        before,
-        "a pod of `other` is not captured"
-    );
+    assert_eq!(redirected(node), before, "a pod of `other` is not captured");
 
     // A pod of namespace `default` (labelled ambient): ADD returns once it is enrolled, so its
     // very first connection goes through the agent.
-    let web = bare_pod(&bed, &node, "web", "default");
+    let web = bare_pod(bed, node, "web", "default");
     let web_att = Attachment::new(web.netns_path(), "default", "web");
     let mark = agent.mark();
     let web_result = runtime
@@ -629,12 +625,12 @@ fn a_pod_added_through_the_chain_is_captured_from_its_first_connection() {
         .unwrap_or_else(|f| panic!("ADD of a mesh pod: {f:#?}"));
     assert_eq!(web_result[1], web_result[0], "prevResult printed unchanged");
     let web_ip = result_ipv4(&web_result[1]);
-    let before = redirected(&node);
+    let before = redirected(node);
     let report = web.connect(dst, 1000).expect("run client");
     assert!(report.ok, "{report:#?}");
     assert_eq!(report.peer, Some(dst), "the app sees the address it dialed");
     assert_eq!(
-        redirected(&node),
+        redirected(node),
         before + 1,
         "the first connection is redirected"
     );
@@ -721,13 +717,13 @@ fn a_restart_keeps_cni_pods_captured_and_served() {
     let dir = bed.tmp_dir().join("cni");
     std::fs::create_dir_all(&dir).expect("cni dir");
     let runtime = Runtime::new(
-        &node_a,
+        node_a,
         &dir,
         "10.1.128.0/24",
         json!({"agentSocket": old.admin_socket(), "stateFile": dir.join("cni-state.json"),
                "timeoutSeconds": 30}),
     );
-    let web = bare_pod(&bed, &node_a, "web", "default");
+    let web = bare_pod(bed, node_a, "web", "default");
     let att = Attachment::new(web.netns_path(), "default", "web");
     runtime
         .add(&att)
@@ -749,7 +745,7 @@ fn a_restart_keeps_cni_pods_captured_and_served() {
     let before = enrolled_cookies(&old);
     assert_eq!(before.len(), 1, "the CNI pod is enrolled");
 
-    let capture = ambit_testbed::wire::Capture::start(&bed, &node_a).expect("capture");
+    let capture = ambit_testbed::wire::Capture::start(bed, node_a).expect("capture");
     old.stop().expect("the old agent stops");
     // While no agent runs, the pod stays captured: refused, never direct.
     let report = web.connect_with(dst, 4096, 0, 2000).expect("run client");

@@ -149,14 +149,15 @@ fn is_kustomization(path: &Path) -> bool {
 
 /// Every Kubernetes manifest under deploy/daemonset (kustomizations are kustomize's, not the API's).
 fn manifests() -> Vec<PathBuf> {
+    manifests_in(&deploy_dir())
+}
+
+/// Every Kubernetes manifest under `dir`, which has some.
+fn manifests_in(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
-    yaml_files(&deploy_dir(), &mut files);
+    yaml_files(dir, &mut files);
     files.retain(|f| !is_kustomization(f));
-    assert!(
-        !files.is_empty(),
-        "no manifests under {}",
-        deploy_dir().display()
-    );
+    assert!(!files.is_empty(), "no manifests under {}", dir.display());
     files
 }
 
@@ -1089,4 +1090,138 @@ fn the_dockerfile_builds_and_ships_the_three_binaries_and_the_install_script() {
         ignored.iter().any(|i| i == "target"),
         ".dockerignore must exclude target/"
     );
+}
+
+fn waypoint_dir() -> PathBuf {
+    repo_root().join("deploy").join("waypoint")
+}
+
+/// Every resource of deploy/waypoint, by file.
+fn waypoint_resources() -> Vec<(PathBuf, Vec<Value>)> {
+    manifests_in(&waypoint_dir())
+        .into_iter()
+        .map(|f| (f.clone(), yaml_file(&f)))
+        .collect()
+}
+
+fn waypoint_resource(kind: &str) -> Value {
+    waypoint_resources()
+        .into_iter()
+        .flat_map(|(_, docs)| docs)
+        .find(|r| r["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} under {}", waypoint_dir().display()))
+}
+
+/// The core kinds validate against the schemas; the Gateway API objects (which the schemas do
+/// not know) are checked against what the waypoint needs of them; the kustomization lists them.
+#[test]
+fn the_waypoint_manifests_validate_and_agree_with_each_other() {
+    let all = waypoint_resources();
+    let gateway_api = |docs: &[Value]| {
+        docs.iter().any(|d| {
+            d["apiVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("gateway.networking.k8s.io/"))
+        })
+    };
+    let core: Vec<PathBuf> = all
+        .iter()
+        .filter(|(_, docs)| !gateway_api(docs))
+        .map(|(f, _)| f.clone())
+        .collect();
+    for version in KUBERNETES_VERSIONS {
+        let out = validate(&core, version);
+        let report = text(&out);
+        assert!(out.status.success(), "Kubernetes {version}:\n{report}");
+        assert!(
+            !report.contains("WARN") && !report.contains("ERROR"),
+            "Kubernetes {version}:\n{report}"
+        );
+    }
+
+    let class = waypoint_resource("GatewayClass");
+    // The controllerName the waypoint writes in route status (`waypoint::cluster::CONTROLLER`).
+    assert_eq!(class["spec"]["controllerName"], "ambit.dev/waypoint");
+    let gateway = waypoint_resource("Gateway");
+    assert_eq!(
+        gateway["spec"]["gatewayClassName"],
+        class["metadata"]["name"]
+    );
+    assert_eq!(
+        gateway["spec"]["listeners"],
+        json!([{"name": "mesh", "port": 15008, "protocol": "HBONE"}])
+    );
+    // The config's waypoint is the Gateway, with the Deployment's service account.
+    let cm = waypoint_resource("ConfigMap");
+    let config = yaml_docs(cm["data"]["config.yaml"].as_str().expect("config"))
+        .pop()
+        .expect("a config document");
+    assert_eq!(config["waypoint"]["name"], gateway["metadata"]["name"]);
+    assert_eq!(
+        config["waypoint"]["namespace"],
+        gateway["metadata"]["namespace"]
+    );
+    let deployment = waypoint_resource("Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["serviceAccountName"],
+        config["waypoint"]["serviceAccount"]
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["labels"]["istio.io/dataplane-mode"], "none",
+        "the waypoint's own HBONE traffic is not captured again"
+    );
+    // Least privilege: read what it follows, write only route status.
+    let role = waypoint_resource("ClusterRole");
+    assert_eq!(
+        role["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["namespaces", "services"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"],
+             "verbs": ["patch"]},
+            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways/status"],
+             "verbs": ["patch"]},
+            {"apiGroups": ["networking.istio.io"], "resources": ["destinationrules"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["security.istio.io"], "resources": ["authorizationpolicies"],
+             "verbs": ["get", "list", "watch"]},
+        ])
+    );
+    let kustomization = yaml_file(&waypoint_dir().join("kustomization.yaml"));
+    let listed: BTreeSet<String> = strings(&kustomization[0]["resources"]);
+    let present: BTreeSet<String> = all
+        .iter()
+        .map(|(f, _)| f.file_name().expect("name").to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listed, present);
+}
+
+/// The waypoint's ConfigMap config as `ambit-agent check` reads it in the pod's environment.
+#[test]
+fn the_waypoint_accepts_its_configmap_config() {
+    let dir = TempDir::new("waypoint-config");
+    let path = dir.path().join("config.yaml");
+    let cm = waypoint_resource("ConfigMap");
+    std::fs::write(&path, cm["data"]["config.yaml"].as_str().expect("config")).expect("write");
+    let agent = ambit_testbed::agent_bin().unwrap_or_else(|e| panic!("{e:#}"));
+    let out = Command::new(agent)
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("NODE_NAME", "node-a")
+        .env("POD_NAME", "waypoint-7c9f")
+        .env("POD_NAMESPACE", "default")
+        .env("INSTANCE_IPS", "10.1.0.7,fd00:1::7")
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443")
+        .output()
+        .expect("run ambit-agent check");
+    assert!(out.status.success(), "{}", text(&out));
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("check prints the config as JSON");
+    assert_eq!(seen["waypoint"]["name"], "waypoint");
+    assert_eq!(seen["kubernetes"]["apiServer"], "https://10.96.0.1:443");
 }

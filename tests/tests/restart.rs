@@ -103,7 +103,7 @@ fn restart_keeps_pods_captured(api_down: bool) {
     let before = enrolled.expect("the client pod is enrolled from the API");
     assert_tunnelled(&old, &client, dst, "before the restart");
 
-    let capture = Capture::start(&bed, &node_a).expect("capture");
+    let capture = Capture::start(bed, &node_a).expect("capture");
     let (stop, ok, failed) = (AtomicBool::new(false), AtomicU32::new(0), AtomicU32::new(0));
     std::thread::scope(|s| {
         let streaming = s.spawn(|| stream(&client, dst, &stop, &ok, &failed));

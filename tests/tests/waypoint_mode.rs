@@ -6,7 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use ambit_testbed::{Agent, AgentConfig, MeshSpec, Pod, TestBed, log_field, log_str};
+use ambit_testbed::{
+    Agent, AgentConfig, MeshSpec, Pod, TestBed, kube_server::KubeApi, log_field, log_message,
+    log_str, poll,
+};
 use serde_json::{Value, json};
 
 const APP_PORT: u16 = 8080;
@@ -42,6 +45,11 @@ fn services(waypoint_ip: &str) -> Value {
 /// Brings the mesh up (the tests start the apps); `waypoint` edits the waypoint's section before
 /// it starts.
 fn mesh(waypoint: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Mesh {
+    mesh_with(|_, _, wp| waypoint(wp.waypoint_mut()))
+}
+
+/// Like [`mesh`]; `edit` gets the bed, the waypoint's pod and its whole config.
+fn mesh_with(edit: impl FnOnce(&TestBed, &Pod, &mut AgentConfig)) -> Mesh {
     let mut m = MeshSpec::new()
         .node("node-a")
         .pod("client")
@@ -59,7 +67,7 @@ fn mesh(waypoint: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Mesh {
     }
     let mut wp = m.waypoint_config("waypoint");
     wp.extra.insert("services".into(), services(&wp_ip));
-    waypoint(wp.waypoint_mut());
+    edit(&m.bed, &m.pods["waypoint"], &mut wp);
 
     let agent_a = m.bed.start_agent(&m.configs["node-a"]).expect("agent-a");
     let agent_b = m.bed.start_agent(&m.configs["node-b"]).expect("agent-b");
@@ -683,5 +691,210 @@ fn grpc_is_carried_over_http2_end_to_end() {
     assert_eq!(
         replies[0].body, "served over HTTP/2.0",
         "the declared protocol chose HTTP/2: {replies:?}"
+    );
+}
+
+/// A Service's object as the API server holds it, with `labels`.
+fn service_object(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "default", "uid": format!("svc-{name}"),
+                        "labels": labels},
+           "spec": {"ports": [{"port": 80, "targetPort": APP_PORT}]}})
+}
+
+/// An HTTPRoute for Service `parent` sending every request to `backends` (`(service, weight)`),
+/// as `kubectl apply` would leave it (the API server's defaults filled in); `rule` adds fields
+/// to its one rule.
+fn http_route(name: &str, parent: &str, backends: &[(&str, u32)], rule: Value) -> Value {
+    let refs: Vec<Value> = backends
+        .iter()
+        .map(|(b, w)| json!({"group": "", "kind": "Service", "name": b, "port": 80, "weight": w}))
+        .collect();
+    let mut r = json!({"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                       "backendRefs": refs});
+    if let (Some(r), Some(extra)) = (r.as_object_mut(), rule.as_object()) {
+        r.extend(extra.clone());
+    }
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+           "metadata": {"name": name, "namespace": "default", "uid": format!("route-{name}")},
+           "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                    "rules": [r]}})
+}
+
+/// Who answers `path` through the echo service, 10 times (`""` for a failure).
+fn answered_by(client: &Pod, path: &str) -> Vec<String> {
+    let url = format!("http://{ECHO_VIP}{path}");
+    let args: Vec<&str> = std::iter::repeat_n(["--next", url.as_str()], 10)
+        .flatten()
+        .skip(1)
+        .collect();
+    curl(client, &args)
+        .into_iter()
+        .map(|r| match r.status {
+            200 => r.body.split(' ').next().unwrap_or_default().to_owned(),
+            code => code.to_string(),
+        })
+        .collect()
+}
+
+/// Polls until every one of 10 requests to `path` is answered by `who` (a pod name or a status).
+fn wait_answered_by(client: &Pod, path: &str, who: &str, when: &str) {
+    let mut last = Vec::new();
+    let done = poll(WAIT, || {
+        last = answered_by(client, path);
+        last.iter().all(|w| w == who).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "{when}: {path} answered by {last:?}, not all {who}"
+    );
+}
+
+#[test]
+fn routes_and_policies_from_the_cluster_apply_live_with_status_and_others_are_ignored() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let mut api = None;
+    let m = mesh_with(|bed, pod, wp| {
+        // The API server, where the waypoint runs (plain HTTP is allowed to loopback only).
+        let a = KubeApi::start_in(&pod.netns_path()).expect("fake API server");
+        a.set_namespace("default", json!({}));
+        a.set_object(
+            "services",
+            "default/echo",
+            service_object("echo", json!({"istio.io/use-waypoint": "waypoint"})),
+        );
+        for s in ["echo-v1", "echo-v2"] {
+            a.set_object(
+                "services",
+                &format!("default/{s}"),
+                service_object(s, json!({})),
+            );
+        }
+        a.set_object(
+            "httproutes",
+            "default/to-v2",
+            http_route("to-v2", "echo", &[("echo-v2", 1)], json!({})),
+        );
+        // A route for a Service that does not use this waypoint.
+        a.set_object(
+            "httproutes",
+            "default/not-mine",
+            http_route("not-mine", "echo-v1", &[("echo-v2", 1)], json!({})),
+        );
+        // Its Gateway, and the Service in front of its pods (the Gateway's address).
+        a.set_object(
+            "gateways",
+            "default/waypoint",
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "waypoint", "namespace": "default"},
+                   "spec": {"gatewayClassName": "ambit-waypoint",
+                            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+        );
+        a.set_object(
+            "services",
+            "default/waypoint",
+            service_object("waypoint", json!({})),
+        );
+        a.configure(bed, wp);
+        api = Some(a);
+    });
+    let api = api.expect("API server started");
+    let _v1 = m.v1.serve_http(APP_PORT).expect("v1 app");
+    let _v2 = m.v2.serve_http(APP_PORT).expect("v2 app");
+
+    // The route from the cluster applies, and its status says it was accepted by this waypoint.
+    wait_answered_by(&m.client, "/", "v2", "the cluster's route");
+    let status = api.object("httproutes", "default/to-v2").expect("route")["status"].clone();
+    let parent = &status["parents"][0];
+    assert_eq!(parent["controllerName"], "ambit.dev/waypoint", "{status:#}");
+    assert_eq!(parent["parentRef"]["name"], "echo", "{status:#}");
+    let conditions = parent["conditions"].as_array().expect("conditions");
+    for (kind, reason) in [("Accepted", "Accepted"), ("ResolvedRefs", "ResolvedRefs")] {
+        let c = conditions
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} condition: {status:#}"));
+        assert_eq!(
+            (c["status"].as_str(), c["reason"].as_str()),
+            (Some("True"), Some(reason))
+        );
+        assert!(c["lastTransitionTime"].is_string(), "{c}");
+    }
+    // Its Gateway names it for istiod: the Service's hostname, Programmed.
+    let programmed = poll(WAIT, || {
+        let g = api.object("gateways", "default/waypoint")?;
+        (g["status"]["conditions"][1]["type"] == "Programmed").then_some(g["status"].clone())
+    })
+    .expect("the Gateway is programmed");
+    assert_eq!(
+        programmed["addresses"],
+        json!([{"type": "Hostname", "value": "waypoint.default.svc.cluster.local"}]),
+        "{programmed:#}"
+    );
+    assert_eq!(
+        programmed["conditions"][1]["status"], "True",
+        "{programmed:#}"
+    );
+    // The other route is left alone, and the log says why.
+    assert!(
+        api.object("httproutes", "default/not-mine").expect("route")["status"].is_null(),
+        "no status written for a route that is not this waypoint's"
+    );
+    m.waypoint
+        .wait_for_log(
+            |v| {
+                log_str(v, "object") == Some("HTTPRoute default/not-mine")
+                    && log_message(v).is_some_and(|t| t.contains("Service default/echo-v1"))
+            },
+            WAIT,
+        )
+        .expect("the waypoint says it ignores the route");
+
+    // Live: the route changes, then a DENY for /admin arrives.
+    api.set_object(
+        "httproutes",
+        "default/to-v2",
+        http_route("to-v2", "echo", &[("echo-v1", 1)], json!({})),
+    );
+    wait_answered_by(&m.client, "/", "v1", "the route changed");
+    api.set_object(
+        "authorizationpolicies",
+        "default/deny-admin",
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": "deny-admin", "namespace": "default"},
+               "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                        "name": "waypoint"}],
+                        "action": "DENY",
+                        "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}}),
+    );
+    wait_answered_by(&m.client, "/admin", "403", "the cluster's DENY");
+    assert!(answered_by(&m.client, "/other").iter().all(|w| w == "v1"));
+
+    // A route it cannot apply is refused alone, its status naming the field.
+    api.set_object(
+        "httproutes",
+        "default/with-filter",
+        http_route(
+            "with-filter",
+            "echo",
+            &[("echo-v2", 1)],
+            json!({"filters": [{"type": "RequestHeaderModifier"}]}),
+        ),
+    );
+    let refused = poll(WAIT, || {
+        let o = api.object("httproutes", "default/with-filter")?;
+        let c = o["status"]["parents"][0]["conditions"][0].clone();
+        (c["type"] == "Accepted").then_some(c)
+    })
+    .expect("the refused route gets a status");
+    assert_eq!(refused["status"], "False", "{refused}");
+    assert_eq!(refused["reason"], "UnsupportedValue", "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(message.contains("filters"), "{message}");
+    assert!(
+        answered_by(&m.client, "/").iter().all(|w| w == "v1"),
+        "the good route still applies"
     );
 }

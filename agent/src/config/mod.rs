@@ -507,7 +507,8 @@ pub struct Config {
     /// Namespaces labelled `istio.io/dataplane-mode=ambient` (from `namespaces`): pods the CNI
     /// plugin announces in them are enrolled.
     pub ambient_namespaces: std::collections::BTreeSet<String>,
-    /// Kubernetes mode: watch the API for namespaces and this node's pods.
+    /// Kubernetes mode: watch the API for namespaces and this node's pods; in a waypoint's
+    /// config, for the HTTPRoutes and AuthorizationPolicies it serves (`waypoint::cluster`).
     pub kubernetes: Option<KubeSettings>,
     /// Waypoint mode (`ambit-agent waypoint`): the waypoint's identity, routes and L7 policies.
     /// A waypoint config has no `cgroup` and no `pods`: it captures nothing.
@@ -998,10 +999,13 @@ impl RawConfig {
                         .into(),
                 ));
             }
-            if kubernetes.is_some() {
+            if kubernetes
+                .as_ref()
+                .is_some_and(|k| k.netns_path_prefix.is_some())
+            {
                 return Err(invalid(
-                    "kubernetes".into(),
-                    "a waypoint takes workloads from `peers` or xDS, not the Kubernetes API".into(),
+                    "kubernetes.netnsPathPrefix".into(),
+                    "a waypoint finds no pods (it reads routes and policies from the API)".into(),
                 ));
             }
         } else if cgroup.as_os_str().is_empty() {

@@ -43,6 +43,27 @@ pub struct Waypoint {
     pub authorization: Vec<L7Policy>,
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
+    /// Its Gateway's class, in Kubernetes mode: only a Gateway of this class (and of the
+    /// waypoint's namespace and name) is programmed by it. Default `ambit-waypoint`.
+    #[serde(default = "default_gateway_class")]
+    pub gateway_class_name: String,
+    /// Outlier detection per service key, from DestinationRules in the cluster (the waypoint
+    /// fills it; not read from the file).
+    #[serde(default, skip)]
+    pub service_outlier_detection: std::collections::BTreeMap<String, OutlierDetection>,
+}
+
+fn default_gateway_class() -> String {
+    "ambit-waypoint".to_owned()
+}
+
+impl Waypoint {
+    /// The outlier detection for requests to service `key`: its DestinationRule's, else the
+    /// waypoint's.
+    pub fn outlier_detection_for(&self, key: Option<&str>) -> &OutlierDetection {
+        key.and_then(|k| self.service_outlier_detection.get(k))
+            .unwrap_or(&self.outlier_detection)
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -444,26 +465,7 @@ impl Waypoint {
             Identity::new(trust_domain.to_owned(), &self.namespace, &sa)
                 .map_err(|e| ("serviceAccount".to_owned(), e.to_string()))?,
         );
-        let resolve = |field: &str, r: &mut ServiceRef, default_ns: &str| {
-            let ns = r.namespace.get_or_insert_with(|| default_ns.to_owned());
-            let found = services
-                .iter()
-                .find(|s| s.namespace == *ns && (s.name == r.name || s.hostname == r.name));
-            r.service = match found {
-                Some(s) => Some(s.key()),
-                None if xds => Some(format!("{ns}/{}.{ns}.svc.cluster.local", r.name)),
-                None => {
-                    return Err((
-                        field.to_owned(),
-                        format!("service {ns}/{} is not in `services`", r.name),
-                    ));
-                }
-            };
-            if r.port == Some(0) {
-                return Err((format!("{field}.port"), "port 0 is not a port".into()));
-            }
-            Ok(())
-        };
+        let resolver = Resolver { services, xds };
         let mut names = std::collections::HashSet::new();
         for (i, route) in self.routes.iter_mut().enumerate() {
             let f = format!("routes[{i}]");
@@ -477,135 +479,7 @@ impl Waypoint {
                     format!("route {ns}/{} is listed twice", route.name),
                 );
             }
-            if route.parent_refs.is_empty() {
-                return err(
-                    format!("{f}.parentRefs"),
-                    "a route needs at least one Service it applies to".into(),
-                );
-            }
-            for (j, p) in route.parent_refs.iter_mut().enumerate() {
-                let pf = format!("{f}.parentRefs[{j}]");
-                if p.kind.as_deref().is_some_and(|k| k != "Service") {
-                    return err(
-                        format!("{pf}.kind"),
-                        "only Service parents are supported (a waypoint routes mesh traffic)"
-                            .into(),
-                    );
-                }
-                if p.weight.is_some() {
-                    return err(
-                        format!("{pf}.weight"),
-                        "only backendRefs have weights".into(),
-                    );
-                }
-                resolve(&pf, p, &ns)?;
-            }
-            for (j, h) in route.hostnames.iter_mut().enumerate() {
-                *h = h.to_ascii_lowercase();
-                let name = h.strip_prefix("*.").unwrap_or(h);
-                let valid = !name.is_empty()
-                    && name.split('.').all(|label| {
-                        !label.is_empty()
-                            && label
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    });
-                if !valid {
-                    return err(
-                        format!("{f}.hostnames[{j}]"),
-                        format!(
-                            "{h:?} is not a DNS name (lowercase letters, digits, `-`, dots; only \
-                             a leading `*.` wildcard)"
-                        ),
-                    );
-                }
-            }
-            if route.rules.is_empty() {
-                return err(
-                    format!("{f}.rules"),
-                    "a route needs at least one rule".into(),
-                );
-            }
-            for (k, rule) in route.rules.iter_mut().enumerate() {
-                let rf = format!("{f}.rules[{k}]");
-                for (m, mat) in rule.matches.iter_mut().enumerate() {
-                    let mf = format!("{rf}.matches[{m}]");
-                    if let Some(p) = &mat.path {
-                        if p.kind != "PathPrefix" && p.kind != "Exact" {
-                            return err(
-                                format!("{mf}.path.type"),
-                                format!("{:?}: only PathPrefix and Exact are supported", p.kind),
-                            );
-                        }
-                        if !p.value.starts_with('/') {
-                            return err(
-                                format!("{mf}.path.value"),
-                                format!("{:?} must start with /", p.value),
-                            );
-                        }
-                    }
-                    for (h, hm) in mat.headers.iter_mut().enumerate() {
-                        if hm.kind.as_deref().is_some_and(|k| k != "Exact") {
-                            return err(
-                                format!("{mf}.headers[{h}].type"),
-                                "only Exact header matches are supported".into(),
-                            );
-                        }
-                        hm.name = hm.name.to_ascii_lowercase();
-                        if http::HeaderName::from_bytes(hm.name.as_bytes()).is_err() {
-                            return err(
-                                format!("{mf}.headers[{h}].name"),
-                                format!("{:?} is not a header name", hm.name),
-                            );
-                        }
-                    }
-                    if let Some(method) = &mat.method
-                        && !METHODS.contains(&method.as_str())
-                    {
-                        return err(
-                            format!("{mf}.method"),
-                            format!("{method:?} is not an HTTP method (uppercase, e.g. GET)"),
-                        );
-                    }
-                }
-                if rule.backend_refs.is_empty() {
-                    return err(
-                        format!("{rf}.backendRefs"),
-                        "a rule needs at least one backend".into(),
-                    );
-                }
-                for (b, backend) in rule.backend_refs.iter_mut().enumerate() {
-                    let bf = format!("{rf}.backendRefs[{b}]");
-                    if backend.kind.as_deref().is_some_and(|k| k != "Service") {
-                        return err(format!("{bf}.kind"), "only Service backends".into());
-                    }
-                    resolve(&bf, backend, &ns)?;
-                }
-                if rule.backend_refs.iter().all(|b| b.weight == Some(0)) {
-                    return err(
-                        format!("{rf}.backendRefs"),
-                        "every backend has weight 0, so no request could be sent".into(),
-                    );
-                }
-                if let Some(r) = &rule.retry
-                    && let Some(c) = r.codes.iter().find(|c| !(400..=599).contains(*c))
-                {
-                    return err(
-                        format!("{rf}.retry.codes"),
-                        format!("{c} is not an error status (400-599)"),
-                    );
-                }
-                if rule
-                    .timeouts
-                    .request
-                    .is_some_and(|d| d.duration().is_zero())
-                {
-                    return err(
-                        format!("{rf}.timeouts.request"),
-                        "must be more than 0 (leave it out for no timeout)".into(),
-                    );
-                }
-            }
+            validate_route(route, &f, &ns, &resolver)?;
         }
         let mut keys = std::collections::HashSet::new();
         for (i, p) in self.authorization.iter_mut().enumerate() {
@@ -620,82 +494,7 @@ impl Waypoint {
                     format!("policy {ns}/{} is listed twice", p.name),
                 );
             }
-            if p.action == crate::policy::Action::Audit {
-                return err(
-                    format!("{f}.action"),
-                    "AUDIT is not enforced by the waypoint; use ALLOW or DENY".into(),
-                );
-            }
-            for (j, t) in p.target_refs.iter_mut().enumerate() {
-                let tf = format!("{f}.targetRefs[{j}]");
-                match t.kind.as_deref() {
-                    Some("Gateway") => {
-                        if t.name != self.name {
-                            return err(
-                                format!("{tf}.name"),
-                                format!("this waypoint is {:?}, not {:?}", self.name, t.name),
-                            );
-                        }
-                    }
-                    None | Some("Service") => resolve(&tf, t, &ns)?,
-                    Some(k) => {
-                        return err(
-                            format!("{tf}.kind"),
-                            format!("{k:?}: a target is the waypoint (Gateway) or a Service"),
-                        );
-                    }
-                }
-            }
-            for (j, rule) in p.rules.iter_mut().enumerate() {
-                let rf = format!("{f}.rules[{j}]");
-                for (k, to) in rule.to.iter_mut().enumerate() {
-                    let op = &mut to.operation;
-                    for (field, methods) in
-                        [("methods", &op.methods), ("notMethods", &op.not_methods)]
-                    {
-                        if let Some(m) = methods.iter().find(|m| !METHODS.contains(&m.as_str())) {
-                            return err(
-                                format!("{rf}.to[{k}].operation.{field}"),
-                                format!("{m:?} is not an HTTP method (uppercase, e.g. GET)"),
-                            );
-                        }
-                    }
-                    for (field, ports) in [("ports", &op.ports), ("notPorts", &op.not_ports)] {
-                        if let Some(p) = ports.iter().find(|p| p.parse::<u16>().is_err()) {
-                            return err(
-                                format!("{rf}.to[{k}].operation.{field}"),
-                                format!("{p:?} is not a port"),
-                            );
-                        }
-                    }
-                    for h in op.hosts.iter_mut().chain(op.not_hosts.iter_mut()) {
-                        *h = h.to_ascii_lowercase();
-                    }
-                }
-                for (k, c) in rule.when.iter_mut().enumerate() {
-                    if ConditionKey::parse(&c.key).is_none() {
-                        return err(
-                            format!("{rf}.when[{k}].key"),
-                            format!("{:?} is not supported; use one of {CONDITION_KEYS}", c.key),
-                        );
-                    }
-                    if matches!(ConditionKey::parse(&c.key), Some(ConditionKey::SourceIp))
-                        && let Some(v) = c
-                            .values
-                            .iter()
-                            .chain(&c.not_values)
-                            .find(|v| v.parse::<crate::policy::Cidr>().is_err())
-                    {
-                        return err(
-                            format!("{rf}.when[{k}].values"),
-                            format!("{v:?} is not an IP address or CIDR block"),
-                        );
-                    }
-                    if c.values.is_empty() && c.not_values.is_empty() {
-                        return err(format!("{rf}.when[{k}]"), "give values or notValues".into());
-                    }
-                }
-            }
+            validate_policy(p, &f, &ns, &self.name, &resolver)?;
         }
         let o = &self.outlier_detection;
         if o.max_ejection_percent > 100 {
@@ -718,6 +517,271 @@ impl Waypoint {
             .as_ref()
             .expect("BUG: a validated waypoint config has an identity")
     }
+}
+
+/// Resolves Service references (`parentRefs`, `backendRefs`, `targetRefs`) to their keys.
+pub struct Resolver<'a> {
+    pub services: &'a [Service],
+    /// A control plane may add services: unknown names resolve to
+    /// `<name>.<namespace>.svc.cluster.local`.
+    pub xds: bool,
+}
+
+impl Resolver<'_> {
+    pub fn resolve(
+        &self,
+        field: &str,
+        r: &mut ServiceRef,
+        default_ns: &str,
+    ) -> Result<(), (String, String)> {
+        let (services, xds) = (self.services, self.xds);
+        let ns = r.namespace.get_or_insert_with(|| default_ns.to_owned());
+        let found = services
+            .iter()
+            .find(|s| s.namespace == *ns && (s.name == r.name || s.hostname == r.name));
+        r.service = match found {
+            Some(s) => Some(s.key()),
+            None if xds => Some(format!("{ns}/{}.{ns}.svc.cluster.local", r.name)),
+            None => {
+                return Err((
+                    field.to_owned(),
+                    format!("service {ns}/{} is not in `services`", r.name),
+                ));
+            }
+        };
+        if r.port == Some(0) {
+            return Err((format!("{field}.port"), "port 0 is not a port".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Checks one route (its namespace already defaulted to `ns`); `f` is its field path.
+pub fn validate_route(
+    route: &mut HttpRoute,
+    f: &str,
+    ns: &str,
+    resolver: &Resolver<'_>,
+) -> Result<(), (String, String)> {
+    let err = |f: String, m: String| Err((f, m));
+    let ns = ns.to_owned();
+    if route.parent_refs.is_empty() {
+        return err(
+            format!("{f}.parentRefs"),
+            "a route needs at least one Service it applies to".into(),
+        );
+    }
+    for (j, p) in route.parent_refs.iter_mut().enumerate() {
+        let pf = format!("{f}.parentRefs[{j}]");
+        if p.kind.as_deref().is_some_and(|k| k != "Service") {
+            return err(
+                format!("{pf}.kind"),
+                "only Service parents are supported (a waypoint routes mesh traffic)".into(),
+            );
+        }
+        if p.weight.is_some() {
+            return err(
+                format!("{pf}.weight"),
+                "only backendRefs have weights".into(),
+            );
+        }
+        resolver.resolve(&pf, p, &ns)?;
+    }
+    for (j, h) in route.hostnames.iter_mut().enumerate() {
+        *h = h.to_ascii_lowercase();
+        let name = h.strip_prefix("*.").unwrap_or(h);
+        let valid = !name.is_empty()
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !valid {
+            return err(
+                format!("{f}.hostnames[{j}]"),
+                format!(
+                    "{h:?} is not a DNS name (lowercase letters, digits, `-`, dots; only \
+                     a leading `*.` wildcard)"
+                ),
+            );
+        }
+    }
+    if route.rules.is_empty() {
+        return err(
+            format!("{f}.rules"),
+            "a route needs at least one rule".into(),
+        );
+    }
+    for (k, rule) in route.rules.iter_mut().enumerate() {
+        let rf = format!("{f}.rules[{k}]");
+        for (m, mat) in rule.matches.iter_mut().enumerate() {
+            let mf = format!("{rf}.matches[{m}]");
+            if let Some(p) = &mat.path {
+                if p.kind != "PathPrefix" && p.kind != "Exact" {
+                    return err(
+                        format!("{mf}.path.type"),
+                        format!("{:?}: only PathPrefix and Exact are supported", p.kind),
+                    );
+                }
+                if !p.value.starts_with('/') {
+                    return err(
+                        format!("{mf}.path.value"),
+                        format!("{:?} must start with /", p.value),
+                    );
+                }
+            }
+            for (h, hm) in mat.headers.iter_mut().enumerate() {
+                if hm.kind.as_deref().is_some_and(|k| k != "Exact") {
+                    return err(
+                        format!("{mf}.headers[{h}].type"),
+                        "only Exact header matches are supported".into(),
+                    );
+                }
+                hm.name = hm.name.to_ascii_lowercase();
+                if http::HeaderName::from_bytes(hm.name.as_bytes()).is_err() {
+                    return err(
+                        format!("{mf}.headers[{h}].name"),
+                        format!("{:?} is not a header name", hm.name),
+                    );
+                }
+            }
+            if let Some(method) = &mat.method
+                && !METHODS.contains(&method.as_str())
+            {
+                return err(
+                    format!("{mf}.method"),
+                    format!("{method:?} is not an HTTP method (uppercase, e.g. GET)"),
+                );
+            }
+        }
+        if rule.backend_refs.is_empty() {
+            return err(
+                format!("{rf}.backendRefs"),
+                "a rule needs at least one backend".into(),
+            );
+        }
+        for (b, backend) in rule.backend_refs.iter_mut().enumerate() {
+            let bf = format!("{rf}.backendRefs[{b}]");
+            if backend.kind.as_deref().is_some_and(|k| k != "Service") {
+                return err(format!("{bf}.kind"), "only Service backends".into());
+            }
+            resolver.resolve(&bf, backend, &ns)?;
+        }
+        if rule.backend_refs.iter().all(|b| b.weight == Some(0)) {
+            return err(
+                format!("{rf}.backendRefs"),
+                "every backend has weight 0, so no request could be sent".into(),
+            );
+        }
+        if let Some(r) = &rule.retry
+            && let Some(c) = r.codes.iter().find(|c| !(400..=599).contains(*c))
+        {
+            return err(
+                format!("{rf}.retry.codes"),
+                format!("{c} is not an error status (400-599)"),
+            );
+        }
+        if rule
+            .timeouts
+            .request
+            .is_some_and(|d| d.duration().is_zero())
+        {
+            return err(
+                format!("{rf}.timeouts.request"),
+                "must be more than 0 (leave it out for no timeout)".into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks one L7 policy of waypoint `waypoint` (its namespace already defaulted to `ns`); `f`
+/// is its field path.
+pub fn validate_policy(
+    p: &mut L7Policy,
+    f: &str,
+    ns: &str,
+    waypoint: &str,
+    resolver: &Resolver<'_>,
+) -> Result<(), (String, String)> {
+    let err = |f: String, m: String| Err((f, m));
+    let ns = ns.to_owned();
+    if p.action == crate::policy::Action::Audit {
+        return err(
+            format!("{f}.action"),
+            "AUDIT is not enforced by the waypoint; use ALLOW or DENY".into(),
+        );
+    }
+    for (j, t) in p.target_refs.iter_mut().enumerate() {
+        let tf = format!("{f}.targetRefs[{j}]");
+        match t.kind.as_deref() {
+            Some("Gateway") => {
+                if t.name != waypoint {
+                    return err(
+                        format!("{tf}.name"),
+                        format!("this waypoint is {waypoint:?}, not {:?}", t.name),
+                    );
+                }
+            }
+            None | Some("Service") => resolver.resolve(&tf, t, &ns)?,
+            Some(k) => {
+                return err(
+                    format!("{tf}.kind"),
+                    format!("{k:?}: a target is the waypoint (Gateway) or a Service"),
+                );
+            }
+        }
+    }
+    for (j, rule) in p.rules.iter_mut().enumerate() {
+        let rf = format!("{f}.rules[{j}]");
+        for (k, to) in rule.to.iter_mut().enumerate() {
+            let op = &mut to.operation;
+            for (field, methods) in [("methods", &op.methods), ("notMethods", &op.not_methods)] {
+                if let Some(m) = methods.iter().find(|m| !METHODS.contains(&m.as_str())) {
+                    return err(
+                        format!("{rf}.to[{k}].operation.{field}"),
+                        format!("{m:?} is not an HTTP method (uppercase, e.g. GET)"),
+                    );
+                }
+            }
+            for (field, ports) in [("ports", &op.ports), ("notPorts", &op.not_ports)] {
+                if let Some(p) = ports.iter().find(|p| p.parse::<u16>().is_err()) {
+                    return err(
+                        format!("{rf}.to[{k}].operation.{field}"),
+                        format!("{p:?} is not a port"),
+                    );
+                }
+            }
+            for h in op.hosts.iter_mut().chain(op.not_hosts.iter_mut()) {
+                *h = h.to_ascii_lowercase();
+            }
+        }
+        for (k, c) in rule.when.iter_mut().enumerate() {
+            if ConditionKey::parse(&c.key).is_none() {
+                return err(
+                    format!("{rf}.when[{k}].key"),
+                    format!("{:?} is not supported; use one of {CONDITION_KEYS}", c.key),
+                );
+            }
+            if matches!(ConditionKey::parse(&c.key), Some(ConditionKey::SourceIp))
+                && let Some(v) = c
+                    .values
+                    .iter()
+                    .chain(&c.not_values)
+                    .find(|v| v.parse::<crate::policy::Cidr>().is_err())
+            {
+                return err(
+                    format!("{rf}.when[{k}].values"),
+                    format!("{v:?} is not an IP address or CIDR block"),
+                );
+            }
+            if c.values.is_empty() && c.not_values.is_empty() {
+                return err(format!("{rf}.when[{k}]"), "give values or notValues".into());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A `when` key, parsed.

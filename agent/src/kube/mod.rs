@@ -81,6 +81,9 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, deserialize_with = "nullable")]
     pub annotations: BTreeMap<String, String>,
+    /// Bumped by the API server on every change of the spec (status conditions name it).
+    #[serde(default, deserialize_with = "nullable")]
+    pub generation: i64,
 }
 
 /// A `v1.Pod`, as far as enrollment reads it.
@@ -276,20 +279,13 @@ pub async fn run(
     out: watch::Sender<Arc<KubeState>>,
     shutdown: CancellationToken,
 ) {
-    let (ns_tx, mut ns_rx) = watch::channel(None::<Arc<Listed<NamespaceObject>>>);
-    let (pod_tx, mut pod_rx) = watch::channel(None::<Arc<Listed<PodObject>>>);
     let pods_path = format!(
         "/api/v1/pods?fieldSelector={}",
         url_encode(&format!("spec.nodeName={node}"))
     );
     let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(watch_list(
-        client.clone(),
-        "/api/v1/namespaces".to_owned(),
-        ns_tx,
-        shutdown.clone(),
-    ));
-    tasks.spawn(watch_list(client, pods_path, pod_tx, shutdown.clone()));
+    let mut ns_rx = follow::<NamespaceObject>(&tasks, &client, "/api/v1/namespaces", &shutdown);
+    let mut pod_rx = follow::<PodObject>(&tasks, &client, &pods_path, &shutdown);
     tasks.close();
     loop {
         tokio::select! {
@@ -330,6 +326,26 @@ pub async fn run(
         let _ = out.send(Arc::new(state));
     }
     tasks.wait().await;
+}
+
+/// What one list-and-watch publishes: `None` until the first list arrived.
+pub(crate) type Following<T> = watch::Receiver<Option<Arc<Listed<T>>>>;
+
+/// Starts the list-and-watch of `path` on `tasks` until `shutdown` ([`watch_list`]).
+pub(crate) fn follow<T: Object>(
+    tasks: &tokio_util::task::TaskTracker,
+    client: &Client,
+    path: &str,
+    shutdown: &CancellationToken,
+) -> Following<T> {
+    let (tx, rx) = watch::channel(None);
+    tasks.spawn(watch_list(
+        client.clone(),
+        path.to_owned(),
+        tx,
+        shutdown.clone(),
+    ));
+    rx
 }
 
 /// Lists `path`, then watches it from the list's resource version, publishing the whole set

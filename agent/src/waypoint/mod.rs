@@ -14,9 +14,11 @@
 //! and `pods` (see [`config`]); services and workloads come from `services`/`peers` and xDS, as
 //! for the agent, so endpoints and their identities are the same data. The file is re-read when
 //! it changes (or on SIGHUP): routes, policies, outlier settings, services and peers apply to the
-//! next request; the waypoint's identity and listener need a restart.
+//! next request; the waypoint's identity and listener need a restart. With a `kubernetes:`
+//! section it also follows the cluster's HTTPRoutes and AuthorizationPolicies ([`cluster`]).
 
 pub mod authz;
+pub mod cluster;
 pub mod forward;
 /// The `waypoint:` section of the config (validated with the rest of it).
 pub use crate::config::waypoint as config;
@@ -86,6 +88,30 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         config.metrics_address,
         shutdown.clone(),
     ));
+    // From the cluster: the file's settings go through the follower, which adds what the
+    // cluster says before they apply.
+    let from_file = match &config.kubernetes {
+        Some(k) => {
+            let client = crate::kube::Client::new(k)
+                .context("cannot set up the Kubernetes client (see `kubernetes:`)")?;
+            let (tx, rx) = tokio::sync::watch::channel(Arc::new(settings.clone()));
+            let apply = {
+                let ctx = ctx.clone();
+                move |w: config::Waypoint| ctx.settings.store(Arc::new(w))
+            };
+            control.spawn(cluster::run(
+                client,
+                rx,
+                Arc::new(config.services.clone()),
+                config.xds.is_some(),
+                apply,
+                ctx.waiting.clone(),
+                shutdown.clone(),
+            ));
+            Some(tx)
+        }
+        None => None,
+    };
     let mut watch = ConfigWatch::new(&config_path)?;
     info!(listen = %settings.listen, "waypoint ready");
 
@@ -99,7 +125,12 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         match watch.reload(&config) {
             Ok(new) => {
                 if let Some(w) = &new.waypoint {
-                    ctx.settings.store(Arc::new(w.clone()));
+                    match &from_file {
+                        Some(tx) => {
+                            let _ = tx.send(Arc::new(w.clone()));
+                        }
+                        None => ctx.settings.store(Arc::new(w.clone())),
+                    }
                 }
                 sources.set_config(Arc::new(new.clone()));
                 let w = ctx.settings.load();
@@ -167,6 +198,13 @@ pub fn build(
         hbone_server: crate::tunnel::server::ServerSettings::from_config(config),
         budgets: crate::proxy::limits::Budgets::new(config.limits.clone()),
         open: Arc::default(),
+        waiting: Arc::new(ArcSwapOption::from_pointee(config.kubernetes.as_ref().map(
+            |_| {
+                "the waypoint has not read its HTTPRoutes and AuthorizationPolicies from the \
+             Kubernetes API yet (is the API server reachable? see the waypoint's log)"
+                    .to_owned()
+            },
+        ))),
     });
     let sources = {
         let ctx = ctx.clone();
@@ -283,6 +321,13 @@ async fn serve_metrics(
                         .into_bytes(),
                 }
             }
+            "/healthz/ready" if ctx.waiting.load().is_some() => Response::text(
+                503,
+                format!(
+                    "{}\n",
+                    ctx.waiting.load().as_deref().map_or("", |w| w.as_str())
+                ),
+            ),
             "/healthz/ready" if ctx.tls.load().is_some() => Response::text(200, "ready\n"),
             "/healthz/ready" => Response::text(
                 503,

@@ -65,6 +65,9 @@ pub struct Ctx {
     pub budgets: Arc<proxy::limits::Budgets>,
     /// The waypoint's open connections (its budget, like one pod's).
     pub open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Why requests cannot be served yet (the cluster's policies are not read): each is
+    /// answered 503 with it.
+    pub waiting: Arc<ArcSwapOption<String>>,
 }
 
 /// The destination a tunnel was opened for.
@@ -590,6 +593,10 @@ async fn dispatch(
         let body = format!("bad request path {:?}: {why}\n", req.uri().path());
         Refusal::new(StatusCode::BAD_REQUEST, "-", body)
     })?;
+    if let Some(why) = ctx.waiting.load_full() {
+        let body = format!("{why}\n");
+        return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "UH", body));
+    }
     let settings = ctx.settings.load_full();
     let to = tunnel.destination();
     authorize(ctx, &settings, tunnel, to.service, &req, record)?;
@@ -624,11 +631,15 @@ async fn dispatch(
         idempotent: is_idempotent(&parts.method),
         replayable: matches!(body, RequestBody::Kept(_)),
     };
+    // The backend's DestinationRule's, else the waypoint's.
+    let outlier_detection = settings
+        .outlier_detection_for(record.backend.as_deref())
+        .clone();
     let attempts = send_with_retries(
         ctx,
         tunnel,
         &plan,
-        &settings.outlier_detection,
+        &outlier_detection,
         Outgoing {
             parts: &parts,
             h2: protocol.h2,
