@@ -351,6 +351,21 @@ pub struct Explain {
     pub steps: Vec<String>,
 }
 
+/// `ambitctl explain --dns NAME`: what the DNS proxy does with a name.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsExplain {
+    pub name: String,
+    /// The service whose hostname it is (`namespace/hostname`), when the mesh knows it.
+    pub service: Option<String>,
+    /// What the agent answers (its VIPs), when the mesh knows it.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// `answered by the agent` or `forwarded to the pod's resolver`, and why.
+    pub outcome: String,
+    /// The node's `dns.capture` (a pod's annotation may override it).
+    pub capture: bool,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExplainAuthz {

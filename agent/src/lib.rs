@@ -21,6 +21,7 @@ pub mod app;
 pub mod ca_server;
 pub mod config;
 pub mod copy;
+pub mod dns;
 pub mod grpc;
 pub mod http;
 pub mod identity;

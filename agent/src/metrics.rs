@@ -186,6 +186,8 @@ pub struct Metrics {
     denials: Mutex<BTreeMap<(&'static str, String), u64>>,
     /// Connections refused by a limit or a missing state, by `(direction, reason)`.
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// The DNS proxy's.
+    pub dns: crate::dns::server::DnsMetrics,
 }
 
 /// Values read from the rest of the agent when scraped.
@@ -224,6 +226,7 @@ impl Metrics {
             tcp: Mutex::new(Series::new(ttl)),
             denials: Mutex::default(),
             refusals: Mutex::default(),
+            dns: Default::default(),
         }
     }
 
@@ -313,6 +316,7 @@ impl Metrics {
                 f.counter(owned(&labels.pairs()), value(counts));
             }
         }
+        self.dns.render(&mut e);
         e.counter(
             "ambit_metric_series_expired",
             "Label sets of istio_tcp_* dropped after being idle for 10 minutes (no connection open or changed)",

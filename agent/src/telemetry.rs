@@ -116,6 +116,8 @@ pub enum Transport {
     /// Between two pods of this node, copied by the agent in user space: the kernel could not
     /// take the connection (a full splice map).
     Local,
+    /// DNS over TCP, answered or forwarded by the agent's DNS proxy.
+    Dns,
 }
 
 impl Transport {
@@ -126,6 +128,7 @@ impl Transport {
             Transport::Waypoint => "waypoint",
             Transport::Kernel => "kernel",
             Transport::Local => "local",
+            Transport::Dns => "dns",
         }
     }
 }

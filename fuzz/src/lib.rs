@@ -15,17 +15,18 @@
 //! | [`identity`] | SPIFFE identities parse and print back the same; certificate parsing never panics |
 //! | [`config`] | any YAML is refused or accepted without a panic, and an accepted config prints |
 //! | [`cni`] | the CNI plugin's network config, `CNI_ARGS` and `prevResult` parsing |
+//! | [`dns`] | the DNS proxy: every datagram gets a mesh answer that parses with the query's id, a forward, or FORMERR/nothing; truncation keeps answers within the UDP limit |
 
 pub mod input;
 mod targets;
 
-pub use targets::{cni, config, hbone, http, identity, path, policy, xds};
+pub use targets::{cni, config, dns, hbone, http, identity, path, policy, xds};
 
 /// A fuzz target: panics on the bytes that show a bug.
 pub type Target = fn(&[u8]);
 
 /// The targets by name, for the smoke test and `cargo xtask fuzz`.
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("policy", policy),
     ("xds", xds),
     ("path", path),
@@ -34,4 +35,5 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("identity", identity),
     ("config", config),
     ("cni", cni),
+    ("dns", dns),
 ];

@@ -925,3 +925,48 @@ pub fn cni(data: &[u8]) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// dns
+
+/// The DNS proxy's judgement of one datagram, against a state with a service, a ServiceEntry
+/// host and a wildcard host: a mesh answer parses and carries the query's id, FORMERR carries
+/// it too, and an answer cut for UDP fits the client's limit.
+pub fn dns(data: &[u8]) {
+    use ambit_agent::dns::{Reply, UDP_PLAIN, answer, fit_udp, id_of, udp_limit};
+    static STATE: std::sync::OnceLock<ambit_agent::state::Snapshot> = std::sync::OnceLock::new();
+    let snapshot = STATE.get_or_init(|| {
+        let config = ambit_agent::config::Config::parse(
+            "node: n\ncgroup: /x\nservices:\n\
+  - {namespace: default, name: echo, vips: [10.96.0.20, 'fd00::20'], ports: [{port: 80}]}\n\
+  - {namespace: shop, name: api, hostname: api.example.com, vips: [240.240.0.1], ports: [{port: 443}]}\n\
+  - {namespace: shop, name: wild, hostname: '*.example.com', vips: [240.240.0.2], ports: [{port: 443}]}\n",
+            std::path::Path::new("fuzz.yaml"),
+        )
+        .expect("the fuzz config is valid");
+        ambit_agent::state::Snapshot::from_config(&config)
+    });
+    let limit = udp_limit(data);
+    assert!((UDP_PLAIN..=ambit_agent::dns::UDP_MAX).contains(&limit));
+    match answer(data, snapshot) {
+        Reply::Mesh { reply, .. } => {
+            assert_eq!(
+                id_of(&reply),
+                id_of(data),
+                "the answer keeps the query's id"
+            );
+            let cut = fit_udp(reply, limit);
+            assert!(
+                cut.len() <= limit,
+                "{} bytes over UDP for a {limit}-byte client",
+                cut.len()
+            );
+        }
+        Reply::Malformed { reply: Some(r), .. } => {
+            assert_eq!(id_of(&r), id_of(data));
+            assert!(r.len() == 12, "FORMERR is a bare header");
+        }
+        Reply::Malformed { reply: None, .. } => assert!(data.len() < 12),
+        Reply::Forward { .. } => {}
+    }
+}

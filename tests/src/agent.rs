@@ -99,6 +99,9 @@ pub struct PodConfig {
     /// Services it backs (`namespace/name`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<String>,
+    /// Overrides the config's `dns.capture` for this pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_capture: Option<bool>,
     /// The waypoint its inbound traffic must come through (`{"address": ip}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<Value>,
@@ -116,6 +119,7 @@ impl PodConfig {
             enrolled: Some(enrolled),
             labels: Default::default(),
             services: Vec::new(),
+            dns_capture: None,
             waypoint: None,
         }
     }
@@ -751,6 +755,7 @@ mod tests {
                 enrolled: Some(true),
                 labels: Default::default(),
                 services: Vec::new(),
+                dns_capture: None,
                 waypoint: None,
             }],
             extra: serde_json::Map::new(),

@@ -56,6 +56,10 @@ pub use binaries::{
 };
 pub use cgroup::cgroup2_mount;
 pub use mesh::{Mesh, MeshSpec};
+
+/// The links an agent pins on its pods' cgroup: the ten `cgroup/sock_addr` programs (connect,
+/// DNS sendmsg and recvmsg, getpeername, getsockname; IPv4 and IPv6) and `sock_ops`.
+pub const CGROUP_LINKS: usize = 11;
 pub use process::Process;
 pub use workload::{ClientHandle, ClientReport, Server};
 

@@ -399,6 +399,40 @@ impl Pod {
         self.start_server(port, &args)
     }
 
+    /// Starts a UDP DNS resolver on `port` answering A queries for `answers` (`name`, IPv4)
+    /// and NXDOMAIN for other names; each query is a `query` event with its `name`.
+    pub fn serve_dns(&self, port: u16, answers: &[(&str, &str)]) -> Result<Server> {
+        let mut args = vec![
+            "dns-server".to_owned(),
+            "--port".to_owned(),
+            port.to_string(),
+        ];
+        for (name, ip) in answers {
+            args.push("--answer".to_owned());
+            args.push(format!("{name}={ip}"));
+        }
+        self.start_server(port, &args)
+    }
+
+    /// Sends one DNS query from the pod (`ambit-testpod dns-query SERVER ARGS...`) and returns
+    /// its `answer` event: `rcode`, `answers` (addresses), `truncated`, `id`, and `from` (the
+    /// address the answer came from, as the app sees it).
+    pub fn dns_query(&self, server: SocketAddr, args: &[&str]) -> Result<serde_json::Value> {
+        let bin = self.bed.testpod_bin()?;
+        let bin = bin.to_string_lossy();
+        let server = server.to_string();
+        let mut full = vec![bin.as_ref(), "dns-query", server.as_str()];
+        full.extend_from_slice(args);
+        let out = self.exec(&full)?;
+        let last = out.lines().last().unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(last)
+            .map_err(|e| anyhow::anyhow!("dns-query printed {out:?}: {e}"))?;
+        if v["event"] != "answer" {
+            anyhow::bail!("dns-query in pod {}: {v}", self.name());
+        }
+        Ok(v)
+    }
+
     /// Starts an HTTP/1.1 server on `port` that answers with its pod's name (`x-served-by`);
     /// `/status/<code>` answers that status and `/delay/<ms>` answers late. Each request is a
     /// `request` event ([`Server::requests`]).

@@ -549,7 +549,7 @@ fn stopped_agent_fails_closed_drains_and_a_restart_takes_over() {
         .unwrap_or_default();
     assert_eq!(
         cgroup_links.len(),
-        7,
+        ambit_testbed::CGROUP_LINKS,
         "one pinned link per cgroup program, no leftovers: {state:#}"
     );
 

@@ -43,7 +43,11 @@ fn a_surge_upgrade_drains_the_old_agent_and_never_leaks_plaintext() {
     let old = bed.start_agent(config_a).expect("old agent");
     let agent_b = bed.start_agent(config_b).expect("agent-b");
     let before = old.ambitctl_json(&["bpf"]).expect("bpf");
-    assert_eq!(cgroup_links(&before), 7, "{before:#}");
+    assert_eq!(
+        cgroup_links(&before),
+        ambit_testbed::CGROUP_LINKS,
+        "{before:#}"
+    );
 
     // A long transfer through the old agent: half now, a pause, half later.
     let long = client
@@ -100,7 +104,7 @@ fn a_surge_upgrade_drains_the_old_agent_and_never_leaks_plaintext() {
     let after = new.ambitctl_json(&["bpf"]).expect("bpf from the new agent");
     assert_eq!(
         cgroup_links(&after),
-        7,
+        ambit_testbed::CGROUP_LINKS,
         "no duplicate attachments: {after:#}"
     );
     assert_eq!(

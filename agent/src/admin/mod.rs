@@ -122,6 +122,10 @@ impl Admin {
             ("GET", "/config") => Ok(Response::json(200, &**self.config.load())),
             ("GET", "/logging") => log_level().map(|l| Response::json(200, &l)),
             ("PUT", "/logging") => set_log_level(r.param("level")),
+            ("GET", "/explain/dns") => match r.param("name") {
+                Some(name) => Ok(Response::json(200, &self.explain_dns(name))),
+                None => Err((400, "explain/dns needs name".to_owned())),
+            },
             ("GET", "/explain") => match (r.param("src"), r.param("dst")) {
                 (Some(src), Some(dst)) => {
                     explain::explain(self, src, dst).map(|e| Response::json(200, &e))
@@ -143,6 +147,28 @@ impl Admin {
             )),
         };
         result.unwrap_or_else(|(status, error)| Response::json(status, &api::ApiError { error }))
+    }
+
+    /// What the DNS proxy does with `name`, from the state the data path reads.
+    fn explain_dns(&self, name: &str) -> api::DnsExplain {
+        let snapshot = self.ctx.workloads.snapshot();
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let def = crate::dns::lookup(&snapshot, &name);
+        let capture = self.ctx.dns.settings.capture;
+        api::DnsExplain {
+            service: def.map(|d| format!("{}/{}", d.namespace, d.hostname)),
+            addresses: def.map(|d| d.vips.clone()).unwrap_or_default(),
+            outcome: match def {
+                Some(d) => format!(
+                    "answered by the agent (A/AAAA) with the VIPs of service {}/{}",
+                    d.namespace, d.name
+                ),
+                None => "forwarded to the pod's resolver: not a service hostname the mesh knows"
+                    .to_owned(),
+            },
+            capture,
+            name,
+        }
     }
 
     /// Hands a CNI call to the pod manager and waits for its answer.
@@ -452,6 +478,7 @@ const ROUTES: &[&str] = &[
     "/config",
     "/logging",
     "/explain",
+    "/explain/dns",
 ];
 
 /// `twin`: for a config workload, istiod's view of the same pod (its telemetry fields and uid

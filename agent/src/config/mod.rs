@@ -9,7 +9,7 @@ pub mod waypoint;
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -111,6 +111,54 @@ pub struct Acceleration {
 impl Default for Acceleration {
     fn default() -> Self {
         Acceleration { same_node: true }
+    }
+}
+
+/// The DNS proxy (see [`crate::dns`]). Read at start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsSettings {
+    /// Serve enrolled pods' DNS (UDP and TCP to port 53): mesh names answered, the rest
+    /// forwarded to the resolver each query was for. Default off; a pod's
+    /// `ambient.istio.io/dns-capture: "true"`/`"false"` annotation (`dnsCapture` for a config
+    /// pod) overrides it.
+    pub capture: bool,
+    /// Where a query goes when the resolver the pod asked is not known. Default: the
+    /// nameservers of the agent's `/etc/resolv.conf`.
+    pub upstreams: Vec<SocketAddr>,
+    /// How long a forwarded query waits for its answer (then SERVFAIL). Default 5 s.
+    #[serde(with = "millis", rename = "timeoutMillis")]
+    pub timeout: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            capture: false,
+            upstreams: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    capture: Option<bool>,
+    #[serde(default)]
+    upstreams: Vec<SocketAddr>,
+    #[serde(default)]
+    timeout_millis: Option<u64>,
+}
+
+/// Milliseconds as a number.
+mod millis {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
     }
 }
 
@@ -418,6 +466,10 @@ pub struct Pod {
     pub services: Vec<String>,
     /// The waypoint its inbound traffic must come through.
     pub waypoint: Option<WaypointRef>,
+    /// Overrides `dns.capture` (a config pod's `dnsCapture`, a Kubernetes pod's
+    /// `ambient.istio.io/dns-capture` annotation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_capture: Option<bool>,
 }
 
 impl Pod {
@@ -441,6 +493,9 @@ pub struct KubeSettings {
     /// and every process's.
     pub netns_path_prefix: Option<String>,
 }
+
+/// A pod's override of `dns.capture` (`"true"` or `"false"`), as Istio's.
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -484,6 +539,8 @@ pub struct Config {
     pub limits: Limits,
     /// What the kernel carries instead of the agent.
     pub acceleration: Acceleration,
+    /// The DNS proxy.
+    pub dns: DnsSettings,
     /// Pods on this node.
     pub pods: Vec<Pod>,
     /// Workloads on other nodes.
@@ -649,6 +706,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     acceleration: RawAcceleration,
+    #[serde(default)]
+    dns: RawDns,
     #[serde(default)]
     pods: Vec<RawPod>,
     #[serde(default)]
@@ -859,6 +918,9 @@ struct RawPod {
     services: Vec<String>,
     #[serde(default)]
     waypoint: Option<WaypointRef>,
+    /// Overrides `dns.capture` for this pod.
+    #[serde(default)]
+    dns_capture: Option<bool>,
 }
 
 /// A count: `default` when absent, else within `range`.
@@ -1430,6 +1492,7 @@ impl RawConfig {
                 .is_some_and(|v| v == "none");
             let enrolled = p.enrolled.unwrap_or(ns_ambient && !pod_opted_out);
             let pod = Pod {
+                dns_capture: p.dns_capture,
                 waypoint: p.waypoint,
                 services: pod_services,
                 identity,
@@ -1629,6 +1692,29 @@ impl RawConfig {
             limits,
             acceleration: Acceleration {
                 same_node: self.acceleration.same_node.unwrap_or(true),
+            },
+            dns: {
+                let timeout = match self.dns.timeout_millis {
+                    None => DnsSettings::default().timeout,
+                    Some(ms @ 1..=60_000) => Duration::from_millis(ms),
+                    Some(ms) => {
+                        return Err(invalid(
+                            "dns.timeoutMillis".into(),
+                            format!("{ms} is not within 1..=60000"),
+                        ));
+                    }
+                };
+                if self.dns.upstreams.len() > 8 {
+                    return Err(invalid(
+                        "dns.upstreams".into(),
+                        "at most 8 resolvers".into(),
+                    ));
+                }
+                DnsSettings {
+                    capture: self.dns.capture.unwrap_or(false),
+                    upstreams: self.dns.upstreams,
+                    timeout,
+                }
             },
             peers,
             node: node.clone(),

@@ -134,6 +134,7 @@ impl PodManager {
                             identity,
                             services: Vec::new(),
                             waypoint: None,
+                            dns_capture: None,
                         },
                     );
                 }

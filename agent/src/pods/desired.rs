@@ -184,6 +184,11 @@ pub fn desired(
                 identity,
                 services: Vec::new(),
                 waypoint: None,
+                dns_capture: match kp.annotations.get(crate::config::DNS_CAPTURE_ANNOTATION) {
+                    Some(v) if v == "true" => Some(true),
+                    Some(v) if v == "false" => Some(false),
+                    _ => None,
+                },
             });
             origins.insert(key.clone(), Origin::Kubernetes);
         }
@@ -271,6 +276,7 @@ mod tests {
             identity: Identity::new("cluster.local", namespace, name).expect("identity"),
             services: Vec::new(),
             waypoint: None,
+            dns_capture: None,
         }
     }
 
@@ -349,6 +355,45 @@ mod tests {
 
     fn enrolled(d: &Desired) -> Vec<String> {
         d.config.enrolled_pods().map(Pod::key).collect()
+    }
+
+    #[test]
+    fn the_dns_capture_annotation_overrides_the_node_default_per_pod() {
+        let mut case = Case::new();
+        case.kube_mode = true;
+        let with = |name: &str, ip: &str, value: Option<&str>| {
+            let mut p = kube_pod("default", name, ip);
+            if let Some(v) = value {
+                p.annotations.insert(
+                    crate::config::DNS_CAPTURE_ANNOTATION.to_owned(),
+                    v.to_owned(),
+                );
+            }
+            p
+        };
+        case.kube = Some(kube(
+            true,
+            &["default"],
+            &[
+                with("on", "10.1.0.2", Some("true")),
+                with("off", "10.1.0.3", Some("false")),
+                with("unset", "10.1.0.4", None),
+                with("odd", "10.1.0.5", Some("yes")),
+            ],
+        ));
+        let d = case.run();
+        let capture = |name: &str| {
+            d.config
+                .pods
+                .iter()
+                .find(|p| p.name == name)
+                .unwrap_or_else(|| panic!("{name}"))
+                .dns_capture
+        };
+        assert_eq!(capture("on"), Some(true));
+        assert_eq!(capture("off"), Some(false));
+        assert_eq!(capture("unset"), None, "the node's dns.capture decides");
+        assert_eq!(capture("odd"), None, "only true and false override");
     }
 
     #[test]

@@ -486,15 +486,17 @@ impl PodManager {
                 other.pod.key()
             );
         }
+        // The pod's annotation (or config entry) over the node's `dns.capture`.
+        let dns = pod.dns_capture.unwrap_or(self.ctx.dns.settings.capture);
         let listeners = netns.run(|| -> anyhow::Result<PodListeners> {
             routing::install()
                 .context("cannot set up the pod's return route for transparent connections")?;
-            Ok(PodListeners::bind()?)
+            Ok(PodListeners::bind(dns)?)
         })??;
         let pod_id = self.next_pod_id;
         self.next_pod_id += 1;
         self.redirect
-            .enroll(&netns, pod_id, &pod.ips, &listeners.inbound)
+            .enroll(&netns, pod_id, &pod.ips, &listeners.inbound, dns)
             .context("cannot register the pod with the eBPF programs")?;
         let cookie = netns.cookie();
         let info = Arc::new(PodInfo {
@@ -504,6 +506,7 @@ impl PodManager {
             netns,
             hbone_tls: ArcSwapOption::empty(),
             open: Arc::default(),
+            dns,
         });
         let cancel = CancellationToken::new();
         self.listeners.spawn(proxy::follow_pod_cert(

@@ -126,6 +126,7 @@ pub fn load(path: &Path, node: &str, trust_domain: &str) -> BTreeMap<NetnsCookie
                     identity,
                     services: Vec::new(),
                     waypoint: None,
+                    dns_capture: None,
                 },
             },
         );
@@ -183,6 +184,7 @@ mod tests {
             identity: Identity::new("cluster.local", "default", "web").expect("identity"),
             services: Vec::new(),
             waypoint: None,
+            dns_capture: None,
         };
         let records: BTreeMap<NetnsCookie, Record> = [(
             NetnsCookie(42),

@@ -42,6 +42,11 @@ pub trait Capture: Send + Sync + 'static {
         None
     }
 
+    /// The resolver the pod in `netns` last sent a captured DNS query to.
+    fn dns_resolver(&self, _netns: &Netns) -> Option<SocketAddr> {
+        None
+    }
+
     /// Whether same-node connections are spliced, for `ambitctl bpf`: `on`, `off (config)`, or
     /// why the kernel cannot.
     fn splice_state(&self) -> String {
@@ -92,6 +97,10 @@ impl Capture for Kernel {
 
     fn splicer(&self) -> Option<&Splicer> {
         self.splice.as_ref().ok()
+    }
+
+    fn dns_resolver(&self, netns: &Netns) -> Option<SocketAddr> {
+        self.orig_dst.as_ref()?.dns_resolver(netns.cookie())
     }
 
     fn splice_state(&self) -> String {

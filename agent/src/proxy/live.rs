@@ -202,7 +202,7 @@ fn labels(info: &ConnInfo) -> TcpLabels {
             Transport::Hbone | Transport::Waypoint | Transport::Kernel | Transport::Local => {
                 "mutual_tls"
             }
-            Transport::Passthrough => "unknown",
+            Transport::Passthrough | Transport::Dns => "unknown",
         },
     }
 }

@@ -68,6 +68,8 @@ pub struct PodInfo {
     pub hbone_tls: ArcSwapOption<rustls::ServerConfig>,
     /// Connections its listeners hold now (against `limits.maxConnectionsPerPod`).
     pub open: Arc<std::sync::atomic::AtomicUsize>,
+    /// The agent serves its DNS ([`crate::dns`]).
+    pub dns: bool,
 }
 
 impl PodInfo {
@@ -107,6 +109,8 @@ pub struct ProxyContext {
     pub budgets: Arc<limits::Budgets>,
     /// How the pods' HBONE listeners treat clients.
     pub hbone_server: tunnel::server::ServerSettings,
+    /// The DNS proxy's settings and bounds.
+    pub dns: crate::dns::server::Dns,
     /// The pods this agent serves, by IP: same-node destinations (see [`splice`]).
     local_pods: std::sync::RwLock<std::collections::HashMap<IpAddr, Arc<PodInfo>>>,
 }
@@ -135,6 +139,7 @@ impl ProxyContext {
             draining: CancellationToken::new(),
             budgets: limits::Budgets::new(config.limits.clone()),
             hbone_server: tunnel::server::ServerSettings::from_config(config),
+            dns: crate::dns::server::Dns::new(config.dns.clone()),
             local_pods: Default::default(),
             gate: match &config.xds {
                 Some(x) => gate::SyncGate::closed(x.sync_hold, x.max_held_connections),
@@ -453,11 +458,13 @@ pub struct PodListeners {
     pub inbound: std::net::TcpListener,
     /// [::]:15008 (dual stack) or 0.0.0.0:15008: HBONE.
     pub hbone: std::net::TcpListener,
+    /// UDP 127.0.0.1:15053 (and [::1]:15053), when the agent serves the pod's DNS.
+    pub dns: Vec<std::net::UdpSocket>,
 }
 
 impl PodListeners {
-    /// Binds the listeners. Must run inside the pod's netns.
-    pub fn bind() -> Result<PodListeners, Error> {
+    /// Binds the listeners (with `dns`, the DNS ones too). Must run inside the pod's netns.
+    pub fn bind(dns: bool) -> Result<PodListeners, Error> {
         let mut outbound = vec![listen(SocketAddr::from((
             Ipv4Addr::LOCALHOST,
             OUTBOUND_PORT,
@@ -470,10 +477,19 @@ impl PodListeners {
             Ok(l) => Ok(l),
             Err(_) => listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
         };
+        let dns = if dns {
+            crate::dns::server::bind().map_err(|cause| Error::Listen {
+                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, ambit_common::DNS_PORT)),
+                cause,
+            })?
+        } else {
+            Vec::new()
+        };
         Ok(PodListeners {
             outbound,
             inbound: any(INBOUND_PORT)?,
             hbone: any(HBONE_PORT)?,
+            dns,
         })
     }
 }
@@ -585,6 +601,14 @@ pub fn serve_pod(
         Listener::Hbone,
         cancel.clone(),
     ));
+    for socket in listeners.dns {
+        tasks.spawn(crate::dns::server::serve_udp(
+            ctx.clone(),
+            pod.clone(),
+            socket,
+            cancel.clone(),
+        ));
+    }
     // A same-node destination while its listeners serve.
     ctx.remember_pod(&pod);
     tasks.spawn(async move {

@@ -71,6 +71,15 @@ async fn serve(
     // pod's own address, which is what the destination sees.
     let src_ip = pod.ip_like(dst.ip()).unwrap_or(peer.ip());
     log.src = SocketAddr::new(src_ip, peer.port());
+    // DNS over TCP of a pod whose DNS the agent serves: answered here, forwarded from the pod
+    // (no control-plane state needed to forward a name the mesh does not know).
+    if crate::dns::server::is_dns(pod, dst) {
+        log.path = crate::telemetry::Transport::Dns;
+        return crate::dns::server::serve_tcp(ctx, pod, downstream, dst)
+            .await
+            .map(|_| ())
+            .map_err(Error::Dns);
+    }
     // Where it goes (HBONE or passthrough) is known only on synced state.
     tokio::select! {
         r = ctx.wait_synced(super::Direction::Outbound) => r.map_err(Error::NotSynced)?,

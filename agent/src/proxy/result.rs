@@ -85,6 +85,9 @@ pub enum Error {
     /// The agent closed it: a policy change no longer allows it, or the pod left the mesh.
     #[error("{0}")]
     Closed(String),
+    /// DNS over TCP (the DNS proxy) failed reading or writing a message.
+    #[error("DNS over TCP: {0}")]
+    Dns(io::Error),
     /// The handler was dropped before it finished (shutdown after the drain timeout).
     #[error("the agent stopped serving the connection before it ended (shutdown)")]
     Abandoned,
@@ -105,7 +108,8 @@ impl Error {
             | Error::Denied
             | Error::NoCertificate(_)
             | Error::Answer(_)
-            | Error::Closed(_) => Side::Downstream,
+            | Error::Closed(_)
+            | Error::Dns(_) => Side::Downstream,
             Error::Connect { .. } | Error::Tunnel(_) => Side::Upstream,
             Error::Route(e) => e.side(),
             Error::Copy(e) => e.side,

@@ -115,11 +115,13 @@ impl Node {
                 netns: Netns::own().expect("own netns"),
                 hbone_tls: Default::default(),
                 open: Arc::default(),
+                dns: false,
             });
             let listeners = PodListeners {
                 outbound: vec![listen(ambit_common::OUTBOUND_PORT)],
                 inbound: listen(ambit_common::INBOUND_PORT),
                 hbone: listen(ambit_common::HBONE_PORT),
+                dns: Vec::new(),
             };
             tasks.spawn(super::follow_pod_cert(
                 ctx.clone(),

@@ -91,9 +91,13 @@ pub enum Error {
 /// The eBPF object, embedded at build time by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
 
-const CGROUP_PROGRAMS: [&str; 6] = [
+const CGROUP_PROGRAMS: [&str; 10] = [
     common::program::CONNECT4,
     common::program::CONNECT6,
+    common::program::DNS_SENDMSG4,
+    common::program::DNS_SENDMSG6,
+    common::program::DNS_RECVMSG4,
+    common::program::DNS_RECVMSG6,
     common::program::GETPEERNAME4,
     common::program::GETPEERNAME6,
     common::program::GETSOCKNAME4,
@@ -104,6 +108,8 @@ const CGROUP_PROGRAMS: [&str; 6] = [
 /// outbound accept loops. Entries are removed by the `sock_ops` program when the client closes.
 pub struct OrigDst {
     map: HashMap<MapData, SocketKey, Addr>,
+    /// Netns cookie -> the resolver its pod's DNS last went to.
+    dns: HashMap<MapData, u64, Addr>,
 }
 
 impl OrigDst {
@@ -120,6 +126,11 @@ impl OrigDst {
             .get(&key, 0)
             .ok()
             .map(|a| OrigDstAddr(addr_to_std(&a)))
+    }
+
+    /// The resolver the pod in `netns` sent its last captured DNS query to.
+    pub fn dns_resolver(&self, netns: NetnsCookie) -> Option<SocketAddr> {
+        self.dns.get(&netns.0, 0).ok().map(|a| addr_to_std(&a))
     }
 }
 
@@ -233,6 +244,7 @@ impl Redirect {
 
         let orig_dst = OrigDst {
             map: take(&mut ebpf, common::MAP_ORIG_DST)?,
+            dns: take(&mut ebpf, common::MAP_DNS_RESOLVER)?,
         };
         let redirect = Redirect {
             enrolled: take(&mut ebpf, common::MAP_ENROLLED)?,
@@ -319,12 +331,15 @@ impl Redirect {
     /// Enrolls a pod netns whose listeners are ready: registers the inbound listener for each pod
     /// IP, attaches `sk_lookup` to the netns, then turns on outbound capture. In this order, no
     /// connection is ever steered to a listener that does not exist yet.
+    /// With `dns`, its UDP DNS goes to the agent's DNS listener in the netns, which must be
+    /// bound by then.
     pub fn enroll(
         &mut self,
         netns: &Netns,
         pod_id: u32,
         ips: &[IpAddr],
         inbound_listener: &impl AsRawFd,
+        dns: bool,
     ) -> Result<(), Error> {
         let name = common::MAP_INBOUND_LISTENERS;
         for ip in ips {
@@ -354,8 +369,12 @@ impl Redirect {
             Ok(link.into()),
             &self.pod_link_path(netns.cookie()),
         )?;
+        let mut entry = enrolled_pod(pod_id, ips);
+        if dns {
+            entry.flags |= common::POD_DNS;
+        }
         self.enrolled
-            .insert(netns.cookie().0, enrolled_pod(pod_id, ips), 0)
+            .insert(netns.cookie().0, entry, 0)
             .map_err(|cause| Error::Map {
                 name: common::MAP_ENROLLED,
                 cause,

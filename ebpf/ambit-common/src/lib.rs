@@ -15,6 +15,12 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 /// Port of the pod's inbound HBONE listener; never steered.
 pub const HBONE_PORT: u16 = 15008;
+/// The agent's DNS listener in each pod whose DNS it serves (UDP and TCP on 127.0.0.1 and
+/// [::1]), as ztunnel's.
+pub const DNS_PORT: u16 = 15053;
+/// [`EnrolledPod::flags`]: the agent serves this pod's DNS (UDP to port 53 goes to
+/// [`DNS_PORT`]; TCP to port 53 is captured like any TCP and answered by the agent).
+pub const POD_DNS: u32 = 1;
 /// `SO_MARK` carried by every socket the agent opens (in the bits of [`AGENT_MARK_MASK`]); the
 /// programs leave such sockets alone.
 pub const AGENT_MARK: u32 = 0x539;
@@ -33,6 +39,8 @@ pub const MAP_ENROLLED: &str = "AMBIT_ENROLLED";
 /// Redirected sockets: socket cookie (`u64`) -> original destination [`Addr`]. Written by
 /// `connect4/6`, read by `getpeername4/6` and `sock_ops`, removed when the socket closes.
 pub const MAP_SOCK_DST: &str = "AMBIT_SOCK_DST";
+/// Netns cookie -> the resolver its last captured DNS datagram was for (LRU, [`Addr`]).
+pub const MAP_DNS_RESOLVER: &str = "AMBIT_DNS_RESOLVER";
 /// Redirected connections as the agent sees them: [`SocketKey`] (the client's local address in
 /// its netns, i.e. the peer of the connection accepted on 15001) -> original destination [`Addr`].
 pub const MAP_ORIG_DST: &str = "AMBIT_ORIG_DST";
@@ -106,6 +114,13 @@ pub mod program {
     /// `sk_skb` stream verdict on [`super::MAP_SPLICE`]: a spliced socket's bytes go out on
     /// its peer.
     pub const SPLICE: &str = "ambit_splice";
+    /// DNS capture (UDP to port 53 of a pod with [`super::POD_DNS`]): `sendmsg` (and, for
+    /// connected sockets, `connect4/6`) send it to the agent's listener, `recvmsg` (and
+    /// `getpeername`) give the answers the resolver's address back.
+    pub const DNS_SENDMSG4: &str = "ambit_dns_sendmsg4";
+    pub const DNS_SENDMSG6: &str = "ambit_dns_sendmsg6";
+    pub const DNS_RECVMSG4: &str = "ambit_dns_recvmsg4";
+    pub const DNS_RECVMSG6: &str = "ambit_dns_recvmsg6";
 }
 
 /// Indexes into [`MAP_COUNTERS`].
@@ -140,12 +155,16 @@ pub enum Counter {
     /// The splice program had no peer for a socket (or the peer was gone): the chunk was
     /// dropped, and the agent resets the connection.
     SpliceNoPeer = 12,
+    /// A DNS datagram to port 53 was sent to the agent's DNS listener instead.
+    DnsRedirected = 13,
+    /// An answer from the agent's DNS listener was given the resolver's address back.
+    DnsReplyRewritten = 14,
 }
 
 impl Counter {
     /// Number of counters; the size of [`MAP_COUNTERS`].
     pub const COUNT: u32 = 16;
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Connect4Redirected,
         Counter::Connect6Redirected,
         Counter::RedirectRecordFailed,
@@ -159,6 +178,8 @@ impl Counter {
         Counter::InboundProbePassed,
         Counter::SpliceRedirected,
         Counter::SpliceNoPeer,
+        Counter::DnsRedirected,
+        Counter::DnsReplyRewritten,
     ];
 
     /// Stable snake_case name for logs, metrics and `ambitctl`.
@@ -177,6 +198,8 @@ impl Counter {
             Counter::InboundProbePassed => "inbound_probe_passed",
             Counter::SpliceRedirected => "splice_redirected",
             Counter::SpliceNoPeer => "splice_no_peer",
+            Counter::DnsRedirected => "dns_redirected",
+            Counter::DnsReplyRewritten => "dns_reply_rewritten",
         }
     }
 }
@@ -253,7 +276,7 @@ const _: () = assert!(core::mem::size_of::<IpKey>() == 16);
 pub struct EnrolledPod {
     /// The agent's id for the pod (for logs and `ambitctl`).
     pub pod_id: u32,
-    /// Reserved for per-pod options; zero today.
+    /// Per-pod options: [`POD_DNS`].
     pub flags: u32,
     /// The pod's IPv4 address as the kernel stores it (network order), 0 if none. A redirected
     /// socket is bound to 127.0.0.1; `getsockname4` reports this address instead.

@@ -9,6 +9,11 @@
 //!   address of the connection it accepted. On close, forget the socket.
 //! - `getpeername4/6`: the application sees the destination it dialed, not the listener, and
 //!   `getsockname4/6` its pod's IP rather than the loopback address the redirect bound it to.
+//! - DNS, for pods with `POD_DNS`: a UDP datagram to port 53 (`connect4/6` of a UDP socket,
+//!   `dns_sendmsg4/6`) goes to the agent's DNS listener in the pod (127.0.0.1 / [::1]:15053),
+//!   the resolver it was for recorded by socket cookie and, for the agent, by netns;
+//!   `dns_recvmsg4/6` and `getpeername4/6` give the answers the resolver's address back. TCP
+//!   to port 53 is captured like any TCP.
 //!
 //! Inbound (one link per enrolled pod netns):
 //! - `sk_lookup`: TCP connections arriving from outside the pod for its ports are handed to the
@@ -40,9 +45,9 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 use ambit_common::{
-    AGENT_MARK, AGENT_MARK_MASK, Addr, Counter, EnrolledPod, HBONE_PORT, INBOUND_PORT, IpKey,
-    MAX_CONFIG_ENTRIES, MAX_CONNECTIONS, MAX_POD_IPS, MAX_PODS, MAX_SPLICED_SOCKETS, OUTBOUND_PORT,
-    PROBE_SOURCE4, PROBE_SOURCE6, SocketKey, V4_MAPPED_WORD,
+    AGENT_MARK, AGENT_MARK_MASK, Addr, Counter, DNS_PORT, EnrolledPod, HBONE_PORT, INBOUND_PORT,
+    IpKey, MAX_CONFIG_ENTRIES, MAX_CONNECTIONS, MAX_POD_IPS, MAX_PODS, MAX_SPLICED_SOCKETS,
+    OUTBOUND_PORT, POD_DNS, PROBE_SOURCE4, PROBE_SOURCE6, SocketKey, V4_MAPPED_WORD,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -58,6 +63,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const DNS: u16 = 53;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const TCP_CLOSE: u32 = 7;
@@ -73,6 +80,11 @@ const LOCALHOST6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 #[map(name = "AMBIT_ENROLLED")]
 static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(MAX_PODS, 0);
+
+/// Netns cookie -> the resolver its last captured DNS datagram was for: where the agent sends
+/// the queries it does not answer itself.
+#[map(name = "AMBIT_DNS_RESOLVER")]
+static DNS_RESOLVER: LruHashMap<u64, Addr> = LruHashMap::pinned(MAX_PODS, 0);
 
 #[map(name = "AMBIT_SOCK_DST")]
 static SOCK_DST: LruHashMap<u64, Addr> = LruHashMap::pinned(MAX_CONNECTIONS, 0);
@@ -210,6 +222,44 @@ fn captured_pod(ctx: &SockAddrContext) -> Option<EnrolledPod> {
     (mark & AGENT_MARK_MASK != AGENT_MARK).then_some(pod)
 }
 
+/// A UDP socket of a pod whose DNS the agent serves, that the agent did not open: its netns
+/// cookie.
+#[inline(always)]
+fn dns_pod(ctx: &SockAddrContext) -> Option<u64> {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    if read!((*sa).protocol) != IPPROTO_UDP {
+        return None;
+    }
+    // SAFETY: the helper only reads the context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once and not kept.
+    let pod = unsafe { ENROLLED.get(&netns) }.copied()?;
+    if pod.flags & POD_DNS == 0 {
+        return None;
+    }
+    let sk: *mut bpf_sock = read!((*sa).__bindgen_anon_1.sk);
+    let mark = read!((*sk).mark);
+    (mark & AGENT_MARK_MASK != AGENT_MARK).then_some(netns)
+}
+
+/// Sends a DNS datagram for `orig` to the agent's listener at `listener` (`None`: not a DNS
+/// datagram of a served pod, untouched). Refused when the resolver cannot be recorded: the
+/// answer could not be given its address back.
+#[inline(always)]
+fn redirect_dns(ctx: &SockAddrContext, orig: &Addr) -> Option<i32> {
+    let netns = dns_pod(ctx)?;
+    if orig.port != DNS {
+        return None;
+    }
+    if !record(ctx, orig) {
+        return Some(REJECT);
+    }
+    // LRU: an insert makes room. A failure only costs forwarding to the configured upstream.
+    let _ = DNS_RESOLVER.insert(&netns, orig, 0);
+    count(Counter::DnsRedirected);
+    Some(ALLOW)
+}
+
 /// Records the original destination for this socket; on failure the connect is refused, so a
 /// capture never silently turns into a direct connection.
 #[inline(always)]
@@ -235,10 +285,13 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let sa = ctx.sock_addr;
+    if let Some(verdict) = dns4(ctx) {
+        return Ok(verdict);
+    }
     if captured_pod(ctx).is_none() {
         return Ok(ALLOW);
     }
-    let sa = ctx.sock_addr;
     // SAFETY: context fields of a connect4 program.
     let ip4 = read!((*sa).user_ip4);
     let port = u16::from_be(read!((*sa).user_port) as u16);
@@ -268,10 +321,13 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let sa = ctx.sock_addr;
+    if let Some(verdict) = dns6(ctx) {
+        return Ok(verdict);
+    }
     if captured_pod(ctx).is_none() {
         return Ok(ALLOW);
     }
-    let sa = ctx.sock_addr;
     let ip = read6!((*sa).user_ip6);
     let port = u16::from_be(read!((*sa).user_port) as u16);
     if is_local6(&ip) || excluded_out(port) {
@@ -292,6 +348,87 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     count(Counter::Connect6Redirected);
     debug!(ctx, "ambit: connect6 to port {} redirected", port);
     Ok(ALLOW)
+}
+
+/// `connect4` of a UDP socket and `sendmsg4`: a DNS datagram goes to the agent's listener.
+#[inline(always)]
+fn dns4(ctx: &SockAddrContext) -> Option<i32> {
+    let sa = ctx.sock_addr;
+    let ip4 = read!((*sa).user_ip4);
+    let port = u16::from_be(read!((*sa).user_port) as u16);
+    let verdict = redirect_dns(ctx, &Addr::v4(ip4, port))?;
+    if verdict == ALLOW {
+        write!((*sa).user_ip4, LOCALHOST4);
+        write!((*sa).user_port, u32::from(DNS_PORT.to_be()));
+    }
+    Some(verdict)
+}
+
+/// `connect6` of a UDP socket and `sendmsg6`; an IPv4-mapped resolver goes to the IPv4-mapped
+/// listener.
+#[inline(always)]
+fn dns6(ctx: &SockAddrContext) -> Option<i32> {
+    let sa = ctx.sock_addr;
+    let ip = read6!((*sa).user_ip6);
+    let port = u16::from_be(read!((*sa).user_port) as u16);
+    let (orig, listener) = if is_v4_mapped(&ip) {
+        (Addr::v4(ip[3], port), [0, 0, V4_MAPPED_WORD, LOCALHOST4])
+    } else {
+        (Addr::v6(ip, port), LOCALHOST6)
+    };
+    let verdict = redirect_dns(ctx, &orig)?;
+    if verdict == ALLOW {
+        write6!((*sa).user_ip6, listener);
+        write!((*sa).user_port, u32::from(DNS_PORT.to_be()));
+    }
+    Some(verdict)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ambit_dns_sendmsg4(ctx: SockAddrContext) -> i32 {
+    dns4(&ctx).unwrap_or(ALLOW)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn ambit_dns_sendmsg6(ctx: SockAddrContext) -> i32 {
+    dns6(&ctx).unwrap_or(ALLOW)
+}
+
+/// The resolver a DNS answer from the agent's listener stands for, if this is one.
+#[inline(always)]
+fn dns_resolver(ctx: &SockAddrContext, from_listener: bool) -> Option<Addr> {
+    if !from_listener {
+        return None;
+    }
+    dns_pod(ctx)?;
+    redirected_to(ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ambit_dns_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip4 = read!((*sa).user_ip4);
+    let port = u16::from_be(read!((*sa).user_port) as u16);
+    if let Some(orig) = dns_resolver(&ctx, ip4 == LOCALHOST4 && port == DNS_PORT) {
+        write!((*sa).user_ip4, orig.ip[3]);
+        write!((*sa).user_port, u32::from(orig.port.to_be()));
+        count(Counter::DnsReplyRewritten);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn ambit_dns_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip = read6!((*sa).user_ip6);
+    let port = u16::from_be(read!((*sa).user_port) as u16);
+    let listener = ip == LOCALHOST6 || (is_v4_mapped(&ip) && ip[3] == LOCALHOST4);
+    if let Some(orig) = dns_resolver(&ctx, listener && port == DNS_PORT) {
+        write6!((*sa).user_ip6, orig.ip);
+        write!((*sa).user_port, u32::from(orig.port.to_be()));
+        count(Counter::DnsReplyRewritten);
+    }
+    ALLOW
 }
 
 #[inline(always)]
@@ -336,7 +473,9 @@ pub fn ambit_getpeername4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     let ip4 = read!((*sa).user_ip4);
     let port = u16::from_be(read!((*sa).user_port) as u16);
-    if let Some(orig) = original_peer(&ctx, ip4 == LOCALHOST4 && port == OUTBOUND_PORT) {
+    let orig = original_peer(&ctx, ip4 == LOCALHOST4 && port == OUTBOUND_PORT)
+        .or_else(|| dns_resolver(&ctx, ip4 == LOCALHOST4 && port == DNS_PORT));
+    if let Some(orig) = orig {
         write!((*sa).user_ip4, orig.ip[3]);
         write!((*sa).user_port, u32::from(orig.port.to_be()));
         count(Counter::PeerNameRewritten);
@@ -350,7 +489,9 @@ pub fn ambit_getpeername6(ctx: SockAddrContext) -> i32 {
     let ip = read6!((*sa).user_ip6);
     let port = u16::from_be(read!((*sa).user_port) as u16);
     let listener = ip == LOCALHOST6 || (is_v4_mapped(&ip) && ip[3] == LOCALHOST4);
-    if let Some(orig) = original_peer(&ctx, listener && port == OUTBOUND_PORT) {
+    let orig = original_peer(&ctx, listener && port == OUTBOUND_PORT)
+        .or_else(|| dns_resolver(&ctx, listener && port == DNS_PORT));
+    if let Some(orig) = orig {
         write6!((*sa).user_ip6, orig.ip);
         write!((*sa).user_port, u32::from(orig.port.to_be()));
         count(Counter::PeerNameRewritten);

@@ -6,6 +6,8 @@
 //! ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS] [--reset]
 //! ambit-testpod http --port P --name NAME
 //! ambit-testpod flood ADDR --connections N --bytes B [--timeout-ms MS]
+//! ambit-testpod dns-server --port P [--answer NAME=IPV4]...
+//! ambit-testpod dns-query SERVER (--name NAME | --raw HEX) [--aaaa] [--tcp] [--connected]
 //! ```
 //!
 //! `flood` opens N connections to ADDR and holds them all open at once: it sends B bytes on each,
@@ -31,7 +33,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 const USAGE: &str = "usage:\n  ambit-testpod serve --port P [--v6only] [--reset-after BYTES]\n  \
                      ambit-testpod connect ADDR --bytes N [--hold-ms MS] [--timeout-ms MS] [--reset]\n  \
                      ambit-testpod http --port P --name NAME\n  \
-                     ambit-testpod flood ADDR --connections N --bytes B [--timeout-ms MS]\n\
+                     ambit-testpod flood ADDR --connections N --bytes B [--timeout-ms MS]\n  \
+                     ambit-testpod dns-server --port P [--answer NAME=IPV4]...\n  \
+                     ambit-testpod dns-query SERVER (--name NAME | --raw HEX) [--aaaa] [--tcp] [--connected]\n\
                      (--hold-ms: send half the bytes, pause, send the rest)";
 
 fn main() -> ExitCode {
@@ -41,6 +45,8 @@ fn main() -> ExitCode {
         Some("connect") => parse_connect(&args[1..]).map(connect),
         Some("http") => parse_http(&args[1..]).map(|(args, name)| http(args, name)),
         Some("flood") => parse_flood(&args[1..]).map(flood),
+        Some("dns-server") => parse_dns_server(&args[1..]).map(dns_server),
+        Some("dns-query") => parse_dns_query(&args[1..]).map(dns_query),
         _ => Err(format!("missing or unknown subcommand\n{USAGE}")),
     };
     match result {
@@ -619,4 +625,228 @@ fn flood(args: FloodArgs) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `dns-server --port P [--answer NAME=IPV4]...`: a UDP resolver on `[::]:P` answering A
+/// queries for its names (NXDOMAIN for others); each query is a `query` event.
+fn parse_dns_server(args: &[String]) -> Result<(u16, Vec<(String, std::net::Ipv4Addr)>), String> {
+    let (mut port, mut answers, mut i) = (None, Vec::new(), 0);
+    while i < args.len() {
+        match args[i].as_str() {
+            "--port" => port = Some(parse_num(flag_value(args, &mut i, "--port")?, "--port")?),
+            "--answer" => {
+                let v = flag_value(args, &mut i, "--answer")?;
+                let (name, ip) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("--answer NAME=IPV4, got {v:?}"))?;
+                let ip = ip
+                    .parse()
+                    .map_err(|_| format!("--answer: {ip:?} is not IPv4"))?;
+                answers.push((name.to_ascii_lowercase(), ip));
+            }
+            other => {
+                return Err(format!(
+                    "dns-server: unexpected argument {other:?}\n{USAGE}"
+                ));
+            }
+        }
+        i += 1;
+    }
+    Ok((port.ok_or("dns-server needs --port")?, answers))
+}
+
+fn dns_server((port, answers): (u16, Vec<(String, std::net::Ipv4Addr)>)) -> ExitCode {
+    use simple_dns::{CLASS, Packet, RCODE, ResourceRecord, rdata::RData};
+    let socket = match std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)) {
+        Ok(s) => s,
+        Err(e) => {
+            emit(error_event("bind", &e, &format!("bind [::]:{port}")));
+            return ExitCode::FAILURE;
+        }
+    };
+    emit(json!({"event": "listening", "port": port}));
+    let mut buf = [0u8; 4096];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(query) = Packet::parse(&buf[..n]) else {
+            emit(json!({"event": "query", "from": canonical(from), "malformed": true}));
+            continue;
+        };
+        let Some(q) = query.questions.first() else {
+            continue;
+        };
+        let name = q.qname.to_string().to_ascii_lowercase();
+        emit(json!({"event": "query", "from": canonical(from), "name": name}));
+        let mut reply = query.clone().into_reply();
+        match answers.iter().find(|(n, _)| *n == name) {
+            Some((_, ip)) => reply.answers.push(ResourceRecord::new(
+                q.qname.clone(),
+                CLASS::IN,
+                60,
+                RData::A(simple_dns::rdata::A {
+                    address: u32::from(*ip),
+                }),
+            )),
+            None => *reply.rcode_mut() = RCODE::NameError,
+        }
+        if let Ok(bytes) = reply.build_bytes_vec() {
+            let _ = socket.send_to(&bytes, from);
+        }
+    }
+}
+
+struct DnsQuery {
+    server: SocketAddr,
+    /// A name to ask for, or raw bytes to send (hex).
+    name: Option<String>,
+    raw: Option<Vec<u8>>,
+    aaaa: bool,
+    tcp: bool,
+    connected: bool,
+    timeout_ms: u64,
+}
+
+/// `dns-query SERVER (--name NAME | --raw HEX) [--aaaa] [--tcp] [--connected] [--timeout-ms MS]`:
+/// sends one query (UDP with `sendto`, or `connect` + `send` with `--connected`, or TCP) and
+/// prints one `answer` event: rcode, addresses, TC, the id, and the address the answer came from.
+fn parse_dns_query(args: &[String]) -> Result<DnsQuery, String> {
+    let mut q = DnsQuery {
+        server: "[::1]:53".parse().map_err(|_| "BUG")?,
+        name: None,
+        raw: None,
+        aaaa: false,
+        tcp: false,
+        connected: false,
+        timeout_ms: 3000,
+    };
+    let (mut server, mut i) = (None, 0);
+    while i < args.len() {
+        match args[i].as_str() {
+            "--name" => q.name = Some(flag_value(args, &mut i, "--name")?.to_owned()),
+            "--raw" => {
+                let hex = flag_value(args, &mut i, "--raw")?;
+                let bytes: Result<Vec<u8>, _> = (0..hex.len())
+                    .step_by(2)
+                    .map(|j| u8::from_str_radix(hex.get(j..j + 2).unwrap_or("x"), 16))
+                    .collect();
+                q.raw = Some(bytes.map_err(|_| format!("--raw: {hex:?} is not hex"))?);
+            }
+            "--aaaa" => q.aaaa = true,
+            "--tcp" => q.tcp = true,
+            "--connected" => q.connected = true,
+            "--timeout-ms" => {
+                q.timeout_ms =
+                    parse_num(flag_value(args, &mut i, "--timeout-ms")?, "--timeout-ms")?;
+            }
+            a if !a.starts_with("--") && server.is_none() => {
+                server = Some(a.parse().map_err(|_| format!("{a:?} is not IP:PORT"))?);
+            }
+            other => return Err(format!("dns-query: unexpected argument {other:?}\n{USAGE}")),
+        }
+        i += 1;
+    }
+    q.server = server.ok_or("dns-query needs SERVER")?;
+    if q.name.is_none() == q.raw.is_none() {
+        return Err("dns-query needs one of --name and --raw".into());
+    }
+    Ok(q)
+}
+
+fn dns_query(q: DnsQuery) -> ExitCode {
+    use simple_dns::{CLASS, Packet, PacketFlag, QCLASS, QTYPE, Question, TYPE, rdata::RData};
+    let id: u16 = 0x5a5a;
+    let message = match (&q.raw, &q.name) {
+        (Some(raw), _) => raw.clone(),
+        (None, Some(name)) => {
+            let mut p = Packet::new_query(id);
+            p.set_flags(PacketFlag::RECURSION_DESIRED);
+            let Ok(qname) = simple_dns::Name::new(name) else {
+                emit(json!({"event": "error", "stage": "query", "message": "bad name"}));
+                return ExitCode::FAILURE;
+            };
+            let t = if q.aaaa { TYPE::AAAA } else { TYPE::A };
+            p.questions.push(Question::new(
+                qname,
+                QTYPE::TYPE(t),
+                QCLASS::CLASS(CLASS::IN),
+                false,
+            ));
+            p.build_bytes_vec().unwrap_or_default()
+        }
+        (None, None) => unreachable!("parse_dns_query requires one"),
+    };
+    let timeout = Some(Duration::from_millis(q.timeout_ms));
+    let exchanged: io::Result<(Vec<u8>, Option<SocketAddr>)> = (|| {
+        if q.tcp {
+            let mut s = TcpStream::connect_timeout(&q.server, Duration::from_millis(q.timeout_ms))?;
+            s.set_read_timeout(timeout)?;
+            let mut out = (message.len() as u16).to_be_bytes().to_vec();
+            out.extend_from_slice(&message);
+            s.write_all(&out)?;
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len)?;
+            let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            s.read_exact(&mut answer)?;
+            return Ok((answer, s.peer_addr().ok()));
+        }
+        let any: SocketAddr = if q.server.is_ipv4() {
+            "0.0.0.0:0".parse().map_err(io::Error::other)?
+        } else {
+            "[::]:0".parse().map_err(io::Error::other)?
+        };
+        let s = std::net::UdpSocket::bind(any)?;
+        s.set_read_timeout(timeout)?;
+        let mut buf = [0u8; 4096];
+        if q.connected {
+            s.connect(q.server)?;
+            s.send(&message)?;
+            let n = s.recv(&mut buf)?;
+            Ok((buf[..n].to_vec(), s.peer_addr().ok()))
+        } else {
+            s.send_to(&message, q.server)?;
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok((buf[..n].to_vec(), Some(from)))
+        }
+    })();
+    let (answer, from) = match exchanged {
+        Ok(a) => a,
+        Err(e) => {
+            emit(error_event("query", &e, &format!("query {}", q.server)));
+            return ExitCode::FAILURE;
+        }
+    };
+    let from = from.map(canonical);
+    match Packet::parse(&answer) {
+        Ok(p) => {
+            let addrs: Vec<String> = p
+                .answers
+                .iter()
+                .filter_map(|rr| match &rr.rdata {
+                    RData::A(a) => Some(std::net::Ipv4Addr::from(a.address).to_string()),
+                    RData::AAAA(a) => Some(std::net::Ipv6Addr::from(a.address).to_string()),
+                    _ => None,
+                })
+                .collect();
+            emit(
+                json!({"event": "answer", "id": p.id(), "rcode": p.rcode() as u8,
+                        "answers": addrs, "truncated": p.has_flags(PacketFlag::TRUNCATION),
+                        "from": from}),
+            );
+        }
+        Err(_) if answer.len() >= 4 => {
+            // A header-only reply (FORMERR to a query that does not parse).
+            emit(
+                json!({"event": "answer", "id": u16::from_be_bytes([answer[0], answer[1]]),
+                        "rcode": answer[3] & 0x0f, "answers": [], "truncated": false,
+                        "from": from}),
+            );
+        }
+        Err(e) => {
+            emit(json!({"event": "error", "stage": "parse", "message": e.to_string()}));
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -259,15 +259,20 @@ enum Command {
     #[command(
         after_help = "Examples:\n  ambitctl explain --from default/client 10.96.0.10:80\n  \
                             ambitctl explain --from spiffe://cluster.local/ns/default/sa/client 10.1.0.5:8080\n  \
-                            ambitctl explain --from 10.1.0.4 '[fd00:1::5]:8080' && echo allowed"
+                            ambitctl explain --from 10.1.0.4 '[fd00:1::5]:8080' && echo allowed\n  \
+                            ambitctl explain --dns echo.default.svc.cluster.local"
     )]
     Explain {
         /// The source: a pod as `namespace/name` or `name`, an IP, or a SPIFFE id.
-        #[arg(long = "from", value_name = "SRC")]
-        from: String,
+        #[arg(long = "from", value_name = "SRC", required_unless_present = "dns")]
+        from: Option<String>,
         /// The destination as IP:PORT (`[v6]:port` for IPv6); a service VIP or a workload.
-        #[arg(value_name = "DST", value_parser = parse_dst)]
-        dst: SocketAddr,
+        #[arg(value_name = "DST", value_parser = parse_dst, required_unless_present = "dns")]
+        dst: Option<SocketAddr>,
+        /// Instead: what the DNS proxy answers for NAME (the mesh's VIPs, or forwarded to the
+        /// pod's resolver).
+        #[arg(long = "dns", value_name = "NAME", conflicts_with_all = ["from", "dst"])]
+        dns: Option<String>,
     },
 
     /// Print a shell completion script
@@ -419,7 +424,37 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Explain { from, dst } => {
+        Command::Explain {
+            dns: Some(name), ..
+        } => {
+            let path = format!("/explain/dns?name={}", client::encode(&name));
+            let answer: serde_json::Value = ctx.client.get(&path)?;
+            let explain: api::DnsExplain = from_answer(answer.clone())?;
+            print(&match ctx.format {
+                Format::Table => {
+                    let addrs: Vec<String> =
+                        explain.addresses.iter().map(ToString::to_string).collect();
+                    format!(
+                        "name:     {}\nservice:  {}\nanswer:   {}\noutcome:  {}\ncapture:  {} (node default; a pod's ambient.istio.io/dns-capture overrides it)\n",
+                        explain.name,
+                        explain.service.as_deref().unwrap_or("-"),
+                        if addrs.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            addrs.join(", ")
+                        },
+                        explain.outcome,
+                        if explain.capture { "on" } else { "off" },
+                    )
+                }
+                format => render::structured(&answer, format)?,
+            })?;
+            Ok(0)
+        }
+        Command::Explain { from, dst, .. } => {
+            let (Some(from), Some(dst)) = (from, dst) else {
+                unreachable!("clap requires --from and DST without --dns");
+            };
             let path = format!(
                 "/explain?src={}&dst={}",
                 client::encode(&from),
