@@ -19,7 +19,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     hash::Hash,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -187,7 +190,75 @@ pub struct Metrics {
     /// Connections refused by a limit or a missing state, by `(direction, reason)`.
     refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// The DNS proxy's.
-    pub dns: crate::dns::server::DnsMetrics,
+    pub dns: DnsMetrics,
+}
+
+/// Upper bounds (seconds) of the upstream latency histogram.
+const BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0];
+
+/// The DNS proxy's counters (see [`crate::proxy::dns`]).
+#[derive(Default)]
+pub struct DnsMetrics {
+    pub(crate) requests: AtomicU64,
+    /// By outcome: answered from the mesh, forwarded, malformed, over the limit.
+    pub(crate) mesh: AtomicU64,
+    pub(crate) forwarded: AtomicU64,
+    pub(crate) malformed: AtomicU64,
+    pub(crate) limited: AtomicU64,
+    pub(crate) upstream_failures: AtomicU64,
+    /// Upstream latency: (sum of seconds, count, per-bucket counts).
+    upstream: Mutex<(f64, u64, [u64; BUCKETS.len()])>,
+}
+
+impl DnsMetrics {
+    pub(crate) fn upstream_answered(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let mut h = self.upstream.lock().unwrap_or_else(|p| p.into_inner());
+        h.0 += secs;
+        h.1 += 1;
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            h.2[i] += 1;
+        }
+    }
+
+    /// Adds the DNS families to `e` (as ztunnel names them, plus Ambit's outcomes).
+    pub(crate) fn render(&self, e: &mut Exposition) {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        e.counter(
+            "istio_dns_requests",
+            "DNS queries the proxy received from pods",
+            n(&self.requests),
+        );
+        e.counter(
+            "istio_dns_upstream_requests",
+            "DNS queries forwarded to the pod's resolver",
+            n(&self.forwarded),
+        );
+        e.counter(
+            "istio_dns_upstream_failures",
+            "Forwarded DNS queries the resolver did not answer in time (the pod got SERVFAIL)",
+            n(&self.upstream_failures),
+        );
+        let f = e.counters(
+            "ambit_dns_requests",
+            "DNS queries by outcome: answered from the mesh, forwarded, malformed (FORMERR), over the in-flight limit (SERVFAIL)",
+        );
+        for (outcome, c) in [
+            ("mesh", &self.mesh),
+            ("forwarded", &self.forwarded),
+            ("malformed", &self.malformed),
+            ("limit", &self.limited),
+        ] {
+            let labels: Labels = vec![("outcome", outcome.to_owned())];
+            f.counter(labels, n(c));
+        }
+        let (sum, count, buckets) = *self.upstream.lock().unwrap_or_else(|p| p.into_inner());
+        e.histograms(
+            "istio_dns_upstream_request_duration_seconds",
+            "How long the pod's resolver took to answer a forwarded DNS query",
+        )
+        .histogram(Vec::new(), sum, count, BUCKETS.iter().copied().zip(buckets));
+    }
 }
 
 /// Values read from the rest of the agent when scraped.

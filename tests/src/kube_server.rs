@@ -286,6 +286,33 @@ impl Drop for KubeApi {
     }
 }
 
+/// A `v1.Service` of namespace `default` with `labels`, port 80 to `target_port`.
+pub fn service(name: &str, labels: Value, target_port: u16) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "default", "uid": format!("svc-{name}"),
+                        "labels": labels},
+           "spec": {"ports": [{"port": 80, "targetPort": target_port}]}})
+}
+
+/// An HTTPRoute of namespace `default` for Service `parent` sending every request to
+/// `backends` (`(service, weight)`, port 80), as `kubectl apply` would leave it (the API
+/// server's defaults filled in); `rule` adds fields to its one rule.
+pub fn http_route(name: &str, parent: &str, backends: &[(&str, u32)], rule: Value) -> Value {
+    let refs: Vec<Value> = backends
+        .iter()
+        .map(|(b, w)| json!({"group": "", "kind": "Service", "name": b, "port": 80, "weight": w}))
+        .collect();
+    let mut r = json!({"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                       "backendRefs": refs});
+    if let (Some(r), Some(extra)) = (r.as_object_mut(), rule.as_object()) {
+        r.extend(extra.clone());
+    }
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+           "metadata": {"name": name, "namespace": "default", "uid": format!("route-{name}")},
+           "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                    "rules": [r]}})
+}
+
 /// The `'static` name of a kind in [`KINDS`].
 fn kind_of(kind: &str) -> &'static str {
     KINDS

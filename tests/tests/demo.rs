@@ -84,6 +84,14 @@ fn a_kept_demo_answers_the_commands_it_prints_and_goes_down_without_leftovers() 
     for line in [
         "client-a (node-a): 6 connections to nearby -> server-a (node-a) served 6, server-b (node-b) served 0",
         "client-b (node-b): 6 connections to nearby -> server-a (node-a) served 0, server-b (node-b) served 6",
+        // The waypoint, configured from the cluster, took the changed route live...
+        "client-a: 10 requests after the change -> web-v2 served 10",
+        "HTTPRoute default/web status by ambit.dev/waypoint: Accepted=True",
+        "Gateway default/waypoint programmed by the waypoint: address waypoint.default.svc.cluster.local",
+        // ... and node-a's DNS proxy answered the mesh name itself, the other from the resolver.
+        "for web.default.svc.cluster.local: 10.96.0.20 (answer from",
+        "for example.test: 192.0.2.7 (answer from",
+        "the resolver was asked for: example.test (the mesh name never reached it)",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }

@@ -7,8 +7,9 @@
 use std::time::{Duration, Instant};
 
 use ambit_testbed::{
-    Agent, AgentConfig, MeshSpec, Pod, TestBed, kube_server::KubeApi, log_field, log_message,
-    log_str, poll,
+    Agent, AgentConfig, MeshSpec, Pod, TestBed,
+    kube_server::{self, KubeApi},
+    log_field, log_message, log_str, poll,
 };
 use serde_json::{Value, json};
 
@@ -694,33 +695,6 @@ fn grpc_is_carried_over_http2_end_to_end() {
     );
 }
 
-/// A Service's object as the API server holds it, with `labels`.
-fn service_object(name: &str, labels: Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "Service",
-           "metadata": {"name": name, "namespace": "default", "uid": format!("svc-{name}"),
-                        "labels": labels},
-           "spec": {"ports": [{"port": 80, "targetPort": APP_PORT}]}})
-}
-
-/// An HTTPRoute for Service `parent` sending every request to `backends` (`(service, weight)`),
-/// as `kubectl apply` would leave it (the API server's defaults filled in); `rule` adds fields
-/// to its one rule.
-fn http_route(name: &str, parent: &str, backends: &[(&str, u32)], rule: Value) -> Value {
-    let refs: Vec<Value> = backends
-        .iter()
-        .map(|(b, w)| json!({"group": "", "kind": "Service", "name": b, "port": 80, "weight": w}))
-        .collect();
-    let mut r = json!({"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-                       "backendRefs": refs});
-    if let (Some(r), Some(extra)) = (r.as_object_mut(), rule.as_object()) {
-        r.extend(extra.clone());
-    }
-    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-           "metadata": {"name": name, "namespace": "default", "uid": format!("route-{name}")},
-           "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
-                    "rules": [r]}})
-}
-
 /// Who answers `path` through the echo service, 10 times (`""` for a failure).
 fn answered_by(client: &Pod, path: &str) -> Vec<String> {
     let url = format!("http://{ECHO_VIP}{path}");
@@ -763,25 +737,29 @@ fn routes_and_policies_from_the_cluster_apply_live_with_status_and_others_are_ig
         a.set_object(
             "services",
             "default/echo",
-            service_object("echo", json!({"istio.io/use-waypoint": "waypoint"})),
+            kube_server::service(
+                "echo",
+                json!({"istio.io/use-waypoint": "waypoint"}),
+                APP_PORT,
+            ),
         );
         for s in ["echo-v1", "echo-v2"] {
             a.set_object(
                 "services",
                 &format!("default/{s}"),
-                service_object(s, json!({})),
+                kube_server::service(s, json!({}), APP_PORT),
             );
         }
         a.set_object(
             "httproutes",
             "default/to-v2",
-            http_route("to-v2", "echo", &[("echo-v2", 1)], json!({})),
+            kube_server::http_route("to-v2", "echo", &[("echo-v2", 1)], json!({})),
         );
         // A route for a Service that does not use this waypoint.
         a.set_object(
             "httproutes",
             "default/not-mine",
-            http_route("not-mine", "echo-v1", &[("echo-v2", 1)], json!({})),
+            kube_server::http_route("not-mine", "echo-v1", &[("echo-v2", 1)], json!({})),
         );
         // Its Gateway, and the Service in front of its pods (the Gateway's address).
         a.set_object(
@@ -795,7 +773,7 @@ fn routes_and_policies_from_the_cluster_apply_live_with_status_and_others_are_ig
         a.set_object(
             "services",
             "default/waypoint",
-            service_object("waypoint", json!({})),
+            kube_server::service("waypoint", json!({}), APP_PORT),
         );
         a.configure(bed, wp);
         api = Some(a);
@@ -856,7 +834,7 @@ fn routes_and_policies_from_the_cluster_apply_live_with_status_and_others_are_ig
     api.set_object(
         "httproutes",
         "default/to-v2",
-        http_route("to-v2", "echo", &[("echo-v1", 1)], json!({})),
+        kube_server::http_route("to-v2", "echo", &[("echo-v1", 1)], json!({})),
     );
     wait_answered_by(&m.client, "/", "v1", "the route changed");
     api.set_object(
@@ -876,7 +854,7 @@ fn routes_and_policies_from_the_cluster_apply_live_with_status_and_others_are_ig
     api.set_object(
         "httproutes",
         "default/with-filter",
-        http_route(
+        kube_server::http_route(
             "with-filter",
             "echo",
             &[("echo-v2", 1)],

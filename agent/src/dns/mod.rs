@@ -1,4 +1,5 @@
-//! The DNS proxy (`dns.capture`, per pod `ambient.istio.io/dns-capture`), as ztunnel's: the
+//! The DNS proxy's decisions (`dns.capture`, per pod `ambient.istio.io/dns-capture`), as
+//! ztunnel's; its sockets are [`crate::proxy::dns`]'s. The
 //! eBPF programs send an enrolled pod's DNS (UDP to port 53; TCP to port 53 is captured like any
 //! TCP) to the agent's listener in the pod, which answers the names the mesh knows from the
 //! agent's state and forwards everything else to the resolver the pod asked.
@@ -20,8 +21,6 @@
 //! - A query that does not parse gets FORMERR (when its header can be read) and is counted; an
 //!   answer larger than the client can take over UDP (512 bytes, or its EDNS size) is sent
 //!   truncated (TC) so it asks again over TCP.
-
-pub mod server;
 
 use std::net::IpAddr;
 

@@ -10,6 +10,7 @@
 //! programs skip, so the agent never captures itself.
 
 pub mod capture;
+pub mod dns;
 pub mod gate;
 pub mod inbound;
 pub mod limits;
@@ -110,7 +111,7 @@ pub struct ProxyContext {
     /// How the pods' HBONE listeners treat clients.
     pub hbone_server: tunnel::server::ServerSettings,
     /// The DNS proxy's settings and bounds.
-    pub dns: crate::dns::server::Dns,
+    pub dns: crate::proxy::dns::Dns,
     /// The pods this agent serves, by IP: same-node destinations (see [`splice`]).
     local_pods: std::sync::RwLock<std::collections::HashMap<IpAddr, Arc<PodInfo>>>,
 }
@@ -139,7 +140,7 @@ impl ProxyContext {
             draining: CancellationToken::new(),
             budgets: limits::Budgets::new(config.limits.clone()),
             hbone_server: tunnel::server::ServerSettings::from_config(config),
-            dns: crate::dns::server::Dns::new(config.dns.clone()),
+            dns: crate::proxy::dns::Dns::new(config.dns.clone()),
             local_pods: Default::default(),
             gate: match &config.xds {
                 Some(x) => gate::SyncGate::closed(x.sync_hold, x.max_held_connections),
@@ -478,7 +479,7 @@ impl PodListeners {
             Err(_) => listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
         };
         let dns = if dns {
-            crate::dns::server::bind().map_err(|cause| Error::Listen {
+            crate::proxy::dns::bind().map_err(|cause| Error::Listen {
                 addr: SocketAddr::from((Ipv4Addr::LOCALHOST, ambit_common::DNS_PORT)),
                 cause,
             })?
@@ -602,7 +603,7 @@ pub fn serve_pod(
         cancel.clone(),
     ));
     for socket in listeners.dns {
-        tasks.spawn(crate::dns::server::serve_udp(
+        tasks.spawn(crate::proxy::dns::serve_udp(
             ctx.clone(),
             pod.clone(),
             socket,

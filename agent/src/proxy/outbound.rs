@@ -73,9 +73,9 @@ async fn serve(
     log.src = SocketAddr::new(src_ip, peer.port());
     // DNS over TCP of a pod whose DNS the agent serves: answered here, forwarded from the pod
     // (no control-plane state needed to forward a name the mesh does not know).
-    if crate::dns::server::is_dns(pod, dst) {
+    if crate::proxy::dns::is_dns(pod, dst) {
         log.path = crate::telemetry::Transport::Dns;
-        return crate::dns::server::serve_tcp(ctx, pod, downstream, dst)
+        return crate::proxy::dns::serve_tcp(ctx, pod, downstream, dst)
             .await
             .map(|_| ())
             .map_err(Error::Dns);

@@ -2,7 +2,10 @@
 //! traffic (same node and across nodes, IPv4 and IPv6, and from a pod outside the mesh), and a
 //! report of which connections went through which agent, from the agents' access logs; a service
 //! with an endpoint on each node that prefers the client's node (locality-aware load balancing);
-//! then HTTP through an Ambit waypoint (a weighted split and an L7 denial).
+//! then HTTP through an Ambit waypoint configured from the cluster (a stand-in Kubernetes API
+//! with an HTTPRoute and an AuthorizationPolicy: a weighted split, an L7 denial, then the route
+//! changed live), and the DNS proxy (a mesh name answered by the agent, another name by the
+//! pod's resolver).
 
 use std::{
     net::SocketAddr,
@@ -10,9 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_testbed::{Agent, ClientReport, Pod, TestBed, log_field};
+use ambit_testbed::{
+    Agent, ClientReport, Pod, TestBed,
+    kube_server::{self, KubeApi},
+    log_field,
+};
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::{header, sigint, step};
 
@@ -116,6 +123,8 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
     let web_v1 = bed.add_pod_in(&node_a, "web-v1", "default", "web")?;
     let web_v2 = bed.add_pod_in(&node_b, "web-v2", "default", "web")?;
     let waypoint = bed.add_pod_in(&node_b, "waypoint", "default", "waypoint")?;
+    // The pods' DNS resolver (outside the mesh), for the DNS proxy scene.
+    let resolver = bed.add_pod(&node_a, "resolver")?;
     check_interrupt()?;
     let services = serde_json::json!([
         {"namespace": "default", "name": "web", "vips": [WEB_VIP],
@@ -157,7 +166,12 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         .enroll(&client_a)
         .enroll(&server_a)
         .enroll(&web_v1)
-        .add_pod(&outsider, false);
+        .add_pod(&outsider, false)
+        .add_pod(&resolver, false);
+    // node-a's agent serves its pods' DNS.
+    config_a
+        .extra
+        .insert("dns".into(), json!({"capture": true}));
     // Each node knows the other's mesh pods: where HBONE applies and which identity to expect.
     config_a
         .add_peer(&client_b)
@@ -190,28 +204,19 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         .add_peer(&client_a)
         .add_peer(&client_b);
     backs_web(&mut config_w);
-    config_w.waypoint_mut().extend([
-        (
-            "routes".to_owned(),
-            serde_json::json!([{"name": "web", "parentRefs": [{"name": "web"}], "rules": [{
-                "backendRefs": [{"name": "web-v1", "port": 80, "weight": 80},
-                                {"name": "web-v2", "port": 80, "weight": 20}]}]}]),
-        ),
-        (
-            "authorization".to_owned(),
-            serde_json::json!([{"name": "no-admin", "action": "DENY",
-                "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]}]),
-        ),
-    ]);
+    // The waypoint's routes and policies come from the cluster, as Istio's waypoint's do.
+    let api = cluster(&waypoint)?;
+    api.configure(&bed, &mut config_w);
 
     eprintln!(
         "    {:<10} {:<8} {:<12} {:<14} in the mesh",
         "pod", "node", "IPv4", "IPv6"
     );
     for pod in [
-        &client_a, &server_a, &outsider, &web_v1, &client_b, &server_b, &web_v2, &waypoint,
+        &client_a, &server_a, &outsider, &resolver, &web_v1, &client_b, &server_b, &web_v2,
+        &waypoint,
     ] {
-        let enrolled = pod.name() != outsider.name() && pod.name() != waypoint.name();
+        let enrolled = ![outsider.name(), waypoint.name(), resolver.name()].contains(&pod.name());
         eprintln!(
             "    {:<10} {:<8} {:<12} {:<14} {}",
             pod.name(),
@@ -368,7 +373,12 @@ fn demo(options: &Options, agent_bin: &Path, testpod_bin: &Path) -> Result<()> {
         [&echo_a, &echo_b],
     )?;
     check_interrupt()?;
+    // Kept running until the end (for `--keep`).
     let _waypoint = waypoint_scene(&bed, &client_a, [&web_v1, &web_v2], &waypoint, &config_w)?;
+    check_interrupt()?;
+    live_route_scene(&api, &client_a)?;
+    check_interrupt()?;
+    let _resolver = dns_scene(&client_a, &resolver)?;
 
     if options.keep {
         keep(
@@ -450,6 +460,153 @@ fn locality_scene(
     Ok(())
 }
 
+/// The cluster as the waypoint reads it, from a stand-in Kubernetes API in its pod: Service web
+/// bound to the waypoint (`istio.io/use-waypoint`), the waypoint's Gateway and Service, an
+/// 80/20 HTTPRoute and a DENY of /admin for the Gateway.
+fn cluster(waypoint: &Pod) -> Result<KubeApi> {
+    let api = KubeApi::start_in(&waypoint.netns_path())?;
+    api.set_namespace("default", json!({}));
+    api.set_object(
+        "services",
+        "default/web",
+        kube_server::service("web", json!({"istio.io/use-waypoint": "waypoint"}), PORT),
+    );
+    for s in ["web-v1", "web-v2", "waypoint"] {
+        api.set_object(
+            "services",
+            &format!("default/{s}"),
+            kube_server::service(s, json!({}), PORT),
+        );
+    }
+    api.set_object(
+        "gateways",
+        "default/waypoint",
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": "waypoint", "namespace": "default"},
+               "spec": {"gatewayClassName": "ambit-waypoint",
+                        "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+    );
+    api.set_object(
+        "httproutes",
+        "default/web",
+        kube_server::http_route("web", "web", &[("web-v1", 80), ("web-v2", 20)], json!({})),
+    );
+    api.set_object(
+        "authorizationpolicies",
+        "default/no-admin",
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": "no-admin", "namespace": "default"},
+               "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                        "name": "waypoint"}],
+                        "action": "DENY",
+                        "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]}}),
+    );
+    Ok(api)
+}
+
+/// Who answered each of `n` requests to `path` on service web (`""` for a failure).
+fn answered_by(client: &Pod, path: &str, n: usize) -> Result<Vec<String>> {
+    let url = format!("http://{WEB_VIP}{path}");
+    let mut args = vec!["curl", "-sS", "--max-time", "10"];
+    for i in 0..n {
+        if i > 0 {
+            args.push("--next");
+        }
+        args.extend(["-w", "\n", url.as_str()]);
+    }
+    let out = client.exec(&args)?;
+    Ok(out
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+        .collect())
+}
+
+/// The route changed in the cluster while the waypoint runs: all of web to web-v2, within
+/// seconds, and the route's status says the waypoint accepted it.
+fn live_route_scene(api: &KubeApi, client: &Pod) -> Result<()> {
+    header("demo: the cluster changes HTTPRoute web to send everything to web-v2 (applied live)");
+    api.set_object(
+        "httproutes",
+        "default/web",
+        kube_server::http_route("web", "web", &[("web-v2", 1)], json!({})),
+    );
+    let start = Instant::now();
+    let mut last = Vec::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        check_interrupt()?;
+        last = answered_by(client, "/live", 10)?;
+        if last.iter().all(|w| w == "web-v2") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v2 = last.iter().filter(|w| *w == "web-v2").count();
+    step(&format!(
+        "client-a: 10 requests after the change -> web-v2 served {v2} (applied within {} ms)",
+        start.elapsed().as_millis()
+    ));
+    let route = api.object("httproutes", "default/web").unwrap_or_default();
+    let parent = &route["status"]["parents"][0];
+    let accepted = parent["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Accepted");
+    step(&format!(
+        "HTTPRoute default/web status by {}: Accepted={} (generation {})",
+        parent["controllerName"].as_str().unwrap_or("-"),
+        accepted.and_then(|c| c["status"].as_str()).unwrap_or("-"),
+        accepted
+            .map(|c| c["observedGeneration"].to_string())
+            .unwrap_or_default(),
+    ));
+    let gateway = api
+        .object("gateways", "default/waypoint")
+        .unwrap_or_default();
+    step(&format!(
+        "Gateway default/waypoint programmed by the waypoint: address {}",
+        gateway["status"]["addresses"][0]["value"]
+            .as_str()
+            .unwrap_or("-")
+    ));
+    Ok(())
+}
+
+/// The DNS proxy on node-a: a mesh name answered by the agent with the service's VIP (the
+/// pod's resolver never sees it), another name forwarded to that resolver.
+fn dns_scene(client: &Pod, resolver_pod: &Pod) -> Result<ambit_testbed::Server> {
+    header("demo: DNS from client-a to its resolver, through node-a's DNS proxy");
+    let resolver = resolver_pod.serve_dns(53, &[("example.test", "192.0.2.7")])?;
+    let server = SocketAddr::new(resolver_pod.ipv4().into(), 53);
+    for name in ["web.default.svc.cluster.local", "example.test"] {
+        let a = client.dns_query(server, &["--name", name])?;
+        step(&format!(
+            "client-a asks {server} for {name}: {} (answer from {})",
+            a["answers"]
+                .as_array()
+                .map(|v| v
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            a["from"].as_str().unwrap_or("-"),
+        ));
+    }
+    let asked: Vec<String> = resolver
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "query")
+        .filter_map(|e| e["name"].as_str().map(str::to_owned))
+        .collect();
+    step(&format!(
+        "the resolver was asked for: {} (the mesh name never reached it)",
+        asked.join(", ")
+    ));
+    Ok(resolver)
+}
+
 /// HTTP through the waypoint: an 80/20 split between web-v1 and web-v2, and an L7 denial.
 fn waypoint_scene(
     bed: &TestBed,
@@ -471,6 +628,17 @@ fn waypoint_scene(
         waypoint.pid(),
         waypoint.log_path().display()
     ));
+    let synced = waypoint.wait_for_log(
+        |v| {
+            log_field(v, "message").and_then(Value::as_str)
+                == Some("the waypoint read its routes and policies from the Kubernetes API")
+        },
+        Duration::from_secs(20),
+    );
+    synced.context("the waypoint did not read the cluster's routes and policies")?;
+    step(
+        "waypoint: HTTPRoute default/web (80/20) and AuthorizationPolicy default/no-admin read from the cluster",
+    );
     let out = client.exec(&[
         "curl",
         "-sS",

@@ -1,4 +1,4 @@
-//! The DNS listeners in each pod whose DNS the agent serves (UDP 127.0.0.1 / [::1]:15053), DNS
+//! The DNS proxy's I/O ([`crate::dns`] decides): the listeners in each pod whose DNS the agent serves (UDP 127.0.0.1 / [::1]:15053), DNS
 //! over TCP (a captured connection to port 53), and forwarding to the pod's resolver.
 //!
 //! Bounded: at most [`MAX_INFLIGHT`] queries are resolved at once across pods (beyond it a query
@@ -9,10 +9,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -26,11 +23,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{Reply, answer, fit_udp, format_error, id_of, server_failure, udp_limit};
+use super::{PodInfo, ProxyContext};
 use crate::{
     config::DnsSettings,
-    metrics::{Exposition, Labels},
-    proxy::{PodInfo, ProxyContext},
+    dns::{Reply, answer, fit_udp, format_error, id_of, server_failure, udp_limit},
+    metrics::DnsMetrics,
     redirect::Netns,
 };
 
@@ -76,74 +73,6 @@ fn metrics(ctx: &ProxyContext) -> &DnsMetrics {
     &ctx.live.metrics().dns
 }
 
-/// Upper bounds (seconds) of the upstream latency histogram.
-const BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0];
-
-/// The DNS proxy's counters.
-#[derive(Default)]
-pub struct DnsMetrics {
-    requests: AtomicU64,
-    /// By outcome: answered from the mesh, forwarded, malformed, over the limit.
-    mesh: AtomicU64,
-    forwarded: AtomicU64,
-    malformed: AtomicU64,
-    limited: AtomicU64,
-    upstream_failures: AtomicU64,
-    /// Upstream latency: (sum of seconds, count, per-bucket counts).
-    upstream: Mutex<(f64, u64, [u64; BUCKETS.len()])>,
-}
-
-impl DnsMetrics {
-    fn upstream_answered(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        let mut h = self.upstream.lock().unwrap_or_else(|p| p.into_inner());
-        h.0 += secs;
-        h.1 += 1;
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            h.2[i] += 1;
-        }
-    }
-
-    /// Adds the DNS families to `e` (as ztunnel names them, plus Ambit's outcomes).
-    pub(crate) fn render(&self, e: &mut Exposition) {
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        e.counter(
-            "istio_dns_requests",
-            "DNS queries the proxy received from pods",
-            n(&self.requests),
-        );
-        e.counter(
-            "istio_dns_upstream_requests",
-            "DNS queries forwarded to the pod's resolver",
-            n(&self.forwarded),
-        );
-        e.counter(
-            "istio_dns_upstream_failures",
-            "Forwarded DNS queries the resolver did not answer in time (the pod got SERVFAIL)",
-            n(&self.upstream_failures),
-        );
-        let f = e.counters(
-            "ambit_dns_requests",
-            "DNS queries by outcome: answered from the mesh, forwarded, malformed (FORMERR), over the in-flight limit (SERVFAIL)",
-        );
-        for (outcome, c) in [
-            ("mesh", &self.mesh),
-            ("forwarded", &self.forwarded),
-            ("malformed", &self.malformed),
-            ("limit", &self.limited),
-        ] {
-            let labels: Labels = vec![("outcome", outcome.to_owned())];
-            f.counter(labels, n(c));
-        }
-        let (sum, count, buckets) = *self.upstream.lock().unwrap_or_else(|p| p.into_inner());
-        e.histograms(
-            "istio_dns_upstream_request_duration_seconds",
-            "How long the pod's resolver took to answer a forwarded DNS query",
-        )
-        .histogram(Vec::new(), sum, count, BUCKETS.iter().copied().zip(buckets));
-    }
-}
-
 /// Binds the pod's DNS listeners (UDP 127.0.0.1:15053, and [::1]:15053 where the pod has
 /// IPv6). Must run inside the pod's netns.
 pub fn bind() -> io::Result<Vec<std::net::UdpSocket>> {
@@ -185,7 +114,7 @@ pub async fn serve_udp(
         }
     };
     // One byte more than the largest query kept: a longer datagram is known to be too long.
-    let mut buf = vec![0u8; super::UDP_MAX + 1];
+    let mut buf = vec![0u8; crate::dns::UDP_MAX + 1];
     loop {
         let (n, from) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -200,7 +129,7 @@ pub async fn serve_udp(
         };
         let m = metrics(&ctx);
         m.requests.fetch_add(1, Ordering::Relaxed);
-        if n > super::UDP_MAX {
+        if n > crate::dns::UDP_MAX {
             m.malformed.fetch_add(1, Ordering::Relaxed);
             if let Some(r) = format_error(&buf[..n]) {
                 let _ = socket.send_to(&r, from).await;
@@ -377,7 +306,7 @@ async fn forward_tcp(
     timeout: Duration,
 ) -> io::Result<Vec<u8>> {
     let exchange = async {
-        let socket = crate::proxy::upstream_socket(netns, upstream, None)?;
+        let socket = super::upstream_socket(netns, upstream, None)?;
         let mut s = socket.connect(upstream).await?;
         write_message(&mut s, query).await?;
         read_message(&mut s)
@@ -397,7 +326,7 @@ pub fn is_dns(pod: &PodInfo, dst: SocketAddr) -> bool {
 /// The addresses `name` resolves to in the mesh, for `ambitctl explain`.
 pub fn explain(snapshot: &crate::state::Snapshot, name: &str) -> Option<Vec<IpAddr>> {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    super::lookup(snapshot, &name).map(|d| d.vips.clone())
+    crate::dns::lookup(snapshot, &name).map(|d| d.vips.clone())
 }
 
 #[cfg(test)]
