@@ -1,7 +1,7 @@
 //! A small stand-in for the Kubernetes API server, for tests of the agent's and the waypoint's
 //! Kubernetes mode: it serves the real list and watch JSON of the collections in [`KINDS`]
 //! (watch events as a chunked stream, replayed from the requested resource version) and applies
-//! JSON merge patches to pods and to the `status` of HTTPRoutes and Gateways. It listens on
+//! JSON merge patches to pods and to the `status` of HTTPRoutes, GRPCRoutes and Gateways. It listens on
 //! loopback inside a network namespace of the bed (where the agent runs), over plain HTTP,
 //! which the agent allows only to loopback.
 
@@ -21,7 +21,7 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
 
 /// The collections served: (kind's plural, the path it is listed and watched at).
-pub const KINDS: [(&str, &str); 7] = [
+pub const KINDS: [(&str, &str); 8] = [
     ("namespaces", "/api/v1/namespaces"),
     ("pods", "/api/v1/pods"),
     ("services", "/api/v1/services"),
@@ -30,6 +30,10 @@ pub const KINDS: [(&str, &str); 7] = [
         "/apis/gateway.networking.k8s.io/v1/httproutes",
     ),
     ("gateways", "/apis/gateway.networking.k8s.io/v1/gateways"),
+    (
+        "grpcroutes",
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+    ),
     (
         "destinationrules",
         "/apis/networking.istio.io/v1/destinationrules",
@@ -313,6 +317,15 @@ pub fn http_route(name: &str, parent: &str, backends: &[(&str, u32)], rule: Valu
                     "rules": [r]}})
 }
 
+/// Waypoint `name`'s Gateway in namespace `default`: class `ambit-waypoint`, the HBONE
+/// listener on 15008.
+pub fn waypoint_gateway(name: &str) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+           "metadata": {"name": name, "namespace": "default"},
+           "spec": {"gatewayClassName": "ambit-waypoint",
+                    "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+}
+
 /// The `'static` name of a kind in [`KINDS`].
 fn kind_of(kind: &str) -> &'static str {
     KINDS
@@ -395,7 +408,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) -> std::io::Result<()> {
                     "v1",
                     "namespaces",
                     ns,
-                    kind @ ("httproutes" | "gateways"),
+                    kind @ ("httproutes" | "grpcroutes" | "gateways"),
                     name,
                     "status",
                 ] => api.patch(kind_of(kind), &format!("{ns}/{name}"), patch, true),

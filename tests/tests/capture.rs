@@ -575,13 +575,16 @@ fn same_node_traffic_goes_through_outbound_and_inbound() {
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("create bed");
-    let node = bed.add_node("node-a").expect("add node");
-    let client = bed.add_pod(&node, "client").expect("add client");
-    let server = bed.add_pod(&node, "server").expect("add server");
+    let m = MeshSpec::new()
+        .node("node-a")
+        .pod("client")
+        .pod("server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (bed, _node) = (&m.bed, &m.nodes["node-a"]);
+    let (client, server) = (&m.pods["client"], &m.pods["server"]);
     let echo = server.serve(PORT).expect("echo server");
-    let mut config = bed.agent_config(&node);
-    config.enroll(&client).enroll(&server);
+    let config = m.configs["node-a"].clone();
     let agent = bed.start_agent(&config).expect("start agent");
     for dst in [server.v4(PORT), server.v6(PORT)] {
         let mark = agent.mark();
@@ -593,7 +596,7 @@ fn same_node_traffic_goes_through_outbound_and_inbound() {
             .expect("src.addr")
             .parse()
             .expect("addr");
-        assert_eq!(src.ip(), ip_of(&client, dst), "{inb}");
+        assert_eq!(src.ip(), ip_of(client, dst), "{inb}");
     }
     let peers = echo.wait_for_accepts(2, WAIT).expect("two accepts");
     assert_eq!(peers[0].ip(), IpAddr::from(client.ipv4()));
@@ -738,12 +741,14 @@ fn only_kubelet_probes_skip_capture_and_every_other_host_connection_is_judged() 
     if !ambit_testbed::privileged() {
         return;
     }
-    let bed = TestBed::with_testpod_bin(env!("CARGO_BIN_EXE_ambit-testpod")).expect("create bed");
-    let node = bed.add_node("node-a").expect("add node");
-    let server = bed.add_pod(&node, "server").expect("add server");
+    let m = MeshSpec::new()
+        .node("node-a")
+        .pod("server")
+        .build(env!("CARGO_BIN_EXE_ambit-testpod"))
+        .expect("mesh");
+    let (bed, node, server) = (&m.bed, &m.nodes["node-a"], &m.pods["server"]);
     let echo = server.serve(PORT).expect("start echo server");
-    let mut config = bed.agent_config(&node);
-    config.enroll(&server);
+    let mut config = m.configs["node-a"].clone();
     config.extra.insert(
         "probes".into(),
         serde_json::json!({"kubeletCgroup": node.kubelet_cgroup_rel(),
@@ -757,7 +762,7 @@ fn only_kubelet_probes_skip_capture_and_every_other_host_connection_is_judged() 
             "rules": [{"clauses": [{"matches": [{"namespaces": [{"exact": "default"}]}]}]}]}]),
     );
     let agent = bed.start_agent(&config).expect("start agent");
-    let counters = || bpf_counters(&node);
+    let counters = || bpf_counters(node);
 
     // The kubelet's probes reach the app as without the mesh, from the probe source, IPv4 and
     // IPv6, unjudged: nothing is steered or logged.

@@ -1178,10 +1178,10 @@ fn the_waypoint_manifests_validate_and_agree_with_each_other() {
         json!([
             {"apiGroups": [""], "resources": ["namespaces", "services"],
              "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"],
+            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"],
              "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"],
-             "verbs": ["patch"]},
+            {"apiGroups": ["gateway.networking.k8s.io"],
+             "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["patch"]},
             {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways"],
              "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways/status"],

@@ -765,10 +765,7 @@ fn routes_and_policies_from_the_cluster_apply_live_with_status_and_others_are_ig
         a.set_object(
             "gateways",
             "default/waypoint",
-            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-                   "metadata": {"name": "waypoint", "namespace": "default"},
-                   "spec": {"gatewayClassName": "ambit-waypoint",
-                            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+            kube_server::waypoint_gateway("waypoint"),
         );
         a.set_object(
             "services",

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! API server ──list/watch──> Namespaces, Services   (which Services use this waypoint:
-//!                            HTTPRoutes              `istio.io/use-waypoint` on the Service,
+//!                            HTTP/GRPCRoutes         `istio.io/use-waypoint` on the Service,
 //!                            AuthorizationPolicies    else on its Namespace)
 //!                 │
 //!                 └─> derive (pure) ──> routes + policies ──> the waypoint's settings (live)
@@ -45,6 +45,7 @@ pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 const ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+const GRPC_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/grpcroutes";
 const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
 const POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";
 const DESTINATION_RULES: &str = "/apis/networking.istio.io/v1/destinationrules";
@@ -88,6 +89,7 @@ pub struct Cluster {
     /// `namespace/name` -> labels.
     pub services: BTreeMap<String, Labels>,
     pub routes: Vec<SpecObject>,
+    pub grpc_routes: Vec<SpecObject>,
     pub policies: Vec<SpecObject>,
     pub destination_rules: Vec<SpecObject>,
     /// This waypoint's own `Gateway` (same namespace and name), if it exists.
@@ -160,6 +162,8 @@ pub struct Derived {
     /// Route key -> this waypoint's `status.parents` entries for it (conditions without
     /// `lastTransitionTime`, which [`status_patch`] adds).
     pub statuses: BTreeMap<String, Vec<Value>>,
+    /// The same for GRPCRoutes.
+    pub grpc_statuses: BTreeMap<String, Vec<Value>>,
     /// The status its own Gateway should have (`addresses` and `conditions`, without times),
     /// when there is a Gateway of its class to program.
     pub gateway_status: Option<Value>,
@@ -173,7 +177,10 @@ pub struct Derived {
 pub fn derive(me: &Waypoint, cluster: &Cluster, resolver: &Resolver) -> Derived {
     let mut out = Derived::default();
     for obj in &cluster.routes {
-        route(me, cluster, resolver, obj, &mut out);
+        route(me, cluster, resolver, RouteKind::Http, obj, &mut out);
+    }
+    for obj in &cluster.grpc_routes {
+        route(me, cluster, resolver, RouteKind::Grpc, obj, &mut out);
     }
     for obj in &cluster.policies {
         policy(me, cluster, resolver, obj, &mut out);
@@ -302,16 +309,42 @@ fn namespace_of(obj: &SpecObject) -> &str {
     obj.metadata.namespace.as_deref().unwrap_or_default()
 }
 
+/// The Gateway API route kinds the waypoint follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteKind {
+    Http,
+    /// gRPC: its method matches become path matches (`/service/method`), as gRPC sends them.
+    Grpc,
+}
+
+impl RouteKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Grpc => "GRPCRoute",
+        }
+    }
+
+    /// Its resource name in the API's paths.
+    pub fn plural(self) -> &'static str {
+        match self {
+            RouteKind::Http => "httproutes",
+            RouteKind::Grpc => "grpcroutes",
+        }
+    }
+}
+
 fn route(
     me: &Waypoint,
     cluster: &Cluster,
     resolver: &Resolver,
+    kind: RouteKind,
     obj: &SpecObject,
     out: &mut Derived,
 ) {
     let ns = namespace_of(obj);
     let key = obj.key();
-    let what = format!("HTTPRoute {key}");
+    let what = format!("{} {key}", kind.name());
     let mut ours = Vec::new();
     let mut others = Vec::new();
     for p in obj.spec["parentRefs"].as_array().into_iter().flatten() {
@@ -350,7 +383,11 @@ fn route(
             "a route of this name is in the waypoint's config file, which wins".to_owned(),
         ))
     } else {
-        translate_route(obj, &ours, resolver)
+        match kind {
+            RouteKind::Http => Ok(obj.spec.clone()),
+            RouteKind::Grpc => grpc_as_http(&obj.spec),
+        }
+        .and_then(|spec| translate_route(obj, spec, &ours, resolver))
     };
     let accepted = match &translated {
         Ok(_) => condition("Accepted", true, "Accepted", "", obj),
@@ -392,7 +429,11 @@ fn route(
             obj,
         )
     };
-    out.statuses.insert(
+    let statuses = match kind {
+        RouteKind::Http => &mut out.statuses,
+        RouteKind::Grpc => &mut out.grpc_statuses,
+    };
+    statuses.insert(
         key,
         ours.iter()
             .map(|p| {
@@ -423,13 +464,68 @@ struct RouteSpec {
     rules: Vec<super::config::RouteRule>,
 }
 
+/// A GRPCRoute spec as the HTTPRoute it routes like: each `method` match (`Exact`, with its
+/// `service`) becomes the path gRPC puts it in, `/service/method` (or every method of the
+/// service, `/service` as a prefix).
+fn grpc_as_http(spec: &Value) -> Result<Value, (String, String)> {
+    let mut spec = spec.clone();
+    let rules = spec["rules"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+        .enumerate();
+    for (i, rule) in rules {
+        let matches = rule["matches"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+            .enumerate();
+        for (j, m) in matches {
+            let f = format!("spec.rules[{i}].matches[{j}].method");
+            let Some(method) = m.as_object_mut().and_then(|o| o.remove("method")) else {
+                continue;
+            };
+            let Some(fields) = method.as_object() else {
+                return Err((f, "must be an object".into()));
+            };
+            if let Some(other) = fields
+                .keys()
+                .find(|k| !matches!(k.as_str(), "type" | "service" | "method"))
+            {
+                return Err((format!("{f}.{other}"), "unknown field".into()));
+            }
+            let kind = method["type"].as_str().unwrap_or("Exact");
+            if kind != "Exact" {
+                return Err((
+                    format!("{f}.type"),
+                    format!("{kind:?}: only Exact gRPC method matches are supported"),
+                ));
+            }
+            m["path"] = match (method["service"].as_str(), method["method"].as_str()) {
+                (Some(s), Some(n)) => json!({"type": "Exact", "value": format!("/{s}/{n}")}),
+                (Some(s), None) => json!({"type": "PathPrefix", "value": format!("/{s}")}),
+                (None, Some(_)) => {
+                    return Err((
+                        format!("{f}.service"),
+                        "a method of any service needs a regular expression, which is not \
+                         supported"
+                            .into(),
+                    ));
+                }
+                (None, None) => continue,
+            };
+        }
+    }
+    Ok(spec)
+}
+
 fn translate_route(
     obj: &SpecObject,
+    mut spec: Value,
     ours: &[Value],
     resolver: &Resolver,
 ) -> Result<HttpRoute, (String, String)> {
     let ns = namespace_of(obj);
-    let mut spec = obj.spec.clone();
     // Only this waypoint's parents, without the core group the config does not spell.
     spec["parentRefs"] = Value::Array(ours.iter().map(without_core_group).collect());
     for rule in spec["rules"].as_array_mut().into_iter().flatten() {
@@ -720,6 +816,7 @@ pub async fn run(
     let mut ns_rx = follow::<NamespaceObject>(&tasks, &client, "/api/v1/namespaces", &shutdown);
     let mut svc_rx = follow::<ServiceObject>(&tasks, &client, "/api/v1/services", &shutdown);
     let mut route_rx = follow::<SpecObject>(&tasks, &client, ROUTES, &shutdown);
+    let mut grpc_rx = follow::<SpecObject>(&tasks, &client, GRPC_ROUTES, &shutdown);
     let mut pol_rx = follow::<SpecObject>(&tasks, &client, POLICIES, &shutdown);
     let mut gw_rx = follow::<SpecObject>(&tasks, &client, GATEWAYS, &shutdown);
     let mut dr_rx = follow::<SpecObject>(&tasks, &client, DESTINATION_RULES, &shutdown);
@@ -731,15 +828,17 @@ pub async fn run(
             r = ns_rx.changed() => if r.is_err() { break },
             r = svc_rx.changed() => if r.is_err() { break },
             r = route_rx.changed() => if r.is_err() { break },
+            r = grpc_rx.changed() => if r.is_err() { break },
             r = pol_rx.changed() => if r.is_err() { break },
             r = gw_rx.changed() => if r.is_err() { break },
             r = dr_rx.changed() => if r.is_err() { break },
             r = file.changed() => if r.is_err() { break },
         }
-        let (Some(n), Some(s), Some(r), Some(p), Some(g), Some(d)) = (
+        let (Some(n), Some(s), Some(r), Some(gr), Some(p), Some(g), Some(d)) = (
             ns_rx.borrow_and_update().clone(),
             svc_rx.borrow_and_update().clone(),
             route_rx.borrow_and_update().clone(),
+            grpc_rx.borrow_and_update().clone(),
             pol_rx.borrow_and_update().clone(),
             gw_rx.borrow_and_update().clone(),
             dr_rx.borrow_and_update().clone(),
@@ -760,6 +859,7 @@ pub async fn run(
                 .map(|(k, o)| (k.clone(), o.metadata.labels.clone()))
                 .collect(),
             routes: r.items.values().cloned().collect(),
+            grpc_routes: gr.items.values().cloned().collect(),
             policies: p.items.values().cloned().collect(),
             destination_rules: d.items.values().cloned().collect(),
             gateway: g.items.get(&own_gateway).cloned(),
@@ -777,6 +877,7 @@ pub async fn run(
         for (object, why) in r
             .unreadable
             .iter()
+            .chain(&gr.unreadable)
             .chain(&p.unreadable)
             .chain(&g.unreadable)
             .chain(&d.unreadable)
@@ -795,16 +896,27 @@ pub async fn run(
             info!("the waypoint read its routes and policies from the Kubernetes API");
         }
         notes = derived.notes.clone();
-        for route in &cluster.routes {
-            let Some(ours) = derived.statuses.get(&route.key()) else {
+        let routes = cluster
+            .routes
+            .iter()
+            .map(|r| (RouteKind::Http, r, &derived.statuses))
+            .chain(
+                cluster
+                    .grpc_routes
+                    .iter()
+                    .map(|r| (RouteKind::Grpc, r, &derived.grpc_statuses)),
+            );
+        for (kind, route, statuses) in routes {
+            let Some(ours) = statuses.get(&route.key()) else {
                 continue;
             };
             let Some(patch) = status_patch(route, ours, SystemTime::now()) else {
                 continue;
             };
             let path = format!(
-                "/apis/gateway.networking.k8s.io/v1/namespaces/{}/httproutes/{}/status",
+                "/apis/gateway.networking.k8s.io/v1/namespaces/{}/{}/{}/status",
                 namespace_of(route),
+                kind.plural(),
                 route.metadata.name
             );
             if let Err(e) = client.merge_patch(&path, &patch).await {
@@ -1229,6 +1341,57 @@ mod tests {
         assert_eq!(
             w.outlier_detection_for(Some("default/other.default.svc.cluster.local")),
             &w.outlier_detection
+        );
+    }
+
+    #[test]
+    fn a_grpc_route_routes_by_method_as_the_path_grpc_sends_it_in() {
+        let mut c = cluster();
+        let grpc = |name: &str, method: Value| {
+            object(
+                ("default", name),
+                json!({"parentRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+                       "rules": [{"matches": [{"method": method}],
+                                  "backendRefs": [{"group": "", "kind": "Service",
+                                                   "name": "echo-v2", "port": 80}]}]}),
+            )
+        };
+        c.grpc_routes = vec![
+            grpc("one", json!({"service": "echo.Echo", "method": "Say"})),
+            grpc("all", json!({"type": "Exact", "service": "echo.Echo"})),
+            grpc(
+                "regex",
+                json!({"type": "RegularExpression", "service": "echo.*"}),
+            ),
+            grpc("any-service", json!({"method": "Say"})),
+        ];
+        let d = derive(&me(), &c, &RESOLVER);
+        let path = |name: &str| {
+            let r = d.routes.iter().find(|r| r.name == name).expect(name);
+            let p = r.rules[0].matches[0].path.clone().expect("a path match");
+            (p.kind, p.value)
+        };
+        assert_eq!(
+            path("one"),
+            ("Exact".to_owned(), "/echo.Echo/Say".to_owned())
+        );
+        assert_eq!(
+            path("all"),
+            ("PathPrefix".to_owned(), "/echo.Echo".to_owned())
+        );
+        for refused in ["regex", "any-service"] {
+            let accepted = &d.grpc_statuses[&format!("default/{refused}")][0]["conditions"][0];
+            assert_eq!(accepted["status"], "False", "{refused}: {accepted}");
+            let message = accepted["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("spec.rules[0].matches[0].method"),
+                "{message}"
+            );
+        }
+        assert!(d.notes.contains_key("GRPCRoute default/regex"));
+        assert!(
+            d.statuses.is_empty(),
+            "GRPCRoute status is written as a GRPCRoute's"
         );
     }
 }

@@ -481,10 +481,7 @@ fn cluster(waypoint: &Pod) -> Result<KubeApi> {
     api.set_object(
         "gateways",
         "default/waypoint",
-        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-               "metadata": {"name": "waypoint", "namespace": "default"},
-               "spec": {"gatewayClassName": "ambit-waypoint",
-                        "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+        kube_server::waypoint_gateway("waypoint"),
     );
     api.set_object(
         "httproutes",
