@@ -285,7 +285,10 @@ async fn forward_udp(
     socket.send(query).await?;
     let id = id_of(query);
     let wait = async {
-        let mut buf = vec![0u8; u16::MAX as usize];
+        // Bounded like the client side: at most UDP_MAX bytes are kept per query in flight. A
+        // longer answer is cut here, and `fit_udp` then sends the client a TC header, so it
+        // asks again over TCP.
+        let mut buf = vec![0u8; crate::dns::UDP_MAX + 1];
         loop {
             let n = socket.recv(&mut buf).await?;
             if id_of(&buf[..n]) == id {
