@@ -724,6 +724,47 @@ fn wait_answered_by(client: &Pod, path: &str, who: &str, when: &str) {
     );
 }
 
+/// A fake API server in the waypoint's pod (plain HTTP is allowed to loopback only) with the
+/// cluster the waypoint serves: `echo` using it, its `to-v2` route, its Gateway and the Service
+/// in front of it (the Gateway's address).
+fn echo_cluster(bed: &TestBed, pod: &Pod, wp: &mut AgentConfig) -> KubeApi {
+    let a = KubeApi::start_in(&pod.netns_path()).expect("fake API server");
+    a.set_namespace("default", json!({}));
+    a.set_object(
+        "services",
+        "default/echo",
+        kube_server::service(
+            "echo",
+            json!({"istio.io/use-waypoint": "waypoint"}),
+            APP_PORT,
+        ),
+    );
+    for s in ["echo-v1", "echo-v2"] {
+        a.set_object(
+            "services",
+            &format!("default/{s}"),
+            kube_server::service(s, json!({}), APP_PORT),
+        );
+    }
+    a.set_object(
+        "httproutes",
+        "default/to-v2",
+        kube_server::http_route("to-v2", "echo", &[("echo-v2", 1)], json!({})),
+    );
+    a.set_object(
+        "gateways",
+        "default/waypoint",
+        kube_server::waypoint_gateway("waypoint"),
+    );
+    a.set_object(
+        "services",
+        "default/waypoint",
+        kube_server::service("waypoint", json!({}), APP_PORT),
+    );
+    a.configure(bed, wp);
+    a
+}
+
 #[test]
 fn routes_and_policies_from_the_cluster_apply_live_with_status_and_others_are_ignored() {
     if !ambit_testbed::privileged() {
@@ -731,48 +772,13 @@ fn routes_and_policies_from_the_cluster_apply_live_with_status_and_others_are_ig
     }
     let mut api = None;
     let m = mesh_with(|bed, pod, wp| {
-        // The API server, where the waypoint runs (plain HTTP is allowed to loopback only).
-        let a = KubeApi::start_in(&pod.netns_path()).expect("fake API server");
-        a.set_namespace("default", json!({}));
-        a.set_object(
-            "services",
-            "default/echo",
-            kube_server::service(
-                "echo",
-                json!({"istio.io/use-waypoint": "waypoint"}),
-                APP_PORT,
-            ),
-        );
-        for s in ["echo-v1", "echo-v2"] {
-            a.set_object(
-                "services",
-                &format!("default/{s}"),
-                kube_server::service(s, json!({}), APP_PORT),
-            );
-        }
-        a.set_object(
-            "httproutes",
-            "default/to-v2",
-            kube_server::http_route("to-v2", "echo", &[("echo-v2", 1)], json!({})),
-        );
+        let a = echo_cluster(bed, pod, wp);
         // A route for a Service that does not use this waypoint.
         a.set_object(
             "httproutes",
             "default/not-mine",
             kube_server::http_route("not-mine", "echo-v1", &[("echo-v2", 1)], json!({})),
         );
-        // Its Gateway, and the Service in front of its pods (the Gateway's address).
-        a.set_object(
-            "gateways",
-            "default/waypoint",
-            kube_server::waypoint_gateway("waypoint"),
-        );
-        a.set_object(
-            "services",
-            "default/waypoint",
-            kube_server::service("waypoint", json!({}), APP_PORT),
-        );
-        a.configure(bed, wp);
         api = Some(a);
     });
     let api = api.expect("API server started");
@@ -872,4 +878,55 @@ fn routes_and_policies_from_the_cluster_apply_live_with_status_and_others_are_ig
         answered_by(&m.client, "/").iter().all(|w| w == "v1"),
         "the good route still applies"
     );
+}
+
+#[test]
+fn before_it_has_read_the_cluster_the_waypoint_refuses_with_503_and_is_not_ready() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let mut api = None;
+    let m = mesh_with(|bed, pod, wp| {
+        let a = echo_cluster(bed, pod, wp);
+        // Unreachable from the start: the waypoint has no routes or policies to judge by.
+        a.set_down(true);
+        api = Some(a);
+    });
+    let api = api.expect("API server started");
+    let _v1 = m.v1.serve_http(APP_PORT).expect("v1 app");
+    let _v2 = m.v2.serve_http(APP_PORT).expect("v2 app");
+
+    // Requests are refused, not sent on without the cluster's policies, and say why.
+    let replies = curl(&m.client, &[&format!("http://{ECHO_VIP}/")]);
+    assert_eq!(replies[0].status, 503, "{replies:?}");
+    assert!(
+        replies[0].body.contains("Kubernetes API"),
+        "the 503 says what to check: {replies:?}"
+    );
+    let ready = |pod: &Pod| {
+        pod.exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            "http://127.0.0.1:15020/healthz/ready",
+        ])
+        .expect("readiness")
+    };
+    let before = ready(&m.waypoint_pod);
+    assert!(
+        before.ends_with("\n503") && before.contains("Kubernetes API"),
+        "not ready, with the reason: {before:?}"
+    );
+    m.waypoint
+        .wait_for_log(|v| log_str(v, "flags") == Some("UH"), WAIT)
+        .expect("the refusal is in the access log with UH");
+
+    // The API server answers: the cluster's route applies and the waypoint is ready.
+    api.set_down(false);
+    wait_answered_by(&m.client, "/", "v2", "once the cluster was read");
+    let after = ready(&m.waypoint_pod);
+    assert!(after.ends_with("\n200"), "ready once synced: {after:?}");
 }
