@@ -95,8 +95,12 @@ pub async fn build(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<B
         shutdown.clone(),
     ));
 
-    let (mut redirect, orig_dst, logger) =
-        Redirect::load(&config.bpf_pin_path, &config.cgroup, ebpf_log_level)?;
+    let (mut redirect, orig_dst, logger) = Redirect::load(
+        &config.bpf_pin_path,
+        &config.cgroup,
+        ebpf_log_level,
+        config.acceleration.splice_sockets(),
+    )?;
     match &config.probes {
         Some(p) => {
             // Without these, probes are captured and judged like any host connection: they fail

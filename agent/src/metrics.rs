@@ -282,6 +282,8 @@ pub struct Gauges {
     pub policies: usize,
     /// Kubernetes objects the agent cannot read (their pods are not captured).
     pub kube_unreadable: usize,
+    /// The same-node splice, when the kernel has it and it is on.
+    pub splice: Option<crate::redirect::SpliceStats>,
 }
 
 impl Default for Metrics {
@@ -485,6 +487,30 @@ impl Metrics {
                 "ambit_xds_connected",
                 "1 while an xDS stream is open",
                 i64::from(x.connected),
+            );
+        }
+        if let Some(s) = &g.splice {
+            e.counter(
+                "ambit_splice_connections",
+                "Same-node connections handed to the kernel splice",
+                s.spliced,
+            );
+            let f = e.counters(
+                "ambit_splice_refused",
+                "Same-node connections the kernel splice could not take, copied by the agent instead (path local), by reason: map (the splice maps are full, see acceleration.sameNodeConnections), not_established (a side had finished sending), cookie, kick",
+            );
+            for (reason, n) in &s.refused {
+                f.counter(owned(&[("reason", reason)]), *n);
+            }
+            e.gauge(
+                "ambit_splice_sockets",
+                "Sockets in the splice maps now (two per spliced connection)",
+                i64::from(s.sockets),
+            );
+            e.gauge(
+                "ambit_splice_capacity_sockets",
+                "How many sockets the splice maps hold (acceleration.sameNodeConnections x 2)",
+                i64::from(s.capacity),
             );
         }
         e.counter(

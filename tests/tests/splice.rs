@@ -458,3 +458,78 @@ fn a_same_node_destination_behind_a_waypoint_is_never_spliced_around_it() {
     assert!(echo.accepted_peers().is_empty(), "nothing reached the app");
     assert_eq!(splice_entries(&agent).1, 0);
 }
+
+#[test]
+fn a_full_splice_map_copies_the_next_connection_in_user_space_and_counts_it() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let mut s = same_node();
+    // Room for one spliced connection (two sockets).
+    s.config
+        .extra
+        .insert("acceleration".into(), json!({"sameNodeConnections": 1}));
+    let agent = s.bed.start_agent(&s.config).expect("agent");
+    let bpf = agent.ambitctl_json(&["bpf"]).expect("bpf");
+    let size = bpf["maps"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "AMBIT_SPLICE"))
+        .map(|m| m["maxEntries"].clone());
+    assert_eq!(
+        size,
+        Some(json!(2)),
+        "the map is sized by the config: {bpf}"
+    );
+    let dst = s.server.v4(PORT);
+    let node = s.bed.node("node-a").expect("node");
+    let counted =
+        |name: &str, labels: &[(&str, &str)]| metrics::sum(&metrics::of_node(&node), name, labels);
+
+    // The first connection takes the room.
+    let held = s
+        .client
+        .spawn_connect(dst, 2 * 1024 * 1024, 5000, 10_000)
+        .expect("client");
+    held.wait_connected(WAIT).expect("connected");
+    wait_for_splice_entries(&agent, 2);
+
+    // The next one cannot be spliced: the agent copies it, every byte arrives, and the
+    // operator sees why.
+    let mark = agent.mark();
+    let report = s.client.connect(dst, 4 * 1024 * 1024).expect("client");
+    assert!(report.ok, "{report:#?}");
+    assert_eq!(report.received, 4 * 1024 * 1024);
+    let line = agent
+        .wait_for_connection_log(mark, "outbound", dst, WAIT)
+        .expect("access log");
+    assert_eq!(log_str(&line, "path"), Some("local"), "{line}");
+    assert_eq!(u64_field(&line, "bytes_sent"), 4 * 1024 * 1024, "{line}");
+    agent
+        .wait_for_log(
+            |v| {
+                ambit_testbed::log_str(v, "error")
+                    .is_some_and(|e| e.contains("acceleration.sameNodeConnections"))
+            },
+            WAIT,
+        )
+        .expect("the warning names the setting");
+    assert_eq!(
+        counted("ambit_splice_refused_total", &[("reason", "map")]),
+        1.0
+    );
+    assert_eq!(counted("ambit_splice_connections_total", &[]), 1.0);
+    assert_eq!(counted("ambit_splice_capacity_sockets", &[]), 2.0);
+
+    // Once the first ends, the room is free again.
+    let report = held.wait().expect("held client");
+    assert!(report.ok, "{report:#?}");
+    wait_for_splice_entries(&agent, 0);
+    let mark = agent.mark();
+    let report = s.client.connect(dst, 100_000).expect("client");
+    assert!(report.ok, "{report:#?}");
+    let line = agent
+        .wait_for_connection_log(mark, "outbound", dst, WAIT)
+        .expect("access log");
+    assert_eq!(log_str(&line, "path"), Some("kernel"), "{line}");
+    assert_eq!(counted("ambit_splice_connections_total", &[]), 2.0);
+}

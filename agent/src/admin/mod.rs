@@ -459,6 +459,7 @@ impl Admin {
             services: snapshot.service_count(),
             policies: self.ctx.policies.load().len(),
             kube_unreadable: self.pods.load().unreadable,
+            splice: self.ctx.capture.splicer().map(|s| s.stats()),
         };
         self.ctx.live.metrics().render(&gauges)
     }

@@ -106,11 +106,29 @@ pub struct Acceleration {
     /// no TLS (the bytes never leave the node). Default on; where the kernel cannot, or when
     /// off, they take the HBONE path. Read at start.
     pub same_node: bool,
+    /// How many connections the kernel may carry at once (the splice maps hold two sockets
+    /// each); the next ones are copied by the agent (path `local`, counted in
+    /// `ambit_splice_refused{reason="map"}`). Default 16384, at most 131072. Read at start.
+    pub same_node_connections: u32,
+}
+
+impl Acceleration {
+    /// The default of [`Acceleration::same_node_connections`] (the eBPF object's own size).
+    pub const SAME_NODE_CONNECTIONS: u32 = ambit_common::MAX_SPLICED_SOCKETS / 2;
+    pub const MAX_SAME_NODE_CONNECTIONS: u32 = 131_072;
+
+    /// The splice maps' size, in sockets.
+    pub fn splice_sockets(&self) -> u32 {
+        self.same_node_connections * 2
+    }
 }
 
 impl Default for Acceleration {
     fn default() -> Self {
-        Acceleration { same_node: true }
+        Acceleration {
+            same_node: true,
+            same_node_connections: Acceleration::SAME_NODE_CONNECTIONS,
+        }
     }
 }
 
@@ -167,6 +185,8 @@ mod millis {
 struct RawAcceleration {
     #[serde(default)]
     same_node: Option<bool>,
+    #[serde(default)]
+    same_node_connections: Option<usize>,
 }
 
 /// HBONE tunnel tuning.
@@ -1692,6 +1712,13 @@ impl RawConfig {
             limits,
             acceleration: Acceleration {
                 same_node: self.acceleration.same_node.unwrap_or(true),
+                same_node_connections: bounded(
+                    "acceleration.sameNodeConnections",
+                    self.acceleration.same_node_connections,
+                    Acceleration::SAME_NODE_CONNECTIONS as usize,
+                    1..=Acceleration::MAX_SAME_NODE_CONNECTIONS as usize,
+                )
+                .map_err(|(f, m)| invalid(f, m))? as u32,
             },
             dns: {
                 let timeout = match self.dns.timeout_millis {
@@ -1774,6 +1801,28 @@ pods:
         assert!(!c.pods[1].enrolled);
         assert_eq!(c.enrolled_pods().count(), 1);
         assert_eq!(c.drain_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_splice_maps_are_sized_by_same_node_connections_within_bounds() {
+        let c = parse(GOOD).expect("good config");
+        assert_eq!(
+            c.acceleration.splice_sockets(),
+            ambit_common::MAX_SPLICED_SOCKETS
+        );
+        let c = parse(&format!("{GOOD}acceleration: {{sameNodeConnections: 3}}\n")).expect("3");
+        assert_eq!(
+            (c.acceleration.same_node, c.acceleration.splice_sockets()),
+            (true, 6)
+        );
+        for bad in ["0", "131073"] {
+            let e = parse(&format!(
+                "{GOOD}acceleration: {{sameNodeConnections: {bad}}}\n"
+            ))
+            .expect_err(bad)
+            .to_string();
+            assert!(e.contains("acceleration.sameNodeConnections"), "{e}");
+        }
     }
 
     #[test]

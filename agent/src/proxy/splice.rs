@@ -176,18 +176,18 @@ async fn carry(
             drop(pair);
             r
         }
-        Err(e) if e.recoverable() => {
-            if matches!(e, ksplice::SpliceError::NotEstablished) {
-                debug!(error = %e, "same-node connection copied in user space");
+        Err((e, first)) if e.recoverable() => {
+            if first && !matches!(e, ksplice::SpliceError::NotEstablished) {
+                warn!(error = %e, "cannot splice this same-node connection; copying it, and the next ones until a splice succeeds again, in user space (counted in ambit_splice_refused)");
             } else {
-                warn!(error = %e, "cannot splice this same-node connection; copying it in user space");
+                debug!(error = %e, "same-node connection copied in user space");
             }
             let (a, b) = (TcpStream::from_std(a), TcpStream::from_std(b));
             let a = a.map_err(copy_error(Side::Downstream))?;
             let b = b.map_err(copy_error(Side::Upstream))?;
             user_space(a, b, counts, both, in_live, log).await
         }
-        Err(e) => {
+        Err((e, _)) => {
             reset(&a);
             reset(&b);
             Err(Error::Tunnel(format!("kernel splice failed: {e}")))

@@ -45,7 +45,7 @@ use crate::addrs::{ClientAddr, NetnsCookie, OrigDstAddr};
 
 pub use inspect::inspect;
 pub use netns::Netns;
-pub use splice::Splicer;
+pub use splice::{SpliceStats, Splicer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -151,6 +151,8 @@ pub struct Redirect {
     excluded_in: HashMap<MapData, u16, u8>,
     excluded_out: HashMap<MapData, u16, u8>,
     counters: PerCpuArray<MapData, u64>,
+    /// The splice maps' size, in sockets (see [`Redirect::splicer`]).
+    splice_sockets: u32,
 }
 
 /// Options the programs read from maps, refreshed on every config load.
@@ -171,11 +173,13 @@ impl Redirect {
     /// Loads the programs (reusing pinned maps) and attaches the cgroup programs to the pods'
     /// parent cgroup. Returns the capture owner and the shared original-destination table.
     ///
-    /// `log_level` is aya-log's level for the programs (1 error .. 5 trace).
+    /// `log_level` is aya-log's level for the programs (1 error .. 5 trace); `splice_sockets`
+    /// sizes the same-node splice maps (not pinned, so any size loads over an older agent's).
     pub fn load(
         pin_path: &Path,
         cgroup: &Path,
         log_level: u8,
+        splice_sockets: u32,
     ) -> Result<
         (
             Redirect,
@@ -197,6 +201,9 @@ impl Redirect {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_path)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .map_max_entries(common::MAP_SPLICE, splice_sockets)
+            .map_max_entries(common::MAP_SPLICE_SOCKETS, splice_sockets)
+            .map_max_entries(common::MAP_SPLICE_PEER, splice_sockets)
             .load(EBPF_OBJECT)?;
         // Must stay alive while the programs load and run.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(|e| Error::Pin {
@@ -255,6 +262,7 @@ impl Redirect {
             counters: take(&mut ebpf, common::MAP_COUNTERS)?,
             ebpf,
             pin_path: pin_path.to_owned(),
+            splice_sockets,
         };
         Ok((redirect, orig_dst, logger))
     }
@@ -455,7 +463,7 @@ impl Redirect {
     /// Loads the same-node splice (its verdict program and maps; see [`splice`]). Fails on a
     /// kernel without `sk_skb` programs or sockhash maps.
     pub fn splicer(&mut self) -> Result<Splicer, Error> {
-        Splicer::load(&mut self.ebpf)
+        Splicer::load(&mut self.ebpf, self.splice_sockets)
     }
 
     /// The programs' event counters, summed over CPUs.

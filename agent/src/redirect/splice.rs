@@ -29,7 +29,7 @@ use std::{
     os::fd::{AsRawFd, RawFd},
     sync::{
         Mutex,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
 };
 
@@ -54,6 +54,26 @@ pub struct Splicer {
     maps: Mutex<Maps>,
     /// Sockets in the splice maps now (two per connection).
     sockets: AtomicU32,
+    /// The maps' size, in sockets (`acceleration.sameNodeConnections` x 2).
+    capacity: u32,
+    /// Connections handed to the kernel since the start.
+    spliced: AtomicU64,
+    /// Connections that could not be, by [`SpliceError::REASONS`].
+    refused: [AtomicU64; SpliceError::REASONS.len()],
+    /// Map refusals since the last splice (a full map refuses every connection until one
+    /// ends: the log says so once, the metric counts each).
+    streak: AtomicU64,
+}
+
+/// What `/metrics` shows of the splice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpliceStats {
+    /// Sockets in the splice maps now, and the maps' size.
+    pub sockets: u32,
+    pub capacity: u32,
+    pub spliced: u64,
+    /// `(reason, connections)` for every [`SpliceError::REASONS`].
+    pub refused: Vec<(&'static str, u64)>,
 }
 
 /// Why a connection could not be spliced (it is carried in user space instead).
@@ -65,16 +85,30 @@ pub enum SpliceError {
     /// established sockets. Copying in user space is the way then.
     #[error("a socket is no longer established (one side already finished sending)")]
     NotEstablished,
-    #[error("splice map {name} refused a socket: {cause}{detail} (full? capacity {capacity} sockets)", capacity = common::MAX_SPLICED_SOCKETS, detail = source_of(cause))]
+    #[error("splice map {name} refused a socket: {cause}{detail} (full? it holds {capacity} sockets, two per connection: see acceleration.sameNodeConnections)", detail = source_of(cause))]
     Map {
         name: &'static str,
         cause: aya::maps::MapError,
+        capacity: u32,
     },
     #[error("cannot start the splice on a socket: {0}")]
     Kick(io::Error),
 }
 
 impl SpliceError {
+    /// The `reason` label of `ambit_splice_refused`, one per kind.
+    pub const REASONS: [&'static str; 4] = ["cookie", "not_established", "map", "kick"];
+
+    /// This error's entry of [`SpliceError::REASONS`].
+    fn reason(&self) -> usize {
+        match self {
+            SpliceError::Cookie(_) => 0,
+            SpliceError::NotEstablished => 1,
+            SpliceError::Map { .. } => 2,
+            SpliceError::Kick(_) => 3,
+        }
+    }
+
     /// Whether the connection may still be carried in user space: no byte was redirected yet
     /// (the verdict program is on neither socket).
     pub fn recoverable(&self) -> bool {
@@ -87,10 +121,10 @@ impl SpliceError {
 }
 
 impl Splicer {
-    /// Loads the verdict program and attaches it to the splice map. Fails on a kernel without
-    /// `sk_skb` programs or sockhash maps; the agent then carries same-node connections in user
-    /// space.
-    pub(super) fn load(ebpf: &mut Ebpf) -> Result<Splicer, Error> {
+    /// Loads the verdict program and attaches it to the splice map (sized by the loader to
+    /// `capacity` sockets). Fails on a kernel without `sk_skb` programs or sockhash maps; the
+    /// agent then carries same-node connections in user space.
+    pub(super) fn load(ebpf: &mut Ebpf, capacity: u32) -> Result<Splicer, Error> {
         let splice: SockHash<MapData, u64> = take(ebpf, common::MAP_SPLICE)?;
         let name = common::program::SPLICE;
         let prog: &mut SkSkb = program(ebpf, name)?;
@@ -106,20 +140,56 @@ impl Splicer {
                 peer: take(ebpf, common::MAP_SPLICE_PEER)?,
             }),
             sockets: AtomicU32::new(0),
+            capacity,
+            spliced: AtomicU64::new(0),
+            refused: Default::default(),
+            streak: AtomicU64::new(0),
         })
     }
 
     /// Sockets spliced now, and the capacity.
     pub fn fill(&self) -> (u32, u32) {
-        (
-            self.sockets.load(Ordering::Relaxed),
-            common::MAX_SPLICED_SOCKETS,
-        )
+        (self.sockets.load(Ordering::Relaxed), self.capacity)
+    }
+
+    pub fn stats(&self) -> SpliceStats {
+        let (sockets, capacity) = self.fill();
+        SpliceStats {
+            sockets,
+            capacity,
+            spliced: self.spliced.load(Ordering::Relaxed),
+            refused: SpliceError::REASONS
+                .iter()
+                .zip(&self.refused)
+                .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+                .collect(),
+        }
     }
 
     /// Splices `a` and `b` (see the module's order of operations). Neither may have been read
-    /// from. On a recoverable error nothing was changed and both are plain sockets again.
-    pub fn splice<'s>(&'s self, a: &TcpStream, b: &TcpStream) -> Result<Spliced<'s>, SpliceError> {
+    /// from. On a recoverable error nothing was changed and both are plain sockets again; the
+    /// `bool` says whether to tell the operator (not for every connection a full map refuses).
+    pub fn splice<'s>(
+        &'s self,
+        a: &TcpStream,
+        b: &TcpStream,
+    ) -> Result<Spliced<'s>, (SpliceError, bool)> {
+        match self.try_splice(a, b) {
+            Ok(pair) => {
+                self.spliced.fetch_add(1, Ordering::Relaxed);
+                self.streak.store(0, Ordering::Relaxed);
+                Ok(pair)
+            }
+            Err(e) => {
+                self.refused[e.reason()].fetch_add(1, Ordering::Relaxed);
+                let first = !matches!(e, SpliceError::Map { .. })
+                    || self.streak.fetch_add(1, Ordering::Relaxed) == 0;
+                Err((e, first))
+            }
+        }
+    }
+
+    fn try_splice<'s>(&'s self, a: &TcpStream, b: &TcpStream) -> Result<Spliced<'s>, SpliceError> {
         let cookie = |s: &TcpStream| socket2::SockRef::from(s).cookie();
         let ca = cookie(a).map_err(SpliceError::Cookie)?;
         let cb = cookie(b).map_err(SpliceError::Cookie)?;
@@ -135,7 +205,11 @@ impl Splicer {
                     if os_error(&cause) == Some(libc::EOPNOTSUPP) {
                         SpliceError::NotEstablished
                     } else {
-                        SpliceError::Map { name, cause }
+                        SpliceError::Map {
+                            name,
+                            cause,
+                            capacity: self.capacity,
+                        }
                     }
                 }
             };
