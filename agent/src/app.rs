@@ -206,6 +206,14 @@ pub async fn build(config_path: PathBuf, ebpf_log_level: u8) -> anyhow::Result<B
         .started
         .store(true, std::sync::atomic::Ordering::Release);
     info!(node = %config.node, pods = pods.active_count(), "agent ready");
+    crate::memory::after_start();
+    {
+        let ctx = ctx.clone();
+        control_tasks.spawn(crate::memory::trim_when_idle(
+            move || (ctx.live.len(), ctx.live.registered()),
+            shutdown.clone(),
+        ));
+    }
     Ok(Bound {
         config,
         watch,

@@ -27,6 +27,7 @@ pub mod http;
 pub mod identity;
 pub mod kube;
 pub mod lifecycle;
+pub mod memory;
 pub mod metrics;
 pub mod pods;
 pub mod policy;

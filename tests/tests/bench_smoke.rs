@@ -186,6 +186,10 @@ fn bench_quick_measures_every_path_and_reports_sane_figures() {
             .expect("idle RSS");
         let peak = agent["peak_rss_bytes"].as_f64().expect("peak RSS");
         assert!(idle > 0.0 && peak >= idle, "{agent}");
+        let anon = agent["idle_anon_bytes"]["median"]
+            .as_f64()
+            .expect("idle anonymous RSS");
+        assert!(anon > 0.0 && anon < idle, "{agent}");
     }
 
     let steps = report["scale"]["steps"].as_array().expect("scale steps");

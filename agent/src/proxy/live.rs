@@ -249,6 +249,11 @@ impl LiveConns {
         self.lock().len()
     }
 
+    /// Connections registered since the start.
+    pub fn registered(&self) -> u64 {
+        self.next.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

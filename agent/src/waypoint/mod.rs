@@ -114,6 +114,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     };
     let mut watch = ConfigWatch::new(&config_path)?;
     info!(listen = %settings.listen, "waypoint ready");
+    crate::memory::after_start();
 
     let mut config = config;
     loop {

@@ -631,19 +631,12 @@ const LARGE_PUSH: usize = 1000;
 /// heap pages otherwise), and logs how much heap is in use and free, for operators sizing the
 /// agent for a big mesh.
 fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallinfo2 and malloc_trim only read and walk the allocator's own bookkeeping;
-    // they take the allocator's locks themselves and touch no memory the program owns.
-    #[allow(unsafe_code)]
-    unsafe {
-        let before = libc::mallinfo2();
-        libc::malloc_trim(0);
-        let after = libc::mallinfo2();
+    if let Some((before, after)) = crate::memory::release_free_heap() {
         info!(
-            heap_in_use_bytes = after.uordblks,
-            heap_free_bytes_before = before.fordblks,
-            heap_free_bytes_after = after.fordblks,
-            mmapped_bytes = after.hblkhd,
+            heap_in_use_bytes = after.in_use,
+            heap_free_bytes_before = before.free,
+            heap_free_bytes_after = after.free,
+            mmapped_bytes = after.mmapped,
             "returned free heap memory to the kernel after a large xDS push"
         );
     }

@@ -82,14 +82,30 @@ fn parse_status_kib(text: &str, name: &str) -> Option<u64> {
 
 /// VmRSS of `pid` sampled `n` times, `every` apart (to take a median of a quiet process).
 pub fn rss_samples(pid: u32, n: usize, every: Duration) -> Result<Vec<f64>> {
-    let mut samples = Vec::with_capacity(n);
+    Ok(memory_samples(pid, n, every)?.0)
+}
+
+/// The anonymous part of VmRSS (`RssAnon`: heap, stacks; the rest is mapped files, the
+/// executable's code above all), bytes.
+pub fn rss_anon(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    parse_status_kib(&text, "RssAnon")
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| anyhow!("{path} has no RssAnon"))
+}
+
+/// `n` samples of (VmRSS, RssAnon), `every` apart, in bytes.
+pub fn memory_samples(pid: u32, n: usize, every: Duration) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut rss_all, mut anon) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n {
         if i > 0 {
             std::thread::sleep(every);
         }
-        samples.push(rss(pid)?.0 as f64);
+        rss_all.push(rss(pid)?.0 as f64);
+        anon.push(rss_anon(pid)? as f64);
     }
-    Ok(samples)
+    Ok((rss_all, anon))
 }
 
 #[cfg(test)]

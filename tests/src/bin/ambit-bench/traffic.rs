@@ -232,10 +232,13 @@ pub struct AgentMemory {
     pub node: String,
     /// VmRSS samples after start (pods enrolled, certificates issued), before any load.
     pub idle_rss: Vec<f64>,
+    /// RssAnon at the same moments (the agent's own memory; the rest is mapped files).
+    pub idle_anon: Vec<f64>,
     /// VmHWM after the load: the peak resident memory of its whole life.
     pub peak_rss: f64,
     /// VmRSS samples a second after the load ended.
     pub rss_after_load: Vec<f64>,
+    pub anon_after_load: Vec<f64>,
 }
 
 /// Everything the traffic part measured.
@@ -366,12 +369,13 @@ pub fn run(bed: &TestBed, runner: &Runner, settings: &Settings) -> Result<Traffi
     std::thread::sleep(Duration::from_secs(1));
     let mut idle = Vec::new();
     for agent in agents {
-        let samples = procfs::rss_samples(agent.pid(), 10, Duration::from_millis(100))?;
+        let samples = procfs::memory_samples(agent.pid(), 10, Duration::from_millis(100))?;
         step(&format!(
-            "{}: agent ready (pid {}), idle RSS {:.1} MiB",
+            "{}: agent ready (pid {}), idle RSS {:.1} MiB ({:.1} MiB anonymous)",
             agent.node(),
             agent.pid(),
-            crate::report::median(&samples).unwrap_or(0.0) / MIB
+            crate::report::median(&samples.0).unwrap_or(0.0) / MIB,
+            crate::report::median(&samples.1).unwrap_or(0.0) / MIB
         ));
         idle.push(samples);
     }
@@ -415,12 +419,16 @@ pub fn run(bed: &TestBed, runner: &Runner, settings: &Settings) -> Result<Traffi
         .collect::<Result<_>>()?;
     std::thread::sleep(Duration::from_secs(1));
     let mut memory = Vec::new();
-    for ((agent, idle_rss), peak_rss) in agents.iter().zip(idle).zip(peaks) {
+    for ((agent, (idle_rss, idle_anon)), peak_rss) in agents.iter().zip(idle).zip(peaks) {
+        let (rss_after_load, anon_after_load) =
+            procfs::memory_samples(agent.pid(), 10, Duration::from_millis(100))?;
         memory.push(AgentMemory {
             node: agent.node().to_owned(),
             idle_rss,
+            idle_anon,
             peak_rss,
-            rss_after_load: procfs::rss_samples(agent.pid(), 10, Duration::from_millis(100))?,
+            rss_after_load,
+            anon_after_load,
         });
     }
     Ok(Traffic {
