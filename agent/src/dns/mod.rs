@@ -122,33 +122,10 @@ pub fn answer(query: &[u8], snapshot: &Snapshot) -> Reply {
     }
 }
 
-/// The service whose hostname is `name` (lowercase, no trailing dot): a Kubernetes service name
-/// by its key, else any service by its hostname, else the longest wildcard host matching.
+/// The service whose hostname is `name` (lowercase, no trailing dot); see
+/// [`Snapshot::service_by_hostname`].
 pub fn lookup<'a>(snapshot: &'a Snapshot, name: &str) -> Option<&'a ServiceDef> {
-    let labels: Vec<&str> = name.split('.').collect();
-    if labels.len() >= 4
-        && labels[2] == "svc"
-        && let Some(s) = snapshot.service(&format!("{}/{name}", labels[1]))
-        && let Some(def) = &s.def
-    {
-        return Some(def);
-    }
-    let mut wildcard: Option<&ServiceDef> = None;
-    for def in snapshot.services().filter_map(|s| s.def.as_deref()) {
-        let host = def.hostname.as_str();
-        if host.eq_ignore_ascii_case(name) {
-            return Some(def);
-        }
-        if let Some(suffix) = host.strip_prefix("*.")
-            && name.len() > suffix.len() + 1
-            && name.ends_with(suffix)
-            && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
-            && wildcard.is_none_or(|w| w.hostname.len() < host.len())
-        {
-            wildcard = Some(def);
-        }
-    }
-    wildcard
+    snapshot.service_by_hostname(name)?.def.as_deref()
 }
 
 /// The UDP size the client of `query` takes (its EDNS size, at most [`UDP_MAX`]).

@@ -487,6 +487,58 @@ pub struct Snapshot {
     /// two services claiming one block does not depend on arrival order). Few: only ServiceEntries
     /// with CIDR addresses have them.
     vip_ranges: Arc<[(Cidr, Arc<str>)]>,
+    /// The services DNS finds by hostname where the `namespace/hostname` key cannot (see
+    /// [`Snapshot::service_by_hostname`]): ServiceEntry hosts and wildcards. Few, so rebuilt
+    /// whole when one of them changes.
+    dns_hosts: Arc<DnsHosts>,
+}
+
+/// Hostnames that are not `<name>.<namespace>.svc.<domain>` of their own namespace, for DNS.
+#[derive(Debug, Default)]
+pub(crate) struct DnsHosts {
+    /// Lowercase hostname -> the service's key (the smallest, when several namespaces have it).
+    exact: HashMap<Box<str>, Arc<str>>,
+    /// `*.<suffix>` hosts as `(.<suffix>, key)`, longest suffix first, then by key.
+    wildcards: Box<[(Box<str>, Arc<str>)]>,
+}
+
+impl DnsHosts {
+    /// Whether the service `key` with hostname `host` belongs here: a wildcard, or a host a
+    /// lookup by `<namespace>/<hostname>` of its own labels does not reach.
+    pub(crate) fn holds(key: &str, host: &str) -> bool {
+        if host.starts_with("*.") {
+            return true;
+        }
+        let host = host.to_ascii_lowercase();
+        let labels: Vec<&str> = host.split('.').collect();
+        !(labels.len() >= 4 && labels[2] == "svc" && key == format!("{}/{host}", labels[1]))
+    }
+
+    pub(crate) fn build<'a>(services: impl Iterator<Item = (&'a Arc<str>, &'a str)>) -> DnsHosts {
+        let mut exact: HashMap<Box<str>, Arc<str>> = HashMap::new();
+        let mut wildcards = Vec::new();
+        for (key, host) in services.filter(|(k, h)| DnsHosts::holds(k, h)) {
+            let host = host.to_ascii_lowercase();
+            if let Some(suffix) = host.strip_prefix('*') {
+                wildcards.push((suffix.into(), key.clone()));
+                continue;
+            }
+            match exact.get_mut(host.as_str()) {
+                Some(k) if **k <= **key => {}
+                Some(k) => *k = key.clone(),
+                None => {
+                    exact.insert(host.into(), key.clone());
+                }
+            }
+        }
+        wildcards.sort_by(|(a, ka): &(Box<str>, Arc<str>), (b, kb)| {
+            (std::cmp::Reverse(a.len()), ka).cmp(&(std::cmp::Reverse(b.len()), kb))
+        });
+        DnsHosts {
+            exact,
+            wildcards: wildcards.into(),
+        }
+    }
 }
 
 impl Snapshot {
@@ -520,6 +572,30 @@ impl Snapshot {
 
     /// A service by `namespace/hostname`.
     pub fn service(&self, key: &str) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(key)
+    }
+
+    /// The service DNS answers `name` (lowercase, no trailing dot) with: a Kubernetes name
+    /// (`<name>.<namespace>.svc.<domain>`) by its key, else a service with that hostname (the
+    /// smallest key), else the longest wildcard host (`*.example.com`) it is under. No scan:
+    /// the hosts keys do not reach are indexed.
+    pub fn service_by_hostname(&self, name: &str) -> Option<&Arc<ServiceEntry>> {
+        let labels: Vec<&str> = name.split('.').collect();
+        if labels.len() >= 4
+            && labels[2] == "svc"
+            && let Some(s) = self.services.get(format!("{}/{name}", labels[1]).as_str())
+            && s.def.is_some()
+        {
+            return Some(s);
+        }
+        let key = self.dns_hosts.exact.get(name).or_else(|| {
+            let (_, key) = self
+                .dns_hosts
+                .wildcards
+                .iter()
+                .find(|(suffix, _)| name.len() > suffix.len() && name.ends_with(&**suffix))?;
+            Some(key)
+        })?;
         self.services.get(key)
     }
 

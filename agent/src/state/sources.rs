@@ -528,6 +528,7 @@ impl Snapshot {
             .collect();
         let mut vips: HashSet<IpAddr> = HashSet::new();
         let mut ranges_changed = false;
+        let mut hosts_changed = false;
         for key in touched {
             let old = self.services.get(key).cloned();
             let mut endpoints: Vec<Arc<Workload>> = old
@@ -561,6 +562,11 @@ impl Snapshot {
                 .is_some_and(|d| !d.vip_ranges.is_empty());
             let has_ranges = def.as_ref().is_some_and(|d| !d.vip_ranges.is_empty());
             ranges_changed |= had_ranges || has_ranges;
+            let by_host = |d: Option<&Arc<ServiceDef>>| {
+                d.is_some_and(|d| super::DnsHosts::holds(key, &d.hostname))
+            };
+            hosts_changed |=
+                by_host(old.as_ref().and_then(|o| o.def.as_ref())) || by_host(def.as_ref());
             if def.is_none() && endpoints.is_empty() {
                 self.services.remove(key);
                 continue;
@@ -595,6 +601,12 @@ impl Snapshot {
                     .cmp(&(std::cmp::Reverse(b.prefix_len()), kb))
             });
             self.vip_ranges = ranges.into();
+        }
+        if hosts_changed {
+            self.dns_hosts =
+                Arc::new(super::DnsHosts::build(self.services.values().filter_map(
+                    |e| Some((&e.key, e.def.as_ref()?.hostname.as_str())),
+                )));
         }
         // Each VIP whose claims changed goes to the claimant chosen by content.
         for vip in vips {

@@ -578,3 +578,54 @@ fn locality_preferences_rank_endpoints_as_ztunnel() {
         Some("FAILOVER REGION,NODE (2 of 2 preferred scopes shared)")
     );
 }
+
+#[test]
+fn hostnames_keys_do_not_reach_are_indexed_for_dns_and_forgotten_with_their_service() {
+    let s = sources(config(""));
+    s.apply_addresses(
+        vec![
+            upsert_s(xs("api.example.com", "240.240.0.1", &[(443, 443)])),
+            upsert_s(xs("*.example.com", "240.240.0.2", &[(443, 443)])),
+            upsert_s(xs("*.b.example.com", "240.240.0.3", &[(443, 443)])),
+            upsert_s(xs(
+                "web.default.svc.cluster.local",
+                "10.96.0.9",
+                &[(80, 80)],
+            )),
+        ],
+        Vec::new(),
+    );
+    let found = |snap: &Snapshot, name: &str| {
+        snap.service_by_hostname(name)
+            .map(|e| e.key.to_string())
+            .unwrap_or_default()
+    };
+    let snap = s.snapshot();
+    for (name, key) in [
+        ("api.example.com", "default/api.example.com"),
+        ("x.example.com", "default/*.example.com"),
+        ("x.b.example.com", "default/*.b.example.com"),
+        (
+            "web.default.svc.cluster.local",
+            "default/web.default.svc.cluster.local",
+        ),
+        ("example.com", ""),
+        ("b.example.com", "default/*.example.com"),
+    ] {
+        assert_eq!(found(&snap, name), key, "{name}");
+    }
+    s.apply_addresses(Vec::new(), vec!["default/api.example.com".to_owned()]);
+    assert_eq!(
+        found(&s.snapshot(), "api.example.com"),
+        "default/*.example.com",
+        "the wildcard covers it once the host is gone"
+    );
+    s.apply_addresses(
+        Vec::new(),
+        vec![
+            "default/*.example.com".to_owned(),
+            "default/*.b.example.com".to_owned(),
+        ],
+    );
+    assert_eq!(found(&s.snapshot(), "x.b.example.com"), "", "no stale host");
+}
