@@ -822,6 +822,7 @@ pub async fn run(
     let mut dr_rx = follow::<SpecObject>(&tasks, &client, DESTINATION_RULES, &shutdown);
     tasks.close();
     let mut notes = BTreeMap::new();
+    let mut applied: Option<Waypoint> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -884,13 +885,18 @@ pub async fn run(
         {
             warn!(object, error = ?why.error, "cannot read this object from the Kubernetes API");
         }
-        info!(
-            routes = derived.routes.len(),
-            policies = derived.authorization.len(),
-            noted = derived.notes.len(),
-            "waypoint config from the cluster applied"
-        );
-        apply(merged(&file, &derived));
+        // Most watch events (a Service's labels, an unrelated route) change nothing here.
+        let next = merged(&file, &derived);
+        if applied.as_ref() != Some(&next) {
+            info!(
+                routes = derived.routes.len(),
+                policies = derived.authorization.len(),
+                noted = derived.notes.len(),
+                "waypoint config from the cluster applied"
+            );
+            applied = Some(next.clone());
+            apply(next);
+        }
         if waiting.load().is_some() {
             waiting.store(None);
             info!("the waypoint read its routes and policies from the Kubernetes API");
