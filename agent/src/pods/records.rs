@@ -51,6 +51,10 @@ struct Entry {
     service_account: String,
     ips: Vec<IpAddr>,
     netns: PathBuf,
+    /// The pod's own DNS capture choice (its annotation), so an adopted pod keeps it while the
+    /// API is away. Written only when set: an older agent's file reader still takes the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dns_capture: Option<bool>,
 }
 
 /// Where the records of an agent with state directory `state_dir` live.
@@ -126,7 +130,7 @@ pub fn load(path: &Path, node: &str, trust_domain: &str) -> BTreeMap<NetnsCookie
                     identity,
                     services: Vec::new(),
                     waypoint: None,
-                    dns_capture: None,
+                    dns_capture: e.dns_capture,
                 },
             },
         );
@@ -150,6 +154,7 @@ pub fn save(path: &Path, node: &str, records: &BTreeMap<NetnsCookie, Record>) ->
                 service_account: r.pod.service_account.clone(),
                 ips: r.pod.ips.clone(),
                 netns: r.pod.netns.path(),
+                dns_capture: r.pod.dns_capture,
             })
             .collect(),
     };
@@ -184,7 +189,8 @@ mod tests {
             identity: Identity::new("cluster.local", "default", "web").expect("identity"),
             services: Vec::new(),
             waypoint: None,
-            dns_capture: None,
+            // The annotation's choice survives a restart.
+            dns_capture: Some(false),
         };
         let records: BTreeMap<NetnsCookie, Record> = [(
             NetnsCookie(42),
