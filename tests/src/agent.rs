@@ -305,6 +305,9 @@ struct Launch<'a> {
     label: String,
     /// Log messages that must all appear before it counts as started.
     ready: &'a [&'a str],
+    /// Run it where the kernel refuses `BPF_PROG_ATTACH` (see
+    /// [`process::refuse_bpf_prog_attach`]).
+    refuse_prog_attach: bool,
 }
 
 /// Writes `config`, starts the agent with its log in the bed's dir, and waits for `ready`.
@@ -323,6 +326,9 @@ fn launch(shared: &Shared, config: &AgentConfig, log_filter: &str, l: Launch<'_>
         .with_context(|| format!("cannot open log {}", log_path.display()))?;
     let start_mark = LogMark(log.metadata().map(|m| m.len()).unwrap_or(0));
     let mut cmd = process::command_in(&bin, &l.netns, &l.cgroup)?;
+    if l.refuse_prog_attach {
+        process::refuse_bpf_prog_attach(&mut cmd);
+    }
     cmd.arg(l.subcommand)
         .arg("--config")
         .arg(&config_path)
@@ -373,6 +379,7 @@ pub(crate) fn start_waypoint(
             cgroup: pod.cgroup_dir().to_owned(),
             label: format!("waypoint {}", pod.name()),
             ready: &["HBONE server certificate in place", "waypoint ready"],
+            refuse_prog_attach: false,
         },
     )
 }
@@ -389,19 +396,28 @@ pub(crate) fn start_with_log_filter(
     config: &AgentConfig,
     log_filter: &str,
 ) -> Result<Agent> {
-    launch(
-        shared,
-        config,
-        log_filter,
-        Launch {
-            subcommand: "run",
-            stem: format!("agent-{}", node.name),
-            netns: Path::new("/run/netns").join(&node.netns),
-            cgroup: node.cgroup_dir.join("agent"),
-            label: format!("node {}", node.name),
-            ready: &["agent ready"],
-        },
-    )
+    launch(shared, config, log_filter, node_agent(node, false))
+}
+
+/// Like [`start`], where the kernel refuses `BPF_PROG_ATTACH` to the agent.
+pub(crate) fn start_refusing_prog_attach(
+    shared: &Shared,
+    node: &NodeInfo,
+    config: &AgentConfig,
+) -> Result<Agent> {
+    launch(shared, config, TEST_LOG_FILTER, node_agent(node, true))
+}
+
+fn node_agent(node: &NodeInfo, refuse_prog_attach: bool) -> Launch<'static> {
+    Launch {
+        subcommand: "run",
+        stem: format!("agent-{}", node.name),
+        netns: Path::new("/run/netns").join(&node.netns),
+        cgroup: node.cgroup_dir.join("agent"),
+        label: format!("node {}", node.name),
+        ready: &["agent ready"],
+        refuse_prog_attach,
+    }
 }
 
 impl Agent {

@@ -710,13 +710,26 @@ impl TestBed {
     /// (below the cgroup the agent attaches to, so tests show it does not capture itself), and
     /// waits up to 30 s for it to log "agent ready".
     pub fn start_agent(&self, config: &AgentConfig) -> Result<Agent> {
-        let info = self.shared.node(&config.node).ok_or_else(|| {
+        let info = self.agent_node(config)?;
+        agent::start(&self.shared, &info, config)
+    }
+
+    /// The node `config` is for.
+    fn agent_node(&self, config: &AgentConfig) -> Result<Arc<NodeInfo>> {
+        self.shared.node(&config.node).ok_or_else(|| {
             anyhow!(
                 "start_agent: this bed has no node named {:?}; add it with add_node first",
                 config.node
             )
-        })?;
-        agent::start(&self.shared, &info, config)
+        })
+    }
+
+    /// Like [`TestBed::start_agent`], on a kernel that refuses to attach programs by
+    /// `BPF_PROG_ATTACH` (a seccomp filter on the agent; `BPF_LINK_CREATE` still works): as on a
+    /// kernel without `sk_skb` sockmap programs, the same-node splice cannot load.
+    pub fn start_agent_refusing_prog_attach(&self, config: &AgentConfig) -> Result<Agent> {
+        let info = self.agent_node(config)?;
+        agent::start_refusing_prog_attach(&self.shared, &info, config)
     }
 
     /// Like [`TestBed::start_agent`], with `log_filter` as the agent's `AMBIT_LOG` instead of
@@ -727,12 +740,7 @@ impl TestBed {
         config: &AgentConfig,
         log_filter: &str,
     ) -> Result<Agent> {
-        let info = self.shared.node(&config.node).ok_or_else(|| {
-            anyhow!(
-                "start_agent: this bed has no node named {:?}; add it with add_node first",
-                config.node
-            )
-        })?;
+        let info = self.agent_node(config)?;
         agent::start_with_log_filter(&self.shared, &info, config, log_filter)
     }
 

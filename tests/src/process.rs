@@ -3,7 +3,8 @@
 //!
 //! This is the only module of the test bed with `unsafe`: `Command::pre_exec` runs code in the
 //! forked child, where it enters the netns with `setns(2)` and joins the cgroup by writing to
-//! `cgroup.procs`, before `exec`.
+//! `cgroup.procs`, before `exec` (and, for [`refuse_bpf_prog_attach`], installs a seccomp
+//! filter).
 #![allow(unsafe_code)]
 
 use std::{
@@ -71,6 +72,71 @@ pub(crate) fn command_in(
         });
     }
     Ok(cmd)
+}
+
+/// Makes the kernel refuse `bpf(BPF_PROG_ATTACH, ..)` (EINVAL, its answer for an attach type it
+/// does not have) to the process `cmd` starts, by a seccomp filter installed before `exec`;
+/// every other system call, and every other `bpf` command, passes. What an agent meets on a
+/// kernel without `sk_skb` sockmap programs: its capture attaches by `BPF_LINK_CREATE` and
+/// still works, the splice program (attached to its map by `BPF_PROG_ATTACH`) does not.
+pub(crate) fn refuse_bpf_prog_attach(cmd: &mut Command) {
+    // <linux/audit.h>, <linux/bpf.h>; x86_64 only (the CI machine kind), checked by the filter.
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const BPF_PROG_ATTACH: u32 = 8;
+    // Offsets in `struct seccomp_data`: nr, arch, then args[0] after the instruction pointer.
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    const ARG0_LOW: u32 = 16;
+    let load = |k| libc::sock_filter {
+        code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k, jt, jf| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let ret = |k| libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // Jumps count the instructions skipped: index 6 refuses, index 7 allows.
+    let filter = [
+        load(ARCH),
+        jeq(AUDIT_ARCH_X86_64, 0, 5),
+        load(NR),
+        jeq(libc::SYS_bpf as u32, 0, 3),
+        load(ARG0_LOW),
+        jeq(BPF_PROG_ATTACH, 0, 1),
+        ret(libc::SECCOMP_RET_ERRNO | (libc::EINVAL as u32 & libc::SECCOMP_RET_DATA)),
+        ret(libc::SECCOMP_RET_ALLOW),
+    ];
+    // SAFETY: the closure runs in the forked child between fork and exec. It makes two raw
+    // syscalls, prctl(2), on the filter it owns (moved in, so it lives until exec), and neither
+    // allocates nor takes locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &raw const prog,
+                ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 struct State {

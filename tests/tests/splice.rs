@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_testbed::{Agent, MeshSpec, Pod, log_field, log_str, metrics};
+use ambit_testbed::{Agent, MeshSpec, Pod, log_field, log_message, log_str, metrics};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
@@ -532,4 +532,48 @@ fn a_full_splice_map_copies_the_next_connection_in_user_space_and_counts_it() {
         .expect("access log");
     assert_eq!(log_str(&line, "path"), Some("kernel"), "{line}");
     assert_eq!(counted("ambit_splice_connections_total", &[]), 2.0);
+}
+
+#[test]
+fn a_kernel_that_refuses_the_splice_program_leaves_same_node_traffic_on_hbone() {
+    if !ambit_testbed::privileged() {
+        return;
+    }
+    let s = same_node();
+    // The kernel answers BPF_PROG_ATTACH with EINVAL, as one without sk_skb programs does: the
+    // capture (attached by BPF_LINK_CREATE) works, the splice program cannot be attached.
+    let agent = s
+        .bed
+        .start_agent_refusing_prog_attach(&s.config)
+        .expect("agent on a kernel without the splice");
+    agent
+        .wait_for_log(
+            |v| log_message(v).is_some_and(|m| m.starts_with("cannot load the same-node splice")),
+            WAIT,
+        )
+        .expect("the agent says it carries same-node traffic in user space");
+    let bpf = agent.ambitctl_json(&["bpf"]).expect("bpf");
+    let state = bpf["splice"].as_str().unwrap_or_default();
+    assert!(state.starts_with("unavailable: "), "{bpf}");
+
+    // Same-node connections still work, both ways, every byte over the agent's HBONE path.
+    let dst = s.server.v4(PORT);
+    let mark = agent.mark();
+    let report = s.client.connect(dst, 4 * 1024 * 1024).expect("client");
+    assert!(report.ok, "{report:#?}");
+    assert_eq!(report.received, 4 * 1024 * 1024);
+    let line = agent
+        .wait_for_connection_log(mark, "outbound", dst, WAIT)
+        .expect("access log");
+    assert_eq!(log_str(&line, "path"), Some("hbone"), "{line}");
+    assert_eq!(u64_field(&line, "bytes_sent"), 4 * 1024 * 1024, "{line}");
+    let node = s.bed.node("node-a").expect("node");
+    assert_eq!(
+        metrics::sum(
+            &metrics::of_node(&node),
+            "ambit_splice_connections_total",
+            &[]
+        ),
+        0.0
+    );
 }
