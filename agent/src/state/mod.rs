@@ -511,7 +511,13 @@ impl DnsHosts {
         }
         let host = host.to_ascii_lowercase();
         let labels: Vec<&str> = host.split('.').collect();
-        !(labels.len() >= 4 && labels[2] == "svc" && key == format!("{}/{host}", labels[1]))
+        let own_key = labels.len() >= 4
+            && labels[2] == "svc"
+            && key
+                .strip_prefix(labels[1])
+                .and_then(|rest| rest.strip_prefix('/'))
+                == Some(host.as_str());
+        !own_key
     }
 
     pub(crate) fn build<'a>(services: impl Iterator<Item = (&'a Arc<str>, &'a str)>) -> DnsHosts {
