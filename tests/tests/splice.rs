@@ -68,18 +68,37 @@ fn connections(agent: &Agent) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-/// The splice state and the `AMBIT_SPLICE` map's fill as `ambitctl bpf` shows them (0 when
-/// there is no splice map: the splice is off).
-fn splice_entries(agent: &Agent) -> (String, u64) {
-    // The admin socket comes up just after readiness.
+/// `ambitctl bpf`, once the admin socket is up (just after readiness).
+fn bpf_view(agent: &Agent) -> Value {
     let deadline = Instant::now() + WAIT;
-    let view = loop {
+    loop {
         match agent.ambitctl_json(&["bpf"]) {
-            Ok(v) => break v,
+            Ok(v) => return v,
             Err(e) if Instant::now() > deadline => panic!("ambitctl bpf: {e:#}"),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
-    };
+    }
+}
+
+/// A 4 MiB echo from the client to the server that the agent copies (it is not spliced): every
+/// byte arrives, and the access log names `path` and the bytes.
+fn copied_transfer(s: &SameNode, agent: &Agent, path: &str) {
+    let dst = s.server.v4(PORT);
+    let mark = agent.mark();
+    let report = s.client.connect(dst, 4 * 1024 * 1024).expect("client");
+    assert!(report.ok, "{report:#?}");
+    assert_eq!(report.received, 4 * 1024 * 1024);
+    let line = agent
+        .wait_for_connection_log(mark, "outbound", dst, WAIT)
+        .expect("access log");
+    assert_eq!(log_str(&line, "path"), Some(path), "{line}");
+    assert_eq!(u64_field(&line, "bytes_sent"), 4 * 1024 * 1024, "{line}");
+}
+
+/// The splice state and the `AMBIT_SPLICE` map's fill as `ambitctl bpf` shows them (0 when
+/// there is no splice map: the splice is off).
+fn splice_entries(agent: &Agent) -> (String, u64) {
+    let view = bpf_view(agent);
     let entries = view["maps"]
         .as_array()
         .expect("maps")
@@ -205,7 +224,9 @@ fn a_same_node_transfer_is_spliced_in_the_kernel_and_counted_exactly() {
     assert_eq!(splice_entries(&agent).1, 2, "one connection: two sockets");
     let report = held.wait().expect("held client");
     assert!(report.ok, "{report:#?}");
-    assert_eq!(splice_entries(&agent).1, 0, "the pair left the maps");
+    // The agent takes the pair out once it has passed the last FIN on, just after the client
+    // read it.
+    wait_for_splice_entries(&agent, 0);
     let bpf = agent.ambitctl_json(&["bpf"]).expect("bpf");
     assert!(
         bpf["counters"]["splice_redirected"].as_u64() > Some(0),
@@ -470,7 +491,7 @@ fn a_full_splice_map_copies_the_next_connection_in_user_space_and_counts_it() {
         .extra
         .insert("acceleration".into(), json!({"sameNodeConnections": 1}));
     let agent = s.bed.start_agent(&s.config).expect("agent");
-    let bpf = agent.ambitctl_json(&["bpf"]).expect("bpf");
+    let bpf = bpf_view(&agent);
     let size = bpf["maps"]
         .as_array()
         .and_then(|m| m.iter().find(|m| m["name"] == "AMBIT_SPLICE"))
@@ -495,15 +516,7 @@ fn a_full_splice_map_copies_the_next_connection_in_user_space_and_counts_it() {
 
     // The next one cannot be spliced: the agent copies it, every byte arrives, and the
     // operator sees why.
-    let mark = agent.mark();
-    let report = s.client.connect(dst, 4 * 1024 * 1024).expect("client");
-    assert!(report.ok, "{report:#?}");
-    assert_eq!(report.received, 4 * 1024 * 1024);
-    let line = agent
-        .wait_for_connection_log(mark, "outbound", dst, WAIT)
-        .expect("access log");
-    assert_eq!(log_str(&line, "path"), Some("local"), "{line}");
-    assert_eq!(u64_field(&line, "bytes_sent"), 4 * 1024 * 1024, "{line}");
+    copied_transfer(&s, &agent, "local");
     agent
         .wait_for_log(
             |v| {
@@ -525,7 +538,14 @@ fn a_full_splice_map_copies_the_next_connection_in_user_space_and_counts_it() {
     assert!(report.ok, "{report:#?}");
     wait_for_splice_entries(&agent, 0);
     let mark = agent.mark();
-    let report = s.client.connect(dst, 100_000).expect("client");
+    // Held open until spliced: a client that sends everything and its FIN before the agent
+    // has admitted it is copied instead (a sockhash takes established sockets only).
+    let next = s
+        .client
+        .spawn_connect(dst, 100_000, 2000, 10_000)
+        .expect("client");
+    wait_for_splice_entries(&agent, 2);
+    let report = next.wait().expect("client");
     assert!(report.ok, "{report:#?}");
     let line = agent
         .wait_for_connection_log(mark, "outbound", dst, WAIT)
@@ -552,21 +572,12 @@ fn a_kernel_that_refuses_the_splice_program_leaves_same_node_traffic_on_hbone() 
             WAIT,
         )
         .expect("the agent says it carries same-node traffic in user space");
-    let bpf = agent.ambitctl_json(&["bpf"]).expect("bpf");
+    let bpf = bpf_view(&agent);
     let state = bpf["splice"].as_str().unwrap_or_default();
     assert!(state.starts_with("unavailable: "), "{bpf}");
 
     // Same-node connections still work, both ways, every byte over the agent's HBONE path.
-    let dst = s.server.v4(PORT);
-    let mark = agent.mark();
-    let report = s.client.connect(dst, 4 * 1024 * 1024).expect("client");
-    assert!(report.ok, "{report:#?}");
-    assert_eq!(report.received, 4 * 1024 * 1024);
-    let line = agent
-        .wait_for_connection_log(mark, "outbound", dst, WAIT)
-        .expect("access log");
-    assert_eq!(log_str(&line, "path"), Some("hbone"), "{line}");
-    assert_eq!(u64_field(&line, "bytes_sent"), 4 * 1024 * 1024, "{line}");
+    copied_transfer(&s, &agent, "hbone");
     let node = s.bed.node("node-a").expect("node");
     assert_eq!(
         metrics::sum(

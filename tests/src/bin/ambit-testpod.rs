@@ -458,7 +458,13 @@ fn connect(args: ConnectArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return io_error(e, "cannot clone the socket for reading"),
     };
-    let reader = std::thread::spawn(move || read_echo(reader));
+    // The reader's outcome comes over a channel, so that a connection cut during the hold is
+    // reported when it happens, not when the hold is over.
+    let (echo_tx, echo_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = echo_tx.send(read_echo(reader));
+    });
+    let mut echoed = None;
 
     let mut writer = stream;
     let mut chunk = vec![0u8; 64 * 1024];
@@ -484,7 +490,17 @@ fn connect(args: ConnectArgs) -> ExitCode {
             }
             sent += n as u64;
         }
-        std::thread::sleep(pause);
+        if pause.is_zero() {
+            continue;
+        }
+        match echo_rx.recv_timeout(pause) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // The echo ended before we did: the connection was cut (or the reader died).
+            done => {
+                echoed = done.ok();
+                break;
+            }
+        }
     }
     if args.reset {
         // Every fd of the socket closes at exit; with SO_LINGER 0 that sends an RST.
@@ -492,16 +508,15 @@ fn connect(args: ConnectArgs) -> ExitCode {
         emit(json!({"event": "reset", "sent": sent}));
         std::process::exit(0);
     }
-    if let Err(e) = writer.shutdown(Shutdown::Write) {
+    if echoed.is_none()
+        && let Err(e) = writer.shutdown(Shutdown::Write)
+    {
         return io_error(e, "cannot shut down the sending side");
     }
-    let echoed = match reader.join() {
-        Ok(e) => e,
-        Err(_) => {
-            emit(json!({"event": "error", "stage": "io", "kind": "Other",
-                        "message": "BUG: the reader thread panicked"}));
-            return ExitCode::FAILURE;
-        }
+    let Some(echoed) = echoed.or_else(|| echo_rx.recv().ok()) else {
+        emit(json!({"event": "error", "stage": "io", "kind": "Other",
+                    "message": "BUG: the reader thread panicked"}));
+        return ExitCode::FAILURE;
     };
     if let Some(e) = echoed.error {
         return io_error(
@@ -509,13 +524,17 @@ fn connect(args: ConnectArgs) -> ExitCode {
             &format!("receive failed after {} of {sent} bytes", echoed.received),
         );
     }
-    let ok = echoed.received == sent && echoed.first_mismatch.is_none();
+    let ok = sent == args.bytes && echoed.received == sent && echoed.first_mismatch.is_none();
     emit(json!({"event": "done", "sent": sent, "received": echoed.received, "ok": ok}));
     if ok {
         return ExitCode::SUCCESS;
     }
     let message = match echoed.first_mismatch {
         Some(at) => format!("echoed data differs from what was sent at byte {at}"),
+        None if sent < args.bytes => format!(
+            "connection closed during the hold, after {sent} of {} bytes were sent",
+            args.bytes
+        ),
         None => format!(
             "connection closed after {} of {sent} bytes came back",
             echoed.received
