@@ -57,31 +57,60 @@ pub fn release_free_heap() -> Option<(Heap, Heap)> {
 const IDLE_TRIM_FREE: usize = 1 << 20;
 const IDLE_TRIM_EVERY: Duration = Duration::from_secs(1);
 
-/// Every second, when connections have come and gone since the last look and none is open now
-/// (`activity()`: connections open now, connections opened so far), and the heap holds over
-/// 1 MiB free, returns the free pages to the kernel. The look reads the allocator's counters
-/// (microseconds); trimming walks the heap (well under a millisecond at these sizes), once per
-/// idle spell, never while connections are open: their buffers would be freed and allocated
-/// again.
+/// When an idle agent's heap is worth trimming: no connection is open, and either connections
+/// have come and gone since the last trim, or over 1 MiB more of the heap is free than at its
+/// lowest since (what the HBONE pool frees when it closes idle connections, after the last app
+/// connection ended: trimming leaves chunks free and hands back only their pages, so `free`
+/// grows only with what was freed since, and those pages are resident again).
+#[derive(Debug)]
+struct IdleTrim {
+    /// Connections opened so far, at the last trim.
+    trimmed_at: u64,
+    /// The lowest free heap seen while idle since the last trim.
+    free_low: usize,
+}
+
+impl IdleTrim {
+    fn due(&mut self, open: usize, opened: u64, free: usize) -> bool {
+        if open != 0 {
+            return false;
+        }
+        self.free_low = self.free_low.min(free);
+        let freed_since = free - self.free_low >= IDLE_TRIM_FREE;
+        if opened == self.trimmed_at && !freed_since {
+            return false;
+        }
+        self.trimmed_at = opened;
+        self.free_low = free;
+        free >= IDLE_TRIM_FREE
+    }
+}
+
+/// Every second, returns the free heap's pages to the kernel when [`IdleTrim`] says so
+/// (`activity()`: connections open now, connections opened so far). The look reads the
+/// allocator's counters (microseconds); trimming walks the heap (well under a millisecond at
+/// these sizes), at most once per change, never while connections are open: their buffers
+/// would be freed and allocated again.
 pub async fn trim_when_idle(activity: impl Fn() -> (usize, u64), shutdown: CancellationToken) {
     let mut every = tokio::time::interval(IDLE_TRIM_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // `after_start` has just trimmed.
-    let mut trimmed_at = activity().1;
+    let mut trim = IdleTrim {
+        trimmed_at: activity().1,
+        free_low: heap().map_or(0, |h| h.free),
+    };
     loop {
         tokio::select! {
             _ = every.tick() => {}
             () = shutdown.cancelled() => return,
         }
         let (open, opened) = activity();
-        if open != 0 || opened == trimmed_at {
-            continue;
-        }
-        trimmed_at = opened;
-        if heap().is_none_or(|h| h.free < IDLE_TRIM_FREE) {
+        let Some(now) = heap() else { return };
+        if !trim.due(open, opened, now.free) {
             continue;
         }
         if let Some((_, after)) = release_free_heap() {
+            trim.free_low = after.free;
             debug!(
                 heap_in_use_bytes = after.in_use,
                 heap_free_bytes = after.free,
@@ -171,6 +200,29 @@ fn executable_mappings(maps: &str, exe: &str) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_agent_trims_once_per_burst_and_again_when_more_is_freed() {
+        const MIB: usize = 1 << 20;
+        let mut t = IdleTrim {
+            trimmed_at: 0,
+            free_low: 0,
+        };
+        // Connections open: never.
+        assert!(!t.due(3, 10, 8 * MIB));
+        // All closed: once.
+        assert!(t.due(0, 10, 8 * MIB));
+        assert!(!t.due(0, 10, 8 * MIB));
+        // The pool closes idle connections later: another 2 MiB free, one more trim.
+        assert!(t.due(0, 10, 10 * MIB));
+        assert!(!t.due(0, 10, 10 * MIB));
+        // Something allocated and freed under 1 MiB: not worth a walk.
+        assert!(!t.due(0, 10, 9 * MIB));
+        assert!(!t.due(0, 10, 9 * MIB + MIB / 2));
+        // A burst with little free memory left over: counted, not trimmed.
+        assert!(!t.due(0, 11, MIB / 2));
+        assert!(!t.due(0, 11, MIB / 2));
+    }
 
     #[test]
     fn only_the_executables_read_only_mappings_are_advised() {
