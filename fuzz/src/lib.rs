@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`policy`] | the indexed policy store decides exactly as a naive reading of the policies (a miss would be an authorization bypass), after inserts and removals |
 //! | [`xds`] | xDS `Address` and `Authorization` decoding, and a sequence of incremental pushes gives the same state as the final set applied at once |
+//! | [`ads`] | the ADS stream's decoder, walking a response resource by resource, never panics and agrees with prost's decoding of the whole response wherever that succeeds |
 //! | [`path`] | the waypoint's path normalization is idempotent and never leaves dot segments, repeated slashes, parameters or escaped slashes |
 //! | [`hbone`] | the HBONE server's HTTP/2 handling over an in-memory duplex: the connection ends within 2 s, no more streams than frames sent, no task left behind, no panic |
 //! | [`http`] | the agent's HTTP/1.1 server answers every input with a bounded response |
@@ -20,15 +21,16 @@
 pub mod input;
 mod targets;
 
-pub use targets::{cni, config, dns, hbone, http, identity, path, policy, xds};
+pub use targets::{ads, cni, config, dns, hbone, http, identity, path, policy, xds};
 
 /// A fuzz target: panics on the bytes that show a bug.
 pub type Target = fn(&[u8]);
 
 /// The targets by name, for the smoke test and `cargo xtask fuzz`.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("policy", policy),
     ("xds", xds),
+    ("ads", ads),
     ("path", path),
     ("hbone", hbone),
     ("http", http),

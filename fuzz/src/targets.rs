@@ -706,6 +706,32 @@ pub fn xds(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ads
+
+/// The ADS stream's decoder (`xds::Push::decode`, which walks a response's bytes resource by
+/// resource) never panics, and agrees with prost's decoding of the whole response wherever that
+/// succeeds: same type, nonce and removals, every resource counted. It may accept more (a
+/// resource that does not decode is refused alone), never less.
+pub fn ads(data: &[u8]) {
+    use ambit_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+    let ours = ambit_agent::xds::Push::decode(data);
+    let Ok(whole) = DeltaDiscoveryResponse::decode(data) else {
+        return;
+    };
+    let push = ours.unwrap_or_else(|e| panic!("prost decodes it, the push decoder does not: {e}"));
+    assert_eq!(push.type_url, whole.type_url);
+    assert_eq!(push.nonce, whole.nonce);
+    assert_eq!(push.removed, whole.removed_resources);
+    assert_eq!(push.upserts, whole.resources.len());
+    let valid = match &push.resources {
+        ambit_agent::xds::Resources::Addresses(v) => v.len(),
+        ambit_agent::xds::Resources::Policies(v) => v.len(),
+        ambit_agent::xds::Resources::Unsubscribed => 0,
+    };
+    assert!(valid <= push.upserts, "{valid} valid of {}", push.upserts);
+}
+
+// ---------------------------------------------------------------------------------------------
 // path
 
 /// The waypoint's path normalization: a result is idempotent and clean; nothing panics.

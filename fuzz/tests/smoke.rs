@@ -84,7 +84,9 @@ macro_rules! smoke {
     )*};
 }
 
-smoke!(policy, xds, path, hbone, http, identity, config, cni, dns);
+smoke!(
+    policy, xds, ads, path, hbone, http, identity, config, cni, dns
+);
 
 /// `cargo xtask fuzz` and cargo-fuzz know the same targets as this test (xtask keeps its own list,
 /// the fuzz crate declares a `[[bin]]` for each).

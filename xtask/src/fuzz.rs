@@ -13,7 +13,7 @@ use crate::util::{cargo, header, output_of, run as run_command, step, target_dir
 /// The libFuzzer binaries of `fuzz/Cargo.toml`, in the order they run (the same names as
 /// `ambit_fuzz::TARGETS`, which xtask does not depend on).
 pub const TARGETS: &[&str] = &[
-    "policy", "xds", "path", "hbone", "http", "identity", "config", "cni", "dns",
+    "policy", "xds", "ads", "path", "hbone", "http", "identity", "config", "cni", "dns",
 ];
 
 pub struct Options {

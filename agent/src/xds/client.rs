@@ -33,14 +33,9 @@ use std::{
 use ambit_proto::{
     envoy::{
         config::core::v3::{Node, node::UserAgentVersionType},
-        service::discovery::v3::{
-            DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-        },
+        service::discovery::v3::DeltaDiscoveryRequest,
     },
     google::rpc::Status,
-    istio::{security::Authorization, workload::Address},
-    prost::Message,
     prost_types::{Struct, Value, value::Kind},
 };
 use serde::{Deserialize, Serialize};
@@ -54,8 +49,8 @@ use tonic::{
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
-    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, AddressResource, Error, XdsSink, address_from_proto,
-    policy_from_proto,
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, AddressResource, Error, XdsSink,
+    push::{AdsCodec, Push, Resources},
 };
 use crate::policy::Policy;
 
@@ -67,6 +62,9 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A full push of a large mesh is one message; ztunnel allows 200 MiB.
 const MAX_MESSAGE_BYTES: usize = 200 * 1024 * 1024;
+/// The ADS method (Envoy's `AggregatedDiscoveryService.DeltaAggregatedResources`).
+const ADS_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 /// A NACK names at most this many bad resources (then "and N more").
 const MAX_NACK_ERRORS: usize = 20;
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK's `error_detail`.
@@ -306,10 +304,23 @@ impl XdsClient {
         if let Some(id) = &self.cluster_id {
             request.metadata_mut().insert(CLUSTER_ID_HEADER, id.clone());
         }
-        let mut client = AggregatedDiscoveryServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let mut responses = client
-            .delta_aggregated_resources(request)
+        // The generated client's call, with our codec: responses are validated resource by
+        // resource as they are decoded (see `push`).
+        let mut grpc =
+            tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        grpc.ready()
+            .await
+            .map_err(|e| connect_error(format!("the channel is not ready: {e}")))?;
+        request.extensions_mut().insert(tonic::GrpcMethod::new(
+            "envoy.service.discovery.v3.AggregatedDiscoveryService",
+            "DeltaAggregatedResources",
+        ));
+        let mut responses = grpc
+            .streaming(
+                request,
+                http::uri::PathAndQuery::from_static(ADS_PATH),
+                AdsCodec,
+            )
             .await
             .map_err(|s| connect_error(status_message(&s)))?
             .into_inner();
@@ -355,38 +366,15 @@ impl XdsClient {
     }
 
     /// Applies or refuses one response; returns the ACK or NACK to send.
-    fn handle(&self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
-        let DeltaDiscoveryResponse {
-            type_url,
-            resources,
-            removed_resources,
-            nonce,
-            ..
-        } = response;
-        let (upserts, removes) = (resources.len(), removed_resources.len());
+    fn handle(&self, push: Push) -> DeltaDiscoveryRequest {
+        let (upserts, removes) = (push.upserts, push.removed.len());
         // Each valid resource and every removal is applied; the rejected ones are named.
-        let rejected = match type_url.as_str() {
-            ADDRESS_TYPE_URL => {
-                let (decoded, rejected) =
-                    decode_each(ADDRESS_TYPE_URL, resources, |name, a: Address| {
-                        address_from_proto(name, a)
-                    });
-                self.apply_addresses(decoded, removed_resources);
-                rejected
-            }
-            AUTHORIZATION_TYPE_URL => {
-                let (decoded, rejected) = decode_each(
-                    AUTHORIZATION_TYPE_URL,
-                    resources,
-                    |name, a: Authorization| policy_from_proto(name, a),
-                );
-                self.apply_policies(decoded, removed_resources);
-                rejected
-            }
-            other => vec![format!(
-                "type {other:?} was not subscribed to (only {ADDRESS_TYPE_URL} and {AUTHORIZATION_TYPE_URL})"
-            )],
-        };
+        match push.resources {
+            Resources::Addresses(valid) => self.apply_addresses(valid, push.removed),
+            Resources::Policies(valid) => self.apply_policies(valid, push.removed),
+            Resources::Unsubscribed => {}
+        }
+        let (type_url, nonce, rejected) = (push.type_url, push.nonce, push.rejected);
         let error_detail = if rejected.is_empty() {
             info!(type_url, nonce, upserts, removes, "xDS push applied (ACK)");
             None
@@ -518,31 +506,6 @@ fn names_of<T>(decoded: &[(String, T)]) -> Vec<Box<str>> {
 
 /// Decodes and converts each resource: the good ones `(name, value)`, and why each bad one was
 /// rejected (a NACK names them all).
-fn decode_each<T: Message + Default, U>(
-    type_url: &str,
-    resources: Vec<ambit_proto::envoy::service::discovery::v3::Resource>,
-    convert: impl Fn(&str, T) -> Result<U, Error>,
-) -> (Vec<(String, U)>, Vec<String>) {
-    let mut ok = Vec::with_capacity(resources.len());
-    let mut errors = Vec::new();
-    for r in resources {
-        let decoded = match &r.resource {
-            None => Err(format!("resource {}: it has no body", r.name)),
-            Some(any) if !any.type_url.is_empty() && any.type_url != type_url => Err(format!(
-                "resource {}: its body is a {}, not a {type_url}",
-                r.name, any.type_url
-            )),
-            Some(any) => T::decode(any.value.as_slice())
-                .map_err(|e| format!("resource {}: does not decode: {e}", r.name)),
-        };
-        match decoded.and_then(|t| convert(&r.name, t).map_err(|e| e.to_string())) {
-            Ok(u) => ok.push((r.name, u)),
-            Err(e) => errors.push(e),
-        }
-    }
-    (ok, errors)
-}
-
 fn nack_message(errors: &[String]) -> String {
     let mut msg = errors
         .iter()

@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! istiod :15012 ──DeltaDiscoveryResponse──> client (one ADS stream, TLS + bearer token)
-//!   Address (Workload | Service)               │ decode + validate every resource (types.rs,
-//!   Authorization                              │   authorization.rs); any invalid -> NACK, apply nothing
+//!   Address (Workload | Service)               │ push.rs: decode + validate each resource in
+//!   Authorization                              │   turn (types.rs, authorization.rs); invalid
+//!                                              │   ones are named in the NACK, the rest applied
 //!                                              └─> XdsSink::apply_* (state's single writer) -> ACK
 //! ```
 //!
@@ -13,6 +14,7 @@
 
 mod authorization;
 mod client;
+mod push;
 mod types;
 
 #[cfg(test)]
@@ -20,6 +22,7 @@ mod tests;
 
 pub use authorization::policy_from_proto;
 pub use client::{NodeInfo, XdsClient, XdsConfig, XdsStatus};
+pub use push::{Push, Resources};
 pub use types::{
     AddressResource, GatewayDestination, LbMode, LoadBalancing, Scope, WorkloadMeta,
     WorkloadService, XdsGateway, XdsService, XdsWorkload, address_from_proto,

@@ -947,3 +947,101 @@ fn policies_named_by_a_workload_apply_to_it() {
         "a workload-selector policy applies only where named"
     );
 }
+
+/// A response as the wire carries it, with a raw `resources` entry (field 2) appended.
+fn encoded_with_raw_resource(resp: &DeltaDiscoveryResponse, raw: &[u8]) -> Vec<u8> {
+    use ambit_proto::prost::Message as _;
+    let mut bytes = resp.encode_to_vec();
+    bytes.push(0x12);
+    bytes.push(u8::try_from(raw.len()).expect("short"));
+    bytes.extend_from_slice(raw);
+    bytes
+}
+
+#[test]
+fn a_push_is_decoded_resource_by_resource_and_one_that_does_not_decode_is_refused_alone() {
+    use ambit_proto::envoy::config::core::v3::ControlPlane;
+    use push::{Push, Resources};
+
+    let mut resp = response(
+        ADDRESS_TYPE_URL,
+        "n1",
+        vec![workload("a", [10, 1, 0, 1]), service("web")],
+        &["Kubernetes//Pod/default/gone"],
+    );
+    // Fields the client does not read are skipped, wherever they are.
+    resp.system_version_info = "v7".into();
+    resp.control_plane = Some(ControlPlane {
+        identifier: "istiod-1".into(),
+    });
+    // A resource whose bytes are not a protobuf (a key cut short).
+    let bytes = encoded_with_raw_resource(&resp, &[0xff, 0xff, 0xff]);
+    // Decoded whole, the response would be refused with all it holds.
+    assert!(
+        <DeltaDiscoveryResponse as ambit_proto::prost::Message>::decode(bytes.as_slice()).is_err()
+    );
+
+    let push = Push::decode(&bytes).expect("the response itself is well formed");
+    assert_eq!(push.type_url, ADDRESS_TYPE_URL);
+    assert_eq!(push.nonce, "n1");
+    assert_eq!(push.removed, ["Kubernetes//Pod/default/gone"]);
+    assert_eq!(push.upserts, 3);
+    let Resources::Addresses(valid) = &push.resources else {
+        panic!("addresses: {push:?}")
+    };
+    let names: Vec<&str> = valid.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "Kubernetes//Pod/default/a",
+            "default/web.default.svc.cluster.local"
+        ]
+    );
+    assert_eq!(push.rejected.len(), 1, "{:?}", push.rejected);
+    assert!(
+        push.rejected[0].contains("resource #2") && push.rejected[0].contains("does not decode"),
+        "{:?}",
+        push.rejected
+    );
+
+    // A response cut short is not one: the stream fails, as prost's own decode would.
+    assert!(Push::decode(&bytes[..bytes.len() - 2]).is_err());
+    let mut wrong_wire_type = bytes.clone();
+    wrong_wire_type.extend_from_slice(&[0x20, 0x01]); // field 4 (type_url) as a varint
+    assert!(Push::decode(&wrong_wire_type).is_err());
+}
+
+#[test]
+fn a_policy_push_keeps_the_valid_ones_and_another_type_is_refused_whole() {
+    use ambit_proto::prost::Message as _;
+    use push::{Push, Resources};
+
+    let resp = response(
+        AUTHORIZATION_TYPE_URL,
+        "n2",
+        vec![policy("ok", 8), policy("bad-cidr", 33)],
+        &[],
+    );
+    let push = Push::decode(&resp.encode_to_vec()).expect("decodes");
+    let Resources::Policies(valid) = &push.resources else {
+        panic!("policies: {push:?}")
+    };
+    assert_eq!(valid.len(), 1);
+    assert_eq!(valid[0].0, "default/ok");
+    assert_eq!(push.rejected.len(), 1, "{:?}", push.rejected);
+    assert!(push.rejected[0].contains("bad-cidr"), "{:?}", push.rejected);
+
+    let other = response(
+        "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "n3",
+        vec![policy("ok", 8)],
+        &[],
+    );
+    let push = Push::decode(&other.encode_to_vec()).expect("decodes");
+    assert!(matches!(push.resources, Resources::Unsubscribed));
+    assert!(
+        push.rejected[0].contains("not subscribed"),
+        "{:?}",
+        push.rejected
+    );
+}
