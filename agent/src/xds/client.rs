@@ -50,7 +50,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, AddressResource, Error, XdsSink,
-    push::{AdsCodec, Push, Resources},
+    push::{AdsCodec, Push, Rejected, Resources},
 };
 use crate::policy::Policy;
 
@@ -66,7 +66,7 @@ const MAX_MESSAGE_BYTES: usize = 200 * 1024 * 1024;
 const ADS_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 /// A NACK names at most this many bad resources (then "and N more").
-const MAX_NACK_ERRORS: usize = 20;
+const MAX_NACK_ERRORS: usize = Rejected::NAMED;
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of a NACK's `error_detail`.
 const INVALID_ARGUMENT: i32 = 3;
 
@@ -385,7 +385,7 @@ impl XdsClient {
                 nonce,
                 upserts,
                 removes,
-                rejected = rejected.len(),
+                rejected = rejected.count,
                 error = %message,
                 "xDS push applied but for the resources named (NACK); their last good version, if any, stays"
             );
@@ -395,9 +395,9 @@ impl XdsClient {
                 .status
                 .rejected
                 .entry(type_label(&type_url).to_owned())
-                .or_default() += rejected.len() as u64;
+                .or_default() += rejected.count as u64;
             let last = &mut inner.status.last_rejected;
-            last.extend(rejected.iter().rev().take(MAX_NACK_ERRORS).rev().cloned());
+            last.extend(rejected.named.iter().cloned());
             let excess = last.len().saturating_sub(MAX_NACK_ERRORS);
             last.drain(..excess);
             inner.status.last_error = Some(format!("NACK {type_url}: {message}"));
@@ -504,17 +504,11 @@ fn names_of<T>(decoded: &[(String, T)]) -> Vec<Box<str>> {
         .collect()
 }
 
-/// Decodes and converts each resource: the good ones `(name, value)`, and why each bad one was
-/// rejected (a NACK names them all).
-fn nack_message(errors: &[String]) -> String {
-    let mut msg = errors
-        .iter()
-        .take(MAX_NACK_ERRORS)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("; ");
-    if errors.len() > MAX_NACK_ERRORS {
-        let _ = write!(msg, "; and {} more", errors.len() - MAX_NACK_ERRORS);
+/// The NACK's detail: the reasons kept, and how many more there were.
+fn nack_message(rejected: &Rejected) -> String {
+    let mut msg = rejected.named.join("; ");
+    if rejected.count > rejected.named.len() {
+        let _ = write!(msg, "; and {} more", rejected.count - rejected.named.len());
     }
     msg
 }

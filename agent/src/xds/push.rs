@@ -43,9 +43,33 @@ pub struct Push {
     /// Resources in the response, valid or not.
     pub upserts: usize,
     pub resources: Resources,
-    /// Why each refused resource was (or why the whole response was, for a type not
+    /// Why the refused resources were (or why the whole response was, for a type not
     /// subscribed to).
-    pub rejected: Vec<String>,
+    pub rejected: Rejected,
+}
+
+/// How many resources of a response were refused, and why the first [`Rejected::NAMED`] were:
+/// a push of 100,000 bad resources keeps 20 reasons, not 100,000.
+#[derive(Debug, Default)]
+pub struct Rejected {
+    pub named: Vec<String>,
+    pub count: usize,
+}
+
+impl Rejected {
+    /// Reasons kept per response (what a NACK and `ambitctl status` name).
+    pub const NAMED: usize = 20;
+
+    fn add(&mut self, why: String) {
+        if self.named.len() < Self::NAMED {
+            self.named.push(why);
+        }
+        self.count += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
 }
 
 /// The valid resources of one response, by type.
@@ -87,7 +111,7 @@ impl Push {
             decoded.map_err(|e| format!("field {tag}: {e}"))?;
         }
         let upserts = resources.len();
-        let mut rejected = Vec::new();
+        let mut rejected = Rejected::default();
         let resources = match type_url.as_str() {
             ADDRESS_TYPE_URL => {
                 let each = validate_each(ADDRESS_TYPE_URL, &resources, &mut rejected, {
@@ -102,7 +126,7 @@ impl Push {
                 Resources::Policies(each)
             }
             other => {
-                rejected.push(format!(
+                rejected.add(format!(
                     "type {other:?} was not subscribed to (only {ADDRESS_TYPE_URL} and {AUTHORIZATION_TYPE_URL})"
                 ));
                 Resources::Unsubscribed
@@ -123,7 +147,7 @@ impl Push {
 fn validate_each<T: Message + Default, U>(
     type_url: &str,
     resources: &[&[u8]],
-    rejected: &mut Vec<String>,
+    rejected: &mut Rejected,
     convert: impl Fn(&str, T) -> Result<U, Error>,
 ) -> Vec<(String, U)> {
     let mut ok = Vec::with_capacity(resources.len());
@@ -131,7 +155,7 @@ fn validate_each<T: Message + Default, U>(
         let r = match Resource::decode(*bytes) {
             Ok(r) => r,
             Err(e) => {
-                rejected.push(format!(
+                rejected.add(format!(
                     "resource #{i} of the response: does not decode: {e}"
                 ));
                 continue;
@@ -148,7 +172,7 @@ fn validate_each<T: Message + Default, U>(
         };
         match decoded.and_then(|t| convert(&r.name, t).map_err(|e| e.to_string())) {
             Ok(u) => ok.push((r.name, u)),
-            Err(e) => rejected.push(e),
+            Err(e) => rejected.add(e),
         }
     }
     ok

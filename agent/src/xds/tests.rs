@@ -997,9 +997,10 @@ fn a_push_is_decoded_resource_by_resource_and_one_that_does_not_decode_is_refuse
             "default/web.default.svc.cluster.local"
         ]
     );
-    assert_eq!(push.rejected.len(), 1, "{:?}", push.rejected);
+    assert_eq!(push.rejected.count, 1, "{:?}", push.rejected);
     assert!(
-        push.rejected[0].contains("resource #2") && push.rejected[0].contains("does not decode"),
+        push.rejected.named[0].contains("resource #2")
+            && push.rejected.named[0].contains("does not decode"),
         "{:?}",
         push.rejected
     );
@@ -1028,8 +1029,12 @@ fn a_policy_push_keeps_the_valid_ones_and_another_type_is_refused_whole() {
     };
     assert_eq!(valid.len(), 1);
     assert_eq!(valid[0].0, "default/ok");
-    assert_eq!(push.rejected.len(), 1, "{:?}", push.rejected);
-    assert!(push.rejected[0].contains("bad-cidr"), "{:?}", push.rejected);
+    assert_eq!(push.rejected.count, 1, "{:?}", push.rejected);
+    assert!(
+        push.rejected.named[0].contains("bad-cidr"),
+        "{:?}",
+        push.rejected
+    );
 
     let other = response(
         "type.googleapis.com/envoy.config.cluster.v3.Cluster",
@@ -1040,7 +1045,25 @@ fn a_policy_push_keeps_the_valid_ones_and_another_type_is_refused_whole() {
     let push = Push::decode(&other.encode_to_vec()).expect("decodes");
     assert!(matches!(push.resources, Resources::Unsubscribed));
     assert!(
-        push.rejected[0].contains("not subscribed"),
+        push.rejected.named[0].contains("not subscribed"),
+        "{:?}",
+        push.rejected
+    );
+}
+
+#[test]
+fn a_push_of_many_bad_resources_keeps_twenty_reasons_and_counts_all() {
+    use ambit_proto::prost::Message as _;
+    use push::{Push, Rejected, Resources};
+
+    let bad: Vec<Resource> = (0..500).map(|i| policy(&format!("bad-{i}"), 33)).collect();
+    let resp = response(AUTHORIZATION_TYPE_URL, "n4", bad, &[]);
+    let push = Push::decode(&resp.encode_to_vec()).expect("decodes");
+    assert!(matches!(&push.resources, Resources::Policies(v) if v.is_empty()));
+    assert_eq!(push.rejected.count, 500);
+    assert_eq!(push.rejected.named.len(), Rejected::NAMED);
+    assert!(
+        push.rejected.named[0].contains("bad-0"),
         "{:?}",
         push.rejected
     );
