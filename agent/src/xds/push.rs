@@ -11,14 +11,12 @@
 //! an unknown one would be), and a resource that does not decode is rejected alone, like one
 //! that does not validate: the rest of the push is applied.
 
-use std::marker::PhantomData;
-
 use ambit_proto::{
     envoy::service::discovery::v3::{DeltaDiscoveryRequest, Resource},
     istio::{security::Authorization, workload::Address},
     prost::{
         Message,
-        bytes::{Buf, Bytes},
+        bytes::{Buf as _, Bytes},
         decode_length_delimiter,
         encoding::{DecodeContext, WireType, check_wire_type, decode_key, skip_field, string},
     },
@@ -203,7 +201,7 @@ impl Codec for AdsCodec {
     type Decoder = PushDecoder;
 
     fn encoder(&mut self) -> RequestEncoder {
-        RequestEncoder(PhantomData)
+        RequestEncoder
     }
 
     fn decoder(&mut self) -> PushDecoder {
@@ -212,7 +210,7 @@ impl Codec for AdsCodec {
 }
 
 #[derive(Debug)]
-pub struct RequestEncoder(PhantomData<DeltaDiscoveryRequest>);
+pub struct RequestEncoder;
 
 impl Encoder for RequestEncoder {
     type Item = DeltaDiscoveryRequest;
@@ -236,18 +234,10 @@ impl Decoder for PushDecoder {
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Push>, Status> {
-        let len = src.remaining();
-        // tonic holds the whole message in one buffer, so its first chunk is all of it; if
-        // that ever changes, copy it together first.
-        let push = if src.chunk().len() == len {
-            let push = Push::decode(src.chunk());
-            src.advance(len);
-            push
-        } else {
-            let whole: Bytes = src.copy_to_bytes(len);
-            Push::decode(&whole)
-        };
-        push.map(Some)
+        // tonic holds the whole message in one buffer: this takes a view of it, no copy.
+        let whole: Bytes = src.copy_to_bytes(src.remaining());
+        Push::decode(&whole)
+            .map(Some)
             .map_err(|e| Status::internal(format!("the xDS response does not decode: {e}")))
     }
 }
